@@ -1,0 +1,21 @@
+"""``mmebm bench {langevin,train,data}``: benchmarks that print a table (or JSON lines) and never assert times."""
+
+from __future__ import annotations
+
+import importlib
+
+BENCHES = {
+    "langevin": ("mmebm_dist.bench.sampler", "Langevin sampler backends against autograd and the matmul roof"),
+    "train": ("mmebm_dist.bench.train_step", "training-step throughput, per-phase times, scaling, EBM overhead"),
+    "data": ("mmebm_dist.bench.data", "loader samples/s with 0, 1 and 2 workers"),
+}
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, (module, help_text) in BENCHES.items():
+        importlib.import_module(module).add_arguments(sub.add_parser(name, help=help_text))
+
+
+def run(args) -> int:
+    return int(importlib.import_module(BENCHES[args.bench][0]).run(args) or 0)
