@@ -229,6 +229,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (list, tuple):
         if isinstance(value, str):
             value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        variable_length = origin is list or (len(args) == 2 and args[1] is Ellipsis)
+        if variable_length and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # a lone number (YAML parses `shape=6` as 6) is a one-element list
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{where}' must be a list, got {value!r}")
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:

@@ -1,0 +1,141 @@
+"""Shared pieces of the fused Langevin kernels: input checks, the FLOP count and the plain-torch reference.
+
+The chain, for an MLP energy f with L hidden layers (pre-activations a_l, activations h_l = act(a_l)):
+
+    a_1 = W_1 z + b_1,  a_l = W_l h_{l-1} + b_l,  f(z) = w_out . h_L + b_out
+    grad_z f = W_1^T g_1,  g_L = w_out * act'(a_L),  g_{l-1} = (W_l^T g_l) * act'(a_{l-1})
+    z <- z + (s^2 / 2) * (grad_z f(z) + score_p0(z)) + s * eps,   score = -sign(z)/b (laplace), -z/b^2 (gaussian)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "leaky_relu", "silu")
+REFERENCES = ("laplace", "gaussian")
+DEFAULT_LEAKY_SLOPE = 0.2
+
+Weights = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class ChainResult(NamedTuple):
+    """What a fused chain returns; the caller turns ``diverged_at`` into its own error type."""
+
+    z: torch.Tensor
+    """z_K, [B, d], in z0's dtype."""
+    energies: torch.Tensor | None
+    """Mean f(z_k) before each step k, [K] fp32, when asked for; else None."""
+    diverged_at: int | None
+    """First step k whose update left a non-finite value in z (None when the chain stayed finite)."""
+
+
+def mlp_shape(weights: Weights) -> tuple[int, int, int]:
+    """(latent d, hidden H, hidden layers L) of ``[(W [out, in], b [out]) ...]``; raises on anything else."""
+    if len(weights) < 2:
+        raise ValueError(f"energy MLP needs at least one hidden layer and an output layer, got {len(weights)} "
+                         "linear layers")
+    d, hidden, layers = weights[0][0].shape[1], weights[0][0].shape[0], len(weights) - 1
+    expected_in = [d] + [hidden] * layers
+    expected_out = [hidden] * layers + [1]
+    for i, ((w, b), n_in, n_out) in enumerate(zip(weights, expected_in, expected_out)):
+        if tuple(w.shape) != (n_out, n_in) or tuple(b.shape) != (n_out,):
+            raise ValueError(f"energy MLP layer {i}: expected weight {(n_out, n_in)} and bias {(n_out,)}, got "
+                             f"{tuple(w.shape)} and {tuple(b.shape)} (all hidden layers must share one width)")
+    return d, hidden, layers
+
+
+def check_chain_args(weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
+                     reference: str, reference_scale: float, noise: torch.Tensor | None) -> tuple[int, int, int]:
+    """Validate the arguments every backend shares; returns (d, H, L)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation '{activation}'; choose one of {', '.join(ACTIVATIONS)}")
+    if reference not in REFERENCES:
+        raise ValueError(f"unknown reference density '{reference}'; choose one of {', '.join(REFERENCES)}")
+    if not reference_scale > 0:
+        raise ValueError(f"reference_scale must be positive, got {reference_scale}")
+    if not step_size > 0:
+        raise ValueError(f"step_size must be positive, got {step_size}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if z0.dim() != 2:
+        raise ValueError(f"z0 must be [B, d], got shape {tuple(z0.shape)}")
+    if z0.requires_grad:
+        raise ValueError("z0 requires grad: the Langevin sampler is forward-only; pass z0.detach()")
+    d, hidden, layers = mlp_shape(weights)
+    if z0.shape[1] != d:
+        raise ValueError(f"z0 has latent width {z0.shape[1]} but the energy MLP takes {d}")
+    if noise is not None and tuple(noise.shape) != (steps, *z0.shape):
+        raise ValueError(f"noise must be [steps, B, d] = {(steps, *z0.shape)}, got {tuple(noise.shape)}")
+    for w, b in weights:
+        if w.device != z0.device or b.device != z0.device:
+            raise ValueError(f"energy weights are on {w.device} but z0 is on {z0.device}; move one of them")
+    return d, hidden, layers
+
+
+def langevin_flops_per_step(batch: int, latent: int, hidden: int, layers: int) -> int:
+    """Matmul FLOPs of one step, forward f plus grad_z f: 4B(dH + (L-1)H^2) + 2BH (the output layer's dot)."""
+    return 4 * batch * (latent * hidden + (layers - 1) * hidden * hidden) + 2 * batch * hidden
+
+
+def score_p0(z: torch.Tensor, reference: str, scale: float) -> torch.Tensor:
+    """grad log p0: -sign(z)/b for Laplace (0 at exactly 0, like torch.sign), -z/b^2 for Gaussian."""
+    return -torch.sign(z) / scale if reference == "laplace" else -z / scale**2
+
+
+def activation_fn(name: str, leaky_slope: float = DEFAULT_LEAKY_SLOPE):
+    """The elementwise activation called ``name`` as a function of one tensor."""
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "leaky_relu":
+        return lambda x: F.leaky_relu(x, leaky_slope)
+    if name == "silu":
+        return F.silu
+    raise ValueError(f"unknown activation '{name}'; choose one of {', '.join(ACTIVATIONS)}")
+
+
+def mlp_energy(weights: Weights, z: torch.Tensor, activation: str,
+               leaky_slope: float = DEFAULT_LEAKY_SLOPE) -> torch.Tensor:
+    """f(z) [B] of the MLP given by ``weights`` (plain torch, differentiable)."""
+    act = activation_fn(activation, leaky_slope)
+    h = z
+    for w, b in weights[:-1]:
+        h = act(F.linear(h, w, b))
+    w, b = weights[-1]
+    return F.linear(h, w, b).squeeze(-1)
+
+
+def langevin_reference(weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
+                       reference: str = "laplace", reference_scale: float = 1.0,
+                       noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                       leaky_slope: float = DEFAULT_LEAKY_SLOPE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chain in plain torch with autograd's grad f, in z0's dtype; returns (z_K, mean f before each step).
+
+    Weights are cast to z0's dtype (a bf16 MLP is compared in fp32 with bf16-valued weights).
+    """
+    check_chain_args(weights, z0, steps=steps, step_size=step_size, activation=activation, reference=reference,
+                     reference_scale=reference_scale, noise=noise)
+    weights = [(w.detach().to(z0.dtype), b.detach().to(z0.dtype)) for w, b in weights]
+    drift = 0.5 * step_size**2
+    z = z0.detach().clone()
+    energies = []
+    for k in range(steps):
+        with torch.enable_grad():
+            zg = z.requires_grad_(True)
+            f = mlp_energy(weights, zg, activation, leaky_slope)
+            (grad,) = torch.autograd.grad(f.sum(), zg)
+        eps = noise[k].to(z.dtype) if noise is not None else torch.randn(
+            z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        z = z.detach() + drift * (grad + score_p0(z.detach(), reference, reference_scale)) + step_size * eps
+        energies.append(f.detach().float().mean())
+    return z, (torch.stack(energies) if energies else z.new_zeros(0, dtype=torch.float32))
+
+
+def gelu_tanh_constants() -> tuple[float, float]:
+    """(sqrt(2/pi), 0.044715): u = sqrt(2/pi) (a + 0.044715 a^3) in gelu_tanh(a) = a/2 (1 + tanh u)."""
+    return math.sqrt(2.0 / math.pi), 0.044715

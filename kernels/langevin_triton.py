@@ -1,0 +1,308 @@
+"""Fused short-run Langevin as one Triton kernel launch per chain (CUDA; TRITON_INTERPRET=1 runs it on CPU).
+
+    z <- z + (s^2 / 2) * (grad_z f(z) + score_p0(z)) + s * eps,   K steps,   score = -sign(z)/b | -z/b^2
+    a_1 = W_1 z + b_1,  a_l = W_l act(a_{l-1}) + b_l,  f = w_out . act(a_L) + b_out
+    g_L = w_out * act'(a_L),  g_{l-1} = (W_l^T g_l) * act'(a_{l-1}),  grad_z f = W_1^T g_1
+
+Each program owns BLOCK_B rows of z for the whole chain; per step it runs the MLP forward, the analytic
+backward, the score and the update, with eps read from a [K, B, d] tensor or drawn in-kernel by Philox
+(key = seed, counter = (row * d + col, step)). Per step and row: matmul FLOPs 4(dH + (L-1)H^2) (+2H for the
+energy); bytes: the weights (L2-resident, read twice per step per program: 4(dH + (L-1)H^2) * 2 in fp32, half
+in bf16) plus (3L + 3) * H * 4 of row scratch (L1/L2-resident) and 8d for z (and 4d for given noise).
+
+Layouts (all contiguous): z [B, d] fp32 (z_0 in, z_K out); w_in [H, d]; w_hid [max(L-1, 1), H, H] (W_2..W_L
+stacked, a dummy when L = 1); w_in/w_hid fp32 or bf16 (bf16: dot operands in bf16, fp32 accumulation);
+b_hid [L, H] fp32; w_out [H] fp32; scratch pre [B, L, H] fp32 (pre-activations), grad [2, B, H] fp32
+(ping-pong g_l); energy [K, programs] fp32 (sum of f over the program's rows); first_bad [programs] int32.
+
+Hidden and latent widths are tiled (BLOCK_H, BLOCK_D) and masked, so any width runs; a program's row scratch
+is written and read back by its own threads with a barrier between phases (no cross-program traffic).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    ACTIVATIONS,
+    DEFAULT_LEAKY_SLOPE,
+    ChainResult,
+    Weights,
+    check_chain_args,
+    langevin_reference,
+)
+
+__all__ = ["langevin_reference", "langevin_triton", "triton_can_launch", "triton_unsupported_reason"]
+
+# TRITON_INTERPRET is read when @triton.jit decorates, i.e. when this module is imported.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_LAYERS, MAX_HIDDEN, MAX_LATENT = 4, 512, 256
+_ACTIVATION_IDS = {name: i for i, name in enumerate(ACTIVATIONS)}  # gelu 0, gelu_tanh 1, leaky_relu 2, silu 3
+_SQRT_HALF, _INV_SQRT_2PI, _SQRT_2_OVER_PI, _GELU_TANH_C = 0.7071067811865476, 0.3989422804014327, \
+    0.7978845608028654, 0.044715
+
+
+@triton.jit
+def _act(a, ACTIVATION: tl.constexpr, LEAKY_SLOPE: tl.constexpr):
+    """act(a) for the activation id (see _ACTIVATION_IDS)."""
+    if ACTIVATION == 0:
+        out = 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
+    elif ACTIVATION == 1:
+        u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        out = 0.5 * a * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))  # 1 + tanh(u), overflow-safe
+    elif ACTIVATION == 2:
+        out = tl.where(a > 0, a, a * LEAKY_SLOPE)
+    else:
+        out = a / (1.0 + tl.exp(-a))
+    return out
+
+
+@triton.jit
+def _act_grad(a, ACTIVATION: tl.constexpr, LEAKY_SLOPE: tl.constexpr):
+    """act'(a) for the activation id."""
+    if ACTIVATION == 0:
+        out = 0.5 * (1.0 + tl.erf(a * 0.7071067811865476)) + a * 0.3989422804014327 * tl.exp(-0.5 * a * a)
+    elif ACTIVATION == 1:
+        u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        t = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+        out = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * a * a)
+    elif ACTIVATION == 2:
+        out = tl.where(a > 0, 1.0, LEAKY_SLOPE)
+    else:
+        sig = 1.0 / (1.0 + tl.exp(-a))
+        out = sig * (1.0 + a * (1.0 - sig))
+    return out
+
+
+@triton.jit
+def _dot(a, b, BF16_DOT: tl.constexpr):
+    """a @ b with fp32 accumulation: exact fp32 (no TF32) or bf16 operands."""
+    if BF16_DOT:
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+    else:
+        out = tl.dot(a, b, input_precision="ieee")
+    return out
+
+
+@triton.jit
+def _langevin_chain_kernel(
+    z_ptr, w_in_ptr, w_hid_ptr, b_hid_ptr, w_out_ptr, noise_ptr, pre_ptr, grad_ptr, energy_ptr, first_bad_ptr,
+    batch, steps, seed, b_out, drift, noise_std, score_scale,
+    LATENT: tl.constexpr, HIDDEN: tl.constexpr, NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr,
+    LEAKY_SLOPE: tl.constexpr, LAPLACE: tl.constexpr, NOISE_FROM_TENSOR: tl.constexpr,
+    RETURN_ENERGIES: tl.constexpr, BF16_DOT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < batch
+    rows64 = rows.to(tl.int64)
+    pre_rows = pre_ptr + rows64[:, None] * (NUM_LAYERS * HIDDEN)  # (BLOCK_B, 1) base of this row's a_1..a_L
+    grad_rows = grad_ptr + rows64[:, None] * HIDDEN  # slot j at + j * batch * HIDDEN
+    slot_stride = batch * HIDDEN  # the launcher keeps 2 * batch * HIDDEN < 2^31
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    first_bad = steps
+    noise_step_ptr = noise_ptr  # advanced by one [B, d] slice per step (64-bit pointer, no int32 overflow)
+
+    for k in range(steps):
+        # Forward, layer 1: a_1 = z W_1^T + b_1, tiled over output columns n and latent chunks c.
+        for n0 in range(0, HIDDEN, BLOCK_H):
+            cols = n0 + offs_h
+            col_ok = cols < HIDDEN
+            acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            for c0 in range(0, LATENT, BLOCK_D):
+                kk = c0 + offs_d
+                k_ok = kk < LATENT
+                zt = tl.load(z_ptr + rows64[:, None] * LATENT + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                             other=0.0)
+                wt = tl.load(w_in_ptr + cols[:, None] * LATENT + kk[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                             other=0.0)
+                acc += _dot(zt, tl.trans(wt), BF16_DOT)
+            acc += tl.load(b_hid_ptr + cols, mask=col_ok, other=0.0)[None, :]
+            tl.store(pre_rows + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+        tl.debug_barrier()
+        # Forward, layers 2..L: a_l = act(a_{l-1}) W_l^T + b_l (act recomputed from the stored a_{l-1}).
+        for layer in tl.static_range(1, NUM_LAYERS):
+            for n0 in range(0, HIDDEN, BLOCK_H):
+                cols = n0 + offs_h
+                col_ok = cols < HIDDEN
+                acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                for c0 in range(0, HIDDEN, BLOCK_H):
+                    kk = c0 + offs_h
+                    k_ok = kk < HIDDEN
+                    a = tl.load(pre_rows + (layer - 1) * HIDDEN + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                                other=0.0)
+                    h = _act(a, ACTIVATION, LEAKY_SLOPE)
+                    wt = tl.load(w_hid_ptr + (layer - 1) * HIDDEN * HIDDEN + cols[:, None] * HIDDEN + kk[None, :],
+                                 mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                    acc += _dot(h, tl.trans(wt), BF16_DOT)
+                acc += tl.load(b_hid_ptr + layer * HIDDEN + cols, mask=col_ok, other=0.0)[None, :]
+                tl.store(pre_rows + layer * HIDDEN + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+            tl.debug_barrier()
+        # Output layer: g_L = w_out * act'(a_L) (and f = w_out . act(a_L) + b_out when energies are asked for).
+        f_rows = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for n0 in range(0, HIDDEN, BLOCK_H):
+            cols = n0 + offs_h
+            col_ok = cols < HIDDEN
+            mask = row_ok[:, None] & col_ok[None, :]
+            a = tl.load(pre_rows + (NUM_LAYERS - 1) * HIDDEN + cols[None, :], mask=mask, other=0.0)
+            w = tl.load(w_out_ptr + cols, mask=col_ok, other=0.0)[None, :]
+            tl.store(grad_rows + ((NUM_LAYERS - 1) % 2) * slot_stride + cols[None, :],
+                     w * _act_grad(a, ACTIVATION, LEAKY_SLOPE), mask=mask)
+            if RETURN_ENERGIES:
+                f_rows += tl.sum(w * _act(a, ACTIVATION, LEAKY_SLOPE), axis=1)
+        if RETURN_ENERGIES:
+            tl.store(energy_ptr + k * tl.num_programs(0) + pid, tl.sum(tl.where(row_ok, f_rows + b_out, 0.0), axis=0))
+        tl.debug_barrier()
+        # Backward through layers L..2: g_{l-1} = (g_l W_l) * act'(a_{l-1}).
+        for layer in tl.static_range(NUM_LAYERS - 1, 0, -1):
+            for n0 in range(0, HIDDEN, BLOCK_H):
+                cols = n0 + offs_h
+                col_ok = cols < HIDDEN
+                mask = row_ok[:, None] & col_ok[None, :]
+                acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                for c0 in range(0, HIDDEN, BLOCK_H):
+                    kk = c0 + offs_h
+                    k_ok = kk < HIDDEN
+                    g = tl.load(grad_rows + (layer % 2) * slot_stride + kk[None, :],
+                                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    wt = tl.load(w_hid_ptr + (layer - 1) * HIDDEN * HIDDEN + kk[:, None] * HIDDEN + cols[None, :],
+                                 mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                    acc += _dot(g, wt, BF16_DOT)
+                a = tl.load(pre_rows + (layer - 1) * HIDDEN + cols[None, :], mask=mask, other=0.0)
+                tl.store(grad_rows + ((layer - 1) % 2) * slot_stride + cols[None, :],
+                         acc * _act_grad(a, ACTIVATION, LEAKY_SLOPE), mask=mask)
+            tl.debug_barrier()
+        # Update: z += drift * g_1 W_1 + score_scale * score(z) + noise_std * eps, tiled over latent columns.
+        bad = 0
+        for c0 in range(0, LATENT, BLOCK_D):
+            kk = c0 + offs_d
+            k_ok = kk < LATENT
+            mask = row_ok[:, None] & k_ok[None, :]
+            acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+            for n0 in range(0, HIDDEN, BLOCK_H):
+                cols = n0 + offs_h
+                col_ok = cols < HIDDEN
+                g = tl.load(grad_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                wt = tl.load(w_in_ptr + cols[:, None] * LATENT + kk[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                             other=0.0)
+                acc += _dot(g, wt, BF16_DOT)
+            idx = rows64[:, None] * LATENT + kk[None, :]
+            zt = tl.load(z_ptr + idx, mask=mask, other=0.0)
+            if LAPLACE:
+                score = tl.where(zt > 0, -1.0, tl.where(zt < 0, 1.0, 0.0))  # -sign(z), 0 at exactly 0
+            else:
+                score = -zt
+            if NOISE_FROM_TENSOR:
+                eps = tl.load(noise_step_ptr + idx, mask=mask, other=0.0)
+            else:
+                # Philox counter (lo, hi) = (row * d + col, step): a 64-bit offset whose high word is the step.
+                step_hi = (tl.zeros_like(idx) + k) << 32
+                eps = tl.randn(seed, step_hi + idx)
+            z_new = zt + drift * acc + score_scale * score + noise_std * eps
+            tl.store(z_ptr + idx, z_new, mask=mask)
+            bad += tl.sum(tl.where(mask & ((z_new != z_new) | (tl.abs(z_new) == float("inf"))), 1, 0))
+        first_bad = tl.minimum(first_bad, tl.where(bad > 0, k, steps))
+        if NOISE_FROM_TENSOR:
+            noise_step_ptr += batch * LATENT
+        tl.debug_barrier()
+    tl.store(first_bad_ptr + pid, first_bad)
+
+
+def triton_can_launch(device: torch.device) -> str | None:
+    """None when the kernel can run on ``device``; else why not (CPU needs TRITON_INTERPRET=1 before import)."""
+    if device.type == "cuda" or INTERPRETED:
+        return None
+    return (f"the Triton Langevin kernel needs CUDA tensors, got {device.type} tensors; on CPU it runs only in "
+            "the Triton interpreter: set TRITON_INTERPRET=1 before importing mmebm_dist.kernels (slow; for tests), "
+            "or use backend='torch'")
+
+
+def triton_unsupported_reason(weights: Weights, z0: torch.Tensor, activation: str) -> str | None:
+    """None when the kernel supports this MLP and input; else a one-line reason (the dispatcher falls back)."""
+    layers, hidden, latent = len(weights) - 1, weights[0][0].shape[0], z0.shape[1]
+    dtypes = {w.dtype for w, _ in weights}
+    if activation not in _ACTIVATION_IDS:
+        return f"activation '{activation}' (supported: {', '.join(ACTIVATIONS)})"
+    if not 1 <= layers <= MAX_LAYERS:
+        return f"{layers} hidden layers (supported: 1-{MAX_LAYERS})"
+    if hidden > MAX_HIDDEN:
+        return f"hidden width {hidden} (supported: up to {MAX_HIDDEN})"
+    if latent > MAX_LATENT:
+        return f"latent width {latent} (supported: up to {MAX_LATENT})"
+    if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.bfloat16}:
+        return f"weight dtypes {sorted(str(d) for d in dtypes)} (supported: all float32 or all bfloat16)"
+    if z0.dtype not in (torch.float32, torch.bfloat16):
+        return f"z0 dtype {z0.dtype} (supported: float32, bfloat16; the chain state is fp32)"
+    if 2 * z0.shape[0] * max(hidden, latent) >= 2**31:
+        return f"batch {z0.shape[0]} (supported: 2 x batch x max(hidden, latent) < 2^31)"
+    return None
+
+
+def _block_sizes(batch: int, hidden: int, latent: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_H, BLOCK_D): 16 rows per program (tl.dot's minimum) up to 32 for big batches."""
+    block_b = 16 if batch <= 16 * 264 else 32  # 264 = 2 programs per SM on an H100 (132 SMs)
+    block_h = min(64, max(16, triton.next_power_of_2(hidden)))
+    block_d = min(64, max(16, triton.next_power_of_2(latent)))
+    return block_b, block_h, block_d
+
+
+def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
+                    reference: str = "laplace", reference_scale: float = 1.0, noise: torch.Tensor | None = None,
+                    seed: int = 0, return_energies: bool = False,
+                    leaky_slope: float = DEFAULT_LEAKY_SLOPE) -> ChainResult:
+    """Run the K-step chain in one kernel launch. ``noise`` [K, B, d] or in-kernel Philox noise keyed by ``seed``.
+
+    Raises ValueError when the configuration is unsupported or the kernel cannot launch on z0's device.
+    """
+    d, hidden, layers = check_chain_args(weights, z0, steps=steps, step_size=step_size, activation=activation,
+                                         reference=reference, reference_scale=reference_scale, noise=noise)
+    reason = triton_can_launch(z0.device)
+    if reason is not None:
+        raise ValueError(reason)
+    reason = triton_unsupported_reason(weights, z0, activation)
+    if reason is not None:
+        raise ValueError(f"the Triton Langevin kernel does not support {reason}; use backend='torch'")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2^63), got {seed}")
+    device, batch = z0.device, z0.shape[0]
+    if steps == 0:
+        return ChainResult(z0.detach().clone(), z0.new_zeros(0, dtype=torch.float32) if return_energies else None,
+                           None)
+    mat_dtype = weights[0][0].dtype
+    w_in = weights[0][0].detach().contiguous()
+    if layers > 1:
+        w_hid = torch.stack([w.detach() for w, _ in weights[1:-1]]).contiguous()  # (L-1, H, H)
+    else:
+        w_hid = torch.zeros(1, 1, 1, device=device, dtype=mat_dtype)  # never read when L = 1
+    b_hid = torch.stack([b.detach().float() for _, b in weights[:-1]]).contiguous()  # (L, H)
+    w_out = weights[-1][0].detach().float().reshape(hidden).contiguous()
+    b_out = float(weights[-1][1].detach().float().item())
+
+    block_b, block_h, block_d = _block_sizes(batch, hidden, d)
+    programs = triton.cdiv(batch, block_b)
+    z = z0.detach().to(torch.float32, copy=True).contiguous()
+    pre = torch.empty(batch, layers, hidden, device=device, dtype=torch.float32)
+    grad = torch.empty(2, batch, hidden, device=device, dtype=torch.float32)
+    energy = torch.empty(max(steps, 1), programs, device=device, dtype=torch.float32)
+    first_bad = torch.empty(programs, device=device, dtype=torch.int32)
+    noise_arg = noise.detach().to(torch.float32).contiguous() if noise is not None else z  # z: never read
+    drift = 0.5 * step_size**2
+    score_scale = drift / reference_scale if reference == "laplace" else drift / reference_scale**2
+
+    _langevin_chain_kernel[(programs,)](
+        z, w_in, w_hid, b_hid, w_out, noise_arg, pre, grad, energy, first_bad,
+        batch, steps, seed, b_out, drift, step_size, score_scale,
+        LATENT=d, HIDDEN=hidden, NUM_LAYERS=layers, ACTIVATION=_ACTIVATION_IDS[activation],
+        LEAKY_SLOPE=float(leaky_slope), LAPLACE=reference == "laplace", NOISE_FROM_TENSOR=noise is not None,
+        RETURN_ENERGIES=return_energies, BF16_DOT=mat_dtype == torch.bfloat16,
+        BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+    )
+    energies = energy[:steps].sum(1) / batch if return_energies else None
+    bad = int(first_bad.min())
+    return ChainResult(z.to(z0.dtype), energies, bad if bad < steps else None)

@@ -1,0 +1,248 @@
+"""Pieces shared by the generated data sets (street numbers, birds): photo crops, masks, parallel shard writing.
+
+Every sample depends only on (seed, split, index), and shards are written by worker processes from that
+alone, so the bytes do not depend on the worker count. The shard/manifest format is the one of
+:mod:`mmebm_dist.data.shards` (``mmebm data verify`` and ``make_loader`` read it).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from mmebm_dist.data import shards
+from mmebm_dist.data.polymnist import BACKGROUNDS, load_backgrounds
+
+SPLIT_IDS = {"train": 0, "test": 1}
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+"""ITU-R BT.601 luma weights."""
+
+
+def load_photos() -> list[np.ndarray]:
+    """The colour photos bundled with scikit-image (PolyMNIST's backgrounds), uint8 [H, W, 3] each."""
+    return [photo for _, photo in load_backgrounds(len(BACKGROUNDS))]
+
+
+def photo_crop(
+    rng: np.random.Generator,
+    photos: Sequence[np.ndarray],
+    *,
+    side: tuple[int, int],
+    size: int,
+    blur: tuple[float, float],
+) -> Image.Image:
+    """A random square crop (side in ``side``, clipped to the photo) of a random photo, maybe mirrored, resized
+    to ``size`` x ``size`` with box filtering and Gaussian-blurred with a radius drawn from ``blur`` (pixels)."""
+    photo = photos[int(rng.integers(len(photos)))]
+    h, w = photo.shape[:2]
+    edge = int(rng.integers(min(side[0], h, w), min(side[1], h, w) + 1))
+    top, left = int(rng.integers(h - edge + 1)), int(rng.integers(w - edge + 1))
+    crop = Image.fromarray(photo[top : top + edge, left : left + edge])
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    crop = crop.resize((size, size), Image.Resampling.BOX)
+    return crop.filter(ImageFilter.GaussianBlur(float(rng.uniform(*blur))))
+
+
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation of a [H, W] bool mask by a (2 radius + 1) square (separable running max)."""
+    out = mask
+    for axis in (0, 1):
+        padded = np.pad(out, [(radius, radius) if a == axis else (0, 0) for a in range(2)])
+        n = out.shape[axis]
+        out = np.logical_or.reduce(
+            [np.take(padded, range(k, k + n), axis=axis) for k in range(2 * radius + 1)]
+        )
+    return out
+
+
+def ring_contrast(
+    image: np.ndarray, shape: np.ndarray, ink: np.ndarray, *, ring: int, luminance: bool
+) -> float:
+    """How much a drawn shape stands out from the ring of pixels around it, on the final uint8 image [H, W, 3].
+
+    Core = ``shape`` coverage >= 0.5; ring = pixels within ``ring`` px of the core that no drawn shape covers
+    (``ink``, the total coverage, <= 0.05). ``luminance``: |mean luma difference| (BT.601, in [0, 1]); else
+    the distance of the mean RGB colours / sqrt(3) (in [0, 1]). No core or no ring scores 0 (not visible).
+    """
+    core = shape >= 0.5
+    around = dilate(core, ring) & (ink <= 0.05)
+    if not core.any() or not around.any():
+        return 0.0
+    x = image.astype(np.float32) / 255.0
+    if luminance:
+        y = x @ LUMA
+        return float(abs(y[core].mean() - y[around].mean()))
+    return float(np.linalg.norm(x[core].mean(0) - x[around].mean(0)) / np.sqrt(3.0))
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages whose output the rendered bytes depend on (stored in the manifest)."""
+    from PIL import features
+
+    out = {name: metadata.version(name) for name in ("numpy", "pillow", "matplotlib", "scikit-image")}
+    out["freetype"] = str(features.version("freetype2"))
+    return out
+
+
+def prepare_out(out: Path, overwrite: bool, extra: Iterable[str] = ()) -> None:
+    """Refuse to write into an existing data set unless ``overwrite``; then remove only files we write."""
+    patterns = [r"(train|test)-\d{6}\.tar(\.tmp)?", re.escape(shards.MANIFEST) + r"(\.tmp)?", *extra]
+    ours = [p for p in out.glob("*") if p.is_file() and any(re.fullmatch(pat, p.name) for pat in patterns)]
+    if ours and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a data set ({len(ours)} shard/manifest/side files): choose "
+            "another --out or pass --overwrite"
+        )
+    for p in ours:
+        p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+# Per-process state of the workers (set by _init_worker; read-only afterwards).
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(state: dict[str, Any]) -> None:
+    _STATE.clear()
+    _STATE.update(state)
+
+
+def worker_state() -> dict[str, Any]:
+    """The state given to :func:`parallel_map` (inside a worker or the main process)."""
+    return _STATE
+
+
+def parallel_map(
+    fn: Callable[[Any], Any],
+    jobs: Sequence[Any],
+    *,
+    state: dict[str, Any],
+    workers: int,
+    desc: str,
+    unit: str,
+    weight: Callable[[Any], int] = lambda job: 1,
+    progress: bool = True,
+) -> list[Any]:
+    """``[fn(job) for job in jobs]`` in worker processes (fork) that see ``state`` via :func:`worker_state`.
+
+    Results come back in job order, so the output does not depend on ``workers``; tqdm counts ``weight(job)``.
+    """
+    from tqdm import tqdm
+
+    workers = min(workers or os.cpu_count() or 1, len(jobs)) if jobs else 1
+    bar = tqdm(total=sum(weight(j) for j in jobs), desc=desc, unit=unit, disable=not progress)
+    results = []
+    try:
+        if workers <= 1:
+            _init_worker(state)
+            for job in jobs:
+                results.append(fn(job))
+                bar.update(weight(job))
+        else:
+            ctx = multiprocessing.get_context(
+                "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+            )
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(state,)) as pool:
+                for job, result in zip(jobs, pool.imap(fn, jobs)):
+                    results.append(result)
+                    bar.update(weight(job))
+    finally:
+        bar.close()
+    return results
+
+
+def shard_jobs(counts: dict[str, int], shard_size: int) -> list[tuple[str, int, int, int]]:
+    """(split, shard index, first sample, end) for every shard of every split, splits in shards.SPLITS order."""
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+    return [
+        (split, i, start, min(start + shard_size, counts[split]))
+        for split in shards.SPLITS
+        for i, start in enumerate(range(0, counts[split], shard_size))
+    ]
+
+
+def write_shard(
+    out: Path, split: str, index: int, samples: Iterable[tuple[str, list[tuple[str, bytes]]]]
+) -> dict:
+    """Write (key, [(ext, bytes), ...]) samples as shard ``index`` of ``split``; its manifest entry."""
+    members = [(f"{key}.{ext}", data) for key, entries in samples for ext, data in entries]
+    count = len({name.split(".", 1)[0] for name, _ in members})
+    path = out / shards.shard_name(split, index)
+    shards.write_tar(path, members)
+    return {
+        "name": path.name,
+        "split": split,
+        "index": index,
+        "count": count,
+        "sha256": shards.sha256_file(path),
+    }
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``.npy`` bytes of an array (np.save writes no timestamp: deterministic)."""
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def manifest_base(
+    *,
+    modalities: list[dict],
+    class_names: Sequence[str],
+    counts: dict[str, int],
+    entries: list[dict],
+    source: dict,
+    seed: int,
+    builder: dict,
+) -> dict[str, Any]:
+    """A manifest in the format of :mod:`mmebm_dist.data.shards` (layout ``shards``)."""
+    return {
+        "format": shards.FORMAT_NAME,
+        "format_version": shards.FORMAT_VERSION,
+        "layout": "shards",
+        "modalities": modalities,
+        "class_names": list(class_names),
+        "splits": {
+            split: {"count": counts[split], "shards": sum(1 for e in entries if e["split"] == split)}
+            for split in shards.SPLITS
+        },
+        "shards": [{k: e[k] for k in ("name", "split", "count", "sha256")} for e in entries],
+        "source": source,
+        "seed": seed,
+        "builder": builder,
+    }
+
+
+def grid(images: Sequence[np.ndarray], columns: int, *, pad: int = 2, scale: int = 1) -> np.ndarray:
+    """uint8 [H, W, 3] grid of same-height uint8 images ([h, w, 3] or [h, w]); rows are filled in order."""
+    tiles = [np.repeat(t[..., None], 3, axis=2) if t.ndim == 2 else t for t in images]
+    h = max(t.shape[0] for t in tiles)
+    widths = [
+        max(tiles[k].shape[1] for k in range(c, len(tiles), columns)) for c in range(min(columns, len(tiles)))
+    ]
+    rows = -(-len(tiles) // columns)
+    canvas = np.full((rows * (h + pad) + pad, sum(widths) + pad * (len(widths) + 1), 3), 255, np.uint8)
+    for k, t in enumerate(tiles):
+        r, c = divmod(k, columns)
+        x = pad + sum(widths[:c]) + pad * c
+        y = pad + r * (h + pad)
+        canvas[y : y + t.shape[0], x : x + t.shape[1]] = t
+    if scale > 1:
+        canvas = np.asarray(
+            Image.fromarray(canvas).resize(
+                (canvas.shape[1] * scale, canvas.shape[0] * scale), Image.Resampling.NEAREST
+            )
+        )
+    return canvas

@@ -1,0 +1,314 @@
+"""PolyMNIST-style builder: M views of one class, each a different image on its own photo background.
+
+As in PolyMNIST (Sutter et al.), tuple i takes the label of source image i; modality m shows another image of
+that class (an independent per-class shuffle for each modality and pass over the source), binarised at > 128
+and composited on a random 28x28 crop of the modality's own colour photo with the colours inverted under the
+stroke. Each shard depends only on (seed, split, shard index), so any worker count writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmebm_dist.data import shards
+from mmebm_dist.data.codec import encode_png
+from mmebm_dist.data.sources import IMAGE_SIZE, SourceData, load_source
+
+# Colour photos shipped inside scikit-image's wheel that load offline (checked with scikit-image 0.26).
+BACKGROUNDS = (
+    "coffee",
+    "chelsea",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "rocket",
+    "astronaut",
+    "retina",
+)
+BINARISE_THRESHOLD = 128
+SPLIT_IDS = {"train": 0, "test": 1}
+FORMATS = ("shards", "folders")
+
+
+@dataclass(kw_only=True)
+class BuildSpec:
+    """Everything that determines a PolyMNIST-style dataset (plus where and how fast to write it)."""
+
+    source: str = "mnist"
+    """Source name for ``load_source``: mnist, idx or fashion."""
+    modalities: int = 5
+    """M, the number of modalities (views) per tuple."""
+    out: str = "data/polymnist"
+    """Output directory."""
+    num_samples: int | None = None
+    """Train tuples (default: the source's train size); may exceed it (more passes, new crops)."""
+    test_samples: int | None = None
+    """Test tuples (default: the source's test size)."""
+    shard_size: int = 500
+    """Samples per shard (the last shard of a split may hold fewer)."""
+    seed: int = 0
+    """Seed of the image shuffles and crops."""
+    workers: int = 0
+    """Worker processes (0: os.cpu_count()); does not change the output."""
+    format: str = "shards"
+    """``shards`` (webdataset tars) or ``folders`` (PolyMNIST layout {split}/m{k}/{i}.{label}.png)."""
+    idx_dir: str | None = None
+    """IDX directory for source ``idx`` (or ``fashion`` outside the Debian path)."""
+    cache_dir: str | None = None
+    """Cache directory for the mnist source (default $MMEBM_CACHE or ~/.cache/mmebm_dist)."""
+    overwrite: bool = False
+    """Replace a dataset already in ``out`` (only files this builder writes are removed)."""
+
+
+def load_backgrounds(count: int) -> list[tuple[str, np.ndarray]]:
+    """(name, uint8 [H, W, 3]) for modalities 0..count-1: modality k uses photo k mod len(BACKGROUNDS)."""
+    import skimage.data
+
+    cache: dict[str, np.ndarray] = {}
+    out = []
+    for k in range(count):
+        name = BACKGROUNDS[k % len(BACKGROUNDS)]
+        if name not in cache:
+            img = np.asarray(getattr(skimage.data, name)())
+            if img.ndim != 3 or img.shape[2] < 3 or img.dtype != np.uint8:
+                raise RuntimeError(
+                    f"skimage.data.{name}() gave {img.dtype} {img.shape}, expected uint8 [H, W, 3]"
+                )
+            cache[name] = np.ascontiguousarray(img[:, :, :3])
+        out.append((name, cache[name]))
+    return out
+
+
+def modality_names(count: int) -> list[str]:
+    """Names of the modalities: m0, m1, ... (the original PolyMNIST folder names)."""
+    return [f"m{k}" for k in range(count)]
+
+
+def assign_images(
+    labels: np.ndarray, num_tuples: int, num_modalities: int, *, seed: int, split: str
+) -> np.ndarray:
+    """Source image index per (modality, tuple), int64 [M, N].
+
+    Tuple i has the label of source image i mod n; for each modality and pass r = i // n, the images of each
+    class are an independent random permutation of that class's images, so each view is another instance.
+    """
+    n = len(labels)
+    classes = np.unique(labels)
+    members = [np.flatnonzero(labels == c) for c in classes]
+    passes = -(-num_tuples // n)
+    out = np.empty((num_modalities, passes * n), dtype=np.int64)
+    for m in range(num_modalities):
+        for r in range(passes):
+            rng = np.random.default_rng([seed, SPLIT_IDS[split], m, r])
+            mapped = np.empty(n, dtype=np.int64)
+            for idx in members:
+                mapped[idx] = idx[rng.permutation(len(idx))]
+            out[m, r * n : (r + 1) * n] = mapped
+    return out[:, :num_tuples]
+
+
+def composite(digits: np.ndarray, background: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [n, 28, 28, 3]: digits binarised at > 128 on random crops, colours inverted under the stroke."""
+    n = len(digits)
+    h, w = background.shape[:2]
+    ys = rng.integers(0, h - IMAGE_SIZE + 1, size=n)
+    xs = rng.integers(0, w - IMAGE_SIZE + 1, size=n)
+    ar = np.arange(IMAGE_SIZE)
+    crops = background[
+        ys[:, None, None] + ar[None, :, None], xs[:, None, None] + ar[None, None, :]
+    ]  # (n, 28, 28, 3)
+    stroke = (digits > BINARISE_THRESHOLD)[..., None]
+    return np.where(stroke, 255 - crops, crops).astype(np.uint8)
+
+
+# Per-process state of the build workers (set once by _init_worker; read-only afterwards).
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(state: dict[str, Any]) -> None:
+    _STATE.clear()
+    _STATE.update(state)
+
+
+def _build_shard(job: tuple[str, int, int, int]) -> dict[str, Any]:
+    """Render tuples [start, end) of ``split`` and write them as one shard (or as PolyMNIST folder files)."""
+    split, index, start, end = job
+    st = _STATE
+    images, labels = st["splits"][split]
+    assignment = st["assignment"][split]
+    names = st["names"]
+    tuple_labels = labels[np.arange(start, end) % len(labels)]
+    rng = np.random.default_rng([st["seed"], SPLIT_IDS[split], index, 7919])
+    views = [
+        composite(images[assignment[m, start:end]], bg, rng) for m, (_, bg) in enumerate(st["backgrounds"])
+    ]
+    out = Path(st["out"])
+    if st["format"] == "folders":
+        for m, name in enumerate(names):
+            folder = out / split / name
+            for j in range(end - start):
+                path = folder / f"{start + j}.{int(tuple_labels[j])}.png"
+                path.write_bytes(encode_png(views[m][j]))
+        return {"split": split, "index": index, "count": end - start}
+    members = []
+    for j in range(end - start):
+        key = f"{start + j:08d}"
+        members.extend((f"{key}.{name}.png", encode_png(views[m][j])) for m, name in enumerate(names))
+        members.append((f"{key}.{shards.LABEL_EXT}", str(int(tuple_labels[j])).encode()))
+    path = out / shards.shard_name(split, index)
+    shards.write_tar(path, members)
+    return {
+        "name": path.name,
+        "split": split,
+        "index": index,
+        "count": end - start,
+        "sha256": shards.sha256_file(path),
+    }
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse to mix with an existing dataset unless asked; then remove only this builder's own files."""
+    ours = [
+        p
+        for p in out.glob("*")
+        if p.name in (shards.MANIFEST, shards.MANIFEST + ".tmp")
+        or re.fullmatch(r"(train|test)-\d{6}\.tar(\.tmp)?", p.name)
+    ]
+    pngs = [
+        p
+        for split in shards.SPLITS
+        for p in out.glob(f"{split}/m*/*.png")
+        if re.fullmatch(r"\d+\.\d+\.png", p.name)
+    ]
+    if (ours or pngs) and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a dataset ({len(ours)} shard/manifest files, {len(pngs)} PNG "
+            "files): choose another --out or pass --overwrite"
+        )
+    for p in ours + pngs:
+        p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def build_polymnist(spec: BuildSpec, *, progress: bool = True) -> dict[str, Any]:
+    """Build the dataset described by ``spec`` and return its manifest (also written to out/manifest.json)."""
+    from tqdm import tqdm
+
+    if spec.format not in FORMATS:
+        raise ValueError(f"--format {spec.format!r}: choose one of {', '.join(FORMATS)}")
+    if spec.modalities < 1 or spec.shard_size < 1:
+        raise ValueError(
+            f"--modalities ({spec.modalities}) and --shard-size ({spec.shard_size}) must be >= 1"
+        )
+    source = load_source(spec.source, idx_dir=spec.idx_dir, cache_dir=spec.cache_dir)
+    backgrounds = load_backgrounds(spec.modalities)
+    names = modality_names(spec.modalities)
+    counts = {
+        "train": spec.num_samples if spec.num_samples is not None else len(source.train_labels),
+        "test": spec.test_samples if spec.test_samples is not None else len(source.test_labels),
+    }
+    for split, n in counts.items():
+        if n < 1:
+            raise ValueError(f"{split} sample count must be >= 1, got {n}")
+    out = Path(spec.out)
+    _prepare_out(out, spec.overwrite)
+
+    state = {
+        "splits": {split: source.split(split) for split in shards.SPLITS},
+        "assignment": {
+            split: assign_images(
+                source.split(split)[1], counts[split], spec.modalities, seed=spec.seed, split=split
+            )
+            for split in shards.SPLITS
+        },
+        "backgrounds": backgrounds,
+        "names": names,
+        "seed": spec.seed,
+        "out": str(out),
+        "format": spec.format,
+    }
+    if spec.format == "folders":
+        for split in shards.SPLITS:
+            for name in names:
+                (out / split / name).mkdir(parents=True, exist_ok=True)
+    jobs = [
+        (split, i, start, min(start + spec.shard_size, counts[split]))
+        for split in shards.SPLITS
+        for i, start in enumerate(range(0, counts[split], spec.shard_size))
+    ]
+    workers = min(spec.workers or os.cpu_count() or 1, len(jobs))
+    bar = tqdm(
+        total=sum(counts.values()), desc=f"polymnist {spec.format}", unit="tuple", disable=not progress
+    )
+    results = []
+    if workers <= 1:
+        _init_worker(state)
+        for job in jobs:
+            results.append(_build_shard(job))
+            bar.update(results[-1]["count"])
+    else:
+        ctx = multiprocessing.get_context(
+            "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        )
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(state,)) as pool:
+            for result in pool.imap_unordered(_build_shard, jobs):
+                results.append(result)
+                bar.update(result["count"])
+    bar.close()
+    results.sort(key=lambda r: (shards.SPLITS.index(r["split"]), r["index"]))
+    manifest = _manifest(spec, source, backgrounds, names, counts, results)
+    shards.write_manifest(out, manifest)
+    return manifest
+
+
+def _manifest(
+    spec: BuildSpec,
+    source: SourceData,
+    backgrounds: list[tuple[str, np.ndarray]],
+    names: list[str],
+    counts: dict[str, int],
+    results: list[dict[str, Any]],
+) -> dict[str, Any]:
+    builder = {k: v for k, v in asdict(spec).items() if k not in ("out", "workers", "overwrite", "cache_dir")}
+    return {
+        "format": shards.FORMAT_NAME,
+        "format_version": shards.FORMAT_VERSION,
+        "layout": spec.format,
+        "modalities": [
+            {
+                "name": name,
+                "shape": [3, IMAGE_SIZE, IMAGE_SIZE],
+                "dtype": "uint8",
+                "encoding": "png",
+                "background": bg,
+            }
+            for name, (bg, _) in zip(names, backgrounds, strict=True)
+        ],
+        "class_names": list(source.class_names),
+        "splits": {
+            split: {
+                "count": counts[split],
+                "shards": sum(1 for r in results if r["split"] == split and "name" in r),
+            }
+            for split in shards.SPLITS
+        },
+        "shards": [
+            {"name": r["name"], "split": r["split"], "count": r["count"], "sha256": r["sha256"]}
+            for r in results
+            if "name" in r
+        ],
+        "source": {
+            "name": source.name,
+            "origin": source.origin,
+            "train": int(len(source.train_labels)),
+            "test": int(len(source.test_labels)),
+        },
+        "seed": spec.seed,
+        "builder": {"command": "polymnist", **builder},
+    }

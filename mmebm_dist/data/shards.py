@@ -1,0 +1,346 @@
+"""The on-disk dataset format: deterministic webdataset tar shards plus ``manifest.json``; verify and info.
+
+A shard ``{split}-{index:06d}.tar`` holds, per sample key, one PNG per modality (``{key}.{name}.png``) and the
+class label (``{key}.cls``, ASCII). The manifest declares the modalities, counts per split and every shard's
+sample count and sha256, so loaders can plan an epoch without reading data and ``verify`` can check it all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from mmebm_dist.data.codec import (
+    FormatError,
+    decode_png,
+    group_samples,
+    iter_tar_members,
+)
+from mmebm_dist.data.codec import (
+    encode_png as encode_png,  # re-exported: the builders write PNGs through shards.encode_png
+)
+
+FORMAT_NAME = "mmebm-webdataset"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "test")
+LABEL_EXT = "cls"
+ENCODINGS = ("png", "npy")
+# Fixed tar member metadata so that the same content always gives the same bytes.
+TAR_MTIME = 0
+TAR_MODE = 0o644
+
+
+class ShardError(RuntimeError):
+    """A shard, sample or manifest is missing or corrupt; the message names the file and sample key."""
+
+
+# --------------------------------------------------------------------------------------------------- writing
+
+
+def shard_name(split: str, index: int) -> str:
+    """File name of shard ``index`` of ``split``."""
+    return f"{split}-{index:06d}.tar"
+
+
+def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> None:
+    """Write a tar whose bytes depend only on the member names and contents (fixed mtime, owner, mode)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = TAR_MTIME
+            info.mode = TAR_MODE
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
+    """Write ``manifest.json`` atomically (last, so an interrupted build has no manifest)."""
+    path = Path(directory) / MANIFEST
+    tmp = path.with_name(MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+
+def manifest_path(path: str | os.PathLike) -> Path:
+    """``path`` itself if it is a manifest file, else ``path/manifest.json``."""
+    p = Path(path)
+    return p if p.suffix == ".json" else p / MANIFEST
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and check a manifest (a directory holding ``manifest.json``, or the file itself)."""
+    mpath = manifest_path(path)
+    if not mpath.is_file():
+        raise ShardError(f"no manifest at {mpath}: build the data with `mmebm data polymnist --out DIR`")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"{mpath}: not valid JSON ({exc})") from exc
+    for key in ("format", "format_version", "layout", "modalities", "splits", "shards", "source", "seed"):
+        if key not in manifest:
+            raise ShardError(f"{mpath}: missing key {key!r}")
+    if manifest["format"] != FORMAT_NAME or manifest["format_version"] != FORMAT_VERSION:
+        raise ShardError(
+            f"{mpath}: format {manifest['format']!r} v{manifest['format_version']}, this code reads "
+            f"{FORMAT_NAME!r} v{FORMAT_VERSION}; rebuild the data"
+        )
+    for spec in manifest["modalities"]:
+        if not {"name", "shape", "dtype"} <= set(spec):
+            raise ShardError(f"{mpath}: bad modality spec {spec}: needs name, shape and dtype")
+        encoding = spec.get("encoding", "png")
+        if encoding not in ENCODINGS or (encoding == "png" and len(spec["shape"]) != 3):
+            raise ShardError(
+                f"{mpath}: modality {spec['name']!r}: encoding {encoding!r} with shape {spec['shape']}; "
+                f"encodings are {ENCODINGS} and png needs [C, H, W]"
+            )
+    return manifest
+
+
+def manifest_hash(path: str | os.PathLike) -> str:
+    """sha256 of the manifest's canonical JSON: identifies the exact data a run was trained on."""
+    canonical = json.dumps(read_manifest(path), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def split_shards(manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:
+    """The manifest's shard entries of ``split``, in order."""
+    if split not in manifest["splits"]:
+        raise ShardError(f"split {split!r} not in the manifest; it has {sorted(manifest['splits'])}")
+    return [s for s in manifest["shards"] if s["split"] == split]
+
+
+class ModalitySpec(NamedTuple):
+    """One modality as stored: tar entry ``{key}.{name}.{encoding}``, decoded ``shape`` and stored ``dtype``.
+
+    ``png``: an image, shape [C, H, W], uint8 on disk, float32 in [0, 1] in batches. ``npy``: any array (e.g.
+    token ids), kept as stored.
+    """
+
+    name: str
+    encoding: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def entry(self) -> str:
+        """The sample's entry name for this modality (the tar member suffix)."""
+        return f"{self.name}.{self.encoding}"
+
+
+def modality_specs(manifest: dict[str, Any]) -> list[ModalitySpec]:
+    """The manifest's modalities, in order."""
+    return [
+        ModalitySpec(m["name"], m.get("encoding", "png"), tuple(int(d) for d in m["shape"]), m["dtype"])
+        for m in manifest["modalities"]
+    ]
+
+
+def modality_names(manifest: dict[str, Any]) -> list[str]:
+    """Modality names in manifest order."""
+    return [m["name"] for m in manifest["modalities"]]
+
+
+def decode_entry(spec: ModalitySpec, data: bytes) -> np.ndarray:
+    """Decode one stored modality and check it against its spec; ValueError naming the mismatch.
+
+    ``png`` gives uint8 [H, W, C] (layout change to [C, H, W] happens batched); ``npy`` gives the array.
+    """
+    if spec.encoding == "png":
+        arr = decode_png(data)
+        c, h, w = spec.shape
+        if arr.shape != (h, w, c) or arr.dtype != np.uint8:
+            raise ValueError(
+                f"decoded to {arr.dtype} [H, W, C] = {list(arr.shape)}, "
+                f"declared [C, H, W] = {list(spec.shape)}"
+            )
+        return arr
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    if arr.shape != spec.shape or arr.dtype != np.dtype(spec.dtype):
+        raise ValueError(
+            f"decoded to {arr.dtype} {list(arr.shape)}, declared {spec.dtype} {list(spec.shape)}"
+        )
+    return arr
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """``.npy`` bytes of an array (for ``npy`` modalities)."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {suffix: bytes}) per sample of a local tar, grouped as webdataset groups them."""
+    with open(path, "rb") as stream:
+        for sample in group_samples(iter_tar_members(stream, str(path)), str(path)):
+            key = sample.pop("__key__")
+            sample.pop("__url__")
+            yield key, sample
+
+
+# --------------------------------------------------------------------------------------------- verify / info
+
+
+def verify(directory: str | os.PathLike, *, progress: bool = True) -> dict[str, int]:
+    """Check every shard (or folder file) against the manifest; raise ShardError naming the first bad one.
+
+    Checks presence, sha256, per-shard and per-split counts, that each sample has every modality and a label,
+    and that each modality decodes to its declared shape. Returns counts of what was checked.
+    """
+    from tqdm import tqdm
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    specs = modality_specs(manifest)
+    num_classes = len(manifest.get("class_names", [])) or None
+    if manifest["layout"] == "folders":
+        return _verify_folders(directory, manifest, specs, progress=progress)
+    checked = {"shards": 0, "samples": 0}
+    per_split = {split: 0 for split in manifest["splits"]}
+    for entry in tqdm(manifest["shards"], desc="verify", unit="shard", disable=not progress):
+        path = directory / entry["name"]
+        if not path.is_file():
+            raise ShardError(f"{path}: shard listed in the manifest is missing")
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            raise ShardError(f"{path}: sha256 {digest} differs from the manifest's {entry['sha256']}")
+        count = 0
+        key = None
+        try:
+            for key, sample in iter_tar_samples(path):
+                _check_sample(path, key, sample, specs, num_classes)
+                count += 1
+        except (FormatError, OSError) as exc:
+            raise ShardError(f"{path}: unreadable tar after sample {key!r} ({exc})") from exc
+        if count != entry["count"]:
+            raise ShardError(f"{path}: {count} samples, the manifest says {entry['count']}")
+        per_split[entry["split"]] += count
+        checked["shards"] += 1
+        checked["samples"] += count
+    for split, info in manifest["splits"].items():
+        if per_split[split] != info["count"]:
+            raise ShardError(
+                f"{directory}: split {split!r} has {per_split[split]} samples in its shards, "
+                f"the manifest says {info['count']}"
+            )
+    return checked
+
+
+def _check_sample(
+    path: Path,
+    key: str,
+    sample: dict[str, bytes],
+    specs: list[ModalitySpec],
+    num_classes: int | None,
+) -> None:
+    for spec in specs:
+        data = sample.get(spec.entry)
+        if data is None:
+            raise ShardError(f"{path}: sample {key!r} lacks modality {spec.entry!r} (has {sorted(sample)})")
+        try:
+            decode_entry(spec, data)
+        except (OSError, ValueError) as exc:
+            raise ShardError(f"{path}: sample {key!r} modality {spec.name!r}: {exc}") from exc
+    if LABEL_EXT not in sample:
+        raise ShardError(f"{path}: sample {key!r} lacks its label {LABEL_EXT!r}")
+    label = parse_label(sample[LABEL_EXT])
+    if label is None or (num_classes is not None and not 0 <= label < num_classes):
+        raise ShardError(f"{path}: sample {key!r} has bad label {sample[LABEL_EXT]!r}")
+
+
+def parse_label(data: bytes) -> int | None:
+    """The integer in a ``cls`` entry, or None if it is not one."""
+    try:
+        return int(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def _verify_folders(
+    directory: Path, manifest: dict[str, Any], specs: list[ModalitySpec], *, progress: bool
+) -> dict[str, int]:
+    from tqdm import tqdm
+
+    checked = {"files": 0, "samples": 0}
+    for split, info in manifest["splits"].items():
+        labels: dict[str, list[str]] = {}
+        for spec in specs:
+            name = spec.name
+            folder = directory / split / name
+            files = sorted(folder.glob("*.png"), key=lambda p: int(p.name.split(".")[0]))
+            if len(files) != info["count"]:
+                raise ShardError(f"{folder}: {len(files)} PNG files, the manifest says {info['count']}")
+            for i, f in enumerate(
+                tqdm(files, desc=f"verify {split}/{name}", unit="file", disable=not progress)
+            ):
+                index, label, _ = f.name.split(".")
+                if int(index) != i:
+                    raise ShardError(f"{folder}: expected sample {i}, found {f.name}")
+                try:
+                    decode_entry(spec, f.read_bytes())
+                except (OSError, ValueError) as exc:
+                    raise ShardError(f"{f}: {exc}") from exc
+                labels.setdefault(name, []).append(label)
+                checked["files"] += 1
+        first = next(iter(labels.values()))
+        for name, seq in labels.items():
+            if seq != first:
+                bad = next(i for i, (a, b) in enumerate(zip(seq, first, strict=True)) if a != b)
+                raise ShardError(
+                    f"{directory / split / name}: sample {bad} has label {seq[bad]}, the first "
+                    f"modality has {first[bad]}"
+                )
+        checked["samples"] += info["count"]
+    return checked
+
+
+def info(directory: str | os.PathLike) -> str:
+    """A short human-readable summary of a built dataset."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    lines = [
+        f"{directory}: {manifest['format']} v{manifest['format_version']} ({manifest['layout']})",
+        f"  manifest sha256: {manifest_hash(directory)}",
+        f"  source: {manifest['source'].get('name')} ({manifest['source'].get('origin')}), "
+        f"seed {manifest['seed']}",
+        "  modalities: "
+        + ", ".join(
+            f"{m['name']} {m['dtype']}{m['shape']}" + (f" on {m['background']}" if "background" in m else "")
+            for m in manifest["modalities"]
+        ),
+    ]
+    for split, split_info in manifest["splits"].items():
+        shards = split_shards(manifest, split)
+        size = sum(
+            (directory / s["name"]).stat().st_size for s in shards if (directory / s["name"]).is_file()
+        )
+        lines.append(
+            f"  {split}: {split_info['count']} samples in {len(shards)} shards, {size / 2**20:.1f} MiB"
+        )
+    return "\n".join(lines)

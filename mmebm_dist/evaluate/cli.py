@@ -1,0 +1,148 @@
+"""``mmebm eval --run RUN_DIR``: coherence (joint, cross matrix, k-of-M subsets, aggregate-posterior ceiling,
+Langevin sweep), test-set objective terms and a linear probe; writes eval.json, report.md and PNGs.
+
+Under torchrun / ``accelerate launch`` (WORLD_SIZE > 1) the samples and test tuples are split over the
+processes and the counts summed with one all_reduce; rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_BATCH = 250
+PICTURE_JOINT = 64
+PICTURE_CROSS = 8
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run directory written by `mmebm train`")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint directory or name under RUN/checkpoints (default: the newest)")
+    parser.add_argument("--classifiers", default=None,
+                        help="classifier directory (default: eval.classifiers, else DATA/classifiers)")
+    parser.add_argument("--data", default=None, help="dataset directory (default: the run's data.path)")
+    parser.add_argument("--num-samples", type=int, default=None,
+                        help="joint samples and test tuples per figure (default: the run's eval.num_samples)")
+    parser.add_argument("--langevin-sweep", type=int, nargs="*", default=None,
+                        help="Langevin step counts of the sweep (EBM runs; default: eval.langevin_sweep; "
+                             "give the flag alone to skip the sweep)")
+    parser.add_argument("--subset-sizes", type=int, nargs="*", default=None,
+                        help="k of the k-of-M conditioning figures, 2 <= k < M (default: all)")
+    parser.add_argument("--probe-fit", type=int, default=None,
+                        help="train tuples the linear probe is fit on (default: --num-samples; 0 skips it)")
+    parser.add_argument("--no-elbo", action="store_true", help="skip the test-set objective terms")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="generation / test batch size")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every sample drawn")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--out", default=None, help="output directory (default: RUN/eval)")
+
+
+def _print_summary(results: dict, out_dir: Path) -> None:
+    coh = results["coherence"]
+    print(f"step {results['run']['step']}: joint coherence {coh['joint']['coherence']:.4f} "
+          f"+- {coh['joint']['stderr']:.4f} (n={coh['joint']['n']}), cross coherence "
+          f"{coh['cross'].get('coherence', math.nan):.4f}, aggregate-posterior ceiling "
+          f"{coh.get('prior_ceiling', {}).get('coherence', math.nan):.4f}")
+    for entry in coh.get("langevin_sweep", []):
+        print(f"  langevin K={entry['steps']:4d}: joint coherence {entry['coherence']:.4f} "
+              f"({entry['ms_per_sample']:.3f} ms/sample)")
+    print(f"wrote {out_dir / 'eval.json'} and {out_dir / 'report.md'}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmebm_dist.evaluate import generate
+
+    rank, world = generate.init_distributed_from_env()
+    try:
+        return evaluate(args, rank, world)
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # rank 0 writes the files while the others wait
+            torch.distributed.destroy_process_group()
+
+
+def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
+    """Every figure of ``mmebm eval``; this process is ``rank`` of ``world`` (rank 0 writes the files)."""
+    from mmebm_dist.evaluate import generate, latent, report
+    from mmebm_dist.evaluate.classifiers import load_classifiers
+    from mmebm_dist.evaluate.coherence import measure_coherence
+
+    start = time.perf_counter()
+    device = generate.resolve_device(args.device)
+    loaded = generate.load_run(args.run, checkpoint=args.checkpoint, device=device)
+    cfg, model = loaded.cfg, loaded.model
+    data_path = Path(args.data or cfg.data.path)
+    data_hash = generate.check_data(loaded, data_path)
+    clf_dir = Path(args.classifiers or cfg.eval.classifiers or data_path / "classifiers")
+    classifiers = load_classifiers(clf_dir, manifest_hash=data_hash, data_path=data_path,
+                                   modalities=model.modalities, device=device)
+    num = args.num_samples or cfg.eval.num_samples
+    is_ebm = model.energy is not None
+    sweep = tuple(cfg.eval.langevin_sweep if args.langevin_sweep is None else args.langevin_sweep)
+    m = len(model.modalities)
+    subset_sizes = tuple(range(2, m)) if args.subset_sizes is None else tuple(args.subset_sizes)
+
+    chunks = generate.read_chunks(data_path, num=num, batch_size=args.batch_size, rank=rank, world_size=world)
+    joint_steps = cfg.model.prior.langevin.steps if is_ebm else None
+    coherence = measure_coherence(model, classifiers, chunks, num_samples=num, batch_size=args.batch_size,
+                                  seed=args.seed, joint_langevin_steps=joint_steps, subset_sizes=subset_sizes,
+                                  langevin_sweep=sweep if is_ebm else (), rank=rank, world_size=world,
+                                  show_progress=rank == 0)
+    elbo = None if args.no_elbo else latent.objective_terms(model, chunks, rank=rank, world_size=world,
+                                                            seed=args.seed)
+    if rank != 0:
+        return 0
+
+    probe = None
+    fit = num if args.probe_fit is None else args.probe_fit
+    if fit > 0:
+        fit_chunks = generate.read_chunks(data_path, num=fit, batch_size=args.batch_size, split="train")
+        features = lambda batch: latent.posterior_mean(model, batch)
+        train_x, train_y = latent.collect_features(features, fit_chunks, device)
+        test_x, test_y = latent.collect_features(features, [c for c in chunks if c is not None], device)
+        probe = {"accuracy": latent.linear_probe_accuracy(train_x, train_y, test_x, test_y, seed=args.seed),
+                 "n_fit": len(train_y), "fit_split": "train", "n_eval": len(test_y), "eval_split": "test",
+                 "features": "posterior mean of the shared latent z"}
+
+    out_dir = Path(args.out) if args.out else loaded.run_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = {"joint samples": report.JOINT_PNG, "cross generation (rows: source, columns: target)":
+              report.CROSS_PNG, "cross-coherence matrix": report.HEATMAP_PNG}
+    pictures = generate.joint_samples(model, PICTURE_JOINT, seed=args.seed, langevin_steps=joint_steps)
+    report.save_joint_grid(out_dir / report.JOINT_PNG, pictures, title=f"joint samples, step {loaded.step}")
+    first = next(c for c in chunks if c is not None)
+    picture_batch = {k: v[:PICTURE_CROSS] for k, v in first.items()}
+    sources, generated = generate.cross_samples(model, picture_batch, seed=args.seed)
+    report.save_cross_grid(out_dir / report.CROSS_PNG, sources, generated,
+                           title=f"cross generation, step {loaded.step}")
+    report.save_heatmap(out_dir / report.HEATMAP_PNG, coherence["cross"]["matrix"], coherence["modalities"])
+    if coherence["langevin_sweep"]:
+        report.save_sweep_plot(out_dir / report.SWEEP_PNG, coherence["langevin_sweep"],
+                               coherence.get("prior_ceiling", {}).get("coherence"))
+        images["joint coherence vs Langevin steps"] = report.SWEEP_PNG
+
+    from mmebm_dist.config import config_hash
+
+    results = {
+        "run": {"run_dir": str(loaded.run_dir), "checkpoint": str(loaded.checkpoint), "step": loaded.step,
+                "prior": cfg.model.prior.kind, "config_hash": config_hash(cfg), "data_path": str(data_path),
+                "manifest_hash": data_hash},
+        "seed": args.seed,
+        "world_size": world,
+        "device": str(device),
+        "classifiers": {"dir": str(clf_dir), "manifest_hash": classifiers.manifest_hash,
+                        "test_accuracy": classifiers.test_accuracy},
+        "coherence": coherence,
+        "elbo": elbo,
+        "linear_probe": probe,
+        "images": images,
+        "seconds": time.perf_counter() - start,
+    }
+    report.write_report(out_dir, results, images)
+    _print_summary(results, out_dir)
+    return 0

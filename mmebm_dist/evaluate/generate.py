@@ -1,0 +1,167 @@
+"""Load a trained run for evaluation, read test tuples, and draw the samples shown in pictures.
+
+A run directory (``mmebm train``) holds ``checkpoints/step-XXXXXXX/`` with ``train_state.json`` (step, config,
+data order incl. the manifest hash) and ``model.pt`` (consolidated fp32 weights); see train/checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mmebm_dist.config import Config, config_from_dict
+from mmebm_dist.evaluate.coherence import Batch, chunk_seed, my_chunks, seeded
+
+
+@dataclass
+class LoadedRun:
+    """A trained model ready for single-process evaluation, and where it came from."""
+
+    run_dir: Path
+    checkpoint: Path
+    step: int
+    cfg: Config
+    model: torch.nn.Module
+    manifest_hash: str | None
+    """Manifest hash of the data the run was trained on (from train_state.json)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available else cpu; anything else as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_run(run_dir: str | Path, *, checkpoint: str | Path | None = None,
+             device: torch.device | str = "cpu") -> LoadedRun:
+    """Build the run's model from the checkpoint's config and load its consolidated weights (eval mode).
+
+    ``checkpoint``: a checkpoint directory or a name under ``RUN/checkpoints``; default: the newest complete.
+    """
+    from mmebm_dist.models import build_model
+    from mmebm_dist.train.checkpoint import latest_checkpoint, load_model_weights, read_train_state
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"'{run_dir}' is not a run directory (no config.json); pass the "
+                                "train.out_dir of a `mmebm train` run")
+    if checkpoint is None:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"run '{run_dir}' has no complete checkpoint under "
+                                    f"{run_dir / 'checkpoints'}; train longer or set train.checkpoint_every")
+    else:
+        ckpt = Path(checkpoint)
+        if not ckpt.is_dir():
+            ckpt = run_dir / "checkpoints" / str(checkpoint)
+        if not ckpt.is_dir():
+            raise FileNotFoundError(f"checkpoint '{checkpoint}' not found (neither a directory nor a name "
+                                    f"under {run_dir / 'checkpoints'})")
+    state = read_train_state(ckpt)
+    cfg = config_from_dict(state.config)
+    model = build_model(cfg.model)
+    load_model_weights(model, ckpt)
+    model.to(device).eval()
+    return LoadedRun(run_dir=run_dir, checkpoint=ckpt, step=state.step, cfg=cfg, model=model,
+                     manifest_hash=state.data_order.get("manifest_hash"))
+
+
+def check_data(run: LoadedRun, data_path: str | Path) -> str:
+    """The manifest hash of ``data_path``; raises if the run was trained on other data (coherence would judge
+    the model on data it never saw, with classifiers of unknown accuracy there)."""
+    from mmebm_dist.data.shards import manifest_hash
+
+    current = manifest_hash(data_path)
+    if run.manifest_hash is not None and current != run.manifest_hash:
+        raise ValueError(f"run '{run.run_dir}' was trained on data with manifest hash {run.manifest_hash}, "
+                         f"but '{data_path}' has manifest hash {current}; pass --data pointing at the run's "
+                         f"data (its config says data.path={run.cfg.data.path})")
+    return current
+
+
+def read_chunks(data_path: str | Path, *, num: int, batch_size: int, split: str = "test", rank: int = 0,
+                world_size: int = 1) -> list[Batch | None]:
+    """The first ``num`` tuples of ``split`` (manifest order) cut into chunks of ``batch_size``; only the
+    chunks rank ``rank`` handles (i % world_size == rank) are kept, the others are None. Every rank reads the
+    same order, so the chunks do not depend on the number of processes."""
+    from mmebm_dist.data.stream import make_loader
+
+    if num <= 0:
+        raise ValueError(f"number of tuples must be positive, got {num}")
+    loader = make_loader(data_path, batch_size=batch_size, split=split, rank=0, world_size=1, num_workers=0,
+                         shuffle_buffer=0, drop_last=False)
+    planned = -(-num // batch_size)
+    mine = set(my_chunks(planned, rank, world_size))
+    chunks: list[Batch | None] = []
+    buffer: list[Batch] = []
+    buffered = 0
+
+    def take(size: int) -> None:
+        nonlocal buffer, buffered
+        merged = {k: torch.cat([b[k] for b in buffer]) for k in buffer[0]}
+        chunks.append({k: v[:size] for k, v in merged.items()} if len(chunks) in mine else None)
+        buffered -= size
+        buffer = [{k: v[size:] for k, v in merged.items()}] if buffered else []
+
+    for batch in loader:
+        buffer.append(batch)
+        buffered += int(batch["label"].numel())
+        while len(chunks) < planned and buffered >= min(batch_size, num - len(chunks) * batch_size):
+            take(min(batch_size, num - len(chunks) * batch_size))
+        if len(chunks) == planned:
+            break
+    if len(chunks) < planned and buffered:  # the split holds fewer than ``num`` tuples
+        take(buffered)
+    if not chunks:
+        raise ValueError(f"'{data_path}' split '{split}' yielded no tuples")
+    return chunks
+
+
+def chunk_count(chunks: list[Batch | None]) -> int:
+    """Tuples held in the non-None chunks."""
+    return sum(int(c["label"].numel()) for c in chunks if c is not None)
+
+
+def init_distributed_from_env() -> tuple[int, int]:
+    """(rank, world_size): initialises torch.distributed from torchrun/accelerate environment variables when
+    WORLD_SIZE > 1 and it is not initialised yet (gloo on CPU, nccl on CUDA); (0, 1) for a plain launch."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# ------------------------------------------------------------------------------------------------ pictures
+
+
+@torch.no_grad()
+def joint_samples(model, n: int, *, seed: int, langevin_steps: int | None = None) -> dict[str, torch.Tensor]:
+    """n joint samples (CPU tensors) from a generator seeded by ``seed``."""
+    device = next(model.parameters()).device
+    with seeded(chunk_seed(seed, "pictures/joint", 0), device) as gen:
+        samples = model.generate_joint(n, langevin_steps=langevin_steps, generator=gen)
+    return {k: v.cpu() for k, v in samples.items()}
+
+
+@torch.no_grad()
+def cross_samples(model, batch: Batch, *, seed: int) -> tuple[dict[str, torch.Tensor],
+                                                                 dict[str, dict[str, torch.Tensor]]]:
+    """(the source inputs per modality, generated[source][target]) for one batch of test tuples."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    generated = {}
+    for src in model.modalities:
+        with seeded(chunk_seed(seed, f"pictures/cross/{src}", 0), device) as gen:
+            out = model.generate_conditional(batch, [src], generator=gen)
+        generated[src] = {k: v.cpu() for k, v in out.items()}
+    return {m: batch[m].cpu() for m in model.modalities}, generated

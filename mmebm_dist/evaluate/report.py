@@ -1,0 +1,272 @@
+"""Evaluation outputs: ``eval.json`` (every figure), ``report.md`` (tables + PNG links) and the PNG pictures.
+
+Numbers in report.md are written with :func:`fmt` from the same dict that becomes eval.json, so the two never
+disagree. Pictures use matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+EVAL_JSON = "eval.json"
+REPORT_MD = "report.md"
+JOINT_PNG = "joint_samples.png"
+CROSS_PNG = "cross_generation.png"
+HEATMAP_PNG = "coherence_matrix.png"
+SWEEP_PNG = "coherence_vs_langevin.png"
+
+
+def fmt(x: float | None) -> str:
+    """How report.md writes a figure: 4 decimals, or ``n/a`` for missing / nan."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.4f}"
+
+
+def _json_safe(obj):
+    """nan/inf become None (strict JSON), tuples become lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_eval_json(path: str | Path, results: dict) -> Path:
+    """Write ``results`` as strict JSON (nan -> null) atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(results), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[N, C, H, W] floats in [0, 1] -> uint8 [N, H, W, 3] (grey repeated, C > 3 keeps the first 3)."""
+    if images.dim() == 2:  # vector modality: show each vector as a 1-pixel-high strip
+        images = images[:, None, None, :]
+    if images.dim() != 4:
+        raise ValueError(f"expected images [N, C, H, W] or vectors [N, D], got shape {tuple(images.shape)}")
+    x = images.detach().float().cpu().clamp(0, 1)
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    x = x[:, :3]
+    return (x.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def tile(images: np.ndarray, ncol: int, pad: int = 2, fill: int = 255) -> np.ndarray:
+    """Tile uint8 [N, H, W, 3] into a grid of ``ncol`` columns with ``pad`` pixels of ``fill`` between."""
+    n, h, w, c = images.shape
+    nrow = max(1, math.ceil(n / ncol))
+    out = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), fill, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        out[y:y + h, x:x + w] = images[i]
+    return out
+
+
+def _same_size(images: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """uint8 images per modality, padded to a common height and width (modalities may differ in size)."""
+    arrays = {k: to_uint8(v) for k, v in images.items()}
+    h = max(a.shape[1] for a in arrays.values())
+    w = max(a.shape[2] for a in arrays.values())
+    return {k: np.pad(a, ((0, 0), (0, h - a.shape[1]), (0, w - a.shape[2]), (0, 0)), constant_values=255)
+            for k, a in arrays.items()}
+
+
+def save_joint_grid(path: str | Path, samples: dict[str, torch.Tensor], per_row: int = 16,
+                    title: str = "joint samples") -> Path:
+    """Joint samples: each column is one sample tuple (modalities stacked top to bottom), ``per_row`` tuples
+    per band of rows; coherent samples show the same digit down a column."""
+    names = list(samples)
+    arrays = _same_size(samples)
+    n = arrays[names[0]].shape[0]
+    bands = []
+    for start in range(0, n, per_row):
+        stop = min(start + per_row, n)
+        block = np.stack([arrays[m][start:stop] for m in names], 0)  # (M, k, H, W, 3)
+        k = stop - start
+        band = tile(block.reshape(-1, *block.shape[2:]), ncol=k)
+        if k < per_row:  # pad short last band to the full width
+            full = tile(np.full((per_row, *block.shape[2:]), 255, np.uint8), ncol=per_row)
+            band = np.concatenate([band, np.full((band.shape[0], full.shape[1] - band.shape[1], 3), 255,
+                                                 np.uint8)], axis=1)
+        bands.append(band)
+    grid = np.concatenate(bands, axis=0)
+    fig, ax = plt.subplots(figsize=(max(4.0, grid.shape[1] / 60), max(3.0, grid.shape[0] / 60)))
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_title(f"{title} (columns: samples; rows: {', '.join(names)})", fontsize=9)
+    ax.axis("off")
+    return _save(fig, path)
+
+
+def save_cross_grid(path: str | Path, sources: dict[str, torch.Tensor],
+                    generated: dict[str, dict[str, torch.Tensor]], title: str = "cross generation") -> Path:
+    """Cross-generation matrix: row = source modality, first column = the source input, then one column per
+    target showing the target generated from that source (k examples side by side in each cell)."""
+    names = list(sources)
+    cells: dict[str, dict[str, np.ndarray]] = {}
+    for src in names:
+        cells[src] = _same_size({"input": sources[src], **generated[src]})
+    k, h, w = cells[names[0]]["input"].shape[:3]
+    columns = ["input", *names]
+    rows = []
+    for src in names:
+        strips = [tile(cells[src][col], ncol=k) for col in columns]
+        sep = np.full((strips[0].shape[0], 6, 3), 160, np.uint8)
+        rows.append(np.concatenate([x for s in strips for x in (s, sep)][:-1], axis=1))
+    grid = np.concatenate(rows, axis=0)
+    strip_w = strips[0].shape[1] + 6
+    strip_h = rows[0].shape[0]
+    fig, ax = plt.subplots(figsize=(max(5.0, grid.shape[1] / 70), max(3.0, grid.shape[0] / 70 + 1)))
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_xticks([strip_w * i + strip_w / 2 for i in range(len(columns))], ["source input", *names],
+                  fontsize=8)
+    ax.set_yticks([strip_h * i + strip_h / 2 for i in range(len(names))], names, fontsize=8)
+    ax.set_xlabel("target modality")
+    ax.set_ylabel("source modality")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def save_heatmap(path: str | Path, matrix: Sequence[Sequence[float]], names: Sequence[str],
+                 title: str = "cross coherence (rows: source, columns: target)") -> Path:
+    """Heatmap of the source x target coherence matrix with the value in each cell."""
+    values = np.array(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(names), 0.8 + 0.7 * len(names)))
+    im = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            v = values[i, j]
+            ax.text(j, i, "n/a" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if not math.isnan(v) and v < 0.6 else "black")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("target")
+    ax.set_ylabel("source")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def save_sweep_plot(path: str | Path, sweep: Sequence[dict], ceiling: float | None = None) -> Path:
+    """Joint coherence (with standard error bars) and sampling time per sample against Langevin steps."""
+    steps = [e["steps"] for e in sweep]
+    coh = [e["coherence"] for e in sweep]
+    err = [e["stderr"] for e in sweep]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.errorbar(steps, coh, yerr=err, marker="o", capsize=3, label="joint coherence")
+    if ceiling is not None and not math.isnan(ceiling):
+        ax.axhline(ceiling, color="grey", linestyle="--", label="aggregate-posterior ceiling")
+    ax.set_xlabel("Langevin steps K")
+    ax.set_ylabel("joint coherence")
+    ax.set_ylim(0, 1)
+    ax2 = ax.twinx()
+    ax2.plot(steps, [e["ms_per_sample"] for e in sweep], color="tab:red", marker="s", linestyle=":",
+             label="ms / sample")
+    ax2.set_ylabel("sampling time (ms / sample)", color="tab:red")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="lower right")
+    ax.set_title("joint coherence vs Langevin steps", fontsize=9)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ report.md
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def render_report(results: dict, images: dict[str, str]) -> str:
+    """report.md text from the eval.json dict; ``images`` maps a caption to a PNG file name beside it."""
+    run = results.get("run", {})
+    coh = results["coherence"]
+    names = coh["modalities"]
+    lines = [f"# Evaluation of {run.get('run_dir', 'a run')}", ""]
+    lines += _table(["item", "value"], [
+        ["checkpoint step", str(run.get("step"))],
+        ["prior", str(run.get("prior"))],
+        ["data manifest hash", f"`{run.get('manifest_hash')}`"],
+        ["seed", str(coh["seed"])],
+        ["joint samples / test tuples", f"{coh['num_samples']} / {coh['num_test']}"],
+        ["processes", str(results.get("world_size", 1))],
+    ])
+    acc = results.get("classifiers", {}).get("test_accuracy", {})
+    lines += ["", "## Classifiers (their accuracy bounds every coherence figure)", ""]
+    lines += _table(["modality", *names], [["test accuracy", *[fmt(acc.get(m)) for m in names]]])
+    joint, cross = coh["joint"], coh["cross"]
+    lines += ["", "## Coherence", ""]
+    rows = [["joint (prior samples)", fmt(joint["coherence"]), fmt(joint["stderr"]), str(joint["n"])]]
+    if "prior_ceiling" in coh:
+        ceil = coh["prior_ceiling"]
+        rows.append(["joint (aggregate-posterior ceiling)", fmt(ceil["coherence"]), fmt(ceil["stderr"]),
+                     str(ceil["n"])])
+    rows.append(["cross (mean over targets of mean over sources != target)", fmt(cross.get("coherence")),
+                 fmt(cross.get("stderr")), str(cross["n"])])
+    rows.append(["self-reconstruction (matrix diagonal)", fmt(cross["self_reconstruction"]), "",
+                 str(cross["n"])])
+    lines += _table(["figure", "value", "std. error", "n"], rows)
+    lines += ["", "### Cross-coherence matrix (rows: source, columns: target)", ""]
+    lines += _table(["source \\ target", *names],
+                    [[src, *[fmt(v) for v in row]] for src, row in zip(names, cross["matrix"], strict=True)])
+    lines += ["", "### Conditioning on k of M modalities (mean over subsets, then targets outside them)", ""]
+    lines += _table(["k", "coherence", "subsets"],
+                    [[k, fmt(v["coherence"]), str(v["num_subsets"])] for k, v in coh["subsets"].items()])
+    if coh.get("langevin_sweep"):
+        lines += ["", "## Langevin sweep (joint coherence of prior samples)", ""]
+        lines += _table(["steps", "coherence", "std. error", "ms / sample"],
+                        [[str(e["steps"]), fmt(e["coherence"]), fmt(e["stderr"]), fmt(e["ms_per_sample"])]
+                         for e in coh["langevin_sweep"]])
+    if results.get("elbo"):
+        elbo = results["elbo"]
+        lines += ["", f"## Test-set terms of the training objective (mean over {elbo['n']} test tuples)", ""]
+        lines += _table(["term", "value"], [[k, fmt(v)] for k, v in elbo["terms"].items()])
+    if results.get("linear_probe"):
+        probe = results["linear_probe"]
+        lines += ["", "## Linear probe of the shared latent (posterior means)", ""]
+        lines += _table(["fit on", "reported on", "accuracy"],
+                        [[f"{probe['n_fit']} {probe['fit_split']} tuples",
+                          f"{probe['n_eval']} held-out {probe['eval_split']} tuples",
+                          fmt(probe["accuracy"])]])
+    if images:
+        lines += ["", "## Pictures", ""]
+        lines += [f"![{caption}]({name})" for caption, name in images.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: str | Path, results: dict, images: dict[str, str]) -> tuple[Path, Path]:
+    """Write eval.json and report.md into ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = write_eval_json(out_dir / EVAL_JSON, results)
+    md_path = out_dir / REPORT_MD
+    md_path.write_text(render_report(results, images))
+    return json_path, md_path

@@ -1,0 +1,118 @@
+"""How the unimodal experts q_m(z | x_m) combine into q(z | X), registered by name.
+
+Every aggregation returns the components of a uniform mixture (the form all three share):
+``moe`` the experts themselves (MMVAE/MMVAE+), ``poe`` one product of the experts (MVAE), ``mopoe`` the
+products of every non-empty subset (MoPoE). Products are closed-form only for Gaussian experts, so ``poe``
+and ``mopoe`` require the Gaussian posterior family; they include a unit-Gaussian prior expert (as MVAE).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+
+import torch
+
+from mmebm_dist.models.densities import LocScaleFamily
+
+
+def gaussian_product(loc: torch.Tensor, scale: torch.Tensor,
+                     mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Products of Gaussian experts and a N(0, I) prior expert, one per row of ``mask``.
+
+    loc, scale [M, B, d]; mask [C, M] (1 where the expert takes part). Precision-weighted:
+    T = 1 + sum_m mask_m / s_m^2, loc_c = sum_m mask_m loc_m / s_m^2 / T, scale_c = T^(-1/2).
+    Returns [C, B, d].
+    """
+    mask = mask.to(loc.dtype)
+    precision = scale.pow(-2)  # (M, B, d)
+    total = 1.0 + torch.einsum("cm,mbd->cbd", mask, precision)
+    weighted = torch.einsum("cm,mbd->cbd", mask, precision * loc)
+    return weighted / total, total.rsqrt()
+
+
+class Aggregation:
+    """Base class: ``components`` gives the mixture components of q(z | x_S) for the given experts."""
+
+    name = ""
+    stratified = False
+    """True when the objective is stratified over the components (one stratum per unimodal expert)."""
+    needs_gaussian = False
+    """True when the components are products of experts (closed form only for Gaussians)."""
+
+    def components(self, loc: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Experts [M, B, d] (M = the modalities observed) -> mixture components [C, B, d]."""
+        raise NotImplementedError
+
+
+class MixtureOfExperts(Aggregation):
+    """q(z | X) = (1/M) sum_m q_m(z | x_m)."""
+
+    name, stratified = "moe", True
+
+    def components(self, loc, scale):
+        return loc, scale
+
+
+class ProductOfExperts(Aggregation):
+    """q(z | X) ∝ N(0, I) prod_m q_m(z | x_m)."""
+
+    name, needs_gaussian = "poe", True
+
+    def components(self, loc, scale):
+        return gaussian_product(loc, scale, loc.new_ones(1, loc.shape[0]))
+
+
+class MixtureOfProducts(Aggregation):
+    """q(z | X) = mean over the 2^M - 1 non-empty subsets S of the product N(0, I) prod_{m in S} q_m."""
+
+    name, needs_gaussian = "mopoe", True
+
+    def components(self, loc, scale):
+        return gaussian_product(loc, scale, subset_mask(loc.shape[0], device=loc.device))
+
+
+def subset_mask(m: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """[2^m - 1, m] 0/1 rows, one per non-empty subset of m experts (singletons first)."""
+    rows = [[1.0 if i in subset else 0.0 for i in range(m)]
+            for size in range(1, m + 1) for subset in itertools.combinations(range(m), size)]
+    return torch.tensor(rows, device=device)
+
+
+AGGREGATIONS: dict[str, Callable[[], Aggregation]] = {
+    "moe": MixtureOfExperts,
+    "poe": ProductOfExperts,
+    "mopoe": MixtureOfProducts,
+}
+"""Aggregation name -> class."""
+
+
+def build_aggregation(name: str) -> Aggregation:
+    """The aggregation called ``name``."""
+    if name not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation '{name}'; choose one of {', '.join(AGGREGATIONS)}")
+    return AGGREGATIONS[name]()
+
+
+def mixture_log_prob(z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
+                     family: LocScaleFamily) -> torch.Tensor:
+    """log of the uniform mixture over components: z [..., B, d], loc/scale [C, B, d] -> [..., B].
+
+    log (1/C) sum_c q_c(z), computed with logsumexp over c.
+    """
+    lead = z.dim() - 2
+    zz = z.unsqueeze(lead)  # (..., 1, B, d)
+    lq = family.log_prob(zz, loc, scale)  # (..., C, B)
+    return torch.logsumexp(lq, dim=lead) - math.log(loc.shape[0])
+
+
+def sample_mixture(loc: torch.Tensor, scale: torch.Tensor, family: LocScaleFamily, particles: int, *,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Reparameterised draws from the uniform mixture: component chosen uniformly per draw. -> [K, B, d]."""
+    c, b, _ = loc.shape
+    if c == 1:
+        return family.rsample(loc[0], scale[0], (particles,), generator=generator)
+    idx = torch.randint(c, (particles, b), generator=generator, device=loc.device)  # (K, B)
+    cols = torch.arange(b, device=loc.device).expand(particles, b)
+    return family.rsample(loc[idx, cols], scale[idx, cols], generator=generator)

@@ -1,0 +1,325 @@
+"""The multimodal VAE with a fixed (Laplace/Gaussian) or energy-based prior on the shared latent z.
+
+p(X, z, w) = p(z) prod_m p(w_m) p(x_m | z, w_m), with p(z) = exp(f(z)) p0(z) / Z for the EBM prior.
+``forward`` returns one surrogate loss that trains everything with one optimizer:
+
+    loss = -ELBO(encoders, decoders)  +  [E_p f - E_q f + energy_l2 (mean f_pos^2 + mean f_neg^2)]
+
+The bracket trains the energy f on posterior samples (positives, detached) against short-run Langevin
+samples of the prior (negatives, no gradient through the chain). Inside the ELBO, log p(z) = f(z) + log p0(z)
+(log Z moves no encoder or decoder gradient) and f enters as f(z) - f(sg z) + sg f(sg z): the same value and
+the same gradient in z, but its gradient in the energy's parameters cancels, so the energy's gradient is
+exactly E_p[grad f] - E_q[grad f] plus the penalty's. This uses only ordinary calls of the energy module, so
+it runs unchanged under DDP and DeepSpeed (ZeRO-3 gathers parameters on module calls).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mmebm_dist import langevin
+from mmebm_dist.config import ConfigError, ModelConfig, OptimConfig
+from mmebm_dist.models.aggregation import build_aggregation, sample_mixture
+from mmebm_dist.models.densities import posterior_family, reference_density
+from mmebm_dist.models.energy import EnergyMLP
+from mmebm_dist.models.likelihoods import build_likelihood
+from mmebm_dist.models.modality import build_modality
+from mmebm_dist.models.objectives import (
+    OBJECTIVES,
+    Experts,
+    estimate,
+    joint_log_weights,
+    stratified_log_weights,
+)
+
+PRIOR_KINDS = ("laplace", "gaussian", "ebm")
+
+
+class RunawayError(FloatingPointError):
+    """Training left its stable region (energy gap, posterior magnitude or loss out of bounds)."""
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    """Raise a ConfigError naming the key and the fix for settings the model cannot run."""
+    if not cfg.modalities:
+        raise ConfigError("model.modalities is empty; declare at least one modality")
+    names = [m.name for m in cfg.modalities]
+    if len(set(names)) != len(names) or any(not n or "." in n or n == "label" for n in names):
+        raise ConfigError(f"model.modalities names must be unique, non-empty, without '.', not 'label': "
+                          f"{names}")
+    if cfg.latent_dim < 1 or cfg.private_dim < 0 or cfg.width < 1:
+        raise ConfigError(f"model.latent_dim must be >= 1, private_dim >= 0 and width >= 1; got "
+                          f"{cfg.latent_dim}, {cfg.private_dim}, {cfg.width}")
+    if cfg.posterior not in ("laplace", "gaussian"):
+        raise ConfigError(f"model.posterior '{cfg.posterior}' is unknown; choose laplace or gaussian")
+    try:
+        aggregation = build_aggregation(cfg.aggregation)
+    except ValueError as exc:
+        raise ConfigError(f"model.aggregation: {exc}") from exc
+    if aggregation.needs_gaussian and cfg.posterior != "gaussian":
+        raise ConfigError(f"model.aggregation '{cfg.aggregation}' multiplies experts, which has a closed "
+                          f"form only for Gaussians; set model.posterior=gaussian (got '{cfg.posterior}')")
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"model.objective '{cfg.objective}' is unknown; choose one of "
+                          f"{', '.join(OBJECTIVES)}")
+    if cfg.particles < 1:
+        raise ConfigError(f"model.particles must be >= 1, got {cfg.particles}")
+    if cfg.objective == "elbo" and cfg.particles != 1:
+        raise ConfigError(f"model.objective 'elbo' averages particles; use iwae or dreg for "
+                          f"model.particles={cfg.particles} (or set particles=1)")
+    prior = cfg.prior
+    if prior.kind not in PRIOR_KINDS:
+        raise ConfigError(f"model.prior.kind '{prior.kind}' is unknown; choose one of "
+                          f"{', '.join(PRIOR_KINDS)}")
+    if prior.reference not in ("laplace", "gaussian") or not prior.reference_scale > 0:
+        raise ConfigError(f"model.prior.reference must be laplace or gaussian with reference_scale > 0; got "
+                          f"'{prior.reference}', {prior.reference_scale}")
+    if prior.langevin.steps < 0 or not prior.langevin.step_size > 0:
+        raise ConfigError(f"model.prior.langevin needs steps >= 0 and step_size > 0; got "
+                          f"{prior.langevin.steps}, {prior.langevin.step_size}")
+    if prior.langevin.backend not in langevin.BACKENDS:
+        raise ConfigError(f"model.prior.langevin.backend '{prior.langevin.backend}' is unknown; choose one "
+                          f"of {', '.join(langevin.BACKENDS)}")
+    if prior.energy_l2 < 0:
+        raise ConfigError(f"model.prior.energy_l2 must be >= 0, got {prior.energy_l2}")
+
+
+class MultimodalVAE(nn.Module):
+    """Encoders, decoders and likelihoods per modality (config order), aggregation, prior and objective."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        validate_model_config(cfg)
+        self.cfg = cfg
+        self.modalities: list[str] = [m.name for m in cfg.modalities]
+        self.shapes = {m.name: tuple(m.shape) for m in cfg.modalities}
+        self.encoders, self.decoders = nn.ModuleDict(), nn.ModuleDict()
+        for mod in cfg.modalities:
+            self.encoders[mod.name], self.decoders[mod.name] = build_modality(mod, cfg)
+        self.likelihoods = {m.name: build_likelihood(m) for m in cfg.modalities}
+        self.family = posterior_family(cfg.posterior)
+        self.aggregation = build_aggregation(cfg.aggregation)
+        self.prior_kind = cfg.prior.kind
+        # Fixed priors use their own family at reference_scale; the EBM multiplies exp(f) into its reference.
+        p0_name = cfg.prior.reference if self.prior_kind == "ebm" else self.prior_kind
+        self.p0 = reference_density(p0_name, cfg.prior.reference_scale)
+        self.energy: EnergyMLP | None = None
+        if self.prior_kind == "ebm":
+            self.energy = EnergyMLP(cfg.latent_dim, cfg.prior.hidden, cfg.prior.layers, cfg.prior.activation,
+                                    spectral_norm=cfg.prior.spectral_norm)
+        # MMVAE+: cross reconstructions in training draw w_d from a private prior with a learned scale,
+        # softmax(raw) * dw (starts at 1); log p(w) in the weight and generation use the unit-scale prior.
+        self.private_prior_raw: nn.Parameter | None = None
+        if cfg.private_dim > 0 and self.aggregation.stratified and len(self.modalities) > 1:
+            self.private_prior_raw = nn.Parameter(torch.zeros(len(self.modalities), cfg.private_dim))
+
+    # ------------------------------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _check_batch(self, batch: dict[str, torch.Tensor], names: list[str]) -> None:
+        for name in names:
+            if name not in batch:
+                raise KeyError(f"batch has no modality '{name}' (keys: {sorted(batch)}); the batch must "
+                               f"match model.modalities {self.modalities}")
+            if tuple(batch[name].shape[1:]) != self.shapes[name]:
+                raise ValueError(f"modality '{name}' has shape {tuple(batch[name].shape[1:])} per sample, "
+                                 f"model.modalities declares {self.shapes[name]}")
+
+    def encode(self, batch: dict[str, torch.Tensor], names: list[str] | None = None) -> Experts:
+        """Posterior parameters of the modalities ``names`` (default all), stacked: [M, B, d]."""
+        names = self.modalities if names is None else list(names)
+        self._check_batch(batch, names)
+        outs = [self.encoders[n](batch[n]) for n in names]
+        z_loc = torch.stack([o.z_loc for o in outs])
+        z_scale = self.family.scale_from_raw(torch.stack([o.z_raw for o in outs]))
+        if outs[0].w_loc is None:
+            return Experts(z_loc, z_scale)
+        w_scale = self.family.scale_from_raw(torch.stack([o.w_raw for o in outs]))
+        return Experts(z_loc, z_scale, torch.stack([o.w_loc for o in outs]), w_scale)
+
+    def private_prior_scale(self) -> torch.Tensor | None:
+        """[M, private_dim] learned scales of the cross-reconstruction private prior (None when unused)."""
+        if self.private_prior_raw is None:
+            return None
+        return torch.softmax(self.private_prior_raw, dim=-1) * self.cfg.private_dim
+
+    def log_prior_z(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) up to log Z: f(z) + log p0(z) (EBM) or log p0(z) (fixed). [..., d] -> [...]."""
+        lp = self.p0.log_prob(z)
+        if self.energy is not None:
+            lp = lp + self.energy(z.reshape(-1, z.shape[-1])).reshape(z.shape[:-1])
+        return lp
+
+    # ------------------------------------------------------------------------------------------ training
+    def compute(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loss, detached terms and (under ``_z_pos``/``_z_neg``) the EBM's positives and negatives."""
+        cfg = self.cfg
+        experts = self.encode(batch)
+        x = [batch[n] for n in self.modalities]
+        cache: dict[str, torch.Tensor] = {}
+
+        def log_prior_z(z: torch.Tensor) -> torch.Tensor:
+            if self.energy is None:
+                return self.p0.log_prob(z)
+            flat = z.reshape(-1, z.shape[-1])
+            f, f_pos = self.energy(torch.cat([flat, flat.detach()])).split(flat.shape[0])
+            cache["f_pos"], cache["z_pos"] = f_pos, flat.detach()
+            # Value f(z), gradient in z through f, gradient in the energy's parameters cancelled (module doc).
+            f_elbo = f - f_pos + f_pos.detach()
+            return f_elbo.reshape(z.shape[:-1]) + self.p0.log_prob(z)
+
+        common = dict(decoders=[self.decoders[n] for n in self.modalities],
+                      likelihoods=[self.likelihoods[n] for n in self.modalities], family=self.family,
+                      log_prior_z=log_prior_z, particles=cfg.particles, beta=cfg.beta,
+                      stop_q_grad=cfg.objective == "dreg")
+        if self.aggregation.stratified:
+            weights = stratified_log_weights(x, experts, private_prior_scale=self.private_prior_scale(),
+                                             **common)
+        else:
+            weights = joint_log_weights(x, experts, aggregation=self.aggregation, **common)
+        surrogate, bound = estimate(weights, cfg.objective)
+        loss = -surrogate
+
+        terms: dict[str, torch.Tensor] = {"elbo": bound.detach()}
+        for name, ll in zip(self.modalities, weights.log_lik, strict=True):
+            terms[f"rec/{name}"] = -ll.detach().mean()
+        terms["kl_z"] = (weights.log_q_z - weights.log_prior_z).detach().mean()
+        if weights.w is not None:
+            terms["kl_w"] = (weights.log_q_w - weights.log_prior_w).detach().mean()
+        terms["posterior_abs"] = experts.z_loc.detach().abs().mean()
+        terms["posterior_scale"] = experts.z_scale.detach().mean()
+
+        out: dict[str, torch.Tensor] = {}
+        if self.energy is not None:
+            ebm_loss, ebm_terms, z_neg = self._energy_loss(cache["f_pos"], batch_size=x[0].shape[0])
+            loss = loss + ebm_loss
+            terms.update(ebm_terms)
+            out["_z_pos"], out["_z_neg"] = cache["z_pos"], z_neg
+        out["loss"] = loss
+        out.update({k: v for k, v in terms.items()})
+        return out
+
+    def _energy_loss(self, f_pos: torch.Tensor, *, batch_size: int):
+        """E_p f - E_q f + l2 (mean f_pos^2 + mean f_neg^2) with Langevin negatives, and its logged terms."""
+        prior = self.cfg.prior
+        z_neg = self.sample_prior(batch_size)
+        f_neg = self.energy(z_neg)
+        penalty = prior.energy_l2 * (f_pos.pow(2).mean() + f_neg.pow(2).mean())
+        loss = f_neg.mean() - f_pos.mean() + penalty
+        with torch.enable_grad():  # one cheap autograd call at the chain end, for the diagnostics only
+            z_leaf = z_neg.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.energy(z_leaf).sum(), z_leaf)
+        energy_pos, energy_neg = f_pos.detach().mean(), f_neg.detach().mean()
+        terms = {"energy_pos": energy_pos, "energy_neg": energy_neg, "energy_gap": energy_pos - energy_neg,
+                 "energy_l2": penalty.detach(), "langevin_grad_norm": grad.norm(dim=-1).mean()}
+        return loss, terms, z_neg
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{"loss": surrogate scalar to backprop, <term>: detached scalar for logging}."""
+        return {k: v for k, v in self.compute(batch).items() if not k.startswith("_")}
+
+    def param_groups(self, optim_cfg: OptimConfig) -> list[dict]:
+        """Encoder/decoder/private-prior parameters at optim.lr; the energy's at prior.lr with prior.betas."""
+        energy_ids = {id(p) for p in self.energy.parameters()} if self.energy is not None else set()
+        main = [p for p in self.parameters() if id(p) not in energy_ids]
+        groups = [{"params": main, "lr": optim_cfg.lr, "betas": tuple(optim_cfg.betas), "name": "model"}]
+        if self.energy is not None:
+            groups.append({"params": list(self.energy.parameters()), "lr": self.cfg.prior.lr,
+                           "betas": tuple(self.cfg.prior.betas), "name": "energy"})
+        return groups
+
+    def check_runaway(self, terms: dict[str, torch.Tensor | float], step: int) -> None:
+        """Raise RunawayError naming the step and values if the loss is non-finite or the EBM runs away."""
+        value = {k: float(v) for k, v in terms.items() if k in ("loss", "energy_gap", "posterior_abs")}
+        prior = self.cfg.prior
+        fix = ("raise model.prior.energy_l2, enable model.prior.spectral_norm, lower model.prior.lr or "
+               "model.prior.langevin.step_size, or resume from an earlier checkpoint")
+        if "loss" in value and not math.isfinite(value["loss"]):
+            raise RunawayError(f"step {step}: loss is {value['loss']} (terms {value}); lower optim.lr "
+                               f"or {fix}")
+        gap = value.get("energy_gap")
+        if gap is not None and not abs(gap) <= prior.max_energy_gap:
+            raise RunawayError(f"step {step}: energy gap E_q f - E_p f = {gap:.4g} left "
+                               f"[-{prior.max_energy_gap}, {prior.max_energy_gap}] "
+                               f"(model.prior.max_energy_gap); the EBM prior is running away: {fix}")
+        post = value.get("posterior_abs")
+        if post is not None and not post <= prior.max_posterior_abs:
+            raise RunawayError(f"step {step}: mean |posterior location| = {post:.4g} exceeds "
+                               f"model.prior.max_posterior_abs={prior.max_posterior_abs}: {fix}")
+
+    # ------------------------------------------------------------------------------------------ sampling
+    def sample_prior(self, n: int, *, langevin_steps: int | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """z [n, latent_dim] from the prior: Langevin from p0 for the EBM (no gradient), p0 otherwise."""
+        z0 = self.p0.sample((n, self.cfg.latent_dim), generator=generator, device=self.device)
+        if self.energy is None:
+            return z0
+        lcfg = self.cfg.prior.langevin
+        steps = lcfg.steps if langevin_steps is None else langevin_steps
+        if steps == 0:
+            return z0
+        with torch.autocast(device_type=z0.device.type, enabled=False):
+            return langevin.sample(self.energy, z0, steps=steps, step_size=lcfg.step_size,
+                                   reference=self.cfg.prior.reference,
+                                   reference_scale=self.cfg.prior.reference_scale,
+                                   backend=lcfg.backend, generator=generator).detach()
+
+    def sample_private(self, n: int, *, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """w_m [n, private_dim] from each unit-scale private prior (empty without private latents)."""
+        if self.cfg.private_dim == 0:
+            return {}
+        shape = (n, self.cfg.private_dim)
+        return {name: self.family.standard_noise(shape, generator=generator, device=self.device)
+                for name in self.modalities}
+
+    def decode(self, z: torch.Tensor, private: dict[str, torch.Tensor] | None = None, *,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Likelihood means in [0, 1] of every modality from z [n, d]; missing private latents come from the
+        unit-scale prior (MMVAE+ at test time, pitfall 5)."""
+        private = dict(private or {})
+        drawn = self.sample_private(z.shape[0], generator=generator)
+        out = {}
+        for name in self.modalities:
+            u = z if self.cfg.private_dim == 0 else torch.cat([private.get(name, drawn.get(name)), z], dim=-1)
+            out[name] = self.likelihoods[name].mean(self.decoders[name](u))
+        return out
+
+    @torch.no_grad()
+    def generate_joint(self, n: int, *, langevin_steps: int | None = None,
+                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """n joint samples: z from the prior, private latents from their priors, every modality decoded."""
+        return self.decode(self.sample_prior(n, langevin_steps=langevin_steps, generator=generator),
+                           generator=generator)
+
+    @torch.no_grad()
+    def posterior_sample(self, batch: dict[str, torch.Tensor], sources: list[str], *,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+        """z [B, d] ~ q(z | x_sources): the aggregation over the source modalities' experts."""
+        if not sources or any(s not in self.modalities for s in sources):
+            raise ValueError(f"sources must be a non-empty subset of {self.modalities}, got {sources}")
+        experts = self.encode(batch, sources)
+        loc, scale = self.aggregation.components(experts.z_loc, experts.z_scale)
+        return sample_mixture(loc, scale, self.family, 1, generator=generator)[0]
+
+    @torch.no_grad()
+    def generate_conditional(self, batch: dict[str, torch.Tensor], sources: list[str], *,
+                             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """z ~ q(z | x_sources), each target's private latent from its prior, every modality decoded."""
+        return self.decode(self.posterior_sample(batch, sources, generator=generator), generator=generator)
+
+    @torch.no_grad()
+    def aggregate_posterior_z(self, batch: dict[str, torch.Tensor], *,
+                              generator: torch.Generator | None = None) -> torch.Tensor:
+        """z [B, d] from the uniform mixture of all unimodal posteriors (the aggregate-posterior ceiling)."""
+        experts = self.encode(batch)
+        return sample_mixture(experts.z_loc, experts.z_scale, self.family, 1, generator=generator)[0]
+
+
+def build_model(model_cfg: ModelConfig) -> MultimodalVAE:
+    """The multimodal VAE described by ``model_cfg`` (raises ConfigError on settings it cannot run)."""
+    return MultimodalVAE(model_cfg)

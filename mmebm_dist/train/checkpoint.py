@@ -1,0 +1,166 @@
+"""Atomic, resumable checkpoints: ``RUN_DIR/checkpoints/step-XXXXXXX/``.
+
+A checkpoint is written into ``checkpoints/.tmp-step-XXXXXXX`` by every rank (``accelerator.save_state``: model,
+optimizer -- sharded under ZeRO --, scheduler, RNG states of every rank), completed by rank 0 with
+``train_state.json`` (step, data position, config, data manifest hash) and ``model.pt`` (the consolidated fp32
+state dict of the unwrapped model, for single-process evaluation), renamed to ``step-XXXXXXX`` and only then
+pointed to by ``checkpoints/latest`` (written to a temp file and ``os.replace``d). A directory is complete if and
+only if its name has no ``.tmp-`` prefix, so a run killed at any moment never leaves a checkpoint that loads
+half-written. Atomic against process death on one shared filesystem; not a guarantee against power loss (no fsync).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+STATE_FILE = "train_state.json"
+MODEL_FILE = "model.pt"
+_NAME = re.compile(r"^step-(\d{7,})$")
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainState:
+    """Where training stands after optimizer step ``step``; enough, with the accelerate state, to resume exactly."""
+
+    step: int
+    """Optimizer steps completed."""
+    epoch: int
+    """Epoch of the next micro-batch to read."""
+    epoch_batch: int
+    """Micro-batches of ``epoch`` already consumed by each rank (``make_loader(skip_batches=...)``)."""
+    data_order: dict
+    """What fixes the per-rank batch order (manifest hash, batch size, workers, shuffle buffer, seed, world size)."""
+    config: dict
+    """The resolved experiment config."""
+    samples_seen: int = 0
+    """Samples consumed over all ranks."""
+    wall_time: float = 0.0
+    """Seconds of training before this checkpoint (summed over resumed segments)."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first (temp directories are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (the ``latest`` pointer is a convenience; the directory scan decides)."""
+    found = complete_checkpoints(run_dir)
+    if not found:
+        return None
+    pointer = Path(run_dir) / CHECKPOINTS / LATEST
+    if pointer.exists() and pointer.read_text().strip() != found[-1].name:
+        # Killed between the rename and the pointer update: the renamed directory is complete.
+        log.warning("%s names %s but the newest complete checkpoint is %s; using the latter",
+                    pointer, pointer.read_text().strip(), found[-1].name)
+    return found[-1]
+
+
+def read_train_state(ckpt_dir: str | Path) -> TrainState:
+    path = Path(ckpt_dir) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: '{ckpt_dir}' is not a complete checkpoint")
+    return TrainState(**json.loads(path.read_text()))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def consolidated_state_dict(accelerator: Accelerator, model: torch.nn.Module, ckpt_dir: Path) -> dict | None:
+    """fp32 state dict of the unwrapped model on rank 0 (None elsewhere). Collective: call on every rank.
+
+    Under DeepSpeed the fp32 master weights live in the (possibly sharded) optimizer states just saved in
+    ``ckpt_dir``; DeepSpeed's zero_to_fp32 consolidates them (works for ZeRO-1/2/3, and under bf16 gives the fp32
+    masters rather than the bf16 compute copy). Otherwise ``accelerator.get_state_dict`` unwraps DDP.
+    """
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.wait_for_everyone()  # every rank's shard must be on disk
+        if not accelerator.is_main_process:
+            return None
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        from accelerate.utils.constants import MODEL_NAME
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=MODEL_NAME)
+    else:
+        state = accelerator.get_state_dict(model)
+        if not accelerator.is_main_process:
+            return None
+    return {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in state.items()}
+
+
+def save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, state: TrainState,
+                    *, keep: int) -> Path:
+    """Write checkpoint ``step-<state.step>`` atomically and prune to the newest ``keep``. Call on every rank."""
+    root = run_dir / CHECKPOINTS
+    final = root / step_dir_name(state.step)
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a run killed while writing this very step
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    weights = consolidated_state_dict(accelerator, model, tmp)
+    if accelerator.is_main_process:
+        torch.save(weights, tmp / MODEL_FILE)
+        _atomic_write_text(tmp / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=2) + "\n")
+        if final.exists():  # an older run reached this step before being resumed from an earlier checkpoint
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _atomic_write_text(root / LATEST, final.name + "\n")
+        _prune(root, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Remove all but the newest ``keep`` complete checkpoints, and temp directories of other steps."""
+    complete = complete_checkpoints(root.parent)
+    for old in complete[: max(0, len(complete) - max(1, keep))]:
+        shutil.rmtree(old)
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale)
+
+
+def load_checkpoint(accelerator: Accelerator, ckpt_dir: Path) -> TrainState:
+    """Restore model, optimizer, scheduler and every rank's RNG states from ``ckpt_dir``; return its TrainState."""
+    state = read_train_state(ckpt_dir)
+    accelerator.load_state(str(ckpt_dir))
+    return state
+
+
+def load_model_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> torch.nn.Module:
+    """Load a checkpoint's consolidated ``model.pt`` into a plain single-process model (evaluation, sampling)."""
+    path = Path(ckpt_dir) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; is '{ckpt_dir}' a complete checkpoint directory?")
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model

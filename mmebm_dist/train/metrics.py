@@ -1,0 +1,158 @@
+"""Run-directory logging: ``metrics.jsonl`` (one JSON record per logged step), TensorBoard scalars and sample grids.
+
+Only rank 0 writes. On resume, records after the checkpoint's step are dropped so that the log reads as one
+uninterrupted run (:func:`truncate_jsonl`), and TensorBoard purges the same steps (``purge_step``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+
+
+def truncate_jsonl(path: Path, max_step: int) -> int:
+    """Keep the records of ``path`` whose ``step`` is at most ``max_step``; returns how many were kept.
+
+    A run killed while writing leaves at most one partial last line: it is dropped. A corrupt line elsewhere
+    means the file was edited or damaged, and raises naming the line.
+    """
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):  # the line being written when the process was killed
+                break
+            raise ValueError(f"{path}:{number} is not valid JSON ({exc}); fix or remove that line") from exc
+        if record.get("step", -1) <= max_step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return len(kept)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """All records of a JSONL file (metrics or trace)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
+    """Tile ``images`` [N, C, H, W] into one [C, rows*H, nrow*W] image (missing cells are black)."""
+    n = images.shape[0]
+    nrow = nrow or max(1, math.isqrt(n))
+    rows = math.ceil(n / nrow)
+    pad = rows * nrow - n
+    if pad:
+        images = torch.cat([images, images.new_zeros(pad, *images.shape[1:])])
+    return rearrange(images, "(r c) ch h w -> ch (r h) (c w)", r=rows, c=nrow)
+
+
+class MetricsWriter:
+    """Appends metric records to ``metrics.jsonl`` and mirrors scalars and image grids to TensorBoard.
+
+    Create it on every rank; it writes only when ``enabled`` (rank 0), so call sites need no rank checks.
+    """
+
+    def __init__(self, run_dir: Path, *, enabled: bool, start_step: int = 0):
+        self.enabled = enabled
+        self.path = run_dir / METRICS_FILE
+        self._tb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl(self.path, start_step)
+        self._file = self.path.open("a")
+        from torch.utils.tensorboard import SummaryWriter  # imported here: costs ~1 s, rank 0 only
+
+        # purge_step drops events written after the checkpoint by a run that was then killed.
+        self._tb = SummaryWriter(str(run_dir / TB_DIR), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Write one record (must hold ``step``); numeric values also go to TensorBoard as scalars."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        step = int(record["step"])
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._tb.add_scalar(key, value, step)
+
+    def images(self, step: int, samples: dict[str, torch.Tensor], prefix: str = "samples/joint") -> None:
+        """One grid per image-shaped modality ([N, C, H, W] or [N, H, W]); vector modalities are skipped."""
+        if not self.enabled:
+            return
+        for name, x in samples.items():
+            if x.dim() == 3:
+                x = x.unsqueeze(1)
+            if x.dim() != 4:
+                continue
+            self._tb.add_image(f"{prefix}/{name}", image_grid(x.detach().float().cpu().clamp(0, 1)), step)
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._file.flush()
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._tb.close()
+
+
+def sample_digests(batch: dict[str, Any], modalities: list[str]) -> list[str]:
+    """A short content hash per sample of ``batch`` (its ``__key__`` when the loader provides one)."""
+    if "__key__" in batch:
+        return [str(k) for k in batch["__key__"]]
+    import hashlib
+
+    arrays = [batch[name].detach().cpu().contiguous() for name in modalities]
+    digests = []
+    for i in range(arrays[0].shape[0]):
+        h = hashlib.sha1()
+        for a in arrays:
+            h.update(a[i].numpy().tobytes())
+        digests.append(h.hexdigest()[:16])
+    return digests
+
+
+class SampleTrace:
+    """Per-rank audit of the data each rank consumed: ``trace/rank-<i>.jsonl`` (``mmebm train --trace-samples``).
+
+    Records: ``{"event": "start", ...process description}``, one ``{"step", "epoch", "index", "samples"}`` per
+    micro-batch, and ``{"event": "end", "param_digest"}``. It proves disjoint data across ranks and that a resumed
+    run sees no sample twice; it hashes every sample, so it is off by default.
+    """
+
+    def __init__(self, run_dir: Path, process_index: int, *, start_step: int, modalities: list[str]):
+        self.path = run_dir / "trace" / f"rank-{process_index}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.modalities = modalities
+        truncate_jsonl(self.path, start_step)
+        self._file = self.path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def batch(self, step: int, epoch: int, index: int, batch: dict[str, Any]) -> None:
+        self.write({"step": step, "epoch": epoch, "index": index,
+                    "samples": sample_digests(batch, self.modalities)})
+
+    def close(self) -> None:
+        self._file.close()

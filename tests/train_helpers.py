@@ -1,0 +1,94 @@
+"""Helpers shared by the training tests: tiny PolyMNIST shards from IDX files the test writes, tiny configs,
+and the real CLI launched in a subprocess (plain or through ``accelerate launch``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+
+def write_idx(directory: Path, *, train: int, test: int, seed: int = 0) -> Path:
+    """Tiny MNIST-format IDX files: random strokes (pixels > 128 form the 'digit') with labels 0..9."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", train), ("t10k", test)):
+        images = (rng.random((n, 28, 28)) > 0.8).astype(np.uint8) * 255
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        header = (0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (n, 28, 28))
+        (directory / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
+        header = (0x801).to_bytes(4, "big") + n.to_bytes(4, "big")
+        (directory / f"{prefix}-labels-idx1-ubyte").write_bytes(header + labels.tobytes())
+    return directory
+
+
+def build_tiny_polymnist(root: Path, *, modalities: int = 2, train: int = 64, test: int = 16,
+                         shard_size: int = 16) -> Path:
+    """PolyMNIST-style shards (3x28x28 per modality) built by the data package from tiny IDX files."""
+    from mmebm_dist.data.polymnist import BuildSpec, build_polymnist
+
+    idx = write_idx(root / "idx", train=train, test=test)
+    out = root / "polymnist"
+    build_polymnist(BuildSpec(source="idx", idx_dir=str(idx), modalities=modalities, out=str(out),
+                              num_samples=train, test_samples=test, shard_size=shard_size, workers=1),
+                    progress=False)
+    return out
+
+
+def tiny_config(path: Path, data: Path, *, modalities: int = 2, **sections: dict) -> Path:
+    """A config YAML for a tiny EBM-prior model on ``data`` (seconds per dozen steps on one thread)."""
+    cfg = {
+        "data": {"path": str(data), "batch_size": 8, "num_workers": 0, "shuffle_buffer": 16},
+        "model": {"modalities": [{"name": f"m{k}", "shape": [3, 28, 28], "family": "mlp"}
+                                 for k in range(modalities)],
+                  "latent_dim": 4, "width": 4,
+                  "prior": {"kind": "ebm", "hidden": 16, "lr": 1e-3,
+                            "langevin": {"steps": 4, "step_size": 0.1, "backend": "autograd"}}},
+        "optim": {"lr": 3e-3},
+        "train": {"steps": 8, "log_every": 1, "checkpoint_every": 4, "image_every": 0, "threads": 1},
+    }
+    for section, values in sections.items():
+        cfg[section] = _merge(cfg.get(section, {}), values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    """Subprocess environment: one thread per process, no GPU probing surprises, repo importable."""
+    out = dict(os.environ)
+    out.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": str(REPO) + os.pathsep + out.get("PYTHONPATH", "")})
+    return out
+
+
+def run_train(args: list[str], *, launcher: list[str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``mmebm train ARGS`` as a subprocess (``python -m mmebm_dist.train`` under ``launcher`` when given)."""
+    if launcher is None:
+        cmd = [sys.executable, "-m", "mmebm_dist.train", *args]
+    else:
+        cmd = [ACCELERATE, "launch", *launcher, "-m", "mmebm_dist.train", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
