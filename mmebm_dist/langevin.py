@@ -7,16 +7,36 @@ it produces negatives for the prior's update and joint samples, never a path for
 
 Backends: ``autograd`` (the plain reference every other backend is tested against), ``torch`` (fused
 analytic gradient, no autograd graph) and ``triton`` (one kernel launch per chain, CUDA tensors).
-``auto`` picks the fastest that applies.
+``auto`` picks the fastest that applies:
+- ``energy`` not an :class:`EnergyMLP` (any callable), or an EnergyMLP whose weights DeepSpeed ZeRO-3 has
+  partitioned (``numel() == 0`` or ``ds_numel``): autograd (calling ``energy(z)`` gathers them);
+- CUDA tensors and a configuration the kernel supports: triton (else torch, with a one-line warning once);
+- otherwise torch. ``auto`` never picks triton for CPU tensors (the interpreter is for tests only).
+A forced fused backend that cannot run raises (arbitrary callable, partitioned weights, triton on CPU without
+TRITON_INTERPRET=1); a forced triton on a configuration the kernel does not support falls back to torch with a
+one-line warning (once), never a wrong answer.
+
+Divergence: every backend raises :class:`LangevinDivergenceError` naming the first step whose update left a
+non-finite value in z. autograd checks each step; torch keeps one fp64 sum of z per step and reads them once at
+the end; triton tracks the first bad step per program in the kernel. The fused backends finish the chain first
+(cheap: no per-step host sync) and then raise.
+
+Noise: ``noise`` [K, B, d] makes all backends comparable. Fresh noise: autograd and torch draw N(0, I) [B, d]
+per step from ``generator`` (the same draws in the same order, so they agree for the same generator state);
+triton draws in-kernel Philox normals keyed by a seed taken from ``generator`` (torch.randint with it), so it
+is reproducible but not equal to the other two.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
 
+from mmebm_dist.kernels.langevin_torch import langevin_torch
 from mmebm_dist.models.densities import reference_density
+from mmebm_dist.models.energy import LEAKY_SLOPE, EnergyMLP
 
 BACKENDS = ("auto", "autograd", "torch", "triton")
 
@@ -74,6 +94,70 @@ def sample_autograd(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Te
     return z
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _partitioned(energy: EnergyMLP) -> bool:
+    """True when DeepSpeed ZeRO-3 may hold the energy's weights partitioned (fused backends cannot read them)."""
+    return any(p.numel() == 0 or hasattr(p, "ds_numel") for p in energy.parameters())
+
+
+def _fused_refusal(energy, backend: str) -> str | None:
+    """Why a fused backend cannot take ``energy`` (None when it can)."""
+    if not isinstance(energy, EnergyMLP):
+        return (f"backend='{backend}' needs an EnergyMLP (it reads the weights), got {type(energy).__name__}; "
+                "use backend='autograd' or 'auto' for an arbitrary energy callable")
+    if _partitioned(energy):
+        return (f"backend='{backend}' cannot read the energy's weights: DeepSpeed ZeRO-3 partitions them "
+                "(param.numel() == 0 / ds_numel); use backend='auto' or 'autograd', which call energy(z) and "
+                "so gather them, or gather them first (deepspeed.zero.GatheredParameters)")
+    return None
+
+
+def _triton_module():
+    # Imported on first use: TRITON_INTERPRET is read at import, and CPU-only runs never need triton.
+    from mmebm_dist.kernels import langevin_triton
+
+    return langevin_triton
+
+
+def _triton_seed(generator: torch.Generator | None, device: torch.device) -> int:
+    """A Philox seed drawn from ``generator`` (or the default generator of ``device``): reproducible runs."""
+    gen_device = generator.device if generator is not None else device
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).item())
+
+
+def resolve_backend(energy, z0: torch.Tensor, backend: str = "auto") -> str:
+    """The backend ``sample`` will run: ``autograd``, ``torch`` or ``triton`` (raises when a forced one cannot)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown Langevin backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if backend == "autograd":
+        return backend
+    refusal = _fused_refusal(energy, backend)
+    if backend == "auto":
+        if refusal is not None:
+            return "autograd"
+        backend = "triton" if z0.device.type == "cuda" else "torch"
+    elif refusal is not None:
+        raise ValueError(refusal)
+    if backend == "triton":
+        kernels = _triton_module()
+        cannot = kernels.triton_can_launch(z0.device)
+        if cannot is not None:
+            raise ValueError(f"backend='triton': {cannot}")
+        unsupported = kernels.triton_unsupported_reason(energy.weights(), z0, energy.activation)
+        if unsupported is not None:
+            _warn_once(f"Langevin: the Triton kernel does not support {unsupported}; using backend='torch'")
+            return "torch"
+    return backend
+
+
 def sample(energy, z0: torch.Tensor, *, steps: int, step_size: float, reference: str = "laplace",
            reference_scale: float = 1.0, noise: torch.Tensor | None = None,
            generator: torch.Generator | None = None, backend: str = "auto", return_energies: bool = False):
@@ -86,8 +170,21 @@ def sample(energy, z0: torch.Tensor, *, steps: int, step_size: float, reference:
     if backend not in BACKENDS:
         raise ValueError(f"unknown Langevin backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     _check_inputs(z0, steps, step_size, noise)
-    kwargs = dict(steps=steps, step_size=step_size, reference=reference, reference_scale=reference_scale,
-                  noise=noise, generator=generator, return_energies=return_energies)
-    if backend in ("autograd", "auto"):
-        return sample_autograd(energy, z0, **kwargs)
-    raise NotImplementedError(f"Langevin backend '{backend}' is not built yet")  # issue 4 adds torch/triton
+    chosen = resolve_backend(energy, z0, backend)
+    if chosen == "autograd":
+        return sample_autograd(energy, z0, steps=steps, step_size=step_size, reference=reference,
+                               reference_scale=reference_scale, noise=noise, generator=generator,
+                               return_energies=return_energies)
+    kwargs = dict(steps=steps, step_size=step_size, activation=energy.activation, reference=reference,
+                  reference_scale=reference_scale, noise=noise, return_energies=return_energies,
+                  leaky_slope=LEAKY_SLOPE)
+    reference_density(reference, reference_scale)  # same name/scale errors as the autograd backend
+    with torch.no_grad():
+        if chosen == "triton":
+            seed = _triton_seed(generator, z0.device) if noise is None else 0
+            result = _triton_module().langevin_triton(energy.weights(), z0, seed=seed, **kwargs)
+        else:
+            result = langevin_torch(energy.weights(), z0, generator=generator, **kwargs)
+    if result.diverged_at is not None:
+        raise _divergence(result.diverged_at, step_size, f" (backend '{chosen}')")
+    return (result.z, result.energies) if return_energies else result.z

@@ -35,7 +35,7 @@ def easy_batches(n: int, batch: int, seed: int) -> list[dict[str, torch.Tensor]]
 
 def test_mmvaeplus_shape_flattens_to_980():
     net = ImageClassifier((3, 28, 28))
-    assert net.fc1.in_features == 980
+    assert net.head[0].in_features == 980
     assert net(torch.rand(2, 3, 28, 28)).shape == (2, 10)
 
 

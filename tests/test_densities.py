@@ -30,7 +30,7 @@ def test_reference_log_prob_and_score_match_torch(name, scale):
 def test_reference_samples_have_the_right_moments(name):
     scale = 1.7
     z = reference_density(name, scale).sample((200_000,), generator=torch.Generator().manual_seed(1))
-    # Laplace(0, b): E|z| = b; N(0, s^2): E|z| = s sqrt(2/pi). 200k draws: standard error ~0.3%, tolerance 1.5%.
+    # Laplace(0, b): E|z| = b; N(0, s^2): E|z| = s sqrt(2/pi). 200k draws: std error ~0.3%, tolerance 1.5%.
     expected = scale if name == "laplace" else scale * math.sqrt(2 / math.pi)
     assert abs(z.abs().mean().item() / expected - 1) < 0.015
     assert abs(z.mean().item()) < 0.02

@@ -10,6 +10,7 @@ zlib plus a reshape. PNGs written elsewhere fall back to PIL.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import re
 import struct
@@ -133,25 +134,29 @@ def iter_tar_members(stream: IO[bytes], where: str = "tar") -> Iterator[tuple[st
     """(name, bytes) of each regular file of a tar stream (ustar, GNU long names, pax paths); FormatError
     naming ``where`` on a truncated archive or a bad header checksum."""
     long_name: str | None = None
+    last = None  # the previous member's name, for error messages
     while True:
         header = _read_exact(stream, TAR_BLOCK)
         if not header or header == _ZERO_BLOCK:
             return
         if len(header) < TAR_BLOCK:
-            raise FormatError(f"{where}: truncated tar header ({len(header)} of 512 bytes)")
+            raise FormatError(
+                f"{where}: truncated tar header ({len(header)} of 512 bytes) after member {last!r}"
+            )
         try:
             stored = _octal(header[148:156])
             size = _octal(header[124:136])
         except ValueError as exc:
-            raise FormatError(f"{where}: corrupt tar header ({exc})") from exc
+            raise FormatError(f"{where}: corrupt tar header after member {last!r} ({exc})") from exc
         if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-            raise FormatError(f"{where}: tar header checksum mismatch")
+            raise FormatError(f"{where}: tar header checksum mismatch after member {last!r}")
         typeflag = header[156:157]
         name = _cstring(header[:100])
         if header[257:263] == b"ustar\0" and header[345] != 0:  # POSIX prefix field (not GNU)
             name = _cstring(header[345:500]) + "/" + name
         data = _read_exact(stream, size)
         padding = (-size) % TAR_BLOCK
+        last = name
         if len(data) < size or len(_read_exact(stream, padding)) < padding:
             raise FormatError(f"{where}: truncated tar member {name!r} ({len(data)} of {size} bytes)")
         if typeflag == b"L":
@@ -186,14 +191,42 @@ def group_samples(members: Iterator[tuple[str, bytes]], url: str) -> Iterator[di
         yield sample
 
 
+class _Prefixed(io.RawIOBase):
+    """A read-only stream: ``head`` (bytes already read to sniff the format), then the rest of ``stream``."""
+
+    def __init__(self, head: bytes, stream: IO[bytes]) -> None:
+        super().__init__()
+        self.head, self.stream = head, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            out, self.head = (
+                (self.head, b"") if n < 0 or n >= len(self.head) else (self.head[:n], self.head[n:])
+            )
+            return out
+        return self.stream.read(n)
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
 def read_shard(url: str) -> Iterator[dict[str, Any]]:
-    """Samples of one shard; ``url`` is anything webdataset's gopen opens (path, ``pipe:cmd``, http...)."""
+    """Samples of one shard (.tar or .tar.gz) at any URL webdataset's gopen opens (path, pipe:cmd, http)."""
     from webdataset.gopen import gopen
 
     stream = gopen(url, "rb")
     finished = False
     try:
-        yield from group_samples(iter_tar_members(stream, url), url)
+        head = _read_exact(stream, 2)
+        members: IO[bytes] = _Prefixed(head, stream)
+        if head == b"\x1f\x8b":  # a .tar.gz shard
+            members = gzip.GzipFile(fileobj=members, mode="rb")
+        yield from group_samples(iter_tar_members(members, url), url)
         finished = True
     finally:
         if finished:

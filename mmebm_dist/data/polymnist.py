@@ -312,3 +312,53 @@ def _manifest(
         "seed": spec.seed,
         "builder": {"command": "polymnist", **builder},
     }
+
+
+def add_build_arguments(parser) -> None:
+    """Flags of ``mmebm data polymnist``."""
+    from mmebm_dist.data.sources import SOURCES
+
+    d = BuildSpec()
+    parser.add_argument(
+        "--source", choices=SOURCES, default=d.source, help="image source (default: %(default)s)"
+    )
+    parser.add_argument("--modalities", type=int, default=d.modalities, help="views per tuple (default: 5)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument(
+        "--num-samples", type=int, default=None, help="train tuples (default: source train size)"
+    )
+    parser.add_argument(
+        "--test-samples", type=int, default=None, help="test tuples (default: source test size)"
+    )
+    parser.add_argument(
+        "--shard-size", type=int, default=d.shard_size, help="samples per shard (default: 500)"
+    )
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of shuffles and crops (default: 0)")
+    parser.add_argument("--workers", type=int, default=d.workers, help="processes (default 0: all cores)")
+    parser.add_argument("--format", choices=FORMATS, default=d.format, help="shards (webdataset) or folders")
+    parser.add_argument(
+        "--idx-dir", default=None, help="IDX directory for --source idx (or fashion elsewhere)"
+    )
+    parser.add_argument(
+        "--cache", default=None, help="cache directory (default $MMEBM_CACHE or ~/.cache/mmebm_dist)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+
+
+def build_from_args(args) -> dict[str, Any]:
+    """Run the builder from parsed ``mmebm data polymnist`` flags."""
+    spec = BuildSpec(
+        source=args.source,
+        modalities=args.modalities,
+        out=args.out,
+        num_samples=args.num_samples,
+        test_samples=args.test_samples,
+        shard_size=args.shard_size,
+        seed=args.seed,
+        workers=args.workers,
+        format=args.format,
+        idx_dir=args.idx_dir,
+        cache_dir=args.cache,
+        overwrite=args.overwrite,
+    )
+    return build_polymnist(spec)

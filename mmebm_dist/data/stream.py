@@ -180,8 +180,8 @@ def _shard_samples(
             if n > drop:
                 yield sample
     except (OSError, ValueError) as exc:  # FormatError is a ValueError
-        where = f"after sample {key!r}" if key is not None else "before its first sample"
-        state.fail(f"shard {url}: unreadable {where} ({type(exc).__name__}: {exc})", exc)
+        done = f" after {n} samples (last key {key!r})" if n else ""
+        state.fail(f"shard {url}: unreadable{done}: {type(exc).__name__}: {exc}", exc)
         return
     if expected is not None and n != expected:
         state.fail(

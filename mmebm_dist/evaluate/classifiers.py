@@ -1,10 +1,9 @@
 """Per-modality digit classifiers that judge coherence, saved with the manifest hash of their training data.
 
-The image network is MMVAE+'s small CNN (conv C->10 k5, conv 10->20 k5, dropout, fc 20*h*w -> 128 -> 10),
-with ``padding=2`` so 28x28 inputs flatten to 980 as in MMVAE+'s PolyMNIST classifier, and a ``width``
-multiplier for a slightly stronger variant. Vector modalities get an MLP. A bundle refuses to judge data whose
-manifest hash differs from the one it was trained on: its accuracy (which bounds every coherence figure) would
-be unknown there.
+The image network is the PolyMNIST classifier of MoPoE / MMVAE+ (conv C->10 and 10->20, 4x4 stride 2,
+dropout, fc 980 -> 128 -> 10 at 28x28), with a ``width`` multiplier for a slightly stronger variant; vector
+modalities get an MLP. A bundle refuses to judge data whose manifest hash differs from the one it was trained
+on: its accuracy (which bounds every coherence figure) would be unknown there.
 """
 
 from __future__ import annotations
@@ -40,25 +39,26 @@ class ModalitySpec:
 
 
 class ImageClassifier(nn.Module):
-    """MMVAE+'s PolyMNIST classifier: two 5x5 convs with max-pooling, dropout, fc -> 128 -> classes."""
+    """The PolyMNIST classifier of MoPoE / MMVAE+: two 4x4 stride-2 convs (10, 20 channels) with 2-D dropout,
+    fc -> 128 with dropout, fc -> classes. 28x28 inputs flatten to 20 * 7 * 7 = 980."""
 
     def __init__(self, shape: tuple[int, ...], width: int = 1, num_classes: int = NUM_CLASSES):
         super().__init__()
-        channels, height, wide = shape
+        channels = shape[0]
         c1, c2 = 10 * width, 20 * width
-        self.conv1 = nn.Conv2d(channels, c1, kernel_size=5, padding=2)
-        self.conv2 = nn.Conv2d(c1, c2, kernel_size=5, padding=2)
-        self.conv2_drop = nn.Dropout2d(0.5)
-        flat = c2 * (height // 4) * (wide // 4)
-        self.fc1 = nn.Linear(flat, 128)
-        self.fc2 = nn.Linear(128, num_classes)
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, c1, kernel_size=4, stride=2, padding=1), nn.Dropout2d(0.5), nn.ReLU(),
+            nn.Conv2d(c1, c2, kernel_size=4, stride=2, padding=1), nn.Dropout2d(0.5), nn.ReLU(),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            flat = self.features(torch.zeros(1, *shape)).shape[1]
+        self.head = nn.Sequential(nn.Linear(flat, 128), nn.Dropout(0.5), nn.ReLU(),
+                                  nn.Linear(128, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, classes] of images [B, C, H, W] in [0, 1]."""
-        h = F.relu(F.max_pool2d(self.conv1(x), 2))
-        h = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(h)), 2))
-        h = F.dropout(F.relu(self.fc1(h.flatten(1))), 0.5, training=self.training)
-        return self.fc2(h)
+        return self.head(self.features(x))
 
 
 class VectorClassifier(nn.Module):
@@ -166,7 +166,11 @@ def load_classifiers(directory: str | Path, *, manifest_hash: str | None, data_p
             f"retrain them with: {fix}")
     bundle = ClassifierBundle(specs, manifest_hash=meta["manifest_hash"], width=meta["width"],
                               num_classes=meta["num_classes"])
-    bundle.load_state_dict(blob["state_dict"])
+    try:
+        bundle.load_state_dict(blob["state_dict"])
+    except RuntimeError as exc:
+        raise ClassifierMismatchError(f"'{path}' holds weights of another classifier architecture ({exc}); "
+                                      f"retrain them with: {fix}") from exc
     bundle.test_accuracy = dict(meta.get("test_accuracy", {}))
     return bundle.to(device).eval()
 

@@ -235,7 +235,8 @@ class MultimodalVAE(nn.Module):
 
     def check_runaway(self, terms: dict[str, torch.Tensor | float], step: int) -> None:
         """Raise RunawayError naming the step and values if the loss is non-finite or the EBM runs away."""
-        value = {k: float(v) for k, v in terms.items() if k in ("loss", "energy_gap", "posterior_abs")}
+        value = {k: float(v.detach() if isinstance(v, torch.Tensor) else v) for k, v in terms.items()
+                 if k in ("loss", "energy_gap", "posterior_abs")}
         prior = self.cfg.prior
         fix = ("raise model.prior.energy_l2, enable model.prior.spectral_norm, lower model.prior.lr or "
                "model.prior.langevin.step_size, or resume from an earlier checkpoint")

@@ -43,12 +43,21 @@ def _cpu_workarounds() -> dict:
       itself and accelerate again records world size 1 on every rank. Creating
       ``accelerate.PartialState(backend="gloo")`` before ``Accelerator(...)`` makes it read the real rank and
       world size (and keeps DistributedType.DEEPSPEED); ``cpu=True`` would drop DeepSpeed, so it is not used.
+    - DeepSpeed's CPU communication backend JIT-compiles a shared-memory all-reduce C++ op the first time it starts
+      (about 4 minutes on a loaded 2-core machine, cached afterwards under ~/.cache/torch_extensions). It is
+      marked incompatible here so DeepSpeed uses plain gloo collectives, which is what these CPU runs are for
+      (tests, demos); ``MMEBM_DEEPSPEED_SHM=1`` keeps the op.
     The data loader's default rank comes from torch.distributed, but the loop passes accelerate's rank and world
     size explicitly, so these checks also guard the data split. tests/test_distributed.py pins both.
     """
     if torch.cuda.is_available() or launched_processes() <= 1:
         return {}
     if uses_deepspeed():
+        if os.environ.get("MMEBM_DEEPSPEED_SHM", "0") != "1":
+            import deepspeed.ops
+
+            # DeepSpeed caches this dict on purpose so that edits persist (deepspeed/ops/__init__.py).
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         PartialState(backend="gloo")
         return {}
     return {"cpu": True}

@@ -129,9 +129,9 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
 
     if cfg.train.keep_checkpoints < 1:
         raise ValueError(f"train.keep_checkpoints must be at least 1 (resume needs one), got {cfg.train.keep_checkpoints}")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mmebm_dist").setLevel(logging.INFO if main else logging.WARNING)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
