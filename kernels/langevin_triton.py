@@ -80,9 +80,13 @@ def _act_grad(a, ACTIVATION: tl.constexpr, LEAKY_SLOPE: tl.constexpr):
 
 @triton.jit
 def _dot(a, b, BF16_DOT: tl.constexpr):
-    """a @ b with fp32 accumulation: exact fp32 (no TF32) or bf16 operands."""
-    if BF16_DOT:
+    """a @ b with fp32 accumulation: exact fp32 (no TF32) or bf16 operands (BF16_DOT 1; 2 emulates it in fp32)."""
+    if BF16_DOT == 1:
         out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+    elif BF16_DOT == 2:
+        # The Triton 3.9 interpreter multiplies bf16 dot operands as their raw uint16 bits (garbage); round the
+        # operands to bf16 and multiply them exactly in fp32 instead, which is what the tensor cores compute.
+        out = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
     else:
         out = tl.dot(a, b, input_precision="ieee")
     return out
@@ -306,7 +310,7 @@ def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size
         batch, steps, seed, b_out, drift, step_size, score_scale,
         LATENT=d, HIDDEN=hidden, NUM_LAYERS=layers, ACTIVATION=_ACTIVATION_IDS[activation],
         LEAKY_SLOPE=float(leaky_slope), LAPLACE=reference == "laplace", NOISE_FROM_TENSOR=noise is not None,
-        RETURN_ENERGIES=return_energies, BF16_DOT=mat_dtype == torch.bfloat16,
+        RETURN_ENERGIES=return_energies, BF16_DOT=(2 if INTERPRETED else 1) if mat_dtype == torch.bfloat16 else 0,
         BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
     )
     energies = energy[:steps].sum(1) / batch if return_energies else None

@@ -32,7 +32,7 @@ class ModalityConfig:
     shape: tuple[int, ...] = (3, 28, 28)
     """Shape of one sample: (C, H, W) for images, (D,) for vectors."""
     family: str = "conv"
-    """Encoder/decoder family from ``mmebm_dist.models.modality.FAMILIES`` (``conv``, ``mlp``, ``mmvaeplus``)."""
+    """Encoder/decoder family in ``mmebm_dist.models.modality.FAMILIES``: ``conv``, ``mlp``, ``mmvaeplus``."""
     likelihood: str = "laplace"
     """Likelihood of the decoder output: ``laplace``, ``gaussian`` or ``bernoulli``."""
     likelihood_scale: float = 0.75
@@ -80,7 +80,7 @@ class PriorConfig:
     reference: str = "laplace"
     """p0 of the EBM prior: ``laplace`` or ``gaussian``."""
     reference_scale: float = 1.0
-    """Scale b of Laplace(0, b) or sigma of N(0, sigma^2)."""
+    """Scale b of Laplace(0, b) or sigma of N(0, sigma^2): of p0, and of the fixed laplace/gaussian priors."""
     hidden: int = 200
     """Width of the energy MLP's hidden layers."""
     layers: int = 2
@@ -118,9 +118,9 @@ class ModelConfig:
     aggregation: str = "moe"
     """How unimodal experts combine into q(z|X): ``moe``, ``poe`` or ``mopoe``."""
     posterior: str = "laplace"
-    """Family of q(z|x_m) and q(w_m|x_m): ``laplace`` or ``gaussian``."""
+    """q(z|x_m), q(w_m|x_m): ``laplace`` (scale softmax(raw) * d, MMVAE+) or ``gaussian`` (poe/mopoe)."""
     objective: str = "elbo"
-    """``elbo`` (stratified ELBO), ``iwae`` or ``dreg`` (importance-weighted, K particles)."""
+    """``elbo`` (K = 1), ``iwae`` or ``dreg`` (importance-weighted, K particles); stratified for ``moe``."""
     particles: int = 1
     """K importance particles for ``iwae`` / ``dreg``."""
     beta: float = 1.0
@@ -239,7 +239,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if origin is tuple:
             if len(value) != len(args):
                 raise ConfigError(f"config key '{where}' needs {len(args)} values, got {value!r}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            pairs = enumerate(zip(value, args, strict=True))
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in pairs)
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
@@ -346,7 +347,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections, "
+                              f"got {type(data).__name__}")
     # Materialise defaults so that overrides into lists (model.modalities.0.family=...) have a node to edit.
     base = config_to_dict(config_from_dict(data)) if path is not None else config_to_dict(Config())
     for item in overrides:

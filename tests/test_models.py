@@ -26,6 +26,16 @@ from mmebm_dist.models.modality import FAMILIES, EncoderOutput, register_family
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny and overhead-bound: one thread avoids OpenMP barrier stalls (measured on a busy
+    2-core machine: the training-loop test took 40 s with 2 threads, 2.5 s with 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------------------- MMVAE+ reference network
 def _block(fin, fout):
     hidden = min(fin, fout)
@@ -305,17 +315,7 @@ def structured_data(n, generator):
             for i in range(2)}
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny ops are overhead-bound: one thread avoids OpenMP barriers (30 steps took 40 s with 2 threads on a
-    busy 2-core machine, 2.5 s with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_a_tiny_training_loop_lowers_the_loss(one_thread):
+def test_a_tiny_training_loop_lowers_the_loss():
     torch.manual_seed(6)
     cfg = tiny(family="conv", shape=(1, 8, 8), m=2, prior="ebm")
     cfg.width = 4
@@ -337,3 +337,13 @@ def test_a_tiny_training_loop_lowers_the_loss(one_thread):
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.85 * first, (first, last)  # measured: ~318 -> ~230 over these 30 steps
     assert any(not torch.equal(a, b) for a, b in zip(energy_before, model.energy.parameters(), strict=True))
+
+
+def test_log_prior_z_is_f_plus_log_p0_for_the_ebm_and_log_p0_otherwise():
+    torch.manual_seed(8)
+    z = torch.randn(2, 3, 4)
+    ebm = build_model(tiny(prior="ebm"))
+    want = D.Laplace(0.0, 1.0).log_prob(z).sum(-1) + ebm.energy(z.reshape(-1, 4)).reshape(2, 3)
+    torch.testing.assert_close(ebm.log_prior_z(z), want)
+    gauss = build_model(tiny(prior="gaussian"))
+    torch.testing.assert_close(gauss.log_prior_z(z), D.Normal(0.0, 1.0).log_prob(z).sum(-1))

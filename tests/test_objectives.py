@@ -17,6 +17,15 @@ from mmebm_dist.models import build_model
 B = 4
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny, overhead-bound models: one thread avoids OpenMP barrier stalls on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_config(*, m=3, private=2, aggregation="moe", posterior="laplace", objective="elbo", particles=1,
                 prior="laplace", beta=2.5, likelihood="laplace") -> ModelConfig:
     mods = [ModalityConfig(name=f"x{i}", shape=(i + 2,), family="mlp", likelihood=likelihood,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import sys
 
 BENCHES = {
     "langevin": ("mmebm_dist.bench.sampler", "Langevin sampler backends against autograd and the matmul roof"),
@@ -11,10 +13,15 @@ BENCHES = {
 }
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    # Import only the benchmark being run (each pulls in different heavy modules); all of them when the
+    # command line is not ours (a programmatic main([...]) call).
+    wanted = [name for name in BENCHES if name in sys.argv[1:3]] or list(BENCHES)
     for name, (module, help_text) in BENCHES.items():
-        importlib.import_module(module).add_arguments(sub.add_parser(name, help=help_text))
+        p = sub.add_parser(name, help=help_text)
+        if name in wanted:
+            importlib.import_module(module).add_arguments(p)
 
 
 def run(args) -> int:

@@ -11,14 +11,19 @@ from pathlib import Path
 # Builder name -> (module exposing add_build_arguments(parser) and build_from_args(args) -> manifest, help).
 BUILDERS = {
     "polymnist": ("mmebm_dist.data.polymnist", "PolyMNIST-style M-view data from mnist, idx or fashion"),
+    "mnist-svhn": ("mmebm_dist.data.mnist_svhn",
+                   "MNIST paired per class with GENERATED street-number digits (an MNIST-SVHN stand-in)"),
+    "birds": ("mmebm_dist.data.birds", "GENERATED birds with templated captions (a CUB image+caption stand-in)"),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    wanted = sys.argv[2] if len(sys.argv) > 2 else None
     for name, (module, help_text) in BUILDERS.items():
         p = sub.add_parser(name, help=help_text)
-        importlib.import_module(module).add_build_arguments(p)
+        if name == wanted or wanted not in BUILDERS:  # skip importing the builders that are not run
+            importlib.import_module(module).add_build_arguments(p)
     p = sub.add_parser("verify", help="check every shard against the manifest (sha256, counts, decoding)")
     p.add_argument("dir", help="data set directory holding manifest.json")
     p = sub.add_parser("info", help="summary of a built data set")

@@ -222,8 +222,12 @@ def read_shard(url: str) -> Iterator[dict[str, Any]]:
     stream = gopen(url, "rb")
     finished = False
     try:
-        head = _read_exact(stream, 2)
-        members: IO[bytes] = _Prefixed(head, stream)
+        if hasattr(stream, "peek"):  # local files: sniff without consuming (no wrapper on the hot path)
+            head = stream.peek(2)[:2]
+            members: IO[bytes] = stream
+        else:
+            head = _read_exact(stream, 2)
+            members = _Prefixed(head, stream)
         if head == b"\x1f\x8b":  # a .tar.gz shard
             members = gzip.GzipFile(fileobj=members, mode="rb")
         yield from group_samples(iter_tar_members(members, url), url)

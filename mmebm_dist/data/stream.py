@@ -374,7 +374,7 @@ def _default_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 def _resolve(
     path: str | Path | Sequence[str], split: str
-) -> tuple[tuple[str, ...], tuple[int, ...] | None, tuple[tuple[str, tuple[int, int, int]], ...] | None]:
+) -> tuple[tuple[str, ...], tuple[int, ...] | None, tuple[ModalitySpec, ...] | None]:
     """(urls, counts, modality specs) from a dataset directory/manifest, or bare webdataset URLs."""
     if isinstance(path, (str, Path)) and manifest_path(path).is_file():
         manifest = read_manifest(path)

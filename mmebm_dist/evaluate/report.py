@@ -107,6 +107,8 @@ def save_joint_grid(path: str | Path, samples: dict[str, torch.Tensor], per_row:
             full = tile(np.full((per_row, *block.shape[2:]), 255, np.uint8), ncol=per_row)
             band = np.concatenate([band, np.full((band.shape[0], full.shape[1] - band.shape[1], 3), 255,
                                                  np.uint8)], axis=1)
+        if bands:  # a grey rule between bands of tuples
+            bands.append(np.full((6, band.shape[1], 3), 160, np.uint8))
         bands.append(band)
     grid = np.concatenate(bands, axis=0)
     fig, ax = plt.subplots(figsize=(max(4.0, grid.shape[1] / 60), max(3.0, grid.shape[0] / 60)))
@@ -181,6 +183,7 @@ def save_sweep_plot(path: str | Path, sweep: Sequence[dict], ceiling: float | No
     ax2.plot(steps, [e["ms_per_sample"] for e in sweep], color="tab:red", marker="s", linestyle=":",
              label="ms / sample")
     ax2.set_ylabel("sampling time (ms / sample)", color="tab:red")
+    ax2.set_ylim(bottom=0)
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="lower right")

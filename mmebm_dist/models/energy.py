@@ -27,7 +27,7 @@ def activation_module(name: str) -> nn.Module:
 
 
 class EnergyMLP(nn.Module):
-    """f(z) = w_out . act(W_L ... act(W_1 z + b_1) ... + b_L) + b_out: ``layers`` hidden layers of ``hidden``."""
+    """f(z) = w_out . act(W_L ... act(W_1 z + b_1) ... + b_L) + b_out: ``layers`` hidden layers."""
 
     def __init__(self, latent_dim: int, hidden: int = 200, layers: int = 2, activation: str = "gelu",
                  spectral_norm: bool = False):
@@ -38,7 +38,7 @@ class EnergyMLP(nn.Module):
         self.activation = activation
         self.act = activation_module(activation)
         dims = [latent_dim] + [hidden] * layers
-        linears = [nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])] + [nn.Linear(hidden, 1)]
+        linears = [nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)] + [nn.Linear(hidden, 1)]
         if spectral_norm:
             linears = [nn.utils.parametrizations.spectral_norm(lin) for lin in linears]
         self.linears = nn.ModuleList(linears)

@@ -161,7 +161,10 @@ class MMVAEPlusEncoder(nn.Module):
 
 
 class MMVAEPlusDecoder(nn.Module):
-    """MMVAE+ PolyMNIST decoder: linear to 4nf x h x w, twice (block halving, upsample x2), block, act+conv."""
+    """MMVAE+ PolyMNIST decoder: linear to 4nf x h x w, twice (block halving, upsample x2), block, act, conv.
+
+    The last conv gives the likelihood location (MMVAE+: Laplace with fixed scale 0.75).
+    """
 
     def __init__(self, channels: int, nf: int, spatial: tuple[int, int], in_dim: int):
         super().__init__()

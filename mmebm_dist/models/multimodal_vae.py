@@ -201,7 +201,7 @@ class MultimodalVAE(nn.Module):
             terms.update(ebm_terms)
             out["_z_pos"], out["_z_neg"] = cache["z_pos"], z_neg
         out["loss"] = loss
-        out.update({k: v for k, v in terms.items()})
+        out.update(terms)
         return out
 
     def _energy_loss(self, f_pos: torch.Tensor, *, batch_size: int):

@@ -116,7 +116,8 @@ def stratified_log_weights(x: list[torch.Tensor], experts: Experts, *, decoders:
         log_q_w = family.log_prob(w, q.w_loc.unsqueeze(1), q.w_scale.unsqueeze(1))
         log_prior_w = family.log_prob(w, 0.0, 1.0)
         if m > 1:
-            cross_eps = family.standard_noise((m, *w.shape), generator=generator, device=z.device, dtype=z.dtype)
+            cross_eps = family.standard_noise((m, *w.shape), generator=generator, device=z.device,
+                                              dtype=z.dtype)
             w_cross = private_prior_scale[None, :, None, None, :] * cross_eps  # (M(r), M(d), K, B, dw)
 
     log_lik = []

@@ -1,0 +1,236 @@
+"""Exact attribute coherence on the generated birds: an image attribute classifier and the three coherences.
+
+The captions are read back by the rule-based :func:`mmebm_dist.data.birds.read_caption_attributes`; images
+are read by :class:`AttributeClassifier` (one head per attribute, trained on the real training images; its
+test accuracy bounds every image-side figure, report it beside them). With a trained multimodal model:
+
+- image -> text: attributes read from captions generated from images, against the images' true attributes;
+- text -> image: the classifier on images generated from captions, against what the source caption states;
+- joint: the classifier on jointly generated images, against what the jointly generated captions state.
+
+Each returns :func:`mmebm_dist.data.birds.attribute_coherence`'s dict (``acc``, ``stated``, per attribute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mmebm_dist.data import shards
+from mmebm_dist.data.birds import (
+    ATTRIBUTE_NAMES,
+    ATTRIBUTES,
+    IMAGE_MODALITY,
+    TEXT_MODALITY,
+    attribute_coherence,
+    read_caption_attributes,
+)
+from mmebm_dist.data.text import VOCAB_FILE, Vocabulary
+
+CLASSIFIER_FILE = "attribute_classifier.pt"
+
+
+def load_split(directory: str | os.PathLike, split: str) -> dict[str, np.ndarray]:
+    """A whole split in memory: images uint8 [N, H, W, 3], caption ids [N, L], all captions [N, C, L],
+    attributes int64 [N, len(ATTRIBUTE_NAMES)]."""
+    directory = Path(directory)
+    manifest = shards.read_manifest(directory)
+    specs = {s.name: s for s in shards.modality_specs(manifest)}
+    rows: dict[str, list] = {"images": [], "captions": [], "all_captions": [], "attributes": []}
+    for entry in shards.split_shards(manifest, split):
+        for key, sample in shards.iter_tar_samples(directory / entry["name"]):
+            missing = {f"{IMAGE_MODALITY}.png", f"{TEXT_MODALITY}.npy", "captions.npy", "attrs.npy"} - set(sample)
+            if missing:
+                raise shards.ShardError(f"{directory / entry['name']}: sample {key!r} lacks {sorted(missing)}; "
+                                        "is this a birds data set (`mmebm data birds`)?")
+            rows["images"].append(shards.decode_entry(specs[IMAGE_MODALITY], sample[f"{IMAGE_MODALITY}.png"]))
+            rows["captions"].append(shards.decode_entry(specs[TEXT_MODALITY], sample[f"{TEXT_MODALITY}.npy"]))
+            rows["all_captions"].append(np.load(_bytes_io(sample["captions.npy"]), allow_pickle=False))
+            rows["attributes"].append(np.load(_bytes_io(sample["attrs.npy"]), allow_pickle=False))
+    return {k: np.stack(v) for k, v in rows.items()}
+
+
+def _bytes_io(data: bytes):
+    import io
+
+    return io.BytesIO(data)
+
+
+class AttributeClassifier(nn.Module):
+    """Images [B, 3, H, W] in [0, 1] -> logits per attribute: three stride-2 conv blocks, one head each."""
+
+    def __init__(self, width: int = 32, size: int = 64):
+        super().__init__()
+        if size % 8:
+            raise ValueError(f"image side {size} must be a multiple of 8")
+        self.width, self.size = width, size
+        self.trunk = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(4 * width * (size // 8) ** 2, 256), nn.ReLU(), nn.Dropout(0.2),
+        )
+        self.heads = nn.ModuleDict({name: nn.Linear(256, len(values)) for name, values in ATTRIBUTES.items()})
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.trunk(images)
+        return {name: head(h) for name, head in self.heads.items()}
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch_size: int = 256) -> dict[str, np.ndarray]:
+        """Most likely value index per attribute, int64 [N] each (eval mode, batched)."""
+        was = self.training
+        self.eval()
+        out: dict[str, list] = {name: [] for name in ATTRIBUTE_NAMES}
+        for start in range(0, len(images), batch_size):
+            for name, logits in self(images[start:start + batch_size].float()).items():
+                out[name].append(logits.argmax(-1).cpu().numpy())
+        self.train(was)
+        return {name: np.concatenate(v) for name, v in out.items()}
+
+
+def _as_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float() / 255.0
+
+
+def _targets(attributes: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: attributes[:, k] for k, name in enumerate(ATTRIBUTE_NAMES)}
+
+
+def train_attribute_classifier(directory: str | os.PathLike, *, steps: int = 1500, batch_size: int = 64,
+                               lr: float = 1e-3, width: int = 32, seed: int = 0,
+                               progress: bool = True) -> tuple[AttributeClassifier, dict[str, float]]:
+    """Train on the train split (with random horizontal flips), return it and its test accuracy per attribute."""
+    from tqdm import tqdm
+
+    train, test = load_split(directory, "train"), load_split(directory, "test")
+    torch.manual_seed(seed)
+    size = train["images"].shape[1]
+    model = AttributeClassifier(width, size)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    images, attrs = _as_tensor(train["images"]), torch.from_numpy(train["attributes"])
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in tqdm(range(steps), desc="attribute classifier", disable=not progress):
+        idx = torch.randint(len(images), (batch_size,), generator=gen)
+        x = images[idx]
+        flip = torch.rand(batch_size, generator=gen) < 0.5  # the birds face either way
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        logits = model(x)
+        loss = sum(F.cross_entropy(logits[name], attrs[idx, k]) for k, name in enumerate(ATTRIBUTE_NAMES))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    pred = model.predict(_as_tensor(test["images"]))
+    report = {name: float((pred[name] == test["attributes"][:, k]).mean()) for k, name in enumerate(ATTRIBUTE_NAMES)}
+    report["mean"] = float(np.mean([report[n] for n in ATTRIBUTE_NAMES]))
+    return model, report
+
+
+def save_classifier(model: AttributeClassifier, report: dict[str, float], path: str | os.PathLike,
+                    manifest_hash: str) -> None:
+    """Save weights, width, test accuracy and the manifest hash of the data it was trained on."""
+    torch.save({"state_dict": model.state_dict(), "width": model.width, "size": model.size, "accuracy": report,
+                "manifest_hash": manifest_hash}, path)
+
+
+def load_classifier(path: str | os.PathLike, *, manifest_hash: str | None = None) -> AttributeClassifier:
+    """Load a saved classifier; refuse one trained on other data when ``manifest_hash`` is given."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if manifest_hash is not None and blob["manifest_hash"] != manifest_hash:
+        raise ValueError(f"{path} was trained on data with manifest hash {blob['manifest_hash']}, not "
+                         f"{manifest_hash}; retrain it (python -m mmebm_dist.data.birds_coherence DIR)")
+    model = AttributeClassifier(blob["width"], blob["size"])
+    model.load_state_dict(blob["state_dict"])
+    model.eval()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- coherence
+
+
+def caption_attributes(ids: np.ndarray | torch.Tensor, vocab: Vocabulary) -> dict[str, np.ndarray]:
+    """Attributes stated by captions given as ids [N, L] (UNMENTIONED where a caption says nothing)."""
+    read = [read_caption_attributes(text) for text in vocab.decode_batch(np.asarray(ids))]
+    return {name: np.array([r[name] for r in read], dtype=np.int64) for name in ATTRIBUTE_NAMES}
+
+
+def _model_batch(images: np.ndarray, captions: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    return {IMAGE_MODALITY: _as_tensor(images).to(device), TEXT_MODALITY: torch.from_numpy(captions).to(device)}
+
+
+@torch.no_grad()
+def image_to_text(model: Any, data: dict[str, np.ndarray], vocab: Vocabulary, *, batch_size: int = 128,
+                  generator: torch.Generator | None = None) -> dict[str, float]:
+    """Captions generated from images (z ~ q(z | image)) against the images' true attributes."""
+    read: dict[str, list] = {name: [] for name in ATTRIBUTE_NAMES}
+    for start in range(0, len(data["images"]), batch_size):
+        sl = slice(start, start + batch_size)
+        batch = _model_batch(data["images"][sl], data["captions"][sl], model.device)
+        ids = model.generate_conditional(batch, [IMAGE_MODALITY], generator=generator)[TEXT_MODALITY]
+        for name, values in caption_attributes(ids.cpu(), vocab).items():
+            read[name].append(values)
+    predicted = {name: np.concatenate(v) for name, v in read.items()}
+    return attribute_coherence(predicted, _targets(data["attributes"]))
+
+
+@torch.no_grad()
+def text_to_image(model: Any, data: dict[str, np.ndarray], vocab: Vocabulary, classifier: AttributeClassifier,
+                  *, batch_size: int = 128, generator: torch.Generator | None = None) -> dict[str, float]:
+    """The classifier on images generated from captions (z ~ q(z | caption)) against what each caption states."""
+    preds: dict[str, list] = {name: [] for name in ATTRIBUTE_NAMES}
+    for start in range(0, len(data["images"]), batch_size):
+        sl = slice(start, start + batch_size)
+        batch = _model_batch(data["images"][sl], data["captions"][sl], model.device)
+        images = model.generate_conditional(batch, [TEXT_MODALITY], generator=generator)[IMAGE_MODALITY]
+        for name, values in classifier.predict(images.cpu()).items():
+            preds[name].append(values)
+    predicted = {name: np.concatenate(v) for name, v in preds.items()}
+    return attribute_coherence(predicted, caption_attributes(data["captions"], vocab))
+
+
+@torch.no_grad()
+def joint(model: Any, vocab: Vocabulary, classifier: AttributeClassifier, num_samples: int, *,
+          batch_size: int = 128, generator: torch.Generator | None = None) -> dict[str, float]:
+    """Jointly generated pairs: what the caption states against the classifier's reading of the image."""
+    stated: dict[str, list] = {name: [] for name in ATTRIBUTE_NAMES}
+    seen: dict[str, list] = {name: [] for name in ATTRIBUTE_NAMES}
+    for start in range(0, num_samples, batch_size):
+        out = model.generate_joint(min(batch_size, num_samples - start), generator=generator)
+        for name, values in caption_attributes(out[TEXT_MODALITY].cpu(), vocab).items():
+            stated[name].append(values)
+        for name, values in classifier.predict(out[IMAGE_MODALITY].cpu()).items():
+            seen[name].append(values)
+    return attribute_coherence({n: np.concatenate(v) for n, v in stated.items()},
+                               {n: np.concatenate(v) for n, v in seen.items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mmebm_dist.data.birds_coherence DIR``: train the attribute classifier, save it in DIR."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("dir", help="birds data set (mmebm data birds --out DIR)")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    Vocabulary.load(Path(args.dir) / VOCAB_FILE)  # fail early on a data set without captions
+    model, report = train_attribute_classifier(args.dir, steps=args.steps, batch_size=args.batch_size,
+                                               width=args.width, seed=args.seed)
+    path = Path(args.dir) / CLASSIFIER_FILE
+    save_classifier(model, report, path, shards.manifest_hash(args.dir))
+    print(json.dumps({"classifier": str(path), "test_accuracy": report}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Report files: eval.json is strict JSON, report.md shows the same numbers, PNGs are valid images."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from PIL import Image
+
+from mmebm_dist.evaluate import report
+from mmebm_dist.evaluate.report import fmt
+
+NAMES = ["m0", "m1", "m2"]
+
+
+def results() -> dict:
+    """A results dict shaped like `mmebm eval`'s, with distinct values so a swapped cell would show."""
+    matrix = [[0.91, 0.52, 0.43], [0.61, 0.87, 0.34], [0.25, 0.16, 0.77]]
+    coherence = {
+        "modalities": NAMES, "num_samples": 200, "num_test": 150, "seed": 3,
+        "joint": {"coherence": 0.3125, "stderr": 0.0328, "n": 200, "langevin_steps": 30, "seconds": 1.5,
+                  "ms_per_sample": 7.5},
+        "langevin_sweep": [{"steps": 0, "coherence": 0.105, "stderr": 0.0217, "n": 200, "seconds": 0.2,
+                            "ms_per_sample": 1.0},
+                           {"steps": 30, "coherence": 0.3125, "stderr": 0.0328, "n": 200, "seconds": 1.5,
+                            "ms_per_sample": 7.5}],
+        "cross": {"matrix": matrix, "n": 150, "self_reconstruction": 0.85, "coherence": 0.385,
+                  "stderr": 0.0211},
+        "subsets": {"1": {"coherence": 0.385, "num_subsets": 3},
+                    "2": {"coherence": 0.4567, "num_subsets": 3}},
+        "prior_ceiling": {"coherence": 0.6789, "stderr": 0.0381, "n": 150},
+    }
+    return {
+        "run": {"run_dir": "runs/x", "step": 1234, "prior": "ebm", "manifest_hash": "abc123"},
+        "seed": 3, "world_size": 1,
+        "classifiers": {"test_accuracy": {"m0": 0.981, "m1": 0.9725, "m2": float("nan")}},
+        "coherence": coherence,
+        "elbo": {"n": 150, "terms": {"elbo": -812.3456, "rec/m0": 300.125, "kl_z": 12.5}},
+        "linear_probe": {"accuracy": 0.8533, "n_fit": 200, "fit_split": "train", "n_eval": 150,
+                         "eval_split": "test"},
+    }
+
+
+def _row(md: str, first_cell: str) -> str:
+    hits = [line for line in md.splitlines() if line.startswith(f"| {first_cell} |")]
+    assert len(hits) == 1, (first_cell, hits)
+    return hits[0]
+
+
+def test_eval_json_and_report_md_agree(tmp_path):
+    res = results()
+    json_path, md_path = report.write_report(tmp_path, res, {"joint samples": report.JOINT_PNG})
+    loaded = json.loads(json_path.read_text())  # strict JSON: nan became null
+    assert loaded["classifiers"]["test_accuracy"]["m2"] is None
+    assert loaded["coherence"]["cross"]["matrix"] == res["coherence"]["cross"]["matrix"]
+    md = md_path.read_text()
+    coh = loaded["coherence"]
+    assert fmt(coh["joint"]["coherence"]) in _row(md, "joint (prior samples)")
+    assert fmt(coh["joint"]["stderr"]) in _row(md, "joint (prior samples)")
+    assert fmt(coh["prior_ceiling"]["coherence"]) in _row(md, "joint (aggregate-posterior ceiling)")
+    cross_row = _row(md, "cross (mean over targets of mean over sources != target)")
+    assert fmt(coh["cross"]["coherence"]) in cross_row and fmt(coh["cross"]["stderr"]) in cross_row
+    for src, values in zip(NAMES, coh["cross"]["matrix"], strict=True):
+        assert _row(md, src) == "| " + " | ".join([src, *[fmt(v) for v in values]]) + " |"
+    for k, entry in coh["subsets"].items():
+        assert _row(md, k).split(" | ")[1] == fmt(entry["coherence"])
+    for entry in coh["langevin_sweep"]:
+        assert _row(md, str(entry["steps"])) == (f"| {entry['steps']} | {fmt(entry['coherence'])} | "
+                                                 f"{fmt(entry['stderr'])} | {fmt(entry['ms_per_sample'])} |")
+    for term, value in loaded["elbo"]["terms"].items():
+        assert _row(md, term) == f"| {term} | {fmt(value)} |"
+    assert fmt(loaded["linear_probe"]["accuracy"]) in md
+    assert _row(md, "test accuracy") == "| test accuracy | 0.9810 | 0.9725 | n/a |"
+    assert "| checkpoint step | 1234 |" in md and "abc123" in md
+    assert f"]({report.JOINT_PNG})" in md
+
+
+def test_fmt_and_json_safety():
+    assert fmt(0.123456) == "0.1235" and fmt(float("nan")) == "n/a" and fmt(None) == "n/a"
+    assert report._json_safe({"a": (1.0, float("inf"))}) == {"a": [1.0, None]}
+
+
+def _valid_png(path) -> tuple[int, int]:
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        return img.size
+
+
+def test_pictures_are_valid_pngs(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    samples = {m: torch.rand(20, 3, 28, 28, generator=gen) for m in NAMES}
+    samples["m2"] = torch.rand(20, 1, 28, 28, generator=gen)  # grey modality is drawn in RGB too
+    w, h = _valid_png(report.save_joint_grid(tmp_path / "joint.png", samples, per_row=8))
+    assert w > 8 * 28 and h > 3 * 3 * 28 / 2
+    sources = {m: samples[m][:4] for m in NAMES}
+    generated = {s: {t: samples[t][4:8] for t in NAMES} for s in NAMES}
+    w, h = _valid_png(report.save_cross_grid(tmp_path / "cross.png", sources, generated))
+    assert w > 4 * 4 * 28 / 2
+    _valid_png(report.save_heatmap(tmp_path / "heat.png", results()["coherence"]["cross"]["matrix"], NAMES))
+    _valid_png(report.save_sweep_plot(tmp_path / "sweep.png", results()["coherence"]["langevin_sweep"], 0.6))
+
+
+def test_tile_places_images_exactly():
+    images = torch.zeros(3, 3, 2, 2)
+    images[1] = 1.0
+    grid = report.tile(report.to_uint8(images), ncol=2, pad=1, fill=7)
+    assert grid.shape == (2 * 3 + 1, 2 * 3 + 1, 3)
+    assert (grid[1:3, 1:3] == 0).all() and (grid[1:3, 4:6] == 255).all() and (grid[4:6, 1:3] == 0).all()
+    assert (grid[4:6, 4:6] == 7).all() and grid[0, 0, 0] == 7

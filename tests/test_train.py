@@ -1,0 +1,158 @@
+"""The training loop, single process: a tiny config trains, writes its run directory, and the eval hook and
+sample grids leave the training trajectory unchanged."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import REPO, build_tiny_polymnist, run_train, tiny_config
+
+from mmebm_dist.config import config_from_dict, load_config
+from mmebm_dist.train.metrics import image_grid, read_jsonl
+
+LOSS_TERMS = ("loss", "elbo", "kl_z", "energy_gap", "energy_pos", "energy_neg", "langevin_grad_norm")
+
+
+@pytest.fixture(scope="module")
+def data5(tmp_path_factory) -> Path:
+    """Five modalities, as configs/tiny.yaml declares: 96 train tuples in 6 shards."""
+    return build_tiny_polymnist(tmp_path_factory.mktemp("data5"), modalities=5, train=96, shard_size=16)
+
+
+@pytest.fixture(scope="module")
+def data2(tmp_path_factory) -> Path:
+    return build_tiny_polymnist(tmp_path_factory.mktemp("data2"), modalities=2, train=64, shard_size=16)
+
+
+@pytest.fixture
+def in_process():
+    """Run the loop inside pytest: reset accelerate's process-wide state and restore torch's threads and RNG."""
+    from accelerate.state import AcceleratorState
+
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+    torch.set_num_threads(threads)
+    torch.set_rng_state(rng)
+
+
+def test_tiny_config_trains_and_writes_run_dir(data5, tmp_path):
+    """`python -m mmebm_dist.train --config configs/tiny.yaml`: 30 steps, loss falls, every run-dir file parses."""
+    run = tmp_path / "run"
+    steps = 30
+    proc = run_train(["--config", str(REPO / "configs/tiny.yaml"), f"data.path={data5}", f"train.out_dir={run}",
+                      f"train.steps={steps}", "train.log_every=1", "train.image_every=10",
+                      "train.checkpoint_every=10", "train.keep_checkpoints=2", "train.threads=1"])
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["step"] == steps and summary["world_size"] == 1
+
+    cfg = config_from_dict(json.loads((run / "config.json").read_text()))
+    assert cfg.train.steps == steps and cfg.data.path == str(data5)
+
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    for key in (*LOSS_TERMS, "rec/m0", "rec/m4", "lr/model", "lr/energy", "samples_per_s", "world_size",
+                "wall_time_s", "epoch", "epoch_batch"):
+        assert key in records[-1], key
+    first = sum(r["loss"] for r in records[:5]) / 5
+    last = sum(r["loss"] for r in records[-5:]) / 5
+    assert last < 0.9 * first, (first, last)
+    # 96 tuples, batch 16, one worker: 6 batches per epoch, so step 30 ends epoch 4.
+    assert (records[-1]["epoch"], records[-1]["epoch_batch"]) == (5, 0)
+
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step-0000020", "step-0000030"]  # keep_checkpoints=2 pruned step 10
+    assert (run / "checkpoints/latest").read_text().strip() == "step-0000030"
+    state = json.loads((run / "checkpoints/step-0000030/train_state.json").read_text())
+    assert state["step"] == steps and state["config"]["train"]["steps"] == steps
+    assert len(state["data_order"]["manifest_hash"]) > 8
+
+    from mmebm_dist.models import build_model
+    from mmebm_dist.train.checkpoint import load_model_weights
+
+    model = load_model_weights(build_model(cfg.model), run / "checkpoints/step-0000030")
+    assert torch.isfinite(torch.cat([p.flatten() for p in model.parameters()])).all()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, steps + 1))
+    assert {f"samples/joint/m{k}" for k in range(5)} <= set(events.Tags()["images"])
+    assert [e.step for e in events.Images("samples/joint/m0")] == [10, 20, 30]
+
+
+def test_eval_hook_and_images_leave_training_unchanged(data2, tmp_path, in_process, monkeypatch):
+    """The periodic eval hook is called every eval_every steps and logged; it (and the sample grids) draw random
+    numbers, yet the losses equal those of a run without them: they run on isolated RNG streams."""
+    from mmebm_dist.train.loop import train
+
+    calls = []
+
+    def periodic_eval(model, cfg, step):
+        calls.append(step)
+        torch.randn(1000)  # consumes the global RNG, as a real evaluation would
+        return {"joint_coherence": 0.25, "cross_coherence": 0.5}
+
+    monkeypatch.setitem(sys.modules, "mmebm_dist.evaluate.periodic",
+                        types.SimpleNamespace(periodic_eval=periodic_eval))
+    config = tiny_config(tmp_path / "c.yaml", data2)
+    plain = train(load_config(config, [f"train.out_dir={tmp_path / 'plain'}"]))
+    hooked = train(load_config(config, [f"train.out_dir={tmp_path / 'hooked'}", "train.eval_every=3",
+                                        "train.image_every=2"]))
+    assert calls == [3, 6]
+    assert plain["terms"] == hooked["terms"]
+    records = read_jsonl(tmp_path / "hooked/metrics.jsonl")
+    evals = [r for r in records if "eval/joint_coherence" in r]
+    assert [(r["step"], r["eval/cross_coherence"]) for r in evals] == [(3, 0.5), (6, 0.5)]
+    plain_losses = [r["loss"] for r in read_jsonl(tmp_path / "plain/metrics.jsonl")]
+    assert plain_losses == [r["loss"] for r in records if "loss" in r]
+
+
+def test_lr_schedule_accumulation_and_clipping(data2, tmp_path, in_process):
+    """lr decays by optim.lr_decay every lr_decay_every optimizer steps (not micro-batches); with grad_accum=2
+    an optimizer step consumes two batches; grad_clip logs the pre-clip norm."""
+    from mmebm_dist.train.loop import train
+
+    cfg = load_config(tiny_config(tmp_path / "c.yaml", data2), [
+        f"train.out_dir={tmp_path / 'run'}", "train.steps=6", "optim.grad_accum=2", "optim.lr_decay=0.5",
+        "optim.lr_decay_every=2", "optim.grad_clip=1.0", "optim.lr=0.004"])
+    train(cfg)
+    records = read_jsonl(tmp_path / "run/metrics.jsonl")
+    assert [r["lr/model"] for r in records] == pytest.approx([0.004, 0.002, 0.002, 0.001, 0.001, 0.0005])
+    assert [r["lr/energy"] / r["lr/model"] for r in records] == pytest.approx([0.25] * 6)  # energy group 1e-3
+    # 64 tuples / batch 8 = 8 micro-batches per epoch = 4 optimizer steps of 2 micro-batches.
+    assert [(r["epoch"], r["epoch_batch"]) for r in records] == [(0, 2), (0, 4), (0, 6), (1, 0), (1, 2), (1, 4)]
+    assert all(r["grad_norm"] > 0 for r in records)
+    assert records[-1]["samples_seen"] == 6 * 2 * 8
+
+
+def test_fresh_run_refuses_a_directory_with_checkpoints(data2, tmp_path, in_process):
+    from mmebm_dist.train.loop import train
+
+    cfg = load_config(tiny_config(tmp_path / "c.yaml", data2), [f"train.out_dir={tmp_path / 'run'}",
+                                                                 "train.steps=2"])
+    train(cfg)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg)
+
+
+def test_resume_cli_errors(tmp_path):
+    from mmebm_dist.config import ConfigError
+    from mmebm_dist.train.cli import resolve_config
+
+    with pytest.raises(ConfigError, match="config.json does not exist"):
+        resolve_config(types.SimpleNamespace(config=None, resume=str(tmp_path), overrides=[]))
+
+
+def test_image_grid_places_samples_row_major():
+    images = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 3, 2, 2)
+    grid = image_grid(images)  # 5 samples -> 2 per row, 3 rows, last cell black
+    assert grid.shape == (3, 6, 4)
+    assert grid[0, ::2, ::2].tolist() == [[0.0, 1.0], [2.0, 3.0], [4.0, 0.0]]
