@@ -37,6 +37,8 @@ class ModalityConfig:
     """Likelihood of the decoder output: ``laplace``, ``gaussian`` or ``bernoulli``."""
     likelihood_scale: float = 0.75
     """Fixed scale of Laplace/Gaussian likelihoods (MMVAE+ uses 0.75)."""
+    vocab_size: int = 0
+    """Number of words of a ``text`` modality (the data set's ``vocab.json``); 0 for non-text modalities."""
 
 
 def _polymnist_modalities() -> list[ModalityConfig]:

@@ -154,7 +154,7 @@ def test_shards_verify_load_and_keep_all_captions(built):
             assert all(read[n] in (UNMENTIONED, attrs[k]) for k, n in enumerate(ATTRIBUTE_NAMES)), text
 
 
-def test_attribute_classifier_learns_colour_from_few_steps(built):
+def test_attribute_classifier_trains_saves_and_loads(built):
     from mmebm_dist.data.birds_coherence import load_classifier, save_classifier, train_attribute_classifier
 
     out, _ = built
@@ -169,6 +169,41 @@ def test_attribute_classifier_learns_colour_from_few_steps(built):
         assert (loaded.predict(images)[name] == values).all()
     with pytest.raises(ValueError, match="manifest hash"):
         load_classifier(path, manifest_hash="0" * 64)
+
+
+class _OracleModel:
+    """Stands in for a trained model: 'generates' the source sample's own other modality (or a shuffled one)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, shuffle: bool = False):
+        self.shuffle = shuffle
+
+    def generate_conditional(self, batch, sources, generator=None):
+        order = torch.arange(len(batch["caption"])).flip(0) if self.shuffle else slice(None)
+        return {"image": batch["image"][order], "caption": batch["caption"][order]}
+
+
+class _OracleClassifier:
+    def __init__(self, attributes):
+        self.attributes, self.seen = attributes, 0
+
+    def predict(self, images):
+        rows = self.attributes[self.seen:self.seen + len(images)]
+        self.seen += len(images)
+        return {name: rows[:, k] for k, name in enumerate(ATTRIBUTE_NAMES)}
+
+
+def test_cross_coherence_functions_score_an_oracle_perfectly(built):
+    from mmebm_dist.data import birds_coherence as bc
+
+    out, _ = built
+    data, vocab = bc.load_split(out, "test"), Vocabulary.load(out)
+    perfect = bc.image_to_text(_OracleModel(), data, vocab, batch_size=4)
+    assert perfect["acc"] == 1.0 and 0.0 < perfect["stated"] < 1.0  # a caption states some attributes
+    assert bc.image_to_text(_OracleModel(shuffle=True), data, vocab, batch_size=16)["acc"] < 0.9
+    assert bc.text_to_image(_OracleModel(), data, vocab, _OracleClassifier(data["attributes"]),
+                            batch_size=4)["acc"] == 1.0
 
 
 def test_existing_output_is_refused(built):

@@ -111,7 +111,7 @@ def test_two_process_eval_matches_single_process(trained, tmp_path):
         assert main(["eval", "--run", str(run_dir), *EVAL_ARGS]) == 0
         single = json.loads((run_dir / "eval" / "eval.json").read_text())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "mmebm_dist", "eval", "--run", str(run_dir), *EVAL_ARGS,
+           str(free_port()), "-m", "mmebm_dist", "eval", "--run-dir", str(run_dir), *EVAL_ARGS,
            "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -58,8 +58,9 @@ def test_mmvaeplus_reference_network_parameter_count():
     model = build_model(cfg)
     count = sum(p.numel() for p in model.parameters())
     assert count == mmvaeplus_parameter_count(64) == 22_156_655
-    # The authors' model reports 22,157,583 (22.2M): the same trainable network plus 928 frozen numbers
-    # (their zero prior locations and fixed prior scale logits, 192 per modality and 64 + 64 shared).
+    # The authors' model (vae_polymnist.py, mmvaeplus.py) holds 22,157,583 numbers by the same count (22.2M
+    # measured): the same trainable network plus 928 frozen ones (zero prior locations and fixed prior scale
+    # logits: 128 + 32 per modality and 128 shared).
     assert 22_157_583 - count == 5 * (64 + 64 + 32 + 32) - 32 * 5 + 128
     narrow = build_model(load_config(CONFIGS / "polymnist_small.yaml").model)
     assert sum(p.numel() for p in narrow.parameters()) == mmvaeplus_parameter_count(16) == 3_662_015

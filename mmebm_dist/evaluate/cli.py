@@ -2,7 +2,8 @@
 Langevin sweep), test-set objective terms and a linear probe; writes eval.json, report.md and PNGs.
 
 Under torchrun / ``accelerate launch`` (WORLD_SIZE > 1) the samples and test tuples are split over the
-processes and the counts summed with one all_reduce; rank 0 writes the files.
+processes and the counts summed with one all_reduce; rank 0 writes the files. Example:
+``torchrun --nproc_per_node 2 -m mmebm_dist eval --run-dir RUN`` (torchrun's parser rejects ``--run``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ PICTURE_CROSS = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run directory written by `mmebm train`")
+    parser.add_argument("--run", "--run-dir", dest="run", required=True,
+                        help="run directory written by `mmebm train` (spell it --run-dir under torchrun, "
+                             "whose parser mistakes --run for its own --run-path)")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint directory or name under RUN/checkpoints (default: the newest)")
     parser.add_argument("--classifiers", default=None,

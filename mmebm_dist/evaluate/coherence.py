@@ -132,8 +132,13 @@ AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 def distributed_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of ``t`` over all processes when torch.distributed is initialised; ``t`` itself otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+            moved = t.to(f"cuda:{torch.cuda.current_device()}")
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            return moved.cpu()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 

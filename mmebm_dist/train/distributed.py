@@ -151,3 +151,10 @@ def describe(accelerator: Accelerator) -> dict:
         "pid": os.getpid(),
         "threads": torch.get_num_threads(),
     }
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a rendezvous started right after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -184,7 +184,7 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
         trace = SampleTrace(run_dir, rank, start_step=state.step, modalities=modalities)
         trace.write({"event": "start", "start_step": state.step, **info})
     batches = micro_batches(cfg, rank=rank, world_size=world, per_epoch=per_epoch, epoch=state.epoch,
-                            start=0, device=device)
+                            start=state.epoch_batch, device=device)
     every_rank_samples = zero_stage(accelerator) == 3  # ZeRO-3 gathers partitioned weights collectively
     samples_per_step = cfg.data.batch_size * cfg.optim.grad_accum * world
     group_names = [g.get("name", f"group{i}") for i, g in enumerate(optimizer.param_groups)]

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Multi-node training under SLURM: one `accelerate launch` per node, ranks from SLURM's environment.
+# Submit from the repository root (the run directory must be on a filesystem all nodes share):
+#   sbatch --nodes=4 launch/slurm_multinode.sh --config configs/polymnist_ebm.yaml train.out_dir=runs/ebm4x8
+#   sbatch --nodes=4 launch/slurm_multinode.sh --resume runs/ebm4x8          # continue after preemption
+# Environment: GPUS_PER_NODE (default: SLURM_GPUS_ON_NODE or 8), LAUNCH_YAML (default
+# launch/accelerate/multinode_template.yaml; its machine/IP/port/process values are overridden by the flags
+# below, so the template's placeholders need no editing), MAIN_PROCESS_PORT (default 29500), PYTHON.
+# For DeepSpeed across nodes, use a DEEPSPEED YAML with `deepspeed_multinode_launcher: standard` under
+# deepspeed_config (accelerate otherwise tries to start the other nodes itself with pdsh).
+#SBATCH --job-name=mmebm-train
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
+MAIN_PROCESS_IP=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MAIN_PROCESS_IP GPUS_PER_NODE
+export MAIN_PROCESS_PORT=${MAIN_PROCESS_PORT:-29500}
+export LAUNCH_YAML=${LAUNCH_YAML:-launch/accelerate/multinode_template.yaml}
+export PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-8} / GPUS_PER_NODE > 0 ? ${SLURM_CPUS_PER_TASK:-8} / GPUS_PER_NODE : 1 ))}
+echo "nodes=$SLURM_NNODES gpus/node=$GPUS_PER_NODE main=$MAIN_PROCESS_IP:$MAIN_PROCESS_PORT yaml=$LAUNCH_YAML"
+
+# One task per node; SLURM_NODEID is read inside each task (single quotes), giving machine ranks 0..N-1.
+srun --kill-on-bad-exit=1 bash -c '
+  exec "$PYTHON" -m accelerate.commands.launch --config_file "$LAUNCH_YAML" \
+    --num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID" \
+    --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$MAIN_PROCESS_PORT" \
+    --num_processes $(( SLURM_NNODES * GPUS_PER_NODE )) \
+    -m mmebm_dist.train "$@"' bash "$@"

@@ -1,0 +1,192 @@
+"""mmebm_dist.langevin.sample: backend choice, forced-backend errors, divergence, and backends against autograd.
+
+fp32 tolerance rtol = atol = 1e-5: backends differ from autograd only in matmul summation order (~1e-7 per step).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+from mmebm_dist import langevin
+from mmebm_dist.langevin import LangevinDivergenceError, resolve_backend, sample
+from mmebm_dist.models.energy import ACTIVATIONS, EnergyMLP
+
+FP32_TOL = dict(rtol=1e-5, atol=1e-5)
+TRITON_OK = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1 (conftest.py)")
+
+
+def make_energy(latent=6, hidden=12, layers=2, activation="gelu", seed=0) -> EnergyMLP:
+    torch.manual_seed(seed)
+    return EnergyMLP(latent, hidden, layers, activation)
+
+
+def chain_inputs(batch, latent, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, latent, generator=gen), torch.randn(steps, batch, latent, generator=gen)
+
+
+def test_auto_picks_torch_on_cpu_and_autograd_for_other_callables():
+    energy = make_energy()
+    z0 = torch.zeros(3, 6)
+    assert resolve_backend(energy, z0) == "torch"
+    assert resolve_backend(lambda z: -(z**2).sum(-1), z0) == "autograd"
+    assert resolve_backend(energy, z0, "autograd") == "autograd"
+
+
+def test_auto_uses_autograd_when_zero3_partitions_the_weights():
+    energy = make_energy()
+    energy.linears[0].weight.ds_numel = energy.linears[0].weight.numel()  # what DeepSpeed ZeRO-3 attaches
+    z0, noise = chain_inputs(4, 6, 2)
+    assert resolve_backend(energy, z0) == "autograd"
+    out = sample(energy, z0, steps=2, step_size=0.3, noise=noise)
+    torch.testing.assert_close(out, sample(energy, z0, steps=2, step_size=0.3, noise=noise, backend="autograd"))
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        sample(energy, z0, steps=2, step_size=0.3, backend="torch")
+
+
+def test_forced_fused_backend_refuses_arbitrary_callable():
+    with pytest.raises(ValueError, match="needs an EnergyMLP"):
+        sample(lambda z: -(z**2).sum(-1), torch.zeros(2, 3), steps=1, step_size=0.1, backend="torch")
+    with pytest.raises(ValueError, match="unknown Langevin backend 'cuda'"):
+        sample(make_energy(), torch.zeros(2, 6), steps=1, step_size=0.1, backend="cuda")
+
+
+def test_forced_triton_on_cpu_without_interpreter_names_the_fix(monkeypatch):
+    kernels = pytest.importorskip("mmebm_dist.kernels.langevin_triton")
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        sample(make_energy(), torch.zeros(2, 6), steps=1, step_size=0.1, backend="triton")
+
+
+@pytest.mark.slow
+def test_forced_triton_on_cpu_raises_in_a_process_without_interpreter():
+    """The real condition: a fresh process without TRITON_INTERPRET; auto must still run (torch)."""
+    script = textwrap.dedent("""
+        import torch
+        from mmebm_dist.langevin import resolve_backend, sample
+        from mmebm_dist.models.energy import EnergyMLP
+        energy = EnergyMLP(4, 8, 2, "gelu")
+        z0 = torch.zeros(2, 4)
+        assert resolve_backend(energy, z0) == "torch"
+        sample(energy, z0, steps=2, step_size=0.1)
+        try:
+            sample(energy, z0, steps=2, step_size=0.1, backend="triton")
+        except ValueError as exc:
+            print("REFUSED:", exc)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "REFUSED:" in result.stdout and "TRITON_INTERPRET=1" in result.stdout
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("reference", ["laplace", "gaussian"])
+@pytest.mark.parametrize("layers", [1, 4])
+def test_torch_backend_matches_autograd(activation, reference, layers):
+    energy = make_energy(7, 13, layers, activation)
+    z0, noise = chain_inputs(37, 7, 4)
+    kwargs = dict(steps=4, step_size=0.3, reference=reference, reference_scale=0.8, noise=noise,
+                  return_energies=True)
+    z_ref, f_ref = sample(energy, z0, backend="autograd", **kwargs)
+    z, f = sample(energy, z0, backend="torch", **kwargs)
+    torch.testing.assert_close(z, z_ref, **FP32_TOL)
+    torch.testing.assert_close(f, f_ref, **FP32_TOL)
+
+
+@needs_triton
+@pytest.mark.parametrize("activation,reference", [("leaky_relu", "laplace"), ("silu", "gaussian")])
+def test_triton_backend_matches_autograd(activation, reference):
+    energy = make_energy(7, 20, 2, activation)
+    z0, noise = chain_inputs(19, 7, 2)
+    kwargs = dict(steps=2, step_size=0.3, reference=reference, noise=noise, return_energies=True)
+    z_ref, f_ref = sample(energy, z0, backend="autograd", **kwargs)
+    z, f = sample(energy, z0, backend="triton", **kwargs)
+    torch.testing.assert_close(z, z_ref, **FP32_TOL)
+    torch.testing.assert_close(f, f_ref, **FP32_TOL)
+
+
+@needs_triton
+def test_triton_seed_comes_from_the_generator():
+    energy = make_energy(6, 16, 1)
+    z0 = torch.zeros(16, 6)
+
+    def run(seed):
+        return sample(energy, z0, steps=2, step_size=0.3, backend="triton",
+                      generator=torch.Generator().manual_seed(seed))
+
+    torch.testing.assert_close(run(3), run(3), rtol=0, atol=0)
+    assert not torch.equal(run(3), run(4))
+
+
+def test_torch_backend_follows_the_generator_like_autograd():
+    energy = make_energy()
+    z0, _ = chain_inputs(9, 6, 0)
+
+    def run(backend, seed):
+        return sample(energy, z0, steps=3, step_size=0.3, backend=backend,
+                      generator=torch.Generator().manual_seed(seed))
+
+    torch.testing.assert_close(run("torch", 0), run("autograd", 0), **FP32_TOL)
+    assert not torch.equal(run("torch", 0), run("torch", 1))
+
+
+@needs_triton
+def test_unsupported_triton_config_falls_back_to_torch_with_one_warning(monkeypatch):
+    monkeypatch.setattr(langevin, "_warned", set())
+    energy = make_energy(4, 520, 1)  # hidden 520 > 512, the kernel's tested envelope
+    z0, noise = chain_inputs(3, 4, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        z = sample(energy, z0, steps=2, step_size=0.3, noise=noise, backend="triton")
+        sample(energy, z0, steps=2, step_size=0.3, noise=noise, backend="triton")
+    messages = [str(w.message) for w in caught if "Triton kernel does not support" in str(w.message)]
+    assert messages == ["Langevin: the Triton kernel does not support hidden width 520 (supported: up to 512); "
+                        "using backend='torch'"]
+    torch.testing.assert_close(z, sample(energy, z0, steps=2, step_size=0.3, noise=noise, backend="autograd"),
+                               **FP32_TOL)
+
+
+BACKENDS_HERE = ["autograd", "torch"] + (["triton"] if TRITON_OK else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_non_finite_chain_raises_with_the_step(backend):
+    energy = make_energy()
+    z0, noise = chain_inputs(18, 6, 4)
+    noise[2, 17, 0] = float("inf")
+    with pytest.raises(LangevinDivergenceError, match="at step 2 "):
+        sample(energy, z0, steps=4, step_size=0.3, noise=noise, backend=backend)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy inside the interpreter
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if TRITON_OK else []))
+def test_exploding_chain_reports_the_same_step_as_autograd(backend):
+    """Gaussian p0 with s^2/(2 b^2) = 8: z is multiplied by -7 per step until it overflows (~step 45)."""
+    energy = make_energy(4, 16, 1)
+    z0, noise = chain_inputs(16, 4, 60)
+    kwargs = dict(steps=60, step_size=4.0, reference="gaussian", noise=noise)
+    with pytest.raises(LangevinDivergenceError) as ref:
+        sample(energy, z0, backend="autograd", **kwargs)
+    with pytest.raises(LangevinDivergenceError) as fused:
+        sample(energy, z0, backend=backend, **kwargs)
+    step = str(ref.value).split("at step ")[1].split(" ")[0]
+    assert 30 < int(step) < 60
+    assert f"at step {step} " in str(fused.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_zero_steps_and_grad_inputs(backend):
+    energy = make_energy()
+    z0 = torch.randn(3, 6)
+    torch.testing.assert_close(sample(energy, z0, steps=0, step_size=0.3, backend=backend), z0)
+    with pytest.raises(ValueError, match="requires grad"):
+        sample(energy, z0.requires_grad_(), steps=1, step_size=0.3, backend=backend)
