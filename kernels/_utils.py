@@ -4,12 +4,11 @@ The chain, for an MLP energy f with L hidden layers (pre-activations a_l, activa
 
     a_1 = W_1 z + b_1,  a_l = W_l h_{l-1} + b_l,  f(z) = w_out . h_L + b_out
     grad_z f = W_1^T g_1,  g_L = w_out * act'(a_L),  g_{l-1} = (W_l^T g_l) * act'(a_{l-1})
-    z <- z + (s^2 / 2) * (grad_z f(z) + score_p0(z)) + s * eps,   score = -sign(z)/b (laplace), -z/b^2 (gaussian)
+    z <- z + (s^2 / 2) * (grad_z f(z) + score_p0(z)) + s * eps,   score = -sign(z)/b (laplace) | -z/b^2
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -36,20 +35,20 @@ class ChainResult(NamedTuple):
 def mlp_shape(weights: Weights) -> tuple[int, int, int]:
     """(latent d, hidden H, hidden layers L) of ``[(W [out, in], b [out]) ...]``; raises on anything else."""
     if len(weights) < 2:
-        raise ValueError(f"energy MLP needs at least one hidden layer and an output layer, got {len(weights)} "
-                         "linear layers")
+        raise ValueError(f"energy MLP needs a hidden layer and an output layer, got {len(weights)} layers")
     d, hidden, layers = weights[0][0].shape[1], weights[0][0].shape[0], len(weights) - 1
     expected_in = [d] + [hidden] * layers
     expected_out = [hidden] * layers + [1]
-    for i, ((w, b), n_in, n_out) in enumerate(zip(weights, expected_in, expected_out)):
+    for i, ((w, b), n_in, n_out) in enumerate(zip(weights, expected_in, expected_out, strict=True)):
         if tuple(w.shape) != (n_out, n_in) or tuple(b.shape) != (n_out,):
-            raise ValueError(f"energy MLP layer {i}: expected weight {(n_out, n_in)} and bias {(n_out,)}, got "
-                             f"{tuple(w.shape)} and {tuple(b.shape)} (all hidden layers must share one width)")
+            raise ValueError(f"energy MLP layer {i}: expected weight {(n_out, n_in)} and bias {(n_out,)}, "
+                             f"got {tuple(w.shape)} and {tuple(b.shape)} (hidden layers share one width)")
     return d, hidden, layers
 
 
 def check_chain_args(weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
-                     reference: str, reference_scale: float, noise: torch.Tensor | None) -> tuple[int, int, int]:
+                     reference: str, reference_scale: float,
+                     noise: torch.Tensor | None) -> tuple[int, int, int]:
     """Validate the arguments every backend shares; returns (d, H, L)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation '{activation}'; choose one of {', '.join(ACTIVATIONS)}")
@@ -118,8 +117,8 @@ def langevin_reference(weights: Weights, z0: torch.Tensor, *, steps: int, step_s
 
     Weights are cast to z0's dtype (a bf16 MLP is compared in fp32 with bf16-valued weights).
     """
-    check_chain_args(weights, z0, steps=steps, step_size=step_size, activation=activation, reference=reference,
-                     reference_scale=reference_scale, noise=noise)
+    check_chain_args(weights, z0, steps=steps, step_size=step_size, activation=activation,
+                     reference=reference, reference_scale=reference_scale, noise=noise)
     weights = [(w.detach().to(z0.dtype), b.detach().to(z0.dtype)) for w, b in weights]
     drift = 0.5 * step_size**2
     z = z0.detach().clone()
@@ -134,8 +133,3 @@ def langevin_reference(weights: Weights, z0: torch.Tensor, *, steps: int, step_s
         z = z.detach() + drift * (grad + score_p0(z.detach(), reference, reference_scale)) + step_size * eps
         energies.append(f.detach().float().mean())
     return z, (torch.stack(energies) if energies else z.new_zeros(0, dtype=torch.float32))
-
-
-def gelu_tanh_constants() -> tuple[float, float]:
-    """(sqrt(2/pi), 0.044715): u = sqrt(2/pi) (a + 0.044715 a^3) in gelu_tanh(a) = a/2 (1 + tanh u)."""
-    return math.sqrt(2.0 / math.pi), 0.044715

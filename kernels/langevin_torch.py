@@ -1,21 +1,22 @@
 """Fused short-run Langevin in plain torch (any device): the analytic energy gradient, no autograd graph.
 
     z <- z + (s^2 / 2) * (grad_z f(z) + score_p0(z)) + s * eps,   K steps
-    f(z) = w_out . act(W_L ... act(W_1 z + b_1) ... + b_L) + b_out;   grad_z f by the chain rule (see _utils.py)
+    f(z) = w_out . act(W_L ... act(W_1 z + b_1) ... + b_L) + b_out;   grad_z f by the chain rule (_utils.py)
 
-Per step (batch B, latent d, hidden H, L hidden layers): matmul FLOPs 4B(dH + (L-1)H^2) (+2BH when energies are
-asked for); memory: L+1 [B, H] buffers (L+2 for gelu/silu, which keep a and act(a) apart) plus four [B, d]
-ones, allocated once per chain, so memory does not grow with K. Bytes moved per step are about
-(3L + 2) * B * H * 4 for the elementwise passes plus the weights once per matmul (L2-resident at H = 200).
+Per step (batch B, latent d, hidden H, L hidden layers): matmul FLOPs 4B(dH + (L-1)H^2) (+2BH when energies
+are asked for). Memory, allocated once per chain (flat in K): L [B, H] pre-activations, two [B, H] gradient
+buffers (one when L = 1), one more [B, H] for act(a) with gelu/silu (leaky_relu is applied in place), and
+three [B, d] (z, sign, eps). Bytes moved per step: about (3L + 2) B H 4 for the elementwise passes plus the
+weights once per matmul (L2-resident at H = 200).
 
 Why it is built this way (measured on the project's 2-core CPU, LeakyReLU MLP 32-200-200-1, K 60): a naive
 no-autograd loop lost to autograd at batch >= 256 because of temporaries and extra elementwise passes. Here
-every matmul writes into a preallocated buffer with its bias fused (addmm(out=)), activation and its derivative
-are single aten passes (leaky_relu_ in place; *_backward.grad_input(out=)), the drift scale s^2/2 is folded
-into the last matmul's alpha (z.addmm_), W^T is made contiguous once per chain, and the output layer (w_out)
-is folded into the first backward pass, so f itself is computed only when energies are asked for.
-Divergence check: one fp64 sum of z per step into a [K] buffer (a non-finite z gives a non-finite sum; fp64
-cannot overflow on fp32 inputs), read once at the end.
+every matmul writes into a preallocated buffer with its bias fused (addmm(out=)), activation and derivative
+are single aten passes (leaky_relu_ in place; *_backward.grad_input(out=)), the drift s^2/2 is folded into
+the last matmul's alpha (z.addmm_), W^T is made contiguous once per chain, and the output layer (w_out) is
+folded into the first backward pass, so f itself is computed only when energies are asked for.
+Divergence check: one sum of z per step into a [K] buffer (a non-finite z gives a non-finite sum), read only
+when z_K is non-finite.
 """
 
 from __future__ import annotations
@@ -68,24 +69,26 @@ def _compute_dtype(z0: torch.Tensor) -> torch.dtype:
 
 
 def langevin_torch(weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
-                   reference: str = "laplace", reference_scale: float = 1.0, noise: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None, return_energies: bool = False,
-                   leaky_slope: float = DEFAULT_LEAKY_SLOPE) -> ChainResult:
+                   reference: str = "laplace", reference_scale: float = 1.0,
+                   noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                   return_energies: bool = False, leaky_slope: float = DEFAULT_LEAKY_SLOPE) -> ChainResult:
     """Run K = ``steps`` Langevin steps from z0 [B, d] on exp(f) p0 with the MLP ``weights`` (no autograd).
 
-    ``weights``: [(W [out, in], b [out]) ...], hidden layers then the output layer (out = 1). ``noise`` [K, B, d]
-    replaces fresh draws; otherwise each step draws N(0, I) [B, d] with ``generator`` (the same draws, in the
-    same order, as the autograd reference). Computes in fp32 (fp64 if z0 is fp64); weights are cast once.
+    ``weights``: [(W [out, in], b [out]) ...], hidden layers then the output layer (out = 1). ``noise``
+    [K, B, d] replaces fresh draws; otherwise each step draws N(0, I) [B, d] with ``generator`` (the same
+    draws, in the same order, as the autograd reference). Computes in fp32 (fp64 if z0 is fp64); weights are
+    cast once.
     """
     d, hidden, layers = check_chain_args(weights, z0, steps=steps, step_size=step_size, activation=activation,
                                          reference=reference, reference_scale=reference_scale, noise=noise)
     dtype, device = _compute_dtype(z0), z0.device
     batch = z0.shape[0]
     act = _Activation(activation, leaky_slope)
-    # Weights are fixed during a chain: cast and lay out once. W^T contiguous for the forward matmuls (h @ W^T).
+    # Weights are fixed during a chain: cast and lay out once; W^T contiguous for the forward (h @ W^T).
     mats = [w.detach().to(dtype) for w, _ in weights]
     biases = [b.detach().to(dtype) for _, b in weights]
     mats_t = [w.t().contiguous() for w in mats[:-1]]
+    biases_rows = [b.expand(batch, hidden) for b in biases[:-1]]  # addmm skips its own expand per call
     w_out = mats[-1].reshape(1, hidden)
     b_out = biases[-1]
     drift = 0.5 * step_size**2
@@ -99,7 +102,10 @@ def langevin_torch(weights: Weights, z0: torch.Tensor, *, steps: int, step_size:
     w_out_rows = w_out.expand(batch, hidden)
     sign_buf = torch.empty_like(z) if reference == "laplace" else None
     eps_buf = torch.empty_like(z) if noise is None else None
-    sums = torch.empty(steps, device=device, dtype=torch.float64)  # divergence check, one value per step
+    # Divergence check: the sum of z after each step (non-finite once z is; views made once, not per step).
+    sums = torch.empty(steps, device=device, dtype=dtype)
+    sum_views = sums.unbind(0)
+    noise_steps = noise.unbind(0) if noise is not None else None
     energies = torch.empty(steps, device=device, dtype=torch.float32) if return_energies else None
     score_scale = drift / reference_scale if reference == "laplace" else drift / reference_scale**2
 
@@ -107,7 +113,7 @@ def langevin_torch(weights: Weights, z0: torch.Tensor, *, steps: int, step_size:
         # Forward: a_1 = z W_1^T + b_1, a_l = h_{l-1} W_l^T + b_l (bias fused into addmm).
         h = z
         for layer in range(layers):
-            torch.addmm(biases[layer], h, mats_t[layer], out=pre[layer])
+            torch.addmm(biases_rows[layer], h, mats_t[layer], out=pre[layer])
             if layer < layers - 1 or return_energies:
                 h = act.forward(pre[layer], post[layer])
         if energies is not None:
@@ -131,10 +137,13 @@ def langevin_torch(weights: Weights, z0: torch.Tensor, *, steps: int, step_size:
             torch.randn(z.shape, generator=generator, device=device, dtype=dtype, out=eps_buf)
             z.add_(eps_buf, alpha=step_size)
         else:
-            z.add_(noise[k], alpha=step_size)
-        torch.sum(z, dim=(0, 1), dtype=torch.float64, out=sums[k])
+            z.add_(noise_steps[k], alpha=step_size)
+        torch.sum(z, dim=(0, 1), out=sum_views[k])
 
     diverged_at = None
-    if steps and not bool(torch.isfinite(sums).all()):
+    if steps and not bool(torch.isfinite(z).all()):
+        # NaN/inf never leave z once in (they reach every matmul), so the first non-finite sum is the step.
+        # A sum can also overflow while z is still finite (|z| ~ 1e38 / (B d), a chain already blowing up),
+        # so the step reported is the first one that is non-finite or that large.
         diverged_at = int(torch.nonzero(~torch.isfinite(sums))[0, 0])
     return ChainResult(z.to(z0.dtype), energies, diverged_at)

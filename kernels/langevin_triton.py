@@ -6,9 +6,10 @@
 
 Each program owns BLOCK_B rows of z for the whole chain; per step it runs the MLP forward, the analytic
 backward, the score and the update, with eps read from a [K, B, d] tensor or drawn in-kernel by Philox
-(key = seed, counter = (row * d + col, step)). Per step and row: matmul FLOPs 4(dH + (L-1)H^2) (+2H for the
-energy); bytes: the weights (L2-resident, read twice per step per program: 4(dH + (L-1)H^2) * 2 in fp32, half
-in bf16) plus (3L + 3) * H * 4 of row scratch (L1/L2-resident) and 8d for z (and 4d for given noise).
+(key = seed, counter = (row * d + col, step)). Per step, per row: matmul FLOPs 4(dH + (L-1)H^2) (+2H for
+the energy). Per step, per program: weight bytes 8(dH + (L-1)H^2) in fp32, half in bf16 (every program reads
+the same weights: L2-resident); row scratch a_l, g_l: written once, read H / BLOCK_H times (L1-resident);
+z: 8 BLOCK_B d, plus 4 BLOCK_B d of given noise.
 
 Layouts (all contiguous): z [B, d] fp32 (z_0 in, z_K out); w_in [H, d]; w_hid [max(L-1, 1), H, H] (W_2..W_L
 stacked, a dummy when L = 1); w_in/w_hid fp32 or bf16 (bf16: dot operands in bf16, fp32 accumulation);
@@ -42,8 +43,6 @@ __all__ = ["langevin_reference", "langevin_triton", "triton_can_launch", "triton
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_LAYERS, MAX_HIDDEN, MAX_LATENT = 4, 512, 256
 _ACTIVATION_IDS = {name: i for i, name in enumerate(ACTIVATIONS)}  # gelu 0, gelu_tanh 1, leaky_relu 2, silu 3
-_SQRT_HALF, _INV_SQRT_2PI, _SQRT_2_OVER_PI, _GELU_TANH_C = 0.7071067811865476, 0.3989422804014327, \
-    0.7978845608028654, 0.044715
 
 
 @triton.jit
@@ -80,13 +79,14 @@ def _act_grad(a, ACTIVATION: tl.constexpr, LEAKY_SLOPE: tl.constexpr):
 
 @triton.jit
 def _dot(a, b, BF16_DOT: tl.constexpr):
-    """a @ b with fp32 accumulation: exact fp32 (no TF32) or bf16 operands (BF16_DOT 1; 2 emulates it in fp32)."""
+    """a @ b with fp32 accumulation: exact fp32 (no TF32), or bf16 operands (1; 2 emulates them in fp32)."""
     if BF16_DOT == 1:
         out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
     elif BF16_DOT == 2:
-        # The Triton 3.9 interpreter multiplies bf16 dot operands as their raw uint16 bits (garbage); round the
-        # operands to bf16 and multiply them exactly in fp32 instead, which is what the tensor cores compute.
-        out = tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+        # The Triton 3.9 interpreter multiplies bf16 dot operands as their raw uint16 bits (garbage); round
+        # the operands to bf16 and multiply them exactly in fp32 instead, which is what tensor cores compute.
+        a16, b16 = a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32)
+        out = tl.dot(a16, b16, input_precision="ieee")
     else:
         out = tl.dot(a, b, input_precision="ieee")
     return out
@@ -94,8 +94,8 @@ def _dot(a, b, BF16_DOT: tl.constexpr):
 
 @triton.jit
 def _langevin_chain_kernel(
-    z_ptr, w_in_ptr, w_hid_ptr, b_hid_ptr, w_out_ptr, noise_ptr, pre_ptr, grad_ptr, energy_ptr, first_bad_ptr,
-    batch, steps, seed, b_out, drift, noise_std, score_scale,
+    z_ptr, w_in_ptr, w_hid_ptr, b_hid_ptr, w_out_ptr, noise_ptr, pre_ptr, grad_ptr, energy_ptr,
+    first_bad_ptr, batch, steps, seed, b_out, drift, noise_std, score_scale,
     LATENT: tl.constexpr, HIDDEN: tl.constexpr, NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr,
     LEAKY_SLOPE: tl.constexpr, LAPLACE: tl.constexpr, NOISE_FROM_TENSOR: tl.constexpr,
     RETURN_ENERGIES: tl.constexpr, BF16_DOT: tl.constexpr,
@@ -103,113 +103,105 @@ def _langevin_chain_kernel(
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < batch
-    rows64 = rows.to(tl.int64)
-    pre_rows = pre_ptr + rows64[:, None] * (NUM_LAYERS * HIDDEN)  # (BLOCK_B, 1) base of this row's a_1..a_L
-    grad_rows = grad_ptr + rows64[:, None] * HIDDEN  # slot j at + j * batch * HIDDEN
-    slot_stride = batch * HIDDEN  # the launcher keeps 2 * batch * HIDDEN < 2^31
+    row_m = (rows < batch)[:, None]  # (BLOCK_B, 1)
+    rows64 = rows.to(tl.int64)[:, None]
+    z_rows = z_ptr + rows64 * LATENT
+    pre_rows = pre_ptr + rows64 * (NUM_LAYERS * HIDDEN)  # a_l of row r at pre_rows + l * HIDDEN
+    grad_rows = grad_ptr + rows64 * HIDDEN  # g in slot j at grad_rows + j * slot
+    slot = batch * HIDDEN  # the launcher keeps 2 * batch * HIDDEN < 2^31
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     first_bad = steps
-    noise_step_ptr = noise_ptr  # advanced by one [B, d] slice per step (64-bit pointer, no int32 overflow)
+    noise_step_ptr = noise_ptr  # advanced by one [B, d] slice per step (64-bit pointer: no int32 overflow)
 
     for k in range(steps):
         # Forward, layer 1: a_1 = z W_1^T + b_1, tiled over output columns n and latent chunks c.
         for n0 in range(0, HIDDEN, BLOCK_H):
-            cols = n0 + offs_h
-            col_ok = cols < HIDDEN
+            n = n0 + offs_h
             acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
             for c0 in range(0, LATENT, BLOCK_D):
-                kk = c0 + offs_d
-                k_ok = kk < LATENT
-                zt = tl.load(z_ptr + rows64[:, None] * LATENT + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                             other=0.0)
-                wt = tl.load(w_in_ptr + cols[:, None] * LATENT + kk[None, :], mask=col_ok[:, None] & k_ok[None, :],
-                             other=0.0)
+                c = c0 + offs_d
+                zt = tl.load(z_rows + c[None, :], mask=row_m & (c < LATENT)[None, :], other=0.0)
+                wt = tl.load(w_in_ptr + n[:, None] * LATENT + c[None, :],
+                             mask=(n < HIDDEN)[:, None] & (c < LATENT)[None, :], other=0.0)
                 acc += _dot(zt, tl.trans(wt), BF16_DOT)
-            acc += tl.load(b_hid_ptr + cols, mask=col_ok, other=0.0)[None, :]
-            tl.store(pre_rows + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+            acc += tl.load(b_hid_ptr + n, mask=n < HIDDEN, other=0.0)[None, :]
+            tl.store(pre_rows + n[None, :], acc, mask=row_m & (n < HIDDEN)[None, :])
         tl.debug_barrier()
         # Forward, layers 2..L: a_l = act(a_{l-1}) W_l^T + b_l (act recomputed from the stored a_{l-1}).
         for layer in tl.static_range(1, NUM_LAYERS):
+            w_l = w_hid_ptr + (layer - 1) * HIDDEN * HIDDEN
             for n0 in range(0, HIDDEN, BLOCK_H):
-                cols = n0 + offs_h
-                col_ok = cols < HIDDEN
+                n = n0 + offs_h
                 acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
                 for c0 in range(0, HIDDEN, BLOCK_H):
-                    kk = c0 + offs_h
-                    k_ok = kk < HIDDEN
-                    a = tl.load(pre_rows + (layer - 1) * HIDDEN + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                                other=0.0)
-                    h = _act(a, ACTIVATION, LEAKY_SLOPE)
-                    wt = tl.load(w_hid_ptr + (layer - 1) * HIDDEN * HIDDEN + cols[:, None] * HIDDEN + kk[None, :],
-                                 mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                    acc += _dot(h, tl.trans(wt), BF16_DOT)
-                acc += tl.load(b_hid_ptr + layer * HIDDEN + cols, mask=col_ok, other=0.0)[None, :]
-                tl.store(pre_rows + layer * HIDDEN + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+                    c = c0 + offs_h
+                    a = tl.load(pre_rows + (layer - 1) * HIDDEN + c[None, :],
+                                mask=row_m & (c < HIDDEN)[None, :], other=0.0)
+                    wt = tl.load(w_l + n[:, None] * HIDDEN + c[None, :],
+                                 mask=(n < HIDDEN)[:, None] & (c < HIDDEN)[None, :], other=0.0)
+                    acc += _dot(_act(a, ACTIVATION, LEAKY_SLOPE), tl.trans(wt), BF16_DOT)
+                acc += tl.load(b_hid_ptr + layer * HIDDEN + n, mask=n < HIDDEN, other=0.0)[None, :]
+                tl.store(pre_rows + layer * HIDDEN + n[None, :], acc, mask=row_m & (n < HIDDEN)[None, :])
             tl.debug_barrier()
-        # Output layer: g_L = w_out * act'(a_L) (and f = w_out . act(a_L) + b_out when energies are asked for).
+        # Output layer: g_L = w_out * act'(a_L), and f = w_out . act(a_L) + b_out when energies are asked for.
         f_rows = tl.zeros((BLOCK_B,), dtype=tl.float32)
         for n0 in range(0, HIDDEN, BLOCK_H):
-            cols = n0 + offs_h
-            col_ok = cols < HIDDEN
-            mask = row_ok[:, None] & col_ok[None, :]
-            a = tl.load(pre_rows + (NUM_LAYERS - 1) * HIDDEN + cols[None, :], mask=mask, other=0.0)
-            w = tl.load(w_out_ptr + cols, mask=col_ok, other=0.0)[None, :]
-            tl.store(grad_rows + ((NUM_LAYERS - 1) % 2) * slot_stride + cols[None, :],
-                     w * _act_grad(a, ACTIVATION, LEAKY_SLOPE), mask=mask)
+            n = n0 + offs_h
+            mask = row_m & (n < HIDDEN)[None, :]
+            a = tl.load(pre_rows + (NUM_LAYERS - 1) * HIDDEN + n[None, :], mask=mask, other=0.0)
+            w = tl.load(w_out_ptr + n, mask=n < HIDDEN, other=0.0)[None, :]
+            g = w * _act_grad(a, ACTIVATION, LEAKY_SLOPE)
+            tl.store(grad_rows + ((NUM_LAYERS - 1) % 2) * slot + n[None, :], g, mask=mask)
             if RETURN_ENERGIES:
                 f_rows += tl.sum(w * _act(a, ACTIVATION, LEAKY_SLOPE), axis=1)
         if RETURN_ENERGIES:
-            tl.store(energy_ptr + k * tl.num_programs(0) + pid, tl.sum(tl.where(row_ok, f_rows + b_out, 0.0), axis=0))
+            f_sum = tl.sum(tl.where(rows < batch, f_rows + b_out, 0.0), axis=0)
+            tl.store(energy_ptr + k * tl.num_programs(0) + pid, f_sum)
         tl.debug_barrier()
-        # Backward through layers L..2: g_{l-1} = (g_l W_l) * act'(a_{l-1}).
+        # Backward through layers L..2: g_{l-1} = (g_l W_l) * act'(a_{l-1}), g_l in slot l % 2.
         for layer in tl.static_range(NUM_LAYERS - 1, 0, -1):
+            w_l = w_hid_ptr + (layer - 1) * HIDDEN * HIDDEN
             for n0 in range(0, HIDDEN, BLOCK_H):
-                cols = n0 + offs_h
-                col_ok = cols < HIDDEN
-                mask = row_ok[:, None] & col_ok[None, :]
+                n = n0 + offs_h
+                mask = row_m & (n < HIDDEN)[None, :]
                 acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
                 for c0 in range(0, HIDDEN, BLOCK_H):
-                    kk = c0 + offs_h
-                    k_ok = kk < HIDDEN
-                    g = tl.load(grad_rows + (layer % 2) * slot_stride + kk[None, :],
-                                mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    wt = tl.load(w_hid_ptr + (layer - 1) * HIDDEN * HIDDEN + kk[:, None] * HIDDEN + cols[None, :],
-                                 mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                    acc += _dot(g, wt, BF16_DOT)
-                a = tl.load(pre_rows + (layer - 1) * HIDDEN + cols[None, :], mask=mask, other=0.0)
-                tl.store(grad_rows + ((layer - 1) % 2) * slot_stride + cols[None, :],
-                         acc * _act_grad(a, ACTIVATION, LEAKY_SLOPE), mask=mask)
+                    c = c0 + offs_h
+                    g = tl.load(grad_rows + (layer % 2) * slot + c[None, :],
+                                mask=row_m & (c < HIDDEN)[None, :], other=0.0)
+                    w = tl.load(w_l + c[:, None] * HIDDEN + n[None, :],
+                                mask=(c < HIDDEN)[:, None] & (n < HIDDEN)[None, :], other=0.0)
+                    acc += _dot(g, w, BF16_DOT)
+                a = tl.load(pre_rows + (layer - 1) * HIDDEN + n[None, :], mask=mask, other=0.0)
+                g_prev = acc * _act_grad(a, ACTIVATION, LEAKY_SLOPE)
+                tl.store(grad_rows + ((layer - 1) % 2) * slot + n[None, :], g_prev, mask=mask)
             tl.debug_barrier()
         # Update: z += drift * g_1 W_1 + score_scale * score(z) + noise_std * eps, tiled over latent columns.
         bad = 0
         for c0 in range(0, LATENT, BLOCK_D):
-            kk = c0 + offs_d
-            k_ok = kk < LATENT
-            mask = row_ok[:, None] & k_ok[None, :]
+            c = c0 + offs_d
+            mask = row_m & (c < LATENT)[None, :]
             acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
             for n0 in range(0, HIDDEN, BLOCK_H):
-                cols = n0 + offs_h
-                col_ok = cols < HIDDEN
-                g = tl.load(grad_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-                wt = tl.load(w_in_ptr + cols[:, None] * LATENT + kk[None, :], mask=col_ok[:, None] & k_ok[None, :],
-                             other=0.0)
-                acc += _dot(g, wt, BF16_DOT)
-            idx = rows64[:, None] * LATENT + kk[None, :]
-            zt = tl.load(z_ptr + idx, mask=mask, other=0.0)
+                n = n0 + offs_h
+                g = tl.load(grad_rows + n[None, :], mask=row_m & (n < HIDDEN)[None, :], other=0.0)
+                w = tl.load(w_in_ptr + n[:, None] * LATENT + c[None, :],
+                            mask=(n < HIDDEN)[:, None] & (c < LATENT)[None, :], other=0.0)
+                acc += _dot(g, w, BF16_DOT)
+            zt = tl.load(z_rows + c[None, :], mask=mask, other=0.0)
             if LAPLACE:
                 score = tl.where(zt > 0, -1.0, tl.where(zt < 0, 1.0, 0.0))  # -sign(z), 0 at exactly 0
             else:
                 score = -zt
+            idx = rows64 * LATENT + c[None, :]
             if NOISE_FROM_TENSOR:
                 eps = tl.load(noise_step_ptr + idx, mask=mask, other=0.0)
             else:
-                # Philox counter (lo, hi) = (row * d + col, step): a 64-bit offset whose high word is the step.
-                step_hi = (tl.zeros_like(idx) + k) << 32
-                eps = tl.randn(seed, step_hi + idx)
+                # Philox counter (lo, hi) = (row * d + col, step): a 64-bit offset, high word = step.
+                eps = tl.randn(seed, ((tl.zeros_like(idx) + k) << 32) + idx)
             z_new = zt + drift * acc + score_scale * score + noise_std * eps
-            tl.store(z_ptr + idx, z_new, mask=mask)
+            tl.store(z_rows + c[None, :], z_new, mask=mask)
             bad += tl.sum(tl.where(mask & ((z_new != z_new) | (tl.abs(z_new) == float("inf"))), 1, 0))
         first_bad = tl.minimum(first_bad, tl.where(bad > 0, k, steps))
         if NOISE_FROM_TENSOR:
@@ -219,16 +211,16 @@ def _langevin_chain_kernel(
 
 
 def triton_can_launch(device: torch.device) -> str | None:
-    """None when the kernel can run on ``device``; else why not (CPU needs TRITON_INTERPRET=1 before import)."""
+    """None when the kernel can run on ``device``; else why not (CPU: TRITON_INTERPRET=1 before import)."""
     if device.type == "cuda" or INTERPRETED:
         return None
-    return (f"the Triton Langevin kernel needs CUDA tensors, got {device.type} tensors; on CPU it runs only in "
-            "the Triton interpreter: set TRITON_INTERPRET=1 before importing mmebm_dist.kernels (slow; for tests), "
-            "or use backend='torch'")
+    return (f"the Triton Langevin kernel needs CUDA tensors, got {device.type} tensors; on CPU it runs only "
+            "in the Triton interpreter: set TRITON_INTERPRET=1 before importing mmebm_dist.kernels (slow; "
+            "for tests), or use backend='torch'")
 
 
 def triton_unsupported_reason(weights: Weights, z0: torch.Tensor, activation: str) -> str | None:
-    """None when the kernel supports this MLP and input; else a one-line reason (the dispatcher falls back)."""
+    """None when the kernel supports this MLP and input, else a one-line reason (dispatcher falls back)."""
     layers, hidden, latent = len(weights) - 1, weights[0][0].shape[0], z0.shape[1]
     dtypes = {w.dtype for w, _ in weights}
     if activation not in _ACTIVATION_IDS:
@@ -249,24 +241,26 @@ def triton_unsupported_reason(weights: Weights, z0: torch.Tensor, activation: st
 
 
 def _block_sizes(hidden: int, latent: int) -> tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_H, BLOCK_D) = (16, 32, 32), narrower tiles for narrower layers (16 is tl.dot's minimum).
+    """(BLOCK_B, BLOCK_H, BLOCK_D) = (16, 32, 32), narrower for narrower layers (16: tl.dot's minimum).
 
-    Chosen with ptxas for sm_90a (no GPU to time on here): 16 x 64 tiles or 32 rows per program spill registers
-    with exact fp32 dots or in-kernel Philox; 16 x 32 x 32 with 4 warps uses <= 235 registers and <= 24 bytes
-    of spills over the supported envelope.
+    Chosen with ptxas for sm_90a (no GPU to time on here): 16 x 64 tiles or 32 rows per program spill
+    registers with exact fp32 dots or in-kernel Philox; 16 x 32 x 32 with 4 warps uses <= 235 registers and
+    <= 24 bytes of spills over the supported envelope.
     """
-    return 16, min(32, max(16, triton.next_power_of_2(hidden))), min(32, max(16, triton.next_power_of_2(latent)))
+    block_h = min(32, max(16, triton.next_power_of_2(hidden)))
+    return 16, block_h, min(32, max(16, triton.next_power_of_2(latent)))
 
 
 def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
-                    reference: str = "laplace", reference_scale: float = 1.0, noise: torch.Tensor | None = None,
-                    seed: int = 0, return_energies: bool = False, leaky_slope: float = DEFAULT_LEAKY_SLOPE,
+                    reference: str = "laplace", reference_scale: float = 1.0,
+                    noise: torch.Tensor | None = None, seed: int = 0, return_energies: bool = False,
+                    leaky_slope: float = DEFAULT_LEAKY_SLOPE,
                     block_sizes: tuple[int, int, int] | None = None) -> ChainResult:
-    """Run the K-step chain in one kernel launch. ``noise`` [K, B, d] or in-kernel Philox noise keyed by ``seed``.
+    """Run the K-step chain in one kernel launch, noise from ``noise`` [K, B, d] or Philox keyed by ``seed``.
 
-    ``block_sizes`` (BLOCK_B, BLOCK_H, BLOCK_D), powers of two >= 16, overrides the default tiles (tests use it
-    to cross tile edges at small widths). Raises ValueError when the configuration is unsupported or the kernel
-    cannot launch on z0's device.
+    ``block_sizes`` (BLOCK_B, BLOCK_H, BLOCK_D), powers of two >= 16, overrides the default tiles (tests use
+    it to cross tile edges at small widths). Raises ValueError when the configuration is unsupported or the
+    kernel cannot launch on z0's device.
     """
     d, hidden, layers = check_chain_args(weights, z0, steps=steps, step_size=step_size, activation=activation,
                                          reference=reference, reference_scale=reference_scale, noise=noise)
@@ -280,8 +274,8 @@ def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size
         raise ValueError(f"seed must be in [0, 2^63), got {seed}")
     device, batch = z0.device, z0.shape[0]
     if steps == 0:
-        return ChainResult(z0.detach().clone(), z0.new_zeros(0, dtype=torch.float32) if return_energies else None,
-                           None)
+        energies = z0.new_zeros(0, dtype=torch.float32) if return_energies else None
+        return ChainResult(z0.detach().clone(), energies, None)
     mat_dtype = weights[0][0].dtype
     w_in = weights[0][0].detach().contiguous()
     if layers > 1:
@@ -305,12 +299,14 @@ def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size
     drift = 0.5 * step_size**2
     score_scale = drift / reference_scale if reference == "laplace" else drift / reference_scale**2
 
+    bf16_dot = (2 if INTERPRETED else 1) if mat_dtype == torch.bfloat16 else 0
+
     _langevin_chain_kernel[(programs,)](
         z, w_in, w_hid, b_hid, w_out, noise_arg, pre, grad, energy, first_bad,
         batch, steps, seed, b_out, drift, step_size, score_scale,
         LATENT=d, HIDDEN=hidden, NUM_LAYERS=layers, ACTIVATION=_ACTIVATION_IDS[activation],
         LEAKY_SLOPE=float(leaky_slope), LAPLACE=reference == "laplace", NOISE_FROM_TENSOR=noise is not None,
-        RETURN_ENERGIES=return_energies, BF16_DOT=(2 if INTERPRETED else 1) if mat_dtype == torch.bfloat16 else 0,
+        RETURN_ENERGIES=return_energies, BF16_DOT=bf16_dot,
         BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
     )
     energies = energy[:steps].sum(1) / batch if return_energies else None

@@ -17,9 +17,9 @@ TRITON_INTERPRET=1); a forced triton on a configuration the kernel does not supp
 one-line warning (once), never a wrong answer.
 
 Divergence: every backend raises :class:`LangevinDivergenceError` naming the first step whose update left a
-non-finite value in z. autograd checks each step; torch keeps one fp64 sum of z per step and reads them once at
-the end; triton tracks the first bad step per program in the kernel. The fused backends finish the chain first
-(cheap: no per-step host sync) and then raise.
+non-finite value in z. autograd checks each step; torch keeps one fp64 sum of z per step and reads them once
+at the end; triton tracks the first bad step per program in the kernel. The fused backends finish the chain
+first (no per-step host sync) and then raise.
 
 Noise: ``noise`` [K, B, d] makes all backends comparable. Fresh noise: autograd and torch draw N(0, I) [B, d]
 per step from ``generator`` (the same draws in the same order, so they agree for the same generator state);
@@ -30,7 +30,7 @@ is reproducible but not equal to the other two.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -104,15 +104,15 @@ def _warn_once(message: str) -> None:
 
 
 def _partitioned(energy: EnergyMLP) -> bool:
-    """True when DeepSpeed ZeRO-3 may hold the energy's weights partitioned (fused backends cannot read them)."""
+    """True when DeepSpeed ZeRO-3 may hold the energy's weights partitioned (unreadable to fused backends)."""
     return any(p.numel() == 0 or hasattr(p, "ds_numel") for p in energy.parameters())
 
 
 def _fused_refusal(energy, backend: str) -> str | None:
     """Why a fused backend cannot take ``energy`` (None when it can)."""
     if not isinstance(energy, EnergyMLP):
-        return (f"backend='{backend}' needs an EnergyMLP (it reads the weights), got {type(energy).__name__}; "
-                "use backend='autograd' or 'auto' for an arbitrary energy callable")
+        return (f"backend='{backend}' needs an EnergyMLP (it reads the weights), got "
+                f"{type(energy).__name__}; use backend='autograd' or 'auto' for an arbitrary energy callable")
     if _partitioned(energy):
         return (f"backend='{backend}' cannot read the energy's weights: DeepSpeed ZeRO-3 partitions them "
                 "(param.numel() == 0 / ds_numel); use backend='auto' or 'autograd', which call energy(z) and "
@@ -134,7 +134,7 @@ def _triton_seed(generator: torch.Generator | None, device: torch.device) -> int
 
 
 def resolve_backend(energy, z0: torch.Tensor, backend: str = "auto") -> str:
-    """The backend ``sample`` will run: ``autograd``, ``torch`` or ``triton`` (raises when a forced one cannot)."""
+    """The backend ``sample`` runs: ``autograd``, ``torch`` or ``triton``; raises when a forced one cannot."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown Langevin backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if backend == "autograd":

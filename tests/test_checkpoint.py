@@ -1,4 +1,4 @@
-"""Checkpoints: atomic layout, partial directories never loaded, and exact resume of a run killed with SIGKILL."""
+"""Checkpoints: atomic layout, partial directories never loaded, exact resume of a run killed by SIGKILL."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from mmebm_dist.train.checkpoint import (
 )
 from mmebm_dist.train.metrics import read_jsonl, truncate_jsonl
 
-# Relative tolerance on logged losses after a resume. Measured: bitwise equal on CPU with one thread (the model,
+# Relative tolerance on logged losses after a resume. Measured: bitwise equal on CPU with one thread (model,
 # optimizer and RNG states are restored exactly); 1e-6 leaves room for a BLAS that is not bitwise reproducible
 # across processes, and is far below the change a wrong RNG state or data position causes (> 1e-3).
 RESUME_RTOL = 1e-6
@@ -85,20 +85,35 @@ def _samples_by_step(run: Path) -> dict[int, list[tuple[int, list[str]]]]:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
-    """Kill a run with SIGKILL after a checkpoint, resume it: same final step, the same losses at every step as a
-    run never interrupted (RESUME_RTOL), the same samples at every step, and no sample twice within an epoch.
-    Covers gradient accumulation, lr decay and clipping (scheduler and optimizer state), and epoch boundaries."""
+    """Kill a run with SIGKILL after a checkpoint, resume it: same final step, the same losses at every step
+    as a run never interrupted (RESUME_RTOL), the same samples at every step, and no sample twice in an epoch.
+    Covers gradient accumulation, lr decay and clipping (scheduler, optimizer state) and epoch boundaries."""
     data = build_tiny_polymnist(tmp_path / "data", modalities=2, train=64, shard_size=16)
-    steps = 40
-    config = tiny_config(tmp_path / "c.yaml", data, optim={"grad_accum": 2, "lr_decay": 0.9, "lr_decay_every": 3,
-                                                           "grad_clip": 50.0},
-                         train={"steps": steps, "checkpoint_every": 3, "keep_checkpoints": 2})
+    steps = 24
+    config = tiny_config(
+        tmp_path / "c.yaml",
+        data,
+        optim={"grad_accum": 2, "lr_decay": 0.9, "lr_decay_every": 3, "grad_clip": 50.0},
+        train={"steps": steps, "checkpoint_every": 3, "keep_checkpoints": 2},
+    )
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     run_train(["--config", str(config), f"train.out_dir={reference}", "--trace-samples"])
 
-    proc = subprocess.Popen([sys.executable, "-m", "mmebm_dist.train", "--config", str(config),
-                             f"train.out_dir={crashed}", "--trace-samples"], cwd=REPO, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mmebm_dist.train",
+            "--config",
+            str(config),
+            f"train.out_dir={crashed}",
+            "--trace-samples",
+        ],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 180
     while latest_checkpoint(crashed) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)

@@ -52,7 +52,19 @@ def test_every_template_and_attribute_value_gives_good_grammar():
         assert vocab.decode(ids) == caption  # tokenizer round trip
     # CUB's vocabulary and both spellings appear
     seen = {w for c in captions for w in tokenize(c)}
-    assert {"crown", "nape", "breast", "belly", "wingbars", "eye", "ring", "bill", "beak", "grey", "gray"} <= seen
+    assert {
+        "crown",
+        "nape",
+        "breast",
+        "belly",
+        "wingbars",
+        "eye",
+        "ring",
+        "bill",
+        "beak",
+        "grey",
+        "gray",
+    } <= seen
     assert {"an", "a"} <= seen
 
 
@@ -62,15 +74,25 @@ def test_reader_recovers_exactly_what_each_template_states():
         for t, (_, mentioned) in enumerate(birds.TEMPLATES):
             read = read_caption_attributes(make_caption(attrs, t, rng))
             for name in ATTRIBUTE_NAMES:
-                assert read[name] == (attrs[name] if name in mentioned else UNMENTIONED), (t, name, read, attrs)
+                assert read[name] == (attrs[name] if name in mentioned else UNMENTIONED), (
+                    t,
+                    name,
+                    read,
+                    attrs,
+                )
 
 
 def test_reader_on_free_text():
     read = read_caption_attributes("A small gray bird with black wings, no eye ring and a long orange beak.")
     assert read["size"] == ATTRIBUTES["size"].index("small")
-    assert read["body_colour"] == birds.COLOURS.index("grey") and read["wing_colour"] == birds.COLOURS.index("black")
-    assert read["eye_ring"] == 0 and read["beak_length"] == 1 and read["beak_colour"] == birds.BEAK_COLOURS.index(
-        "orange")
+    assert read["body_colour"] == birds.COLOURS.index("grey") and read["wing_colour"] == birds.COLOURS.index(
+        "black"
+    )
+    assert (
+        read["eye_ring"] == 0
+        and read["beak_length"] == 1
+        and read["beak_colour"] == birds.BEAK_COLOURS.index("orange")
+    )
     assert read["crown_colour"] == UNMENTIONED and read["wingbars"] == UNMENTIONED
     assert all(v == UNMENTIONED for v in read_caption_attributes("<unk> <unk> .").values())
 
@@ -97,8 +119,10 @@ def test_drawing_is_deterministic_inside_the_frame_and_stands_out(photos):
         assert a.alpha[0].max() == 0 and a.alpha[-1].max() == 0 and a.alpha[:, 0].max() == 0
         assert a.alpha[:, -1].max() == 0 and a.alpha.sum() > 40  # a visible bird, fully inside
     other = render_bird(_attribute_sets(1)[0], np.random.default_rng([3, 0]), photos, p)
-    assert other.image.tobytes() != render_bird(_attribute_sets(1)[0], np.random.default_rng([2, 0]), photos,
-                                                p).image.tobytes()
+    assert (
+        other.image.tobytes()
+        != render_bird(_attribute_sets(1)[0], np.random.default_rng([2, 0]), photos, p).image.tobytes()
+    )
 
 
 def test_colour_attributes_change_the_image(photos):
@@ -114,8 +138,9 @@ def test_colour_attributes_change_the_image(photos):
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("birds")
     out = root / "a"
-    manifest = build_birds(BirdsSpec(out=str(out), num_train=24, num_test=10, shard_size=8, workers=1, seed=4),
-                           progress=False)
+    manifest = build_birds(
+        BirdsSpec(out=str(out), num_train=24, num_test=10, shard_size=8, workers=1, seed=4), progress=False
+    )
     return out, manifest
 
 
@@ -123,7 +148,9 @@ def built(tmp_path_factory):
 def test_build_is_deterministic_across_workers(built, tmp_path):
     out, _ = built
     again = tmp_path / "b"
-    build_birds(BirdsSpec(out=str(again), num_train=24, num_test=10, shard_size=8, workers=2, seed=4), progress=False)
+    build_birds(
+        BirdsSpec(out=str(again), num_train=24, num_test=10, shard_size=8, workers=2, seed=4), progress=False
+    )
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(p.name for p in again.iterdir())
     for name in names:
@@ -172,7 +199,7 @@ def test_attribute_classifier_trains_saves_and_loads(built):
 
 
 class _OracleModel:
-    """Stands in for a trained model: 'generates' the source sample's own other modality (or a shuffled one)."""
+    """Stands in for a trained model: 'generates' the source's own other modality (or a shuffled one)."""
 
     device = torch.device("cpu")
 
@@ -189,7 +216,7 @@ class _OracleClassifier:
         self.attributes, self.seen = attributes, 0
 
     def predict(self, images):
-        rows = self.attributes[self.seen:self.seen + len(images)]
+        rows = self.attributes[self.seen : self.seen + len(images)]
         self.seen += len(images)
         return {name: rows[:, k] for k, name in enumerate(ATTRIBUTE_NAMES)}
 
@@ -202,8 +229,12 @@ def test_cross_coherence_functions_score_an_oracle_perfectly(built):
     perfect = bc.image_to_text(_OracleModel(), data, vocab, batch_size=4)
     assert perfect["acc"] == 1.0 and 0.0 < perfect["stated"] < 1.0  # a caption states some attributes
     assert bc.image_to_text(_OracleModel(shuffle=True), data, vocab, batch_size=16)["acc"] < 0.9
-    assert bc.text_to_image(_OracleModel(), data, vocab, _OracleClassifier(data["attributes"]),
-                            batch_size=4)["acc"] == 1.0
+    assert (
+        bc.text_to_image(_OracleModel(), data, vocab, _OracleClassifier(data["attributes"]), batch_size=4)[
+            "acc"
+        ]
+        == 1.0
+    )
 
 
 def test_existing_output_is_refused(built):

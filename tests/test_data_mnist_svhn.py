@@ -82,12 +82,15 @@ def test_contrast_measure_and_rejection():
 
 def test_impossible_contrast_raises_naming_the_threshold(photos, fonts):
     with pytest.raises(RuntimeError, match="min_contrast"):
-        render_house_number(1, np.random.default_rng(0), photos, fonts,
-                            HouseNumberParams(min_contrast=1.01, max_attempts=3))
+        render_house_number(
+            1, np.random.default_rng(0), photos, fonts, HouseNumberParams(min_contrast=1.01, max_attempts=3)
+        )
 
 
 def test_class_counts_follow_svhn():
-    assert class_counts(73257, mnist_svhn.SVHN_CLASS_COUNTS["train"]) == list(mnist_svhn.SVHN_CLASS_COUNTS["train"])
+    assert class_counts(73257, mnist_svhn.SVHN_CLASS_COUNTS["train"]) == list(
+        mnist_svhn.SVHN_CLASS_COUNTS["train"]
+    )
     small = class_counts(1000, mnist_svhn.SVHN_CLASS_COUNTS["test"])
     assert sum(small) == 1000 and small[1] == max(small)  # SVHN's most frequent class is 1
 
@@ -112,8 +115,17 @@ def _build(root, name, workers):
     if not idx.exists():
         write_idx(idx, train=60, test=20)
     out = root / name
-    spec = MnistSvhnSpec(out=str(out), source="idx", idx_dir=str(idx), num_train=40, num_test=20, factor=2,
-                         shard_size=16, workers=workers, seed=3)
+    spec = MnistSvhnSpec(
+        out=str(out),
+        source="idx",
+        idx_dir=str(idx),
+        num_train=40,
+        num_test=20,
+        factor=2,
+        shard_size=16,
+        workers=workers,
+        seed=3,
+    )
     return out, build_mnist_svhn(spec, progress=False)
 
 

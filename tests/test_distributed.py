@@ -1,6 +1,6 @@
-"""Multi-process training through the real CLI under `accelerate launch` on CPU: DDP over gloo, DeepSpeed ZeRO-2
-and ZeRO-3, and two "nodes" on loopback. Each run writes a per-rank trace (`--trace-samples`) from which the
-tests read what every rank believed (world size, rank) and which samples it consumed."""
+"""Multi-process training through the real CLI under `accelerate launch` on CPU: DDP over gloo, DeepSpeed
+ZeRO-2 and ZeRO-3, and two "nodes" on loopback. Each run writes a per-rank trace (`--trace-samples`) from
+which the tests read what every rank believed (world size, rank) and which samples it consumed."""
 
 from __future__ import annotations
 
@@ -82,9 +82,15 @@ def _fresh_model_from_export(run: Path) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def ddp_run(config, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("ddp") / "run"
-    run_train(["--config", str(config), f"train.out_dir={run}", "--trace-samples"],
-              launcher=["--config_file", str(REPO / "launch/accelerate/cpu_ddp_2proc.yaml"),
-                        "--main_process_port", str(free_port())])
+    run_train(
+        ["--config", str(config), f"train.out_dir={run}", "--trace-samples"],
+        launcher=[
+            "--config_file",
+            str(REPO / "launch/accelerate/cpu_ddp_2proc.yaml"),
+            "--main_process_port",
+            str(free_port()),
+        ],
+    )
     return run
 
 
@@ -111,11 +117,13 @@ def _deepspeed_launch(tmp_path: Path, zero_json: Path, **zero: object) -> list[s
 
 def test_deepspeed_zero2_ranks_data_and_export(config, ddp_run, tmp_path):
     """ZeRO-2 through cpu_deepspeed_2proc.yaml. The CPU workaround's effect: each rank knows it is one of two
-    (without PartialState(backend="gloo") both report rank 0 of 1 and read the same data). The consolidated fp32
-    export loads into a fresh single-process model and equals the DDP run's weights."""
+    (without PartialState(backend="gloo") both report rank 0 of 1 and read the same data). The consolidated
+    fp32 export loads into a fresh single-process model and equals the DDP run's weights."""
     run = tmp_path / "run"
-    run_train(["--config", str(config), f"train.out_dir={run}", "--trace-samples"],
-              launcher=_deepspeed_launch(tmp_path, REPO / "launch/deepspeed/zero2.json"))
+    run_train(
+        ["--config", str(config), f"train.out_dir={run}", "--trace-samples"],
+        launcher=_deepspeed_launch(tmp_path, REPO / "launch/deepspeed/zero2.json"),
+    )
     ranks = _check_world(run, distributed_type="DEEPSPEED", zero_stage=2)
     assert len({r["end"]["param_digest"] for r in ranks}) == 1  # ZeRO-2 keeps full replicas in step
     assert sorted((run / f"checkpoints/step-{STEPS:07d}/pytorch_model").glob("zero_pp_rank_*optim_states.pt"))
@@ -125,14 +133,24 @@ def test_deepspeed_zero2_ranks_data_and_export(config, ddp_run, tmp_path):
 
 
 def test_deepspeed_zero3_save_resume_and_export(config, ddp_run, tmp_path):
-    """ZeRO-3 with every parameter partitioned (persistence threshold 0): train 4 steps, resume from the sharded
-    checkpoint to 8 (accelerator.load_state under ZeRO-3), then the fp32 export consolidated from the shards
-    equals the uninterrupted DDP run's weights."""
+    """ZeRO-3 with every parameter partitioned (persistence threshold 0): train 4 steps, resume from the
+    sharded checkpoint to 8 (accelerator.load_state under ZeRO-3), then the fp32 export consolidated from the
+    shards equals the uninterrupted DDP run's weights."""
     run = tmp_path / "run"
-    launch = _deepspeed_launch(tmp_path, REPO / "launch/deepspeed/zero3.json",
-                               stage3_param_persistence_threshold=0)
-    run_train(["--config", str(config), f"train.out_dir={run}", "train.steps=4", "train.image_every=2",
-               "--trace-samples"], launcher=launch)
+    launch = _deepspeed_launch(
+        tmp_path, REPO / "launch/deepspeed/zero3.json", stage3_param_persistence_threshold=0
+    )
+    run_train(
+        [
+            "--config",
+            str(config),
+            f"train.out_dir={run}",
+            "train.steps=4",
+            "train.image_every=2",
+            "--trace-samples",
+        ],
+        launcher=launch,
+    )
     run_train(["--resume", str(run), f"train.steps={STEPS}", "--trace-samples"], launcher=launch)
     ranks = _check_world(run, distributed_type="DEEPSPEED", zero_stage=3)
     assert [s["start_step"] for s in ranks[0]["start"]] == [0, 4]
@@ -142,16 +160,41 @@ def test_deepspeed_zero3_save_resume_and_export(config, ddp_run, tmp_path):
 
 
 def test_two_nodes_on_loopback(config, tmp_path):
-    """Two `accelerate launch --num_machines 2 --machine_rank 0/1` on 127.0.0.1 form one job of world size 2."""
+    """Two `accelerate launch --num_machines 2 --machine_rank 0/1` on 127.0.0.1 form a job of world size 2."""
     run = tmp_path / "run"
     port = free_port()
     procs = [
-        subprocess.Popen([ACCELERATE, "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank),
-                          "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-                          "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "-m", "mmebm_dist.train", "--config", str(config), f"train.out_dir={run}",
-                          "--trace-samples"],
-                         cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [
+                *ACCELERATE,
+                "--multi_gpu",
+                "--num_machines",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                str(port),
+                "--num_processes",
+                "2",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                "-m",
+                "mmebm_dist.train",
+                "--config",
+                str(config),
+                f"train.out_dir={run}",
+                "--trace-samples",
+            ],
+            cwd=REPO,
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for rank in (0, 1)
     ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]

@@ -1,4 +1,4 @@
-"""Text modality: tokenizer/vocabulary round trip, caption tiles, the text family and categorical likelihood."""
+"""Text modality: tokenizer/vocabulary round trip, caption tiles, text family, categorical likelihood."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from mmebm_dist.models.likelihoods import LIKELIHOODS
 from mmebm_dist.models.modality import FAMILIES
 
 HAS_VOCAB_SIZE = "vocab_size" in {f.name for f in dataclasses.fields(ModalityConfig)}
-needs_vocab_size = pytest.mark.skipif(not HAS_VOCAB_SIZE, reason="needs ModalityConfig.vocab_size (requested of "
-                                      "mmebm_dist/config.py; see docs/datasets.md)")
+needs_vocab_size = pytest.mark.skipif(
+    not HAS_VOCAB_SIZE,
+    reason="needs ModalityConfig.vocab_size (requested of mmebm_dist/config.py; see docs/datasets.md)",
+)
 
 TEXTS = ["this bird has a red crown, a white breast and a short bill.", "an orange bird with grey wings."]
 
@@ -110,14 +112,29 @@ def test_text_family_in_a_multimodal_model_trains_one_step():
 
     assert "text" in FAMILIES
     cfg = ModelConfig(
-        modalities=[ModalityConfig(name="image", shape=(3, 8, 8), family="conv"),
-                    ModalityConfig(name="caption", shape=(16,), family="text", likelihood="categorical",
-                                   likelihood_scale=1.0, vocab_size=11)],
-        latent_dim=4, private_dim=2, width=4)
+        modalities=[
+            ModalityConfig(name="image", shape=(3, 8, 8), family="conv"),
+            ModalityConfig(
+                name="caption",
+                shape=(16,),
+                family="text",
+                likelihood="categorical",
+                likelihood_scale=1.0,
+                vocab_size=11,
+            ),
+        ],
+        latent_dim=4,
+        private_dim=2,
+        width=4,
+    )
     cfg.prior.hidden, cfg.prior.langevin.steps = 8, 2
     torch.manual_seed(0)
     model = build_model(cfg)
-    batch = {"image": torch.rand(3, 3, 8, 8), "caption": torch.randint(0, 11, (3, 16)), "label": torch.zeros(3)}
+    batch = {
+        "image": torch.rand(3, 3, 8, 8),
+        "caption": torch.randint(0, 11, (3, 16)),
+        "label": torch.zeros(3),
+    }
     out = model(batch)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and out["rec/caption"] > 0

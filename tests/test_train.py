@@ -20,8 +20,11 @@ LOSS_TERMS = ("loss", "elbo", "kl_z", "energy_gap", "energy_pos", "energy_neg", 
 
 @pytest.fixture(scope="module")
 def data5(tmp_path_factory) -> Path:
-    """Five modalities, as configs/tiny.yaml declares: 96 train tuples in 6 shards."""
-    return build_tiny_polymnist(tmp_path_factory.mktemp("data5"), modalities=5, train=96, shard_size=16)
+    """As many modalities as configs/tiny.yaml declares (five): 96 train tuples in 6 shards."""
+    modalities = len(load_config(REPO / "configs/tiny.yaml").model.modalities)
+    return build_tiny_polymnist(
+        tmp_path_factory.mktemp("data5"), modalities=modalities, train=96, shard_size=16
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,7 @@ def data2(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def in_process():
-    """Run the loop inside pytest: reset accelerate's process-wide state and restore torch's threads and RNG."""
+    """Run the loop inside pytest: reset accelerate's process-wide state, restore torch's threads and RNG."""
     from accelerate.state import AcceleratorState
 
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
@@ -43,12 +46,25 @@ def in_process():
 
 
 def test_tiny_config_trains_and_writes_run_dir(data5, tmp_path):
-    """`python -m mmebm_dist.train --config configs/tiny.yaml`: 30 steps, loss falls, every run-dir file parses."""
+    """`python -m mmebm_dist.train --config configs/tiny.yaml`: 30 steps, loss falls, run-dir files parse."""
     run = tmp_path / "run"
     steps = 30
-    proc = run_train(["--config", str(REPO / "configs/tiny.yaml"), f"data.path={data5}", f"train.out_dir={run}",
-                      f"train.steps={steps}", "train.log_every=1", "train.image_every=10",
-                      "train.checkpoint_every=10", "train.keep_checkpoints=2", "train.threads=1"])
+    proc = run_train(
+        [
+            "--config",
+            str(REPO / "configs/tiny.yaml"),
+            f"data.path={data5}",
+            f"train.out_dir={run}",
+            f"train.steps={steps}",
+            "data.batch_size=16",
+            "data.num_workers=1",
+            "train.log_every=1",
+            "train.image_every=10",
+            "train.checkpoint_every=10",
+            "train.keep_checkpoints=2",
+            "train.threads=1",
+        ]
+    )
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["step"] == steps and summary["world_size"] == 1
 
@@ -57,13 +73,22 @@ def test_tiny_config_trains_and_writes_run_dir(data5, tmp_path):
 
     records = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, steps + 1))
-    for key in (*LOSS_TERMS, "rec/m0", "rec/m4", "lr/model", "lr/energy", "samples_per_s", "world_size",
-                "wall_time_s", "epoch", "epoch_batch"):
+    for key in (
+        *LOSS_TERMS,
+        *(f"rec/{m.name}" for m in cfg.model.modalities),
+        "lr/model",
+        "lr/energy",
+        "samples_per_s",
+        "world_size",
+        "wall_time_s",
+        "epoch",
+        "epoch_batch",
+    ):
         assert key in records[-1], key
     first = sum(r["loss"] for r in records[:5]) / 5
     last = sum(r["loss"] for r in records[-5:]) / 5
     assert last < 0.9 * first, (first, last)
-    # 96 tuples, batch 16, one worker: 6 batches per epoch, so step 30 ends epoch 4.
+    # 96 tuples, batch 16, one worker: 6 batches per epoch, so step 30 ends epoch 4 (0-based).
     assert (records[-1]["epoch"], records[-1]["epoch_batch"]) == (5, 0)
 
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -84,13 +109,13 @@ def test_tiny_config_trains_and_writes_run_dir(data5, tmp_path):
     events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == list(range(1, steps + 1))
-    assert {f"samples/joint/m{k}" for k in range(5)} <= set(events.Tags()["images"])
+    assert {f"samples/joint/{m.name}" for m in cfg.model.modalities} <= set(events.Tags()["images"])
     assert [e.step for e in events.Images("samples/joint/m0")] == [10, 20, 30]
 
 
 def test_eval_hook_and_images_leave_training_unchanged(data2, tmp_path, in_process, monkeypatch):
-    """The periodic eval hook is called every eval_every steps and logged; it (and the sample grids) draw random
-    numbers, yet the losses equal those of a run without them: they run on isolated RNG streams."""
+    """The periodic eval hook is called every eval_every steps and logged; it (and the sample grids) draw
+    random numbers, yet the losses equal those of a run without them: they run on isolated RNG streams."""
     from mmebm_dist.train.loop import train
 
     calls = []
@@ -100,12 +125,16 @@ def test_eval_hook_and_images_leave_training_unchanged(data2, tmp_path, in_proce
         torch.randn(1000)  # consumes the global RNG, as a real evaluation would
         return {"joint_coherence": 0.25, "cross_coherence": 0.5}
 
-    monkeypatch.setitem(sys.modules, "mmebm_dist.evaluate.periodic",
-                        types.SimpleNamespace(periodic_eval=periodic_eval))
+    monkeypatch.setitem(
+        sys.modules, "mmebm_dist.evaluate.periodic", types.SimpleNamespace(periodic_eval=periodic_eval)
+    )
     config = tiny_config(tmp_path / "c.yaml", data2)
     plain = train(load_config(config, [f"train.out_dir={tmp_path / 'plain'}"]))
-    hooked = train(load_config(config, [f"train.out_dir={tmp_path / 'hooked'}", "train.eval_every=3",
-                                        "train.image_every=2"]))
+    hooked = train(
+        load_config(
+            config, [f"train.out_dir={tmp_path / 'hooked'}", "train.eval_every=3", "train.image_every=2"]
+        )
+    )
     assert calls == [3, 6]
     assert plain["terms"] == hooked["terms"]
     records = read_jsonl(tmp_path / "hooked/metrics.jsonl")
@@ -120,15 +149,31 @@ def test_lr_schedule_accumulation_and_clipping(data2, tmp_path, in_process):
     an optimizer step consumes two batches; grad_clip logs the pre-clip norm."""
     from mmebm_dist.train.loop import train
 
-    cfg = load_config(tiny_config(tmp_path / "c.yaml", data2), [
-        f"train.out_dir={tmp_path / 'run'}", "train.steps=6", "optim.grad_accum=2", "optim.lr_decay=0.5",
-        "optim.lr_decay_every=2", "optim.grad_clip=1.0", "optim.lr=0.004"])
+    cfg = load_config(
+        tiny_config(tmp_path / "c.yaml", data2),
+        [
+            f"train.out_dir={tmp_path / 'run'}",
+            "train.steps=6",
+            "optim.grad_accum=2",
+            "optim.lr_decay=0.5",
+            "optim.lr_decay_every=2",
+            "optim.grad_clip=1.0",
+            "optim.lr=0.004",
+        ],
+    )
     train(cfg)
     records = read_jsonl(tmp_path / "run/metrics.jsonl")
     assert [r["lr/model"] for r in records] == pytest.approx([0.004, 0.002, 0.002, 0.001, 0.001, 0.0005])
     assert [r["lr/energy"] / r["lr/model"] for r in records] == pytest.approx([0.25] * 6)  # energy group 1e-3
     # 64 tuples / batch 8 = 8 micro-batches per epoch = 4 optimizer steps of 2 micro-batches.
-    assert [(r["epoch"], r["epoch_batch"]) for r in records] == [(0, 2), (0, 4), (0, 6), (1, 0), (1, 2), (1, 4)]
+    assert [(r["epoch"], r["epoch_batch"]) for r in records] == [
+        (0, 2),
+        (0, 4),
+        (0, 6),
+        (1, 0),
+        (1, 2),
+        (1, 4),
+    ]
     assert all(r["grad_norm"] > 0 for r in records)
     assert records[-1]["samples_seen"] == 6 * 2 * 8
 
@@ -136,8 +181,9 @@ def test_lr_schedule_accumulation_and_clipping(data2, tmp_path, in_process):
 def test_fresh_run_refuses_a_directory_with_checkpoints(data2, tmp_path, in_process):
     from mmebm_dist.train.loop import train
 
-    cfg = load_config(tiny_config(tmp_path / "c.yaml", data2), [f"train.out_dir={tmp_path / 'run'}",
-                                                                 "train.steps=2"])
+    cfg = load_config(
+        tiny_config(tmp_path / "c.yaml", data2), [f"train.out_dir={tmp_path / 'run'}", "train.steps=2"]
+    )
     train(cfg)
     with pytest.raises(FileExistsError, match="--resume"):
         train(cfg)
@@ -156,3 +202,21 @@ def test_image_grid_places_samples_row_major():
     grid = image_grid(images)  # 5 samples -> 2 per row, 3 rows, last cell black
     assert grid.shape == (3, 6, 4)
     assert grid[0, ::2, ::2].tolist() == [[0.0, 1.0], [2.0, 3.0], [4.0, 0.0]]
+
+
+def test_bench_worker_times_every_phase(data2, tmp_path, in_process):
+    """`mmebm bench train`'s per-rank worker (in process, synthetic batches): every phase of a step is timed,
+    the phases add up to the step, and the table/JSON rows carry samples/s and peak RSS."""
+    from mmebm_dist.bench.train_step import PHASES, _measurement, _table, worker
+
+    cfg = load_config(tiny_config(tmp_path / "c.yaml", data2))
+    result = worker(cfg, steps=2, warmup=1, synthetic=True)
+    phases = result["phases_s"]
+    assert set(phases) == set(PHASES) and phases["communication"] == 0.0
+    for phase in ("encode", "langevin", "decode", "backward", "optimizer"):
+        assert phases[phase] > 0, phase
+    assert sum(phases.values()) == pytest.approx(result["seconds_per_step"], rel=1e-6)
+    row = _measurement(cfg, "ebm", 1, [result], 2, "c.yaml")
+    assert row["samples_per_s"] == pytest.approx(8 / result["seconds_per_step"])
+    assert row["peak_rss_mb"][0] > 50
+    assert "ebm" in _table([row])

@@ -13,7 +13,7 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]  # `accelerate launch` of this interpreter
 
 
 def write_idx(directory: Path, *, train: int, test: int, seed: int = 0) -> Path:
@@ -30,16 +30,27 @@ def write_idx(directory: Path, *, train: int, test: int, seed: int = 0) -> Path:
     return directory
 
 
-def build_tiny_polymnist(root: Path, *, modalities: int = 2, train: int = 64, test: int = 16,
-                         shard_size: int = 16) -> Path:
+def build_tiny_polymnist(
+    root: Path, *, modalities: int = 2, train: int = 64, test: int = 16, shard_size: int = 16
+) -> Path:
     """PolyMNIST-style shards (3x28x28 per modality) built by the data package from tiny IDX files."""
     from mmebm_dist.data.polymnist import BuildSpec, build_polymnist
 
     idx = write_idx(root / "idx", train=train, test=test)
     out = root / "polymnist"
-    build_polymnist(BuildSpec(source="idx", idx_dir=str(idx), modalities=modalities, out=str(out),
-                              num_samples=train, test_samples=test, shard_size=shard_size, workers=1),
-                    progress=False)
+    build_polymnist(
+        BuildSpec(
+            source="idx",
+            idx_dir=str(idx),
+            modalities=modalities,
+            out=str(out),
+            num_samples=train,
+            test_samples=test,
+            shard_size=shard_size,
+            workers=1,
+        ),
+        progress=False,
+    )
     return out
 
 
@@ -47,11 +58,19 @@ def tiny_config(path: Path, data: Path, *, modalities: int = 2, **sections: dict
     """A config YAML for a tiny EBM-prior model on ``data`` (seconds per dozen steps on one thread)."""
     cfg = {
         "data": {"path": str(data), "batch_size": 8, "num_workers": 0, "shuffle_buffer": 16},
-        "model": {"modalities": [{"name": f"m{k}", "shape": [3, 28, 28], "family": "mlp"}
-                                 for k in range(modalities)],
-                  "latent_dim": 4, "width": 4,
-                  "prior": {"kind": "ebm", "hidden": 16, "lr": 1e-3,
-                            "langevin": {"steps": 4, "step_size": 0.1, "backend": "autograd"}}},
+        "model": {
+            "modalities": [
+                {"name": f"m{k}", "shape": [3, 28, 28], "family": "mlp"} for k in range(modalities)
+            ],
+            "latent_dim": 4,
+            "width": 4,
+            "prior": {
+                "kind": "ebm",
+                "hidden": 16,
+                "lr": 1e-3,
+                "langevin": {"steps": 4, "step_size": 0.1, "backend": "autograd"},
+            },
+        },
         "optim": {"lr": 3e-3},
         "train": {"steps": 8, "log_every": 1, "checkpoint_every": 4, "image_every": 0, "threads": 1},
     }
@@ -64,7 +83,9 @@ def tiny_config(path: Path, data: Path, *, modalities: int = 2, **sections: dict
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -77,18 +98,28 @@ def free_port() -> int:
 def env() -> dict[str, str]:
     """Subprocess environment: one thread per process, no GPU probing surprises, repo importable."""
     out = dict(os.environ)
-    out.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONPATH": str(REPO) + os.pathsep + out.get("PYTHONPATH", "")})
+    out.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(REPO) + os.pathsep + out.get("PYTHONPATH", ""),
+        }
+    )
     return out
 
 
-def run_train(args: list[str], *, launcher: list[str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_train(
+    args: list[str], *, launcher: list[str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """``mmebm train ARGS`` as a subprocess (``python -m mmebm_dist.train`` under ``launcher`` when given)."""
     if launcher is None:
         cmd = [sys.executable, "-m", "mmebm_dist.train", *args]
     else:
-        cmd = [ACCELERATE, "launch", *launcher, "-m", "mmebm_dist.train", *args]
+        cmd = [*ACCELERATE, *launcher, "-m", "mmebm_dist.train", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc

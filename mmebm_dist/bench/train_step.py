@@ -1,12 +1,12 @@
 """``mmebm bench train``: training-step throughput and where a step's time goes, for 1 and 2 processes.
 
-Each measurement runs in fresh processes (``accelerate launch`` for several, DDP; ``train.threads`` threads each)
+Each measurement runs in fresh processes (``accelerate launch`` for several; ``train.threads`` threads each)
 and reports samples/s (all ranks), seconds per step, peak RSS per rank and per-phase times:
 data wait, encode, Langevin, decode, objective (the rest of the forward), backward (local), communication,
 optimizer. Encoders, decoders and ``sample_prior`` are timed with forward hooks and a wrapper on the unwrapped
 model; communication is backward-with-gradient-sync minus backward under ``no_sync`` (an estimate, as DDP
-overlaps the all-reduce with the backward). Then the scaling efficiency of P processes against one, and the EBM
-prior's overhead: the same model with ``model.prior.kind=laplace``. Nothing here asserts a time.
+overlaps the all-reduce with the backward). Then the scaling efficiency of P processes against one, and the
+EBM prior's overhead: the same model with ``model.prior.kind=laplace``. Nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -31,18 +31,32 @@ PHASES = ("data", "encode", "langevin", "decode", "objective", "backward", "comm
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="experiment YAML (configs/...)")
-    parser.add_argument("--batch-size", type=int, default=None, help="per-process batch (default: data.batch_size)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement (default: %(default)s)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="per-process batch (default: data.batch_size)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=20, help="timed steps per measurement (default: %(default)s)"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2],
-                        help="process counts to measure (default: 1 2)")
+    parser.add_argument(
+        "--processes", type=int, nargs="+", default=[1, 2], help="process counts to measure (default: 1 2)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
-    parser.add_argument("--no-laplace", action="store_true", help="skip the Laplace-prior baseline (EBM overhead)")
-    parser.add_argument("--synthetic", action="store_true",
-                        help="random batches of the modalities' shapes instead of the shards at data.path")
-    parser.add_argument("--accelerate-config", default=None, metavar="YAML",
-                        help="launch several processes with this accelerate YAML (e.g. a DeepSpeed one in "
-                             "launch/accelerate/) instead of plain DDP; --processes overrides its count")
+    parser.add_argument(
+        "--no-laplace", action="store_true", help="skip the Laplace-prior baseline (EBM overhead)"
+    )
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="random batches of the modalities' shapes instead of the shards at data.path",
+    )
+    parser.add_argument(
+        "--accelerate-config",
+        default=None,
+        metavar="YAML",
+        help="launch several processes with this accelerate YAML (e.g. a DeepSpeed one in "
+        "launch/accelerate/) instead of plain DDP; --processes overrides its count",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object per measurement")
     parser.add_argument("--out", default=None, help="also write the JSON lines to this file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -87,7 +101,9 @@ class PhaseTimer:
 
 def _synthetic_batches(cfg, device: torch.device):
     generator = torch.Generator().manual_seed(0)
-    batch = {m.name: torch.rand(cfg.data.batch_size, *m.shape, generator=generator) for m in cfg.model.modalities}
+    batch = {
+        m.name: torch.rand(cfg.data.batch_size, *m.shape, generator=generator) for m in cfg.model.modalities
+    }
     batch["label"] = torch.randint(0, 10, (cfg.data.batch_size,), generator=generator)
     while True:
         yield {k: v.to(device) for k, v in batch.items()}
@@ -96,9 +112,17 @@ def _synthetic_batches(cfg, device: torch.device):
 def _real_batches(cfg, rank: int, world: int, device: torch.device):
     from mmebm_dist.data.stream import make_loader
 
-    loader = make_loader(cfg.data.path, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                         shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed, rank=rank,
-                         world_size=world, split="train", resampled=True)
+    loader = make_loader(
+        cfg.data.path,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        seed=cfg.train.seed,
+        rank=rank,
+        world_size=world,
+        split="train",
+        resampled=True,
+    )
     for batch in loader:
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -126,8 +150,11 @@ def worker(cfg, *, steps: int, warmup: int, synthetic: bool) -> dict[str, Any]:
     timer.time_modules(list(unwrapped.encoders.values()), "encode")
     timer.time_modules(list(unwrapped.decoders.values()), "decode")
     timer.time_method(unwrapped, "sample_prior", "langevin")
-    batches = (_synthetic_batches(cfg, device) if synthetic
-               else _real_batches(cfg, accelerator.process_index, world, device))
+    batches = (
+        _synthetic_batches(cfg, device)
+        if synthetic
+        else _real_batches(cfg, accelerator.process_index, world, device)
+    )
     model.train()
     info = describe(accelerator)
 
@@ -149,8 +176,14 @@ def worker(cfg, *, steps: int, warmup: int, synthetic: bool) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         t4 = timer.now()
         inner = {k: timer.totals[k] for k in ("encode", "langevin", "decode")}
-        return {"data": t1 - t0, **inner, "objective": (t2 - t1) - sum(inner.values()), "backward": t3 - t2,
-                "optimizer": t4 - t3, "total": t4 - t0}
+        return {
+            "data": t1 - t0,
+            **inner,
+            "objective": (t2 - t1) - sum(inner.values()),
+            "backward": t3 - t2,
+            "optimizer": t4 - t3,
+            "total": t4 - t0,
+        }
 
     for _ in range(warmup):
         step(sync=True, update=True)
@@ -169,34 +202,61 @@ def worker(cfg, *, steps: int, warmup: int, synthetic: bool) -> dict[str, Any]:
     phases["backward"] = min(backward_local, mean["backward"])
     phases["communication"] = max(0.0, mean["backward"] - backward_local) if separable or world == 1 else None
     if unwrapped.energy is not None and cfg.model.prior.langevin.steps > 0 and phases["langevin"] == 0.0:
-        raise RuntimeError("no time was spent in model.sample_prior during the forward: the model no longer "
-                           "samples its prior there; update the Langevin timer in mmebm_dist/bench/train_step.py")
+        raise RuntimeError(
+            "no time was spent in model.sample_prior during the forward: the model no longer "
+            "samples its prior there; update the Langevin timer in mmebm_dist/bench/train_step.py"
+        )
     accelerator.end_training()
-    return {"process_index": info["process_index"], "num_processes": world, "seconds_per_step": mean["total"],
-            "phases_s": phases, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "device": info["device"], "distributed_type": info["distributed_type"], "threads": info["threads"],
-            "zero_stage": info["zero_stage"]}
+    return {
+        "process_index": info["process_index"],
+        "num_processes": world,
+        "seconds_per_step": mean["total"],
+        "phases_s": phases,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device": info["device"],
+        "distributed_type": info["distributed_type"],
+        "threads": info["threads"],
+        "zero_stage": info["zero_stage"],
+    }
 
 
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def _launch(processes: int, worker_args: list[str], threads: int, accelerate_config: str | None) -> list[dict]:
+def _launch(
+    processes: int, worker_args: list[str], threads: int, accelerate_config: str | None
+) -> list[dict]:
     """Run the worker in ``processes`` fresh processes (accelerate launch when > 1: DDP or the given YAML)."""
     from mmebm_dist.train.distributed import free_port
 
     with tempfile.TemporaryDirectory(prefix="mmebm-bench-") as tmp:
         out = Path(tmp) / "rank"
         module = ["-m", "mmebm_dist.bench.train_step", "--worker-out", str(out), *worker_args]
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-                  "--main_process_port", str(free_port())]
+        launch = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            str(processes),
+            "--main_process_port",
+            str(free_port()),
+        ]
         if processes == 1:
             cmd = [sys.executable, *module]
         elif accelerate_config:
             cmd = [*launch, "--config_file", accelerate_config, *module]
         else:
-            cmd = [*launch, "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
-                   "--dynamo_backend", "no", *module]
+            cmd = [
+                *launch,
+                "--multi_gpu",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                *module,
+            ]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -208,20 +268,33 @@ def _measurement(cfg, prior: str, processes: int, ranks: list[dict], steps: int,
     from mmebm_dist.config import config_hash
 
     if len(ranks) != processes or {r["num_processes"] for r in ranks} != {processes}:
-        raise RuntimeError(f"asked for {processes} processes, the workers report "
-                           f"{[(r['process_index'], r['num_processes']) for r in ranks]}")
+        raise RuntimeError(
+            f"asked for {processes} processes, the workers report "
+            f"{[(r['process_index'], r['num_processes']) for r in ranks]}"
+        )
     seconds = max(r["seconds_per_step"] for r in ranks)  # the step ends when the slowest rank is done
-    phases = {k: None if ranks[0]["phases_s"][k] is None else statistics.fmean(r["phases_s"][k] for r in ranks)
-              for k in PHASES}
+    phases = {
+        k: None if ranks[0]["phases_s"][k] is None else statistics.fmean(r["phases_s"][k] for r in ranks)
+        for k in PHASES
+    }
     return {
-        "bench": "train", "config": config_path, "config_hash": config_hash(cfg), "prior": prior,
-        "processes": processes, "threads_per_process": ranks[0]["threads"], "batch_size": cfg.data.batch_size,
-        "steps": steps, "samples_per_s": processes * cfg.data.batch_size / seconds, "seconds_per_step": seconds,
+        "bench": "train",
+        "config": config_path,
+        "config_hash": config_hash(cfg),
+        "prior": prior,
+        "processes": processes,
+        "threads_per_process": ranks[0]["threads"],
+        "batch_size": cfg.data.batch_size,
+        "steps": steps,
+        "samples_per_s": processes * cfg.data.batch_size / seconds,
+        "seconds_per_step": seconds,
         "phases_ms": {k: None if v is None else 1e3 * v for k, v in phases.items()},
         "peak_rss_mb": [round(r["peak_rss_mb"], 1) for r in sorted(ranks, key=lambda r: r["process_index"])],
-        "device": ranks[0]["device"], "distributed_type": ranks[0]["distributed_type"],
+        "device": ranks[0]["device"],
+        "distributed_type": ranks[0]["distributed_type"],
         "zero_stage": ranks[0]["zero_stage"],
-        "langevin_steps": cfg.model.prior.langevin.steps, "model_width": cfg.model.width,
+        "langevin_steps": cfg.model.prior.langevin.steps,
+        "model_width": cfg.model.width,
     }
 
 
@@ -230,16 +303,22 @@ def _cell(value: float | None) -> str:
 
 
 def _table(rows: list[dict]) -> str:
-    head = (f"{'prior':8} {'mode':>7} {'procs':>5} {'batch':>5} {'samples/s':>10} {'s/step':>8} "
-            + " ".join(f"{p[:8]:>8}" for p in PHASES) + f" {'rss MB':>14} {'scaling':>7} {'ebm +%':>7}")
+    head = (
+        f"{'prior':8} {'mode':>7} {'procs':>5} {'batch':>5} {'samples/s':>10} {'s/step':>8} "
+        + " ".join(f"{p[:8]:>8}" for p in PHASES)
+        + f" {'rss MB':>14} {'scaling':>7} {'ebm +%':>7}"
+    )
     lines = [head, "-" * len(head), f"{'':47}" + "phase times in ms per step (mean over ranks)"]
     for r in rows:
         scaling = f"{r['scaling_efficiency']:.2f}" if "scaling_efficiency" in r else ""
         overhead = f"{100 * r['ebm_overhead']:.0f}" if "ebm_overhead" in r else ""
         mode = f"ZeRO-{r['zero_stage']}" if r["zero_stage"] else ("DDP" if r["processes"] > 1 else "single")
-        lines.append(f"{r['prior']:8} {mode:>7} {r['processes']:>5} {r['batch_size']:>5} {r['samples_per_s']:>10.1f} "
-                     f"{r['seconds_per_step']:>8.4f} " + " ".join(_cell(r["phases_ms"][p]) for p in PHASES)
-                     + f" {'/'.join(f'{m:.0f}' for m in r['peak_rss_mb']):>14} {scaling:>7} {overhead:>7}")
+        lines.append(
+            f"{r['prior']:8} {mode:>7} {r['processes']:>5} {r['batch_size']:>5} {r['samples_per_s']:>10.1f} "
+            f"{r['seconds_per_step']:>8.4f} "
+            + " ".join(_cell(r["phases_ms"][p]) for p in PHASES)
+            + f" {'/'.join(f'{m:.0f}' for m in r['peak_rss_mb']):>14} {scaling:>7} {overhead:>7}"
+        )
     return "\n".join(lines)
 
 
@@ -257,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
         priors.append("laplace")
     rows = []
     for prior in priors:
-        for processes in (args.processes if prior == priors[0] else [1]):
+        for processes in args.processes if prior == priors[0] else [1]:
             worker_overrides = overrides + [f"model.prior.kind={prior}"]
             ranks = _launch(processes, base + worker_overrides, args.threads, args.accelerate_config)
             prior_cfg = load_config(args.config, worker_overrides)

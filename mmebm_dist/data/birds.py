@@ -1,4 +1,4 @@
-"""Generated birds with captions: a GENERATED stand-in for CUB image+caption (CUB ships in no package registry).
+"""Generated birds with captions: a GENERATED stand-in for CUB image+caption (CUB is in no package registry).
 
 Each sample draws attributes (size, body/wing/crown/beak colour, beak length, wingbars, eye ring), paints a
 simple bird from ellipses and polygons at 64x64x3 (MMVAE+'s CUB size) on a blurred crop of a bundled photo,
@@ -27,9 +27,16 @@ from mmebm_dist.data.text import VOCAB_FILE, Vocabulary, normalize, tokenize
 
 COLOURS = ("black", "white", "grey", "brown", "red", "orange", "yellow", "green", "blue", "purple")
 COLOUR_RGB = {
-    "black": (28, 28, 30), "white": (245, 245, 240), "grey": (135, 135, 140), "brown": (120, 75, 35),
-    "red": (205, 30, 35), "orange": (245, 135, 25), "yellow": (245, 220, 40), "green": (45, 160, 55),
-    "blue": (40, 85, 215), "purple": (130, 45, 165),
+    "black": (28, 28, 30),
+    "white": (245, 245, 240),
+    "grey": (135, 135, 140),
+    "brown": (120, 75, 35),
+    "red": (205, 30, 35),
+    "orange": (245, 135, 25),
+    "yellow": (245, 220, 40),
+    "green": (45, 160, 55),
+    "blue": (40, 85, 215),
+    "purple": (130, 45, 165),
 }
 BEAK_COLOURS = ("black", "grey", "yellow", "orange", "red")
 
@@ -94,7 +101,7 @@ def attribute_words(attrs: Mapping[str, int]) -> dict[str, str]:
     return {name: ATTRIBUTES[name][int(attrs[name])] for name in ATTRIBUTE_NAMES}
 
 
-# ---------------------------------------------------------------------------------------------------- drawing
+# --------------------------------------------------------------------------------------------------- drawing
 
 
 def _jitter(rng: np.random.Generator, name: str, p: BirdParams) -> tuple[int, int, int]:
@@ -102,14 +109,16 @@ def _jitter(rng: np.random.Generator, name: str, p: BirdParams) -> tuple[int, in
     return tuple(int(v) for v in np.clip(np.rint(rgb), 0, 255))  # type: ignore[return-value]
 
 
-def _arc(cx: float, cy: float, r: float, start_deg: float, stop_deg: float, n: int = 24) -> list[tuple[float, float]]:
+def _arc(
+    cx: float, cy: float, r: float, start_deg: float, stop_deg: float, n: int = 24
+) -> list[tuple[float, float]]:
     """Points on a circle (local frame, y up) from ``start_deg`` to ``stop_deg``."""
     angles = np.radians(np.linspace(start_deg, stop_deg, n))
     return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles]
 
 
 def _bird_shapes(words: Mapping[str, str], rng: np.random.Generator, p: BirdParams) -> list[tuple]:
-    """The bird facing right as (kind, points, fill) in a local frame (units, x forward, y up), painter's order.
+    """The bird facing right as (kind, points, fill), local frame (units, x forward, y up), painter's order.
 
     Body length is about 210 units from tail tip to a long beak's tip.
     """
@@ -129,8 +138,13 @@ def _bird_shapes(words: Mapping[str, str], rng: np.random.Generator, p: BirdPara
     shapes.append(("poly", _arc(hx, hy, hr, 0, 360, 36), body_rgb))
     shapes.append(("poly", _arc(hx, hy, hr, 18, 200, 24), crown_rgb))  # crown and nape: the upper back cap
     length = 16.0 if words["beak_length"] == "short" else 42.0
-    shapes.append(("poly", [(hx + hr * 0.96, hy + 3), (hx + hr * 0.8 + length, hy - 7), (hx + hr * 0.78, hy - 15)],
-                   beak_rgb))
+    shapes.append(
+        (
+            "poly",
+            [(hx + hr * 0.96, hy + 3), (hx + hr * 0.8 + length, hy - 7), (hx + hr * 0.78, hy - 15)],
+            beak_rgb,
+        )
+    )
     ex, ey = hx + 11.0, hy - 5.0
     if words["eye_ring"] == "yes":
         shapes.append(("ring", [(ex, ey), (10.5, 0)], (250, 250, 250)))
@@ -150,7 +164,9 @@ def _bird_layer(attrs: Mapping[str, int], rng: np.random.Generator, p: BirdParam
 
     def to_canvas(pts: Sequence[tuple[float, float]]) -> np.ndarray:
         xy = np.asarray(pts, dtype=np.float64)
-        return np.stack([unit * (xy[:, 0] * ca - xy[:, 1] * sa), -unit * (xy[:, 0] * sa + xy[:, 1] * ca)], axis=1)
+        return np.stack(
+            [unit * (xy[:, 0] * ca - xy[:, 1] * sa), -unit * (xy[:, 0] * sa + xy[:, 1] * ca)], axis=1
+        )
 
     placed = []
     for kind, pts, fill in shapes:
@@ -194,7 +210,7 @@ def _photo_background(rng: np.random.Generator, photos: Sequence[np.ndarray], p:
 
 
 def bird_contrast(image: np.ndarray, alpha: np.ndarray, ring: int = 3) -> float:
-    """Colour distance (in [0, 1]) between the bird (coverage >= 0.5) and a ``ring``-px surround outside it."""
+    """Colour distance (in [0, 1]) between the bird (coverage >= 0.5) and the ``ring``-px surround outside."""
     return ring_contrast(image, alpha, alpha, ring=ring, luminance=False)
 
 
@@ -210,9 +226,13 @@ class Bird:
     attempts: int
 
 
-def render_bird(attrs: Mapping[str, int], rng: np.random.Generator, photos: Sequence[np.ndarray],
-                params: BirdParams = BirdParams()) -> Bird:
-    """Paint the bird of ``attrs`` on a photo crop; backgrounds too close in colour to the bird are redrawn."""
+def render_bird(
+    attrs: Mapping[str, int],
+    rng: np.random.Generator,
+    photos: Sequence[np.ndarray],
+    params: BirdParams = BirdParams(),
+) -> Bird:
+    """Paint the bird of ``attrs`` on a photo crop; backgrounds too close in colour to it are redrawn."""
     p = params
     layer = _bird_layer(attrs, rng, p).resize((p.size, p.size), Image.Resampling.BOX)
     alpha = np.asarray(layer.getchannel("A"), dtype=np.float32) / 255.0
@@ -224,42 +244,74 @@ def render_bird(attrs: Mapping[str, int], rng: np.random.Generator, photos: Sequ
         best = max(best, contrast)
         if contrast >= p.min_contrast:
             return Bird(image=image, alpha=alpha, contrast=contrast, attempts=attempt)
-    raise RuntimeError(f"no background with bird contrast >= {p.min_contrast} in {p.max_attempts} attempts "
-                       f"(best {best:.3f}) for attributes {attribute_words(attrs)}; lower min_contrast")
+    raise RuntimeError(
+        f"no background with bird contrast >= {p.min_contrast} in {p.max_attempts} attempts "
+        f"(best {best:.3f}) for attributes {attribute_words(attrs)}; lower min_contrast"
+    )
 
 
-# ---------------------------------------------------------------------------------------------------- captions
+# -------------------------------------------------------------------------------------------------- captions
 
 # Each template names the attributes it mentions. Placeholders: {size} {body} {wing} {crown} {beak} {length}
 # {bill} (bill/beak) and {bars} / {ring} (phrases for wingbars / eye ring, present or absent). "a/an" is a
 # placeholder article resolved from the next word.
 TEMPLATES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("this bird has a/an {body} breast and belly, {wing} wings and a/an {length} {beak} {bill}.",
-     ("body_colour", "wing_colour", "beak_length", "beak_colour")),
-    ("a/an {size} bird with a/an {crown} crown and a/an {body} body.", ("size", "crown_colour", "body_colour")),
-    ("a/an {body} bird with {wing} wings and a/an {length} {bill}.", ("body_colour", "wing_colour", "beak_length")),
-    ("the bird has a/an {crown} crown and nape, a/an {body} breast and {ring}.",
-     ("crown_colour", "body_colour", "eye_ring")),
-    ("this is a/an {size} {body} bird with a/an {length} {beak} {bill}.",
-     ("size", "body_colour", "beak_length", "beak_colour")),
-    ("this {size} bird has {wing} wings with {bars} and a/an {crown} crown.",
-     ("size", "wing_colour", "wingbars", "crown_colour")),
-    ("a/an {body} belly, a/an {crown} nape and a/an {beak} {bill} make this bird.",
-     ("body_colour", "crown_colour", "beak_colour")),
-    ("this bird is {body} with {wing} wings, {bars} and a/an {length} {bill}.",
-     ("body_colour", "wing_colour", "wingbars", "beak_length")),
-    ("a/an {size} bird that has a/an {crown} crown, {ring} and a/an {beak} {bill}.",
-     ("size", "crown_colour", "eye_ring", "beak_colour")),
-    ("the {size} bird has a/an {body} breast, {wing} wings and {bars}.",
-     ("size", "body_colour", "wing_colour", "wingbars")),
-    ("this bird has a/an {length} {beak} {bill}, a/an {crown} crown and {ring}.",
-     ("beak_length", "beak_colour", "crown_colour", "eye_ring")),
-    ("a/an {wing} winged bird with a/an {body} belly and a/an {crown} crown.",
-     ("wing_colour", "body_colour", "crown_colour")),
-    ("{wing} wings, a/an {body} breast and belly and a/an {length} {bill} on a/an {size} bird.",
-     ("wing_colour", "body_colour", "beak_length", "size")),
-    ("this {body} bird has {bars}, {ring} and a/an {beak} {bill}.",
-     ("body_colour", "wingbars", "eye_ring", "beak_colour")),
+    (
+        "this bird has a/an {body} breast and belly, {wing} wings and a/an {length} {beak} {bill}.",
+        ("body_colour", "wing_colour", "beak_length", "beak_colour"),
+    ),
+    (
+        "a/an {size} bird with a/an {crown} crown and a/an {body} body.",
+        ("size", "crown_colour", "body_colour"),
+    ),
+    (
+        "a/an {body} bird with {wing} wings and a/an {length} {bill}.",
+        ("body_colour", "wing_colour", "beak_length"),
+    ),
+    (
+        "the bird has a/an {crown} crown and nape, a/an {body} breast and {ring}.",
+        ("crown_colour", "body_colour", "eye_ring"),
+    ),
+    (
+        "this is a/an {size} {body} bird with a/an {length} {beak} {bill}.",
+        ("size", "body_colour", "beak_length", "beak_colour"),
+    ),
+    (
+        "this {size} bird has {wing} wings with {bars} and a/an {crown} crown.",
+        ("size", "wing_colour", "wingbars", "crown_colour"),
+    ),
+    (
+        "a/an {body} belly, a/an {crown} nape and a/an {beak} {bill} make this bird.",
+        ("body_colour", "crown_colour", "beak_colour"),
+    ),
+    (
+        "this bird is {body} with {wing} wings, {bars} and a/an {length} {bill}.",
+        ("body_colour", "wing_colour", "wingbars", "beak_length"),
+    ),
+    (
+        "a/an {size} bird that has a/an {crown} crown, {ring} and a/an {beak} {bill}.",
+        ("size", "crown_colour", "eye_ring", "beak_colour"),
+    ),
+    (
+        "the {size} bird has a/an {body} breast, {wing} wings and {bars}.",
+        ("size", "body_colour", "wing_colour", "wingbars"),
+    ),
+    (
+        "this bird has a/an {length} {beak} {bill}, a/an {crown} crown and {ring}.",
+        ("beak_length", "beak_colour", "crown_colour", "eye_ring"),
+    ),
+    (
+        "a/an {wing} winged bird with a/an {body} belly and a/an {crown} crown.",
+        ("wing_colour", "body_colour", "crown_colour"),
+    ),
+    (
+        "{wing} wings, a/an {body} breast and belly and a/an {length} {bill} on a/an {size} bird.",
+        ("wing_colour", "body_colour", "beak_length", "size"),
+    ),
+    (
+        "this {body} bird has {bars}, {ring} and a/an {beak} {bill}.",
+        ("body_colour", "wingbars", "eye_ring", "beak_colour"),
+    ),
 )
 BARS = {"yes": ("wingbars", "white wingbars", "bold wingbars"), "no": ("no wingbars",)}
 RING = {"yes": ("an eye ring", "a white eye ring"), "no": ("no eye ring",)}
@@ -288,19 +340,27 @@ def make_caption(attrs: Mapping[str, int], template: int, rng: np.random.Generat
 
     text, _ = TEMPLATES[template]
     filled = text.format(
-        size=words["size"], body=colour(words["body_colour"]), wing=colour(words["wing_colour"]),
-        crown=colour(words["crown_colour"]), beak=colour(words["beak_colour"]), length=words["beak_length"],
+        size=words["size"],
+        body=colour(words["body_colour"]),
+        wing=colour(words["wing_colour"]),
+        crown=colour(words["crown_colour"]),
+        beak=colour(words["beak_colour"]),
+        length=words["beak_length"],
         bill=BILL_WORDS[int(rng.integers(2))],
         bars=BARS[words["wingbars"]][int(rng.integers(len(BARS[words["wingbars"]])))],
         ring=RING[words["eye_ring"]][int(rng.integers(len(RING[words["eye_ring"]])))],
     )
     caption = normalize(fix_articles(filled))
     if len(tokenize(caption)) + 1 > MAX_TOKENS:
-        raise ValueError(f"template {template} gives {len(tokenize(caption)) + 1} tokens > {MAX_TOKENS}: {caption}")
+        raise ValueError(
+            f"template {template} gives {len(tokenize(caption)) + 1} tokens > {MAX_TOKENS}: {caption}"
+        )
     return caption
 
 
-def make_captions(attrs: Mapping[str, int], rng: np.random.Generator, n: int = CAPTIONS_PER_IMAGE) -> list[str]:
+def make_captions(
+    attrs: Mapping[str, int], rng: np.random.Generator, n: int = CAPTIONS_PER_IMAGE
+) -> list[str]:
     """``n`` captions from distinct templates (in random order) describing ``attrs``."""
     order = rng.permutation(len(TEMPLATES))[:n]
     return [make_caption(attrs, int(t), rng) for t in order]
@@ -320,7 +380,7 @@ def caption_vocabulary() -> Vocabulary:
     return Vocabulary.build([], max_len=MAX_TOKENS, extra_words=words)
 
 
-# ---------------------------------------------------------------------------------------------------- reading
+# --------------------------------------------------------------------------------------------------- reading
 
 
 _COLOUR_WORDS = {w: COLOURS.index(c) for c in COLOURS for w in COLOUR_SYNONYMS.get(c, (c,))}
@@ -371,8 +431,9 @@ def mentioned_attributes(template: int) -> tuple[str, ...]:
     return TEMPLATES[template][1]
 
 
-def attribute_coherence(predicted: Mapping[str, Sequence[int] | np.ndarray],
-                        target: Mapping[str, Sequence[int] | np.ndarray]) -> dict[str, float]:
+def attribute_coherence(
+    predicted: Mapping[str, Sequence[int] | np.ndarray], target: Mapping[str, Sequence[int] | np.ndarray]
+) -> dict[str, float]:
     """Share of correct attributes, counting only those the prediction states (value != UNMENTIONED).
 
     ``predicted`` and ``target`` map attribute names to int arrays [N]. Returns per attribute
@@ -399,14 +460,16 @@ def attribute_coherence(predicted: Mapping[str, Sequence[int] | np.ndarray],
         if valid.any():
             accs.append(acc)
     if not stated:
-        raise ValueError(f"no attribute in common: predicted {sorted(predicted)}, target {sorted(target)}; "
-                         f"expected names from {ATTRIBUTE_NAMES}")
+        raise ValueError(
+            f"no attribute in common: predicted {sorted(predicted)}, target {sorted(target)}; "
+            f"expected names from {ATTRIBUTE_NAMES}"
+        )
     out["acc"] = float(np.mean(accs)) if accs else float("nan")
     out["stated"] = float(np.mean(stated))
     return out
 
 
-# ---------------------------------------------------------------------------------------------------- building
+# -------------------------------------------------------------------------------------------------- building
 
 TEXT_MODALITY = "caption"
 IMAGE_MODALITY = "image"
@@ -434,15 +497,26 @@ class BirdsSpec:
     """Bird renderer parameters."""
 
 
-def make_sample(split: str, index: int, seed: int, photos: Sequence[np.ndarray], vocab: Vocabulary,
-                params: BirdParams = BirdParams()) -> dict[str, Any]:
-    """Sample ``index`` of ``split``: attributes, image, captions (texts and ids); a function of its arguments."""
+def make_sample(
+    split: str,
+    index: int,
+    seed: int,
+    photos: Sequence[np.ndarray],
+    vocab: Vocabulary,
+    params: BirdParams = BirdParams(),
+) -> dict[str, Any]:
+    """Sample ``index`` of ``split``: attributes, image, captions (text, ids); a function of its arguments."""
     rng = np.random.default_rng([seed, generated.SPLIT_IDS[split], 3, index])
     attrs = sample_attributes(rng)
     bird = render_bird(attrs, rng, photos, params)
     captions = make_captions(attrs, rng)
-    return {"attributes": attrs, "image": bird.image, "contrast": bird.contrast, "captions": captions,
-            "caption_ids": vocab.encode_batch(captions)}
+    return {
+        "attributes": attrs,
+        "image": bird.image,
+        "contrast": bird.contrast,
+        "captions": captions,
+        "caption_ids": vocab.encode_batch(captions),
+    }
 
 
 def _write_bird_shard(job: tuple[str, int, int, int]) -> dict:
@@ -452,13 +526,18 @@ def _write_bird_shard(job: tuple[str, int, int, int]) -> dict:
     for i in range(start, end):
         s = make_sample(split, i, st["seed"], st["photos"], st["vocab"], st["params"])
         attrs = np.array([s["attributes"][n] for n in ATTRIBUTE_NAMES], dtype=np.int64)
-        samples.append((f"{i:09d}", [
-            (f"{IMAGE_MODALITY}.png", shards.encode_png(s["image"])),
-            (f"{TEXT_MODALITY}.npy", generated.npy_bytes(s["caption_ids"][0])),
-            ("captions.npy", generated.npy_bytes(s["caption_ids"])),
-            ("attrs.npy", generated.npy_bytes(attrs)),
-            (shards.LABEL_EXT, str(int(s["attributes"][LABEL_ATTRIBUTE])).encode()),
-        ]))
+        samples.append(
+            (
+                f"{i:09d}",
+                [
+                    (f"{IMAGE_MODALITY}.png", shards.encode_png(s["image"])),
+                    (f"{TEXT_MODALITY}.npy", generated.npy_bytes(s["caption_ids"][0])),
+                    ("captions.npy", generated.npy_bytes(s["caption_ids"])),
+                    ("attrs.npy", generated.npy_bytes(attrs)),
+                    (shards.LABEL_EXT, str(int(s["attributes"][LABEL_ATTRIBUTE])).encode()),
+                ],
+            )
+        )
     return generated.write_shard(Path(st["out"]), split, index, samples)
 
 
@@ -480,35 +559,75 @@ def build_birds(spec: BirdsSpec, *, progress: bool = True) -> dict[str, Any]:
     vocab = caption_vocabulary()
     vocab.save(out / VOCAB_FILE)
     counts = {"train": spec.num_train, "test": spec.num_test}
-    state = {"seed": spec.seed, "photos": generated.load_photos(), "vocab": vocab, "params": spec.params,
-             "out": str(out)}
-    entries = generated.parallel_map(_write_bird_shard, generated.shard_jobs(counts, spec.shard_size), state=state,
-                                     workers=spec.workers, desc="birds shards", unit="img",
-                                     weight=lambda j: j[3] - j[2], progress=progress)
+    state = {
+        "seed": spec.seed,
+        "photos": generated.load_photos(),
+        "vocab": vocab,
+        "params": spec.params,
+        "out": str(out),
+    }
+    entries = generated.parallel_map(
+        _write_bird_shard,
+        generated.shard_jobs(counts, spec.shard_size),
+        state=state,
+        workers=spec.workers,
+        desc="birds shards",
+        unit="img",
+        weight=lambda j: j[3] - j[2],
+        progress=progress,
+    )
     size = spec.params.size
     manifest = generated.manifest_base(
         modalities=[
-            {"name": IMAGE_MODALITY, "shape": [3, size, size], "dtype": "uint8", "encoding": "png",
-             "origin": "generated birds (not CUB)"},
-            {"name": TEXT_MODALITY, "shape": [MAX_TOKENS], "dtype": "int64", "encoding": "npy",
-             "vocab": VOCAB_FILE, "vocab_size": len(vocab), "origin": "templated captions (not CUB)"},
+            {
+                "name": IMAGE_MODALITY,
+                "shape": [3, size, size],
+                "dtype": "uint8",
+                "encoding": "png",
+                "origin": "generated birds (not CUB)",
+            },
+            {
+                "name": TEXT_MODALITY,
+                "shape": [MAX_TOKENS],
+                "dtype": "int64",
+                "encoding": "npy",
+                "vocab": VOCAB_FILE,
+                "vocab_size": len(vocab),
+                "origin": "templated captions (not CUB)",
+            },
         ],
-        class_names=COLOURS, counts=counts, entries=entries,
-        source={"name": "birds-generated", "origin": "procedural birds on scikit-image photos, template captions",
-                "train": counts["train"], "test": counts["test"]},
+        class_names=COLOURS,
+        counts=counts,
+        entries=entries,
+        source={
+            "name": "birds-generated",
+            "origin": "procedural birds on scikit-image photos, template captions",
+            "train": counts["train"],
+            "test": counts["test"],
+        },
         seed=spec.seed,
-        builder={"command": "birds", "num_train": spec.num_train, "num_test": spec.num_test,
-                 "shard_size": spec.shard_size, "renderer": params_to_dict(spec.params),
-                 "captions_per_image": CAPTIONS_PER_IMAGE, "text_modality_caption": "first",
-                 "label": LABEL_ATTRIBUTE, "attributes": {k: list(v) for k, v in ATTRIBUTES.items()},
-                 "extra_entries": {"captions.npy": [CAPTIONS_PER_IMAGE, MAX_TOKENS], "attrs.npy": [len(ATTRIBUTES)]},
-                 "versions": generated.versions()},
+        builder={
+            "command": "birds",
+            "num_train": spec.num_train,
+            "num_test": spec.num_test,
+            "shard_size": spec.shard_size,
+            "renderer": params_to_dict(spec.params),
+            "captions_per_image": CAPTIONS_PER_IMAGE,
+            "text_modality_caption": "first",
+            "label": LABEL_ATTRIBUTE,
+            "attributes": {k: list(v) for k, v in ATTRIBUTES.items()},
+            "extra_entries": {
+                "captions.npy": [CAPTIONS_PER_IMAGE, MAX_TOKENS],
+                "attrs.npy": [len(ATTRIBUTES)],
+            },
+            "versions": generated.versions(),
+        },
     )
     shards.write_manifest(out, manifest)
     return manifest
 
 
-# ---------------------------------------------------------------------------------------------------- CLI / grid
+# ------------------------------------------------------------------------------------------------ CLI / grid
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
@@ -517,29 +636,51 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = BirdsSpec()
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--num-train", type=positive_int, default=d.num_train,
-                        help="train images (default: 8855, MMVAE's CUB split)")
-    parser.add_argument("--num-test", type=positive_int, default=d.num_test, help="test images (default: 2933)")
+    parser.add_argument(
+        "--num-train",
+        type=positive_int,
+        default=d.num_train,
+        help="train images (default: 8855, MMVAE's CUB split)",
+    )
+    parser.add_argument(
+        "--num-test", type=positive_int, default=d.num_test, help="test images (default: 2933)"
+    )
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of attributes, drawings, captions")
     parser.add_argument("--shard-size", type=positive_int, default=d.shard_size, help="samples per shard")
     parser.add_argument("--workers", type=int, default=d.workers, help="processes (default 0: all cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace a data set already in --out")
-    parser.add_argument("--grid", default=None, metavar="PNG", help="also write a grid of test samples to this PNG")
+    parser.add_argument(
+        "--grid", default=None, metavar="PNG", help="also write a grid of test samples to this PNG"
+    )
 
 
 def build_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Run the builder from parsed ``mmebm data birds`` flags."""
-    spec = BirdsSpec(out=args.out, seed=args.seed, num_train=args.num_train, num_test=args.num_test,
-                     shard_size=args.shard_size, workers=args.workers, overwrite=args.overwrite)
+    spec = BirdsSpec(
+        out=args.out,
+        seed=args.seed,
+        num_train=args.num_train,
+        num_test=args.num_test,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
     manifest = build_birds(spec)
     if args.grid:
         write_grid(args.out, args.grid)
     return manifest
 
 
-def write_grid(directory: str | os.PathLike, png: str | os.PathLike, *, rows: int = 6, columns: int = 4,
-               split: str = "test", scale: int = 2) -> Path:
-    """A PNG of the first rows x columns samples of ``split``: each image beside its caption (the text modality)."""
+def write_grid(
+    directory: str | os.PathLike,
+    png: str | os.PathLike,
+    *,
+    rows: int = 6,
+    columns: int = 4,
+    split: str = "test",
+    scale: int = 2,
+) -> Path:
+    """A PNG of the first rows x columns samples of ``split``, each image beside its caption."""
     from mmebm_dist.data.text import caption_tile
 
     directory = Path(directory)

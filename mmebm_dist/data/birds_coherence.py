@@ -48,10 +48,14 @@ def load_split(directory: str | os.PathLike, split: str) -> dict[str, np.ndarray
     rows: dict[str, list] = {"images": [], "captions": [], "all_captions": [], "attributes": []}
     for entry in shards.split_shards(manifest, split):
         for key, sample in shards.iter_tar_samples(directory / entry["name"]):
-            missing = {f"{IMAGE_MODALITY}.png", f"{TEXT_MODALITY}.npy", "captions.npy", "attrs.npy"} - set(sample)
+            missing = {f"{IMAGE_MODALITY}.png", f"{TEXT_MODALITY}.npy", "captions.npy", "attrs.npy"} - set(
+                sample
+            )
             if missing:
-                raise shards.ShardError(f"{directory / entry['name']}: sample {key!r} lacks {sorted(missing)}; "
-                                        "is this a birds data set (`mmebm data birds`)?")
+                raise shards.ShardError(
+                    f"{directory / entry['name']}: sample {key!r} lacks {sorted(missing)}; "
+                    "is this a birds data set (`mmebm data birds`)?"
+                )
             rows["images"].append(shards.decode_entry(specs[IMAGE_MODALITY], sample[f"{IMAGE_MODALITY}.png"]))
             rows["captions"].append(shards.decode_entry(specs[TEXT_MODALITY], sample[f"{TEXT_MODALITY}.npy"]))
             rows["all_captions"].append(np.load(_bytes_io(sample["captions.npy"]), allow_pickle=False))
@@ -74,10 +78,19 @@ class AttributeClassifier(nn.Module):
             raise ValueError(f"image side {size} must be a multiple of 8")
         self.width, self.size = width, size
         self.trunk = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(4 * width * (size // 8) ** 2, 256), nn.ReLU(), nn.Dropout(0.2),
+            nn.Conv2d(3, width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(4 * width * (size // 8) ** 2, 256),
+            nn.ReLU(),
+            nn.Dropout(0.2),
         )
         self.heads = nn.ModuleDict({name: nn.Linear(256, len(values)) for name, values in ATTRIBUTES.items()})
 
@@ -92,7 +105,7 @@ class AttributeClassifier(nn.Module):
         self.eval()
         out: dict[str, list] = {name: [] for name in ATTRIBUTE_NAMES}
         for start in range(0, len(images), batch_size):
-            for name, logits in self(images[start:start + batch_size].float()).items():
+            for name, logits in self(images[start : start + batch_size].float()).items():
                 out[name].append(logits.argmax(-1).cpu().numpy())
         self.train(was)
         return {name: np.concatenate(v) for name, v in out.items()}
@@ -106,10 +119,17 @@ def _targets(attributes: np.ndarray) -> dict[str, np.ndarray]:
     return {name: attributes[:, k] for k, name in enumerate(ATTRIBUTE_NAMES)}
 
 
-def train_attribute_classifier(directory: str | os.PathLike, *, steps: int = 1500, batch_size: int = 64,
-                               lr: float = 1e-3, width: int = 32, seed: int = 0,
-                               progress: bool = True) -> tuple[AttributeClassifier, dict[str, float]]:
-    """Train on the train split (with random horizontal flips), return it and its test accuracy per attribute."""
+def train_attribute_classifier(
+    directory: str | os.PathLike,
+    *,
+    steps: int = 1500,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    width: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[AttributeClassifier, dict[str, float]]:
+    """Train on the train split (random horizontal flips); return it and its test accuracy per attribute."""
     from tqdm import tqdm
 
     train, test = load_split(directory, "train"), load_split(directory, "test")
@@ -131,31 +151,44 @@ def train_attribute_classifier(directory: str | os.PathLike, *, steps: int = 150
         loss.backward()
         opt.step()
     pred = model.predict(_as_tensor(test["images"]))
-    report = {name: float((pred[name] == test["attributes"][:, k]).mean()) for k, name in enumerate(ATTRIBUTE_NAMES)}
+    report = {
+        name: float((pred[name] == test["attributes"][:, k]).mean()) for k, name in enumerate(ATTRIBUTE_NAMES)
+    }
     report["mean"] = float(np.mean([report[n] for n in ATTRIBUTE_NAMES]))
     return model, report
 
 
-def save_classifier(model: AttributeClassifier, report: dict[str, float], path: str | os.PathLike,
-                    manifest_hash: str) -> None:
+def save_classifier(
+    model: AttributeClassifier, report: dict[str, float], path: str | os.PathLike, manifest_hash: str
+) -> None:
     """Save weights, width, test accuracy and the manifest hash of the data it was trained on."""
-    torch.save({"state_dict": model.state_dict(), "width": model.width, "size": model.size, "accuracy": report,
-                "manifest_hash": manifest_hash}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "width": model.width,
+            "size": model.size,
+            "accuracy": report,
+            "manifest_hash": manifest_hash,
+        },
+        path,
+    )
 
 
 def load_classifier(path: str | os.PathLike, *, manifest_hash: str | None = None) -> AttributeClassifier:
     """Load a saved classifier; refuse one trained on other data when ``manifest_hash`` is given."""
     blob = torch.load(path, map_location="cpu", weights_only=True)
     if manifest_hash is not None and blob["manifest_hash"] != manifest_hash:
-        raise ValueError(f"{path} was trained on data with manifest hash {blob['manifest_hash']}, not "
-                         f"{manifest_hash}; retrain it (python -m mmebm_dist.data.birds_coherence DIR)")
+        raise ValueError(
+            f"{path} was trained on data with manifest hash {blob['manifest_hash']}, not "
+            f"{manifest_hash}; retrain it (python -m mmebm_dist.data.birds_coherence DIR)"
+        )
     model = AttributeClassifier(blob["width"], blob["size"])
     model.load_state_dict(blob["state_dict"])
     model.eval()
     return model
 
 
-# ---------------------------------------------------------------------------------------------------- coherence
+# ------------------------------------------------------------------------------------------------- coherence
 
 
 def caption_attributes(ids: np.ndarray | torch.Tensor, vocab: Vocabulary) -> dict[str, np.ndarray]:
@@ -165,12 +198,21 @@ def caption_attributes(ids: np.ndarray | torch.Tensor, vocab: Vocabulary) -> dic
 
 
 def _model_batch(images: np.ndarray, captions: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-    return {IMAGE_MODALITY: _as_tensor(images).to(device), TEXT_MODALITY: torch.from_numpy(captions).to(device)}
+    return {
+        IMAGE_MODALITY: _as_tensor(images).to(device),
+        TEXT_MODALITY: torch.from_numpy(captions).to(device),
+    }
 
 
 @torch.no_grad()
-def image_to_text(model: Any, data: dict[str, np.ndarray], vocab: Vocabulary, *, batch_size: int = 128,
-                  generator: torch.Generator | None = None) -> dict[str, float]:
+def image_to_text(
+    model: Any,
+    data: dict[str, np.ndarray],
+    vocab: Vocabulary,
+    *,
+    batch_size: int = 128,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
     """Captions generated from images (z ~ q(z | image)) against the images' true attributes."""
     read: dict[str, list] = {name: [] for name in ATTRIBUTE_NAMES}
     for start in range(0, len(data["images"]), batch_size):
@@ -184,9 +226,16 @@ def image_to_text(model: Any, data: dict[str, np.ndarray], vocab: Vocabulary, *,
 
 
 @torch.no_grad()
-def text_to_image(model: Any, data: dict[str, np.ndarray], vocab: Vocabulary, classifier: AttributeClassifier,
-                  *, batch_size: int = 128, generator: torch.Generator | None = None) -> dict[str, float]:
-    """The classifier on images generated from captions (z ~ q(z | caption)) against what each caption states."""
+def text_to_image(
+    model: Any,
+    data: dict[str, np.ndarray],
+    vocab: Vocabulary,
+    classifier: AttributeClassifier,
+    *,
+    batch_size: int = 128,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """The classifier on images generated from captions (z ~ q(z | caption)) against what captions state."""
     preds: dict[str, list] = {name: [] for name in ATTRIBUTE_NAMES}
     for start in range(0, len(data["images"]), batch_size):
         sl = slice(start, start + batch_size)
@@ -199,8 +248,15 @@ def text_to_image(model: Any, data: dict[str, np.ndarray], vocab: Vocabulary, cl
 
 
 @torch.no_grad()
-def joint(model: Any, vocab: Vocabulary, classifier: AttributeClassifier, num_samples: int, *,
-          batch_size: int = 128, generator: torch.Generator | None = None) -> dict[str, float]:
+def joint(
+    model: Any,
+    vocab: Vocabulary,
+    classifier: AttributeClassifier,
+    num_samples: int,
+    *,
+    batch_size: int = 128,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
     """Jointly generated pairs: what the caption states against the classifier's reading of the image."""
     stated: dict[str, list] = {name: [] for name in ATTRIBUTE_NAMES}
     seen: dict[str, list] = {name: [] for name in ATTRIBUTE_NAMES}
@@ -210,8 +266,9 @@ def joint(model: Any, vocab: Vocabulary, classifier: AttributeClassifier, num_sa
             stated[name].append(values)
         for name, values in classifier.predict(out[IMAGE_MODALITY].cpu()).items():
             seen[name].append(values)
-    return attribute_coherence({n: np.concatenate(v) for n, v in stated.items()},
-                               {n: np.concatenate(v) for n, v in seen.items()})
+    return attribute_coherence(
+        {n: np.concatenate(v) for n, v in stated.items()}, {n: np.concatenate(v) for n, v in seen.items()}
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     Vocabulary.load(Path(args.dir) / VOCAB_FILE)  # fail early on a data set without captions
-    model, report = train_attribute_classifier(args.dir, steps=args.steps, batch_size=args.batch_size,
-                                               width=args.width, seed=args.seed)
+    model, report = train_attribute_classifier(
+        args.dir, steps=args.steps, batch_size=args.batch_size, width=args.width, seed=args.seed
+    )
     path = Path(args.dir) / CLASSIFIER_FILE
     save_classifier(model, report, path, shards.manifest_hash(args.dir))
     print(json.dumps({"classifier": str(path), "test_accuracy": report}, indent=1))

@@ -1,4 +1,4 @@
-"""Pieces shared by the generated data sets (street numbers, birds): photo crops, masks, parallel shard writing.
+"""Shared by the generated data sets (street numbers, birds): photo crops, masks, parallel shard writing.
 
 Every sample depends only on (seed, split, index), and shards are written by worker processes from that
 alone, so the bytes do not depend on the worker count. The shard/manifest format is the one of
@@ -39,8 +39,8 @@ def photo_crop(
     size: int,
     blur: tuple[float, float],
 ) -> Image.Image:
-    """A random square crop (side in ``side``, clipped to the photo) of a random photo, maybe mirrored, resized
-    to ``size`` x ``size`` with box filtering and Gaussian-blurred with a radius drawn from ``blur`` (pixels)."""
+    """A random square crop (side in ``side``, clipped to the photo) of a random photo, maybe mirrored,
+    box-resized to ``size`` x ``size`` and Gaussian-blurred with a radius drawn from ``blur`` (pixels)."""
     photo = photos[int(rng.integers(len(photos)))]
     h, w = photo.shape[:2]
     edge = int(rng.integers(min(side[0], h, w), min(side[1], h, w) + 1))
@@ -67,7 +67,7 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
 def ring_contrast(
     image: np.ndarray, shape: np.ndarray, ink: np.ndarray, *, ring: int, luminance: bool
 ) -> float:
-    """How much a drawn shape stands out from the ring of pixels around it, on the final uint8 image [H, W, 3].
+    """How much a drawn shape stands out from the ring of pixels around it, on the final uint8 [H, W, 3].
 
     Core = ``shape`` coverage >= 0.5; ring = pixels within ``ring`` px of the core that no drawn shape covers
     (``ink``, the total coverage, <= 0.05). ``luminance``: |mean luma difference| (BT.601, in [0, 1]); else
@@ -152,7 +152,7 @@ def parallel_map(
                 "fork" if "fork" in multiprocessing.get_all_start_methods() else None
             )
             with ctx.Pool(workers, initializer=_init_worker, initargs=(state,)) as pool:
-                for job, result in zip(jobs, pool.imap(fn, jobs)):
+                for job, result in zip(jobs, pool.imap(fn, jobs), strict=True):
                     results.append(result)
                     bar.update(weight(job))
     finally:
@@ -161,7 +161,7 @@ def parallel_map(
 
 
 def shard_jobs(counts: dict[str, int], shard_size: int) -> list[tuple[str, int, int, int]]:
-    """(split, shard index, first sample, end) for every shard of every split, splits in shards.SPLITS order."""
+    """(split, shard index, first sample, end) of every shard of every split, in shards.SPLITS order."""
     if shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
     return [

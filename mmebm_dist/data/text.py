@@ -25,7 +25,7 @@ _TOKEN = re.compile(r"[a-z]+|[.,]")
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-case words and the punctuation marks ``.`` and ``,`` as separate tokens; other characters drop."""
+    """Lower-case words and the marks ``.`` and ``,`` as separate tokens; other characters are dropped."""
     return _TOKEN.findall(text.lower())
 
 
@@ -66,7 +66,9 @@ class Vocabulary:
         """int64 [max_len]: word ids, ``<eos>``, then ``<pad>``. Raises when the caption does not fit."""
         words = tokenize(text)
         if len(words) + 1 > self.max_len:
-            raise ValueError(f"caption has {len(words)} tokens + <eos>, more than max_len {self.max_len}: {text!r}")
+            raise ValueError(
+                f"caption has {len(words)} tokens + <eos>, more than max_len {self.max_len}: {text!r}"
+            )
         ids = np.full(self.max_len, PAD_ID, dtype=np.int64)
         ids[: len(words)] = [self._index.get(w, UNK_ID) for w in words]  # type: ignore[attr-defined]
         ids[len(words)] = EOS_ID
@@ -95,7 +97,12 @@ class Vocabulary:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``{"format", "max_len", "specials", "words"}`` as JSON."""
-        data = {"format": VOCAB_FORMAT, "max_len": self.max_len, "specials": list(SPECIALS), "words": list(self.words)}
+        data = {
+            "format": VOCAB_FORMAT,
+            "max_len": self.max_len,
+            "specials": list(SPECIALS),
+            "words": list(self.words),
+        }
         Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
     @classmethod
@@ -105,7 +112,9 @@ class Vocabulary:
         if path.is_dir():
             path = path / VOCAB_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"no vocabulary at {path}; text data sets write vocab.json beside manifest.json")
+            raise FileNotFoundError(
+                f"no vocabulary at {path}; text data sets write vocab.json beside manifest.json"
+            )
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
@@ -164,5 +173,8 @@ def caption_tile(text: str, *, height: int = 64, width: int = 64, font_size: int
 def caption_tiles(ids: np.ndarray, vocab: Vocabulary, *, height: int = 64, width: int = 64) -> np.ndarray:
     """float32 [N, 3, height, width] in [0, 1]: decoded captions of int ids [N, L] drawn as image tiles."""
     tiles = [caption_tile(vocab.decode(row), height=height, width=width) for row in np.asarray(ids)]
-    return np.stack(tiles).transpose(0, 3, 1, 2).astype(np.float32) / 255.0 if tiles else \
-        np.zeros((0, 3, height, width), np.float32)
+    return (
+        np.stack(tiles).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        if tiles
+        else np.zeros((0, 3, height, width), np.float32)
+    )

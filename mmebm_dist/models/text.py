@@ -26,17 +26,21 @@ DOWNSAMPLE = 8
 def text_geometry(mod: ModalityConfig) -> tuple[int, int]:
     """(length, vocab_size) of a text modality, or a ConfigError naming the key and the fix."""
     if len(mod.shape) != 1 or mod.shape[0] % DOWNSAMPLE or mod.shape[0] < DOWNSAMPLE:
-        raise ConfigError(f"model.modalities '{mod.name}': family 'text' needs shape (L,) with L a multiple of "
-                          f"{DOWNSAMPLE}, got {tuple(mod.shape)} (captions use L = 32)")
+        raise ConfigError(
+            f"model.modalities '{mod.name}': family 'text' needs shape (L,) with L a multiple of "
+            f"{DOWNSAMPLE}, got {tuple(mod.shape)} (captions use L = 32)"
+        )
     vocab = int(mod.vocab_size)
     if vocab < 3:
-        raise ConfigError(f"model.modalities '{mod.name}': family 'text' needs vocab_size >= 3 (the number of "
-                          f"words in the data set's vocab.json, manifest key 'vocab_size'), got {vocab}")
+        raise ConfigError(
+            f"model.modalities '{mod.name}': family 'text' needs vocab_size >= 3 (the number of "
+            f"words in the data set's vocab.json, manifest key 'vocab_size'), got {vocab}"
+        )
     return mod.shape[0], vocab
 
 
 class TextEncoder(nn.Module):
-    """ids [B, L] -> embedding -> three stride-2 Conv1d (2w, 4w, 8w channels) -> linear 8w -> z (and w) heads."""
+    """ids [B, L] -> embedding -> three stride-2 Conv1d (2w, 4w, 8w channels) -> linear 8w -> z, w heads."""
 
     def __init__(self, vocab_size: int, length: int, width: int, latent_dim: int, private_dim: int):
         super().__init__()
@@ -45,18 +49,25 @@ class TextEncoder(nn.Module):
         hidden = 8 * width
         self.embed = nn.Embedding(vocab_size, embed)
         self.trunk = nn.Sequential(
-            nn.Conv1d(embed, 2 * width, 4, stride=2, padding=1), nn.LeakyReLU(LEAKY_SLOPE),
-            nn.Conv1d(2 * width, 4 * width, 4, stride=2, padding=1), nn.LeakyReLU(LEAKY_SLOPE),
-            nn.Conv1d(4 * width, 8 * width, 4, stride=2, padding=1), nn.LeakyReLU(LEAKY_SLOPE),
-            nn.Flatten(), nn.Linear(8 * width * (length // DOWNSAMPLE), hidden), nn.LeakyReLU(LEAKY_SLOPE),
+            nn.Conv1d(embed, 2 * width, 4, stride=2, padding=1),
+            nn.LeakyReLU(LEAKY_SLOPE),
+            nn.Conv1d(2 * width, 4 * width, 4, stride=2, padding=1),
+            nn.LeakyReLU(LEAKY_SLOPE),
+            nn.Conv1d(4 * width, 8 * width, 4, stride=2, padding=1),
+            nn.LeakyReLU(LEAKY_SLOPE),
+            nn.Flatten(),
+            nn.Linear(8 * width * (length // DOWNSAMPLE), hidden),
+            nn.LeakyReLU(LEAKY_SLOPE),
         )
         self.z_head = LocScaleHead(hidden, latent_dim)
         self.w_head = LocScaleHead(hidden, private_dim) if private_dim > 0 else None
 
     def forward(self, ids: torch.Tensor) -> EncoderOutput:
         if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise TypeError(f"the text encoder takes integer token ids, got {ids.dtype}; text modalities must be "
-                            "stored with encoding 'npy' and an integer dtype")
+            raise TypeError(
+                f"the text encoder takes integer token ids, got {ids.dtype}; text modalities must be "
+                "stored with encoding 'npy' and an integer dtype"
+            )
         h = self.trunk(self.embed(ids.long()).transpose(1, 2))  # (B, E, L) -> (B, hidden)
         z_loc, z_raw = self.z_head(h)
         if self.w_head is None:
@@ -72,12 +83,17 @@ class TextDecoder(nn.Module):
         super().__init__()
         hidden = 8 * width
         self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.LeakyReLU(LEAKY_SLOPE),
-            nn.Linear(hidden, 8 * width * (length // DOWNSAMPLE)), nn.LeakyReLU(LEAKY_SLOPE),
+            nn.Linear(in_dim, hidden),
+            nn.LeakyReLU(LEAKY_SLOPE),
+            nn.Linear(hidden, 8 * width * (length // DOWNSAMPLE)),
+            nn.LeakyReLU(LEAKY_SLOPE),
             nn.Unflatten(1, (8 * width, length // DOWNSAMPLE)),
-            nn.ConvTranspose1d(8 * width, 4 * width, 4, stride=2, padding=1), nn.LeakyReLU(LEAKY_SLOPE),
-            nn.ConvTranspose1d(4 * width, 2 * width, 4, stride=2, padding=1), nn.LeakyReLU(LEAKY_SLOPE),
-            nn.ConvTranspose1d(2 * width, 2 * width, 4, stride=2, padding=1), nn.LeakyReLU(LEAKY_SLOPE),
+            nn.ConvTranspose1d(8 * width, 4 * width, 4, stride=2, padding=1),
+            nn.LeakyReLU(LEAKY_SLOPE),
+            nn.ConvTranspose1d(4 * width, 2 * width, 4, stride=2, padding=1),
+            nn.LeakyReLU(LEAKY_SLOPE),
+            nn.ConvTranspose1d(2 * width, 2 * width, 4, stride=2, padding=1),
+            nn.LeakyReLU(LEAKY_SLOPE),
             nn.Conv1d(2 * width, vocab_size, 1),
         )
 
@@ -97,7 +113,9 @@ def text_family(mod: ModalityConfig, cfg: ModelConfig) -> tuple[nn.Module, nn.Mo
 def eos_mask(ids: torch.Tensor) -> torch.Tensor:
     """bool [..., L]: positions up to and including the first ``<eos>`` (all positions when there is none)."""
     is_eos = ids == EOS_ID
-    after = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()  # number of <eos> strictly before each position
+    after = (
+        torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()
+    )  # number of <eos> strictly before each position
     return after == 0
 
 
@@ -111,8 +129,10 @@ class CategoricalLikelihood(Likelihood):
 
     def log_prob(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         ids = x.long()
-        if ids.shape != params.shape[-1 - ids.dim():-1]:
-            raise ValueError(f"token ids {tuple(ids.shape)} do not match logits {tuple(params.shape)} [..., B, L, V]")
+        if ids.shape != params.shape[-1 - ids.dim() : -1]:
+            raise ValueError(
+                f"token ids {tuple(ids.shape)} do not match logits {tuple(params.shape)} [..., B, L, V]"
+            )
         logp = F.log_softmax(params.float(), dim=-1)
         picked = logp.gather(-1, ids.expand(params.shape[:-1]).unsqueeze(-1)).squeeze(-1)  # (..., B, L)
         return self.scale * (picked * eos_mask(ids)).sum(-1)

@@ -1,4 +1,4 @@
-"""``python -m mmebm_dist.train ARGS`` = ``mmebm train ARGS``; the form ``accelerate launch -m mmebm_dist.train`` needs."""
+"""``python -m mmebm_dist.train ARGS``, i.e. ``mmebm train ARGS``, as ``accelerate launch -m`` needs it."""
 
 import argparse
 import sys

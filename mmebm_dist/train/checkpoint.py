@@ -1,12 +1,12 @@
 """Atomic, resumable checkpoints: ``RUN_DIR/checkpoints/step-XXXXXXX/``.
 
-A checkpoint is written into ``checkpoints/.tmp-step-XXXXXXX`` by every rank (``accelerator.save_state``: model,
-optimizer -- sharded under ZeRO --, scheduler, RNG states of every rank), completed by rank 0 with
+A checkpoint is written into ``checkpoints/.tmp-step-XXXXXXX`` by every rank (``accelerator.save_state``:
+model, optimizer -- sharded under ZeRO --, scheduler, RNG states of every rank), completed by rank 0 with
 ``train_state.json`` (step, data position, config, data manifest hash) and ``model.pt`` (the consolidated fp32
 state dict of the unwrapped model, for single-process evaluation), renamed to ``step-XXXXXXX`` and only then
-pointed to by ``checkpoints/latest`` (written to a temp file and ``os.replace``d). A directory is complete if and
-only if its name has no ``.tmp-`` prefix, so a run killed at any moment never leaves a checkpoint that loads
-half-written. Atomic against process death on one shared filesystem; not a guarantee against power loss (no fsync).
+pointed to by ``checkpoints/latest`` (a temp file ``os.replace``d). A directory is complete if and only if its
+name has no ``.tmp-`` prefix, so a run killed at any moment never leaves a checkpoint that loads half-written.
+Atomic against process death on one shared filesystem; not a guarantee against power loss (no fsync).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ _NAME = re.compile(r"^step-(\d{7,})$")
 
 @dataclasses.dataclass(kw_only=True)
 class TrainState:
-    """Where training stands after optimizer step ``step``; enough, with the accelerate state, to resume exactly."""
+    """Where training stands after optimizer step ``step``; with the accelerate state, all a resume needs."""
 
     step: int
     """Optimizer steps completed."""
@@ -43,7 +43,7 @@ class TrainState:
     epoch_batch: int
     """Micro-batches of ``epoch`` already consumed by each rank (``make_loader(skip_batches=...)``)."""
     data_order: dict
-    """What fixes the per-rank batch order (manifest hash, batch size, workers, shuffle buffer, seed, world size)."""
+    """What fixes the per-rank batch order (manifest hash, batch size, workers, shuffle, seed, world size)."""
     config: dict
     """The resolved experiment config."""
     samples_seen: int = 0
@@ -66,15 +66,19 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (the ``latest`` pointer is a convenience; the directory scan decides)."""
+    """The newest complete checkpoint (decided by a directory scan, not by ``latest``)."""
     found = complete_checkpoints(run_dir)
     if not found:
         return None
     pointer = Path(run_dir) / CHECKPOINTS / LATEST
     if pointer.exists() and pointer.read_text().strip() != found[-1].name:
         # Killed between the rename and the pointer update: the renamed directory is complete.
-        log.warning("%s names %s but the newest complete checkpoint is %s; using the latter",
-                    pointer, pointer.read_text().strip(), found[-1].name)
+        log.warning(
+            "%s names %s but the newest complete checkpoint is %s; using the latter",
+            pointer,
+            pointer.read_text().strip(),
+            found[-1].name,
+        )
     return found[-1]
 
 
@@ -95,28 +99,30 @@ def consolidated_state_dict(accelerator: Accelerator, model: torch.nn.Module, ck
     """fp32 state dict of the unwrapped model on rank 0 (None elsewhere). Collective: call on every rank.
 
     Under DeepSpeed the fp32 master weights live in the (possibly sharded) optimizer states just saved in
-    ``ckpt_dir``; DeepSpeed's zero_to_fp32 consolidates them (works for ZeRO-1/2/3, and under bf16 gives the fp32
-    masters rather than the bf16 compute copy). Otherwise ``accelerator.get_state_dict`` unwraps DDP.
+    ``ckpt_dir``; DeepSpeed's zero_to_fp32 consolidates them (works for ZeRO-1/2/3, and under bf16 gives the
+    fp32 masters rather than the bf16 compute copy). Otherwise ``accelerator.get_state_dict`` unwraps DDP.
     """
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         accelerator.wait_for_everyone()  # every rank's shard must be on disk
         if not accelerator.is_main_process:
             return None
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
         from accelerate.utils.constants import MODEL_NAME
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=MODEL_NAME)
     else:
         state = accelerator.get_state_dict(model)
         if not accelerator.is_main_process:
             return None
-    return {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in state.items()}
+    return {
+        k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in state.items()
+    }
 
 
-def save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, state: TrainState,
-                    *, keep: int) -> Path:
-    """Write checkpoint ``step-<state.step>`` atomically and prune to the newest ``keep``. Call on every rank."""
+def save_checkpoint(
+    accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, state: TrainState, *, keep: int
+) -> Path:
+    """Write checkpoint ``step-<state.step>`` atomically, keep the newest ``keep``. Call on every rank."""
     root = run_dir / CHECKPOINTS
     final = root / step_dir_name(state.step)
     tmp = root / f".tmp-{final.name}"
@@ -151,14 +157,14 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def load_checkpoint(accelerator: Accelerator, ckpt_dir: Path) -> TrainState:
-    """Restore model, optimizer, scheduler and every rank's RNG states from ``ckpt_dir``; return its TrainState."""
+    """Restore model, optimizer, scheduler and every rank's RNG states from ``ckpt_dir``; return its state."""
     state = read_train_state(ckpt_dir)
     accelerator.load_state(str(ckpt_dir))
     return state
 
 
 def load_model_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> torch.nn.Module:
-    """Load a checkpoint's consolidated ``model.pt`` into a plain single-process model (evaluation, sampling)."""
+    """Load a checkpoint's consolidated ``model.pt`` into a plain single-process model."""
     path = Path(ckpt_dir) / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; is '{ckpt_dir}' a complete checkpoint directory?")

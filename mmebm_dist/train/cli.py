@@ -1,8 +1,8 @@
-"""``mmebm train``: train from a config, or resume a run directory; plain, DDP or DeepSpeed (the launcher decides).
+"""``mmebm train``: train from a config or resume a run dir (plain, DDP or DeepSpeed: the launcher decides).
 
-    mmebm train --config configs/tiny.yaml train.out_dir=runs/tiny train.steps=100
-    mmebm train --resume runs/tiny train.steps=200
-    accelerate launch --config_file launch/accelerate/cpu_ddp_2proc.yaml -m mmebm_dist.train --config ...
+mmebm train --config configs/tiny.yaml train.out_dir=runs/tiny train.steps=100
+mmebm train --resume runs/tiny train.steps=200
+accelerate launch --config_file launch/accelerate/cpu_ddp_2proc.yaml -m mmebm_dist.train --config ...
 """
 
 from __future__ import annotations
@@ -17,11 +17,17 @@ from mmebm_dist.config import Config, ConfigError, load_config
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="experiment YAML (configs/...)")
-    source.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue RUN_DIR from its newest complete checkpoint, with its saved config.json")
-    parser.add_argument("--trace-samples", action="store_true",
-                        help="write RUN_DIR/trace/rank-<i>.jsonl: a hash of every sample each rank consumed "
-                             "(audits data splitting and exact resume; costs a hash per sample)")
+    source.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its newest complete checkpoint, with its saved config.json",
+    )
+    parser.add_argument(
+        "--trace-samples",
+        action="store_true",
+        help="write RUN_DIR/trace/rank-<i>.jsonl: a hash of every sample each rank consumed "
+        "(audits data splitting and exact resume; costs a hash per sample)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
 
@@ -32,7 +38,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     run_dir = Path(args.resume)
     saved = run_dir / "config.json"
     if not saved.is_file():
-        raise ConfigError(f"--resume {run_dir}: {saved} does not exist; is it a run directory of `mmebm train`?")
+        raise ConfigError(
+            f"--resume {run_dir}: {saved} does not exist; is it a run directory of `mmebm train`?"
+        )
     cfg = load_config(saved, args.overrides)  # JSON is YAML, so the strict loader and overrides apply as-is
     if Path(cfg.train.out_dir).resolve() != run_dir.resolve():
         if any(o.split("=", 1)[0].strip() == "train.out_dir" for o in args.overrides):

@@ -1,8 +1,8 @@
 """The Accelerator for every launch mode (single process, DDP, DeepSpeed ZeRO-1/2/3, multi-node).
 
-The launcher and its YAML decide the mode; this module only builds the :class:`accelerate.Accelerator`, pushes the
-experiment config into DeepSpeed's JSON, and holds every CPU-only workaround in one place
-(see ``docs/stack-notes`` and ``launch/README.md``).
+The launcher and its YAML decide the mode; this module only builds the :class:`accelerate.Accelerator`, pushes
+the experiment config into DeepSpeed's JSON, and holds every CPU-only workaround in one place
+(see ``launch/README.md``).
 """
 
 from __future__ import annotations
@@ -35,20 +35,21 @@ def _cpu_workarounds() -> dict:
 
     Measured with accelerate 1.15 / torch 2.13 CPU / deepspeed 0.19 on a machine without a GPU:
     - ``accelerate launch --multi_gpu --num_processes 2`` starts two processes and torch.distributed has world
-      size 2, but ``Accelerator()`` reports DistributedType.NO, ``num_processes == 1`` and ``process_index == 0``
-      on both (no backend is chosen without CUDA): gradients would never be averaged and both ranks would read
-      the same data and write the same files, silently. ``Accelerator(cpu=True)`` gives MULTI_CPU over gloo with
-      the real ranks. (``--cpu --num_processes 2``, or ``use_cpu: true`` in the YAML, starts only ONE process.)
-    - Under ``--use_deepspeed`` the same bug appears one level down: DeepSpeed initialises torch.distributed by
-      itself and accelerate again records world size 1 on every rank. Creating
+      size 2, but ``Accelerator()`` reports DistributedType.NO, ``num_processes == 1`` and
+      ``process_index == 0`` on both (no backend is chosen without CUDA): gradients would never be averaged
+      and both ranks would read the same data and write the same files, silently. ``Accelerator(cpu=True)``
+      gives MULTI_CPU over gloo with the real ranks. (``--cpu --num_processes 2``, or ``use_cpu: true`` in
+      the YAML, starts only ONE process.)
+    - Under ``--use_deepspeed`` the same bug appears one level down: DeepSpeed initialises torch.distributed
+      by itself and accelerate again records world size 1 on every rank. Creating
       ``accelerate.PartialState(backend="gloo")`` before ``Accelerator(...)`` makes it read the real rank and
       world size (and keeps DistributedType.DEEPSPEED); ``cpu=True`` would drop DeepSpeed, so it is not used.
-    - DeepSpeed's CPU communication backend JIT-compiles a shared-memory all-reduce C++ op the first time it starts
-      (about 4 minutes on a loaded 2-core machine, cached afterwards under ~/.cache/torch_extensions). It is
-      marked incompatible here so DeepSpeed uses plain gloo collectives, which is what these CPU runs are for
-      (tests, demos); ``MMEBM_DEEPSPEED_SHM=1`` keeps the op.
-    The data loader's default rank comes from torch.distributed, but the loop passes accelerate's rank and world
-    size explicitly, so these checks also guard the data split. tests/test_distributed.py pins both.
+    - DeepSpeed's CPU communication backend JIT-compiles a shared-memory all-reduce C++ op the first time it
+      starts (about 4 minutes on a loaded 2-core machine, cached afterwards under ~/.cache/torch_extensions).
+      It is marked incompatible here so DeepSpeed uses plain gloo collectives, which is what these CPU runs
+      are for (tests, demos); ``MMEBM_DEEPSPEED_SHM=1`` keeps the op.
+    The data loader's default rank comes from torch.distributed, but the loop passes accelerate's rank and
+    world size explicitly, so these checks also guard the data split. tests/test_distributed.py pins both.
     """
     if torch.cuda.is_available() or launched_processes() <= 1:
         return {}
@@ -66,17 +67,21 @@ def _cpu_workarounds() -> dict:
 def make_accelerator(cfg: Config) -> Accelerator:
     """Build the Accelerator for ``cfg``: mixed precision, gradient accumulation, manual scheduler stepping.
 
-    ``step_scheduler_with_optimizer=False``: accelerate would otherwise step a prepared scheduler once per *process*
-    at every optimizer step, so the learning-rate decay would depend on the world size. The loop steps it once.
+    ``step_scheduler_with_optimizer=False``: accelerate would otherwise step a prepared scheduler once per
+    *process* at every optimizer step, so the lr decay would depend on the world size. The loop steps it once.
     The config's ``train.mixed_precision`` wins over the launcher's (it is what the run directory records).
     """
     if cfg.train.mixed_precision not in ("no", "bf16"):
         raise ValueError(f"train.mixed_precision must be 'no' or 'bf16', got '{cfg.train.mixed_precision}'")
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if launcher_precision not in (None, "no", cfg.train.mixed_precision):
-        log.warning("the launcher asked for mixed precision '%s' but train.mixed_precision=%s is used; "
-                    "pass train.mixed_precision=%s to change it", launcher_precision,
-                    cfg.train.mixed_precision, launcher_precision)
+        log.warning(
+            "the launcher asked for mixed precision '%s' but train.mixed_precision=%s is used; "
+            "pass train.mixed_precision=%s to change it",
+            launcher_precision,
+            cfg.train.mixed_precision,
+            launcher_precision,
+        )
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.optim.grad_accum,
@@ -86,18 +91,19 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if accelerator.num_processes != launched_processes():
         raise RuntimeError(
             f"accelerate sees {accelerator.num_processes} process(es) but the launcher started "
-            f"{launched_processes()} (WORLD_SIZE); see _cpu_workarounds in {__file__}")
+            f"{launched_processes()} (WORLD_SIZE); see _cpu_workarounds in {__file__}"
+        )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         _configure_deepspeed(accelerator, cfg)
     return accelerator
 
 
 def _configure_deepspeed(accelerator: Accelerator, cfg: Config) -> None:
-    """Make the experiment config authoritative over DeepSpeed's JSON for batch size, accumulation and clipping.
+    """Make the experiment config win over DeepSpeed's JSON for batch size, accumulation and clipping.
 
-    The JSON in launch/deepspeed/ chooses the ZeRO stage and its buckets; these three numbers must agree with the
-    loop (there is no prepared DataLoader from which accelerate could fill ``auto`` values), so they are set here
-    and every value that differed from the JSON is logged.
+    The JSON in launch/deepspeed/ chooses the ZeRO stage and its buckets; these three numbers must agree with
+    the loop (there is no prepared DataLoader from which accelerate could fill ``auto`` values), so they are
+    set here and every value that differed from the JSON is logged.
     """
     plugin = accelerator.state.deepspeed_plugin
     ds_config = plugin.deepspeed_config
@@ -114,24 +120,15 @@ def _configure_deepspeed(accelerator: Accelerator, cfg: Config) -> None:
     # train_batch_size is derived by DeepSpeed (micro x accumulation x world); an explicit one that disagrees
     # fails in deepspeed.initialize, so it is dropped rather than guessed.
     ds_config.pop("train_batch_size", None)
-    if zero3_init_enabled(accelerator):
-        raise ValueError(
-            "zero3_init_flag is true in the accelerate config; set 'zero3_init_flag: false' (the model is built "
-            "whole on every rank and partitioned by deepspeed.initialize)"
-        )
-
-
-def zero3_init_enabled(accelerator: Accelerator) -> bool:
-    """Whether DeepSpeed's zero.Init (construct-time partitioning) is on."""
-    plugin = accelerator.state.deepspeed_plugin
-    return bool(plugin is not None and plugin.zero3_init_flag and zero_stage(accelerator) == 3)
 
 
 def zero_stage(accelerator: Accelerator) -> int:
     """The ZeRO stage (0 when DeepSpeed is not used)."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return 0
-    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+    return int(
+        accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+    )
 
 
 def describe(accelerator: Accelerator) -> dict:

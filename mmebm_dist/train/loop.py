@@ -39,7 +39,7 @@ IMAGE_SAMPLES = 16
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """Adam (AdamW when ``optim.weight_decay > 0``) over the model's parameter groups, amsgrad from the config."""
+    """Adam (AdamW when ``optim.weight_decay > 0``) over the model's parameter groups; amsgrad per config."""
     groups = model.param_groups(cfg.optim)
     kwargs = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), amsgrad=cfg.optim.amsgrad)
     if cfg.optim.weight_decay > 0:
@@ -48,7 +48,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LRScheduler:
-    """Exponential decay: every group's lr is multiplied by ``optim.lr_decay`` every ``optim.lr_decay_every`` steps."""
+    """Exponential decay: every group's lr times ``optim.lr_decay`` every ``optim.lr_decay_every`` steps."""
     decay, every = cfg.optim.lr_decay, cfg.optim.lr_decay_every
     if every <= 0:
         raise ValueError(f"optim.lr_decay_every must be positive, got {every}")
@@ -59,9 +59,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.opti
 def isolated_rng(device: torch.device):
     """Run a block without moving the training RNG streams (torch CPU/CUDA, numpy, python ``random``).
 
-    Used around data-loader construction and iteration (a torch DataLoader draws its base seed from the global RNG
-    when an iterator is created, which happens at different moments in an uninterrupted and in a resumed run) and
-    around sampling for images and periodic evaluation (which may or may not run at a given step).
+    Used around data-loader construction and iteration (a torch DataLoader draws its base seed from the global
+    RNG when an iterator is created, which happens at different moments in an uninterrupted and in a resumed
+    run) and around sampling for images and periodic evaluation (which may or may not run at a given step).
     """
     py_state, np_state = random.getstate(), np.random.get_state()
     devices = [device] if device.type == "cuda" else []
@@ -74,14 +74,21 @@ def isolated_rng(device: torch.device):
 
 
 def data_order(cfg: Config, world_size: int, manifest: str) -> dict[str, Any]:
-    """Everything that fixes which samples each rank reads in which order (a resume mid-epoch must keep it)."""
-    return {"manifest_hash": manifest, "batch_size": cfg.data.batch_size, "num_workers": cfg.data.num_workers,
-            "shuffle_buffer": cfg.data.shuffle_buffer, "seed": cfg.train.seed, "world_size": world_size}
+    """Everything that fixes which samples each rank reads, in which order (a mid-epoch resume keeps it)."""
+    return {
+        "manifest_hash": manifest,
+        "batch_size": cfg.data.batch_size,
+        "num_workers": cfg.data.num_workers,
+        "shuffle_buffer": cfg.data.shuffle_buffer,
+        "seed": cfg.train.seed,
+        "world_size": world_size,
+    }
 
 
-def micro_batches(cfg: Config, *, rank: int, world_size: int, per_epoch: int, epoch: int, start: int,
-                  device: torch.device) -> Iterator[tuple[int, int, dict]]:
-    """Yield ``(epoch, index, batch)`` forever: ``per_epoch`` batches per epoch on every rank, then a new shuffle.
+def micro_batches(
+    cfg: Config, *, rank: int, world_size: int, per_epoch: int, epoch: int, start: int, device: torch.device
+) -> Iterator[tuple[int, int, dict]]:
+    """Yield ``(epoch, index, batch)`` forever: ``per_epoch`` batches per epoch on every rank, then reshuffle.
 
     Starts at batch ``start`` of ``epoch`` (exact resume through ``make_loader(skip_batches=...)``).
     """
@@ -89,17 +96,29 @@ def micro_batches(cfg: Config, *, rank: int, world_size: int, per_epoch: int, ep
 
     while True:
         with isolated_rng(device):
-            loader = iter(make_loader(
-                cfg.data.path, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-                shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed, epoch=epoch, rank=rank,
-                world_size=world_size, split="train", on_error=cfg.data.on_error, skip_batches=start))
+            loader = iter(
+                make_loader(
+                    cfg.data.path,
+                    batch_size=cfg.data.batch_size,
+                    num_workers=cfg.data.num_workers,
+                    shuffle_buffer=cfg.data.shuffle_buffer,
+                    seed=cfg.train.seed,
+                    epoch=epoch,
+                    rank=rank,
+                    world_size=world_size,
+                    split="train",
+                    on_error=cfg.data.on_error,
+                    skip_batches=start,
+                )
+            )
         for index in range(start, per_epoch):
             with isolated_rng(device):
                 batch = next(loader, None)
             if batch is None:
                 raise RuntimeError(
-                    f"the loader of '{cfg.data.path}' ended after {index} batches of epoch {epoch} on rank {rank}, "
-                    f"but epoch_batches promised {per_epoch}; rebuild the shards (`mmebm data verify`)")
+                    f"the loader of '{cfg.data.path}' ended after {index} batches of epoch {epoch} on rank "
+                    f"{rank}, but epoch_batches promised {per_epoch}; check the shards (`mmebm data verify`)"
+                )
             yield epoch, index, batch
         del loader
         epoch, start = epoch + 1, 0
@@ -128,7 +147,9 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
     from mmebm_dist.models import build_model
 
     if cfg.train.keep_checkpoints < 1:
-        raise ValueError(f"train.keep_checkpoints must be at least 1 (resume needs one), got {cfg.train.keep_checkpoints}")
+        raise ValueError(
+            f"train.keep_checkpoints must be at least 1 (resume needs one), got {cfg.train.keep_checkpoints}"
+        )
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
@@ -152,11 +173,18 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
 
     manifest = manifest_hash(cfg.data.path)
     order = data_order(cfg, world, manifest)
-    per_epoch = epoch_batches(cfg.data.path, batch_size=cfg.data.batch_size, world_size=world,
-                              num_workers=cfg.data.num_workers, split="train")
+    per_epoch = epoch_batches(
+        cfg.data.path,
+        batch_size=cfg.data.batch_size,
+        world_size=world,
+        num_workers=cfg.data.num_workers,
+        split="train",
+    )
     if per_epoch < 1:
-        raise ValueError(f"'{cfg.data.path}' gives no full batch of {cfg.data.batch_size} per rank with {world} "
-                         "processes; lower data.batch_size or build more samples")
+        raise ValueError(
+            f"'{cfg.data.path}' gives no full batch of {cfg.data.batch_size} per rank with {world} "
+            "processes; lower data.batch_size or build more samples"
+        )
 
     state = TrainState(step=0, epoch=0, epoch_batch=0, data_order=order, config=config_to_dict(cfg))
     ckpt = latest_checkpoint(run_dir) if resume else None
@@ -166,25 +194,42 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
         state = load_checkpoint(accelerator, ckpt)
         _check_data_order(state, order, ckpt)
         state.data_order, state.config = order, config_to_dict(cfg)
-        log.info("resumed from %s: step %d, epoch %d, batch %d", ckpt, state.step, state.epoch, state.epoch_batch)
+        log.info(
+            "resumed from %s: step %d, epoch %d, batch %d", ckpt, state.step, state.epoch, state.epoch_batch
+        )
     elif run_dir.joinpath("checkpoints").exists() and any(run_dir.joinpath("checkpoints").iterdir()):
-        raise FileExistsError(f"{run_dir} already holds checkpoints; resume it with `mmebm train --resume {run_dir}`"
-                              " or choose another train.out_dir")
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints; resume it with `mmebm train --resume {run_dir}`"
+            " or choose another train.out_dir"
+        )
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.json")
     accelerator.wait_for_everyone()
 
     info = describe(accelerator)
-    log.info("process 0 of %d: %s, ZeRO stage %d, %d batches/epoch/rank, %d threads", world,
-             info["distributed_type"], info["zero_stage"], per_epoch, info["threads"])
+    log.info(
+        "process 0 of %d: %s, ZeRO stage %d, %d batches/epoch/rank, %d threads",
+        world,
+        info["distributed_type"],
+        info["zero_stage"],
+        per_epoch,
+        info["threads"],
+    )
     metrics = MetricsWriter(run_dir, enabled=main, start_step=state.step)
     trace = None
     if trace_samples:
         trace = SampleTrace(run_dir, rank, start_step=state.step, modalities=modalities)
         trace.write({"event": "start", "start_step": state.step, **info})
-    batches = micro_batches(cfg, rank=rank, world_size=world, per_epoch=per_epoch, epoch=state.epoch,
-                            start=state.epoch_batch, device=device)
+    batches = micro_batches(
+        cfg,
+        rank=rank,
+        world_size=world,
+        per_epoch=per_epoch,
+        epoch=state.epoch,
+        start=state.epoch_batch,
+        device=device,
+    )
     every_rank_samples = zero_stage(accelerator) == 3  # ZeRO-3 gathers partitioned weights collectively
     samples_per_step = cfg.data.batch_size * cfg.optim.grad_accum * world
     group_names = [g.get("name", f"group{i}") for i, g in enumerate(optimizer.param_groups)]
@@ -222,13 +267,22 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             keys = sorted(step_terms)  # same order on every rank for the all-reduce
             values = accelerator.reduce(torch.stack([step_terms[k] for k in keys]), reduction="mean")
-            reduced = dict(zip(keys, values.tolist()))
+            reduced = dict(zip(keys, values.tolist(), strict=True))
             now = time.time()
-            record = {"step": step, "epoch": state.epoch, "epoch_batch": state.epoch_batch, **reduced,
-                      "samples_per_s": window_steps * samples_per_step / max(now - window_start, 1e-9),
-                      "data_wait_s": data_wait / window_steps, "world_size": world,
-                      "samples_seen": state.samples_seen, "wall_time_s": base_wall + now - segment_start}
-            record.update({f"lr/{name}": lr for name, lr in zip(group_names, scheduler.get_last_lr())})
+            record = {
+                "step": step,
+                "epoch": state.epoch,
+                "epoch_batch": state.epoch_batch,
+                **reduced,
+                "samples_per_s": window_steps * samples_per_step / max(now - window_start, 1e-9),
+                "data_wait_s": data_wait / window_steps,
+                "world_size": world,
+                "samples_seen": state.samples_seen,
+                "wall_time_s": base_wall + now - segment_start,
+            }
+            record.update(
+                {f"lr/{name}": lr for name, lr in zip(group_names, scheduler.get_last_lr(), strict=True)}
+            )
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             metrics.log(record)
@@ -240,7 +294,8 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
         if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0:
             _periodic_eval(unwrapped, cfg, step, device, metrics, run_here=main or every_rank_samples)
             accelerator.wait_for_everyone()
-        if cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+        periodic = cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0
+        if periodic or step == cfg.train.steps:
             state.wall_time = base_wall + time.time() - segment_start
             metrics.flush()
             save_checkpoint(accelerator, model, run_dir, state, keep=cfg.train.keep_checkpoints)
@@ -253,24 +308,32 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
     metrics.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return {"step": state.step, "terms": reduced, "world_size": world, "run_dir": str(run_dir),
-            "is_main_process": main}
+    return {
+        "step": state.step,
+        "terms": reduced,
+        "world_size": world,
+        "run_dir": str(run_dir),
+        "is_main_process": main,
+    }
 
 
 def _check_data_order(state: TrainState, order: dict[str, Any], ckpt: Path) -> None:
-    """A mid-epoch resume is exact only if the per-rank batch order is unchanged; say what changed otherwise."""
+    """A mid-epoch resume is exact only if the per-rank batch order is unchanged; else say what changed."""
     if state.epoch_batch == 0:
         return
     changed = {k: (state.data_order.get(k), v) for k, v in order.items() if state.data_order.get(k) != v}
     if changed:
         detail = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
         raise ValueError(
-            f"{ckpt} stopped mid-epoch ({state.epoch_batch} batches into epoch {state.epoch}) and the data order "
-            f"changed ({detail}); resume with the original processes/data settings")
+            f"{ckpt} stopped mid-epoch ({state.epoch_batch} batches into epoch {state.epoch}) and the data "
+            f"order changed ({detail}); resume with the original processes/data settings"
+        )
 
 
-def _joint_samples(model: torch.nn.Module, cfg: Config, step: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Joint samples for the TensorBoard grids, from a generator seeded by the step (training RNG untouched)."""
+def _joint_samples(
+    model: torch.nn.Module, cfg: Config, step: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Joint samples for TensorBoard from a generator seeded by the step (the training RNG is untouched)."""
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + step)
     model.eval()
     try:
@@ -280,8 +343,15 @@ def _joint_samples(model: torch.nn.Module, cfg: Config, step: int, device: torch
         model.train()
 
 
-def _periodic_eval(model: torch.nn.Module, cfg: Config, step: int, device: torch.device, metrics: MetricsWriter,
-                   *, run_here: bool) -> None:
+def _periodic_eval(
+    model: torch.nn.Module,
+    cfg: Config,
+    step: int,
+    device: torch.device,
+    metrics: MetricsWriter,
+    *,
+    run_here: bool,
+) -> None:
     """Call ``mmebm_dist.evaluate.periodic.periodic_eval`` (imported only when ``train.eval_every > 0``)."""
     if not run_here:
         return
@@ -293,4 +363,6 @@ def _periodic_eval(model: torch.nn.Module, cfg: Config, step: int, device: torch
             results = periodic_eval(model, cfg, step)
     finally:
         model.train()
-    metrics.log({"step": step, **{f"eval/{k}": float(v) for k, v in results.items() if isinstance(v, (int, float))}})
+    metrics.log(
+        {"step": step, **{f"eval/{k}": float(v) for k, v in results.items() if isinstance(v, (int, float))}}
+    )

@@ -1,4 +1,4 @@
-"""Run-directory logging: ``metrics.jsonl`` (one JSON record per logged step), TensorBoard scalars and sample grids.
+"""Run-directory logging: ``metrics.jsonl`` (a JSON record per logged step), TensorBoard scalars and grids.
 
 Only rank 0 writes. On resume, records after the checkpoint's step are dropped so that the log reads as one
 uninterrupted run (:func:`truncate_jsonl`), and TensorBoard purges the same steps (``purge_step``).
@@ -132,11 +132,11 @@ def sample_digests(batch: dict[str, Any], modalities: list[str]) -> list[str]:
 
 
 class SampleTrace:
-    """Per-rank audit of the data each rank consumed: ``trace/rank-<i>.jsonl`` (``mmebm train --trace-samples``).
+    """Per-rank audit of the data each rank read: ``trace/rank-<i>.jsonl`` (``mmebm train --trace-samples``).
 
     Records: ``{"event": "start", ...process description}``, one ``{"step", "epoch", "index", "samples"}`` per
-    micro-batch, and ``{"event": "end", "param_digest"}``. It proves disjoint data across ranks and that a resumed
-    run sees no sample twice; it hashes every sample, so it is off by default.
+    micro-batch, and ``{"event": "end", "param_digest"}``. It proves disjoint data across ranks and that a
+    resumed run sees no sample twice; it hashes every sample, so it is off by default.
     """
 
     def __init__(self, run_dir: Path, process_index: int, *, start_step: int, modalities: list[str]):
@@ -151,8 +151,9 @@ class SampleTrace:
         self._file.flush()
 
     def batch(self, step: int, epoch: int, index: int, batch: dict[str, Any]) -> None:
-        self.write({"step": step, "epoch": epoch, "index": index,
-                    "samples": sample_digests(batch, self.modalities)})
+        self.write(
+            {"step": step, "epoch": epoch, "index": index, "samples": sample_digests(batch, self.modalities)}
+        )
 
     def close(self) -> None:
         self._file.close()

@@ -1,0 +1,212 @@
+"""``mmebm bench langevin``: Langevin sampler backends against autograd and this machine's dense-matmul roof.
+
+Per row (backend, batch): median wall time of one K-step chain over ``--repeats`` runs after one warm-up;
+chain-steps x samples per second = K B / t; speed-up against autograd measured in the same run; achieved
+GFLOP/s from the matmul FLOPs of forward f and grad_z f per step, 4B(dH + (L-1)H^2) + 2BH (see
+mmebm_dist.kernels._utils.langevin_flops_per_step), and that as a fraction of the best 1024x1024 fp32 matmul
+rate measured in the same run. Peak memory: on CPU the peak-RSS growth of one chain in a fresh subprocess (so
+the allocator's reuse of earlier runs' pages cannot hide it); on CUDA torch.cuda.max_memory_allocated growth.
+One extra row per backend at K = ``--long-steps`` shows whether memory grows with K. Times are never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from mmebm_dist.kernels._utils import langevin_flops_per_step
+from mmebm_dist.langevin import resolve_backend, sample
+from mmebm_dist.models.energy import ACTIVATIONS, EnergyMLP
+
+COLUMNS = ("backend", "batch", "latent", "mlp", "steps", "ms_per_chain", "chain_steps_x_samples_per_s",
+           "speedup_vs_autograd", "gflops", "roof_fraction", "peak_mib", "buffer_mib")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, nargs="+", default=[16, 256, 1024], help="batch sizes B")
+    parser.add_argument("--latent", type=int, default=32, help="latent width d")
+    parser.add_argument("--hidden", type=int, default=200, help="hidden width H of the energy MLP")
+    parser.add_argument("--layers", type=int, default=2, help="hidden layers L of the energy MLP (1-4)")
+    parser.add_argument("--steps", type=int, default=60, help="Langevin steps K per chain")
+    parser.add_argument("--long-steps", type=int, default=240,
+                        help="K of the extra memory-vs-K row per backend (at the middle batch); 0 skips it")
+    parser.add_argument("--step-size", type=float, default=0.4, help="Langevin step size s")
+    parser.add_argument("--activation", default="leaky_relu", choices=ACTIVATIONS)
+    parser.add_argument("--reference", default="laplace", choices=("laplace", "gaussian"))
+    parser.add_argument("--backends", nargs="+", default=None, choices=("autograd", "torch", "triton"),
+                        help="backends to time (default: autograd torch, plus triton on CUDA)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed chains per row (median reported)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+
+
+def matmul_roof_gflops(device: torch.device, size: int = 1024, repeats: int = 10) -> float:
+    """Best fp32 size x size matmul rate on ``device``: the roof the sampler is compared with."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    out = torch.empty(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def buffer_bytes(backend: str, batch: int, latent: int, hidden: int, layers: int,
+                 activation: str) -> int | None:
+    """Analytic working memory of one chain (independent of K); None for autograd (its graph is per step)."""
+    fp32 = 4
+    if backend == "torch":
+        # a_1..a_L, one act(a) buffer unless leaky_relu (in place), g_l (two when L > 1: ping-pong)
+        hidden_buffers = layers + 2 if activation != "leaky_relu" else layers + 1
+        hidden_buffers += 1 if layers > 1 else 0
+        return fp32 * (hidden_buffers * batch * hidden + 3 * batch * latent)  # + z, sign, eps
+    if backend == "triton":
+        return fp32 * (batch * layers * hidden + 2 * batch * hidden + batch * latent)  # pre, grad, z
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _setup(args, batch: int, device: torch.device):
+    torch.manual_seed(0)
+    energy = EnergyMLP(args.latent, args.hidden, args.layers, args.activation)
+    energy = energy.to(device).requires_grad_(False)
+    z0 = torch.randn(batch, args.latent, device=device)
+    return energy, z0
+
+
+def _chain(args, energy, z0, backend: str, steps: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator(device=z0.device).manual_seed(seed)
+    return sample(energy, z0, steps=steps, step_size=args.step_size, reference=args.reference,
+                  generator=generator, backend=backend)
+
+
+def time_chain(args, backend: str, batch: int, steps: int, device: torch.device) -> float:
+    """Median seconds of one chain over ``args.repeats`` runs (one warm-up run first)."""
+    energy, z0 = _setup(args, batch, device)
+    times = []
+    for i in range(args.repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        _chain(args, energy, z0, backend, steps, seed=i)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line (Linux only)")
+
+
+def memory_probe(arg_json: str) -> None:
+    """Subprocess body: peak-RSS growth (KiB) of one chain after set-up and a warm-up, printed as JSON."""
+    spec = json.loads(arg_json)
+    args = argparse.Namespace(**spec["args"])
+    torch.set_num_threads(args.threads)
+    # Warm up the libraries (thread pools, BLAS buffers) on one row and one step so they are not counted.
+    energy, z0 = _setup(args, 1, torch.device("cpu"))
+    _chain(args, energy, z0, spec["backend"], 1, seed=0)
+    energy, z0 = _setup(args, spec["batch"], torch.device("cpu"))
+    before = _rss_kib("VmRSS")
+    _chain(args, energy, z0, spec["backend"], spec["steps"], seed=0)
+    print(json.dumps({"peak_kib": _rss_kib("VmHWM") - before}))
+
+
+def peak_memory_mib(args, backend: str, batch: int, steps: int, device: torch.device) -> float:
+    """Peak memory growth of one chain (MiB): CUDA allocator peak, or peak RSS of a fresh CPU subprocess."""
+    if device.type == "cuda":
+        energy, z0 = _setup(args, batch, device)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        _chain(args, energy, z0, backend, steps, seed=0)
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    fields = ("latent", "hidden", "layers", "activation", "reference", "step_size", "threads")
+    spec = json.dumps({"args": {k: getattr(args, k) for k in fields}, "batch": batch, "steps": steps,
+                       "backend": backend})
+    code = "import sys; from mmebm_dist.bench.sampler import memory_probe; memory_probe(sys.argv[1])"
+    result = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory probe for backend={backend} batch={batch} failed:\n"
+                           f"{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_kib"] / 1024
+
+
+def _format_table(rows: list[dict]) -> str:
+    header = ("backend", "batch", "d", "H x L", "K", "ms/chain", "steps*samples/s", "vs autograd", "GFLOP/s",
+              "% roof", "peak MiB", "buffers MiB")
+    lines = [header]
+    for r in rows:
+        lines.append((r["backend"], str(r["batch"]), str(r["latent"]), r["mlp"], str(r["steps"]),
+                      f"{r['ms_per_chain']:.2f}", f"{r['chain_steps_x_samples_per_s']:.3g}",
+                      "-" if r["speedup_vs_autograd"] is None else f"{r['speedup_vs_autograd']:.2f}x",
+                      f"{r['gflops']:.1f}", f"{100 * r['roof_fraction']:.0f}%",
+                      "-" if r["peak_mib"] is None else f"{r['peak_mib']:.2f}",
+                      "-" if r["buffer_mib"] is None else f"{r['buffer_mib']:.2f}"))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
+
+
+def run(args) -> int:
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    backends = args.backends or (["autograd", "torch"] + (["triton"] if device.type == "cuda" else []))
+    energy, z0 = _setup(args, args.batch[0], device)
+    for backend in backends:  # fail before timing anything if a backend cannot run here
+        chosen = resolve_backend(energy, z0, backend)
+        if chosen != backend:
+            raise SystemExit(f"mmebm bench langevin: backend '{backend}' would run as '{chosen}' here")
+    roof = matmul_roof_gflops(device)
+    plan = [(b, batch, args.steps) for batch in args.batch for b in backends]
+    if args.long_steps:
+        middle = sorted(args.batch)[len(args.batch) // 2]
+        plan += [(b, middle, args.long_steps) for b in backends]
+    rows, autograd_ms = [], {}
+    for backend, batch, steps in tqdm(plan, desc="bench langevin", disable=args.json, file=sys.stderr):
+        seconds = time_chain(args, backend, batch, steps, device)
+        if backend == "autograd":
+            autograd_ms[(batch, steps)] = seconds
+        flops = langevin_flops_per_step(batch, args.latent, args.hidden, args.layers) * steps
+        buffers = buffer_bytes(backend, batch, args.latent, args.hidden, args.layers, args.activation)
+        rows.append(dict(
+            backend=backend, batch=batch, latent=args.latent, mlp=f"{args.hidden}x{args.layers}", steps=steps,
+            ms_per_chain=1e3 * seconds, chain_steps_x_samples_per_s=steps * batch / seconds,
+            speedup_vs_autograd=None, gflops=flops / seconds / 1e9,
+            roof_fraction=flops / seconds / 1e9 / roof,
+            peak_mib=None if args.no_memory else peak_memory_mib(args, backend, batch, steps, device),
+            buffer_mib=None if buffers is None else buffers / 2**20,
+            activation=args.activation, reference=args.reference, threads=args.threads, device=str(device),
+            roof_gflops=roof, seconds_per_chain=seconds,
+        ))
+    for row in rows:
+        ref = autograd_ms.get((row["batch"], row["steps"]))
+        if ref is not None:
+            row["speedup_vs_autograd"] = ref / row["seconds_per_chain"]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(f"dense fp32 matmul roof (1024^3, best of 10) on {device}: {roof:.1f} GFLOP/s; {args.threads} "
+              f"threads; FLOPs per step 4B(dH + (L-1)H^2) + 2BH; {args.activation}, {args.reference} p0")
+        print(_format_table(rows))
+    return 0
