@@ -129,6 +129,13 @@ class ModelConfig:
     """Weight of the prior/posterior terms (MMVAE+ uses 2.5 in its newer release)."""
     prior: PriorConfig = field(default_factory=PriorConfig)
     """Prior on z."""
+    channels_last: bool = True
+    """Run the ``mmvaeplus`` convs on channels_last (NHWC) activations: the same function and parameters;
+    oneDNN's CPU convs skip a layout reorder per call that way (speed report in tests/test_speed_levers.py)."""
+    subpixel_upsample: bool = True
+    """Run the ``mmvaeplus`` decoder blocks that follow a 2x nearest upsampling in sub-pixel form (four 2x2
+    convs on the low-resolution map: 4/9 of the first conv's multiply-adds): the same function up to float32
+    rounding, the same parameters."""
 
 
 @dataclass(kw_only=True)

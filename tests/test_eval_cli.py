@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 from train_helpers import REPO, build_tiny_polymnist, env, free_port, run_train, tiny_config
 
@@ -123,3 +124,46 @@ def test_two_process_eval_matches_single_process(trained, tmp_path):
     assert [e["coherence"] for e in double["coherence"]["langevin_sweep"]] == \
         [e["coherence"] for e in single["coherence"]["langevin_sweep"]]
     assert double["elbo"]["n"] == 16
+
+
+class MeanModel(torch.nn.Module):
+    """forward returns per-batch means, so the weighted average over chunks must be the global mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, batch):
+        x = batch["x"]
+        return {"loss": self.scale * x.mean(), "rec/x": x.mean().detach(), "vector": x.detach()}
+
+
+def test_objective_terms_weight_by_batch_size_and_split_over_ranks():
+    from mmebm_dist.evaluate.latent import objective_terms
+
+    x = torch.arange(10, dtype=torch.float32)
+    chunks = [{"x": x[:4], "label": torch.zeros(4, dtype=torch.long)},
+              {"x": x[4:8], "label": torch.zeros(4, dtype=torch.long)},
+              {"x": x[8:], "label": torch.zeros(2, dtype=torch.long)}]
+    single = objective_terms(MeanModel(), chunks, all_reduce=lambda t: t)
+    assert single["n"] == 10 and set(single["terms"]) == {"loss", "rec/x"}  # non-scalars are left out
+    assert single["terms"]["rec/x"] == pytest.approx(4.5) and single["terms"]["loss"] == pytest.approx(9.0)
+    captured = []
+    for rank in (0, 1):
+        objective_terms(MeanModel(), chunks, rank=rank, world_size=2,
+                        all_reduce=lambda t: captured.append(t.clone()) or t)
+    total = captured[0] + captured[1]
+    split = objective_terms(MeanModel(), chunks, rank=0, world_size=2, all_reduce=lambda t: total)
+    assert split["n"] == 10 and split["terms"] == pytest.approx(single["terms"])
+
+
+def test_linear_probe_separates_informative_features_only():
+    from mmebm_dist.evaluate.latent import linear_probe_accuracy
+
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (600,), generator=gen)
+    centers = 3 * torch.randn(10, 6, generator=gen)
+    informative = centers[y] + 0.5 * torch.randn(600, 6, generator=gen)
+    noise = torch.randn(600, 6, generator=gen)
+    assert linear_probe_accuracy(informative[:400], y[:400], informative[400:], y[400:]) > 0.95
+    assert linear_probe_accuracy(noise[:400], y[:400], noise[400:], y[400:]) < 0.3

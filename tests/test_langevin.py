@@ -189,6 +189,23 @@ def test_exploding_chain_reports_the_same_step_as_autograd(backend):
     assert f"at step {step} " in str(fused.value)
 
 
+def test_torch_locates_divergence_of_generator_noise():
+    """Fresh noise: the torch backend replays the chain from the saved generator state to name the step."""
+    energy = make_energy(4, 16, 1)
+    z0, _ = chain_inputs(16, 4, 0)
+    kwargs = dict(steps=60, step_size=4.0, reference="gaussian")
+    with pytest.raises(LangevinDivergenceError) as ref:
+        sample(energy, z0, backend="autograd", generator=torch.Generator().manual_seed(9), **kwargs)
+    with pytest.raises(LangevinDivergenceError) as fused:
+        sample(energy, z0, backend="torch", generator=torch.Generator().manual_seed(9), **kwargs)
+    step = str(ref.value).split("at step ")[1].split(" ")[0]
+    assert f"at step {step} " in str(fused.value)
+    # Global RNG (no generator): the same replay through torch's default generator.
+    torch.manual_seed(9)
+    with pytest.raises(LangevinDivergenceError, match=f"at step {step} "):
+        sample(energy, z0, backend="torch", **kwargs)
+
+
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
 def test_zero_steps_and_grad_inputs(backend):
     energy = make_energy()

@@ -24,7 +24,7 @@ def results() -> dict:
                             "ms_per_sample": 1.0},
                            {"steps": 30, "coherence": 0.3125, "stderr": 0.0328, "n": 200, "seconds": 1.5,
                             "ms_per_sample": 7.5}],
-        "cross": {"matrix": matrix, "n": 150, "self_reconstruction": 0.85, "coherence": 0.385,
+        "cross": {"matrix": matrix, "n": 150, "self_coherence": 0.85, "coherence": 0.385,
                   "stderr": 0.0211},
         "subsets": {"1": {"coherence": 0.385, "num_subsets": 3},
                     "2": {"coherence": 0.4567, "num_subsets": 3}},

@@ -531,9 +531,9 @@ def _write_bird_shard(job: tuple[str, int, int, int]) -> dict:
                 f"{i:09d}",
                 [
                     (f"{IMAGE_MODALITY}.png", shards.encode_png(s["image"])),
-                    (f"{TEXT_MODALITY}.npy", generated.npy_bytes(s["caption_ids"][0])),
-                    ("captions.npy", generated.npy_bytes(s["caption_ids"])),
-                    ("attrs.npy", generated.npy_bytes(attrs)),
+                    (f"{TEXT_MODALITY}.npy", shards.encode_npy(s["caption_ids"][0])),
+                    ("captions.npy", shards.encode_npy(s["caption_ids"])),
+                    ("attrs.npy", shards.encode_npy(attrs)),
                     (shards.LABEL_EXT, str(int(s["attributes"][LABEL_ATTRIBUTE])).encode()),
                 ],
             )

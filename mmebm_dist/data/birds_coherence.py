@@ -70,23 +70,23 @@ def _bytes_io(data: bytes):
 
 
 class AttributeClassifier(nn.Module):
-    """Images [B, 3, H, W] in [0, 1] -> logits per attribute: three stride-2 conv blocks, one head each."""
+    """Images [B, 3, H, W] in [0, 1] -> logits per attribute: 3 conv-BN-ReLU-pool blocks, a head each."""
 
     def __init__(self, width: int = 32, size: int = 64):
         super().__init__()
         if size % 8:
             raise ValueError(f"image side {size} must be a multiple of 8")
         self.width, self.size = width, size
+        blocks: list[nn.Module] = []
+        for c_in, c_out in ((3, width), (width, 2 * width), (2 * width, 4 * width)):
+            blocks += [
+                nn.Conv2d(c_in, c_out, 3, padding=1),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
         self.trunk = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 4 * width, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
+            *blocks,
             nn.Flatten(),
             nn.Linear(4 * width * (size // 8) ** 2, 256),
             nn.ReLU(),

@@ -188,15 +188,6 @@ def write_shard(
     }
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    """``.npy`` bytes of an array (np.save writes no timestamp: deterministic)."""
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
 def manifest_base(
     *,
     modalities: list[dict],

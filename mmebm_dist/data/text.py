@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -124,7 +125,8 @@ class Vocabulary:
         return cls(words=tuple(data["words"]), max_len=int(data["max_len"]))
 
 
-def _wrap(words: list[str], font, width: int) -> list[str]:  # noqa: ANN001 (PIL font)
+def _wrap(words: list[str], font: Any, width: int) -> list[str]:
+    """Greedy word wrap of ``words`` into lines at most ``width`` pixels wide in ``font``."""
     lines: list[str] = []
     line = ""
     for word in words:
@@ -145,11 +147,10 @@ def caption_tile(text: str, *, height: int = 64, width: int = 64, font_size: int
     The font (DejaVu Sans from matplotlib's wheel) shrinks until the caption fits; lines that still do not
     fit are cut and the last kept line ends with an ellipsis.
     """
+    import matplotlib
     from PIL import Image, ImageDraw, ImageFont
 
-    from mmebm_dist.data.mnist_svhn import matplotlib_font_dir
-
-    font_path = str(matplotlib_font_dir() / "DejaVuSans.ttf")
+    font_path = str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
     size = font_size or max(6, height // 6)
     words = text.split()
     while True:

@@ -62,10 +62,12 @@ def run(args: argparse.Namespace) -> int:
 
     rank, world = generate.init_distributed_from_env()
     try:
-        return evaluate(args, rank, world)
+        code = evaluate(args, rank, world)
+        if world > 1:
+            torch.distributed.barrier()  # rank 0 writes the files while the others wait
+        return code
     finally:
         if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # rank 0 writes the files while the others wait
             torch.distributed.destroy_process_group()
 
 

@@ -176,8 +176,7 @@ class Counts:
 
 
 def chunk_seed(seed: int, stream: str, chunk: int) -> int:
-    """A 62-bit seed for chunk ``chunk`` of the random stream ``stream`` (independent of the process count).
-    """
+    """A 62-bit seed for chunk ``chunk`` of random stream ``stream`` (independent of the process count)."""
     digest = hashlib.sha256(f"{seed}/{stream}/{chunk}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 2
 
@@ -261,7 +260,7 @@ def count_conditional(model: GenerativeModel, classifiers: Predictor, chunks: Se
                       progress: Callable[[int], None] | None = None) -> Counts:
     """Tallies keyed (subset, target) of the target classifier's accuracy against the true label when
     generating every target from q(z | x_subset); every target is counted, including those in the subset
-    (for singletons the diagonal is the self-reconstruction coherence).
+    (for singletons the diagonal is the self coherence: source = target, private latent from its prior).
 
     When all singletons are among ``subsets`` it also tallies, per test tuple, its share s_i of correct
     off-diagonal cells (keys CROSS_TUPLE: sum s_i, CROSS_TUPLE_SQ: sum s_i^2): cross coherence is the mean
@@ -394,7 +393,7 @@ def measure_coherence(model: GenerativeModel, classifiers: Predictor, chunks: Se
                               **timing(("sweep/time", steps))} for steps in langevin_sweep]
     matrix = [[total[((s,), t)].rate for t in names] for s in names]
     cross: dict = {"matrix": matrix, "n": int(total[((names[0],), names[0])].total),
-                   "self_reconstruction": sum(matrix[i][i] for i in range(m)) / m}
+                   "self_coherence": sum(matrix[i][i] for i in range(m)) / m}
     if m > 1:
         cell = {(s, t): matrix[i][j] for i, s in enumerate(names) for j, t in enumerate(names)}
         tup, sq = total[CROSS_TUPLE], total[CROSS_TUPLE_SQ]

@@ -49,13 +49,13 @@ def _cached_classifiers(cfg: Config, modalities: list[str], device: torch.device
 
 
 def periodic_eval(model: torch.nn.Module, cfg: Config, step: int, *, num_samples: int | None = None) -> dict:
-    """Joint coherence (prior samples), cross coherence, self-reconstruction coherence and the aggregate-
+    """Joint coherence (prior samples), cross coherence, self coherence (source = target) and the aggregate-
     posterior ceiling on ``num_samples`` samples / test tuples (default min(eval.num_samples, 256)).
 
     Returns a flat dict of floats: ``joint_coherence``, ``joint_stderr``, ``cross_coherence``,
     ``cross_stderr``, ``self_coherence``, ``ceiling_coherence``, ``cross_to/<target>`` (mean over sources),
-    ``classifier_min_accuracy`` and ``step``. Seeded by ``train.seed`` so that steps are compared on the same
-    test tuples and noise.
+    and ``classifier_min_accuracy`` (the loop logs ``step`` itself). Seeded by ``train.seed`` so that steps
+    are compared on the same test tuples and noise.
     """
     from mmebm_dist.evaluate.generate import read_chunks
 
@@ -78,12 +78,11 @@ def periodic_eval(model: torch.nn.Module, cfg: Config, step: int, *, num_samples
     names = out["modalities"]
     matrix = out["cross"]["matrix"]
     figures = {
-        "step": float(step),
         "joint_coherence": out["joint"]["coherence"],
         "joint_stderr": out["joint"]["stderr"],
         "cross_coherence": out["cross"].get("coherence", float("nan")),
         "cross_stderr": out["cross"].get("stderr", float("nan")),
-        "self_coherence": out["cross"]["self_reconstruction"],
+        "self_coherence": out["cross"]["self_coherence"],
         "ceiling_coherence": out["prior_ceiling"]["coherence"],
         "classifier_min_accuracy": min(classifiers.test_accuracy.values(), default=float("nan")),
     }

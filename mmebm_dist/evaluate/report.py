@@ -234,7 +234,7 @@ def render_report(results: dict, images: dict[str, str]) -> str:
                      str(ceil["n"])])
     rows.append(["cross (mean over targets of mean over sources != target)", fmt(cross.get("coherence")),
                  fmt(cross.get("stderr")), str(cross["n"])])
-    rows.append(["self-reconstruction (matrix diagonal)", fmt(cross["self_reconstruction"]), "",
+    rows.append(["self (matrix diagonal: source = target)", fmt(cross["self_coherence"]), "",
                  str(cross["n"])])
     lines += _table(["figure", "value", "std. error", "n"], rows)
     lines += ["", "### Cross-coherence matrix (rows: source, columns: target)", ""]

@@ -145,14 +145,22 @@ class _MMVAEPlusBranch(nn.Module):
 
 
 class MMVAEPlusEncoder(nn.Module):
-    """MMVAE+ PolyMNIST encoder: separate conv branches for the shared z and the private w."""
+    """MMVAE+ PolyMNIST encoder: separate conv branches for the shared z and the private w.
 
-    def __init__(self, channels: int, nf: int, spatial: tuple[int, int], latent_dim: int, private_dim: int):
+    With ``channels_last`` the input is converted to NHWC once and both branches' convs run in that layout
+    (the heads flatten in the usual C, H, W order, so the parameters mean the same either way).
+    """
+
+    def __init__(self, channels: int, nf: int, spatial: tuple[int, int], latent_dim: int, private_dim: int,
+                 *, channels_last: bool = False):
         super().__init__()
+        self.channels_last = channels_last
         self.z_branch = _MMVAEPlusBranch(channels, nf, spatial, latent_dim)
         self.w_branch = _MMVAEPlusBranch(channels, nf, spatial, private_dim) if private_dim > 0 else None
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         z_loc, z_raw = self.z_branch(x)
         if self.w_branch is None:
             return EncoderOutput(z_loc, z_raw, None, None)
@@ -163,11 +171,15 @@ class MMVAEPlusEncoder(nn.Module):
 class MMVAEPlusDecoder(nn.Module):
     """MMVAE+ PolyMNIST decoder: linear to 4nf x h x w, twice (block halving, upsample x2), block, act, conv.
 
-    The last conv gives the likelihood location (MMVAE+: Laplace with fixed scale 0.75).
+    The last conv gives the likelihood location (MMVAE+: Laplace with fixed scale 0.75). ``channels_last``
+    runs the convs on NHWC activations; ``subpixel_upsample`` runs each block that follows an upsampling in
+    its sub-pixel form (``ResidualBlock(x, upsample=True)``). Both keep the parameters and the function.
     """
 
-    def __init__(self, channels: int, nf: int, spatial: tuple[int, int], in_dim: int):
+    def __init__(self, channels: int, nf: int, spatial: tuple[int, int], in_dim: int, *,
+                 channels_last: bool = False, subpixel_upsample: bool = False):
         super().__init__()
+        self.channels_last, self.subpixel_upsample = channels_last, subpixel_upsample
         self.fc = nn.Linear(in_dim, 4 * nf * spatial[0] * spatial[1])
         self.unflatten = nn.Unflatten(1, (4 * nf, *spatial))
         self.blocks = nn.Sequential(
@@ -178,8 +190,19 @@ class MMVAEPlusDecoder(nn.Module):
         self.conv_img = nn.Conv2d(nf, channels, 3, padding=1)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """u = cat(w, z) [N, in_dim] -> likelihood location [N, C, H, W]."""
-        return self.conv_img(leaky(self.blocks(self.unflatten(self.fc(u)))))
+        """u = cat(w, z) [N, in_dim] -> likelihood location [N, C, H, W] (contiguous)."""
+        h = self.unflatten(self.fc(u))
+        if self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
+        upsample_next = False
+        for layer in self.blocks:
+            if self.subpixel_upsample and isinstance(layer, nn.Upsample):
+                upsample_next = True  # folded into the next block
+            elif upsample_next:
+                h, upsample_next = layer(h, upsample=True), False
+            else:
+                h = layer(h)
+        return self.conv_img(leaky(h)).contiguous()
 
 
 @register_family("mmvaeplus")
@@ -187,9 +210,12 @@ def mmvaeplus_family(mod: ModalityConfig, cfg: ModelConfig) -> tuple[nn.Module, 
     """The MMVAE+ PolyMNIST reference network (epalu/mmvaeplus src/models/vae_polymnist.py); nf = cfg.width.
 
     At width 64 and 3x28x28 it is the authors' network (64 -> 128 -> 256 channels at 28 -> 14 -> 7).
+    ``model.channels_last`` and ``model.subpixel_upsample`` choose faster forms of the same function.
     """
     c, h, w = _image_shape(mod, "mmvaeplus")
     spatial = (h // 4, w // 4)
-    encoder = MMVAEPlusEncoder(c, cfg.width, spatial, cfg.latent_dim, cfg.private_dim)
-    decoder = MMVAEPlusDecoder(c, cfg.width, spatial, cfg.latent_dim + cfg.private_dim)
+    encoder = MMVAEPlusEncoder(c, cfg.width, spatial, cfg.latent_dim, cfg.private_dim,
+                               channels_last=cfg.channels_last)
+    decoder = MMVAEPlusDecoder(c, cfg.width, spatial, cfg.latent_dim + cfg.private_dim,
+                               channels_last=cfg.channels_last, subpixel_upsample=cfg.subpixel_upsample)
     return encoder, decoder

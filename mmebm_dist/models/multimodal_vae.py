@@ -135,12 +135,13 @@ class MultimodalVAE(nn.Module):
         names = self.modalities if names is None else list(names)
         self._check_batch(batch, names)
         outs = [self.encoders[n](batch[n]) for n in names]
-        z_loc = torch.stack([o.z_loc for o in outs])
-        z_scale = self.family.scale_from_raw(torch.stack([o.z_raw for o in outs]))
+        # float(): under bf16 autocast the networks give bf16; every density and sample stays float32.
+        z_loc = torch.stack([o.z_loc for o in outs]).float()
+        z_scale = self.family.scale_from_raw(torch.stack([o.z_raw for o in outs]).float())
         if outs[0].w_loc is None:
             return Experts(z_loc, z_scale)
-        w_scale = self.family.scale_from_raw(torch.stack([o.w_raw for o in outs]))
-        return Experts(z_loc, z_scale, torch.stack([o.w_loc for o in outs]), w_scale)
+        w_scale = self.family.scale_from_raw(torch.stack([o.w_raw for o in outs]).float())
+        return Experts(z_loc, z_scale, torch.stack([o.w_loc for o in outs]).float(), w_scale)
 
     def private_prior_scale(self) -> torch.Tensor | None:
         """[M, private_dim] learned scales of the cross-reconstruction private prior (None when unused)."""
@@ -152,7 +153,7 @@ class MultimodalVAE(nn.Module):
         """log p(z) up to log Z: f(z) + log p0(z) (EBM) or log p0(z) (fixed). [..., d] -> [...]."""
         lp = self.p0.log_prob(z)
         if self.energy is not None:
-            lp = lp + self.energy(z.reshape(-1, z.shape[-1])).reshape(z.shape[:-1])
+            lp = lp + self.energy(z.reshape(-1, z.shape[-1])).float().reshape(z.shape[:-1])
         return lp
 
     # ------------------------------------------------------------------------------------------ training
@@ -167,7 +168,7 @@ class MultimodalVAE(nn.Module):
             if self.energy is None:
                 return self.p0.log_prob(z)
             flat = z.reshape(-1, z.shape[-1])
-            f, f_pos = self.energy(torch.cat([flat, flat.detach()])).split(flat.shape[0])
+            f, f_pos = self.energy(torch.cat([flat, flat.detach()])).float().split(flat.shape[0])
             cache["f_pos"], cache["z_pos"] = f_pos, flat.detach()
             # Value f(z), gradient in z through f, gradient in the energy's parameters cancelled (module doc).
             f_elbo = f - f_pos + f_pos.detach()
@@ -208,7 +209,7 @@ class MultimodalVAE(nn.Module):
         """E_p f - E_q f + l2 (mean f_pos^2 + mean f_neg^2) with Langevin negatives, and its logged terms."""
         prior = self.cfg.prior
         z_neg = self.sample_prior(batch_size)
-        f_neg = self.energy(z_neg)
+        f_neg = self.energy(z_neg).float()
         penalty = prior.energy_l2 * (f_pos.pow(2).mean() + f_neg.pow(2).mean())
         loss = f_neg.mean() - f_pos.mean() + penalty
         with torch.enable_grad():  # one cheap autograd call at the chain end, for the diagnostics only
@@ -287,7 +288,7 @@ class MultimodalVAE(nn.Module):
         out = {}
         for name in self.modalities:
             u = z if self.cfg.private_dim == 0 else torch.cat([private.get(name, drawn.get(name)), z], dim=-1)
-            out[name] = self.likelihoods[name].mean(self.decoders[name](u))
+            out[name] = self.likelihoods[name].mean(self.decoders[name](u).float())
         return out
 
     @torch.no_grad()

@@ -81,7 +81,7 @@ def _decode_log_lik(x: torch.Tensor, u: torch.Tensor, decoder: Callable,
                     likelihood: Likelihood) -> torch.Tensor:
     """log p(x | decoder(u)) for u [..., B, D] and x [B, *shape] -> [..., B] (one decoder call)."""
     lead = u.shape[:-1]
-    params = decoder(u.reshape(-1, u.shape[-1]))
+    params = decoder(u.reshape(-1, u.shape[-1])).float()  # float32 log-density under bf16 autocast
     params = params.reshape(*lead, *params.shape[1:])
     return likelihood.log_prob(x, params)
 
