@@ -17,9 +17,13 @@ TRITON_INTERPRET=1); a forced triton on a configuration the kernel does not supp
 one-line warning (once), never a wrong answer.
 
 Divergence: every backend raises :class:`LangevinDivergenceError` naming the first step whose update left a
-non-finite value in z. autograd checks each step; torch keeps one fp64 sum of z per step and reads them once
-at the end; triton tracks the first bad step per program in the kernel. The fused backends finish the chain
-first (no per-step host sync) and then raise.
+non-finite value in z. autograd checks each step. torch checks z_K only (a non-finite value never leaves z,
+so a finite z_K proves a finite chain) and, when it is not finite, replays the chain from z0 with the same
+noise (saved generator state), checking every step. triton tracks the first bad step per program in the
+kernel. The fused backends finish the chain first (no per-step host sync) and then raise.
+
+Weights: the fused backends read ``energy.weights()`` once per chain (a spectral-normalised MLP in train mode
+thus keeps one normalised weight for the whole chain; autograd re-normalises at every call of energy(z)).
 
 Noise: ``noise`` [K, B, d] makes all backends comparable. Fresh noise: autograd and torch draw N(0, I) [B, d]
 per step from ``generator`` (the same draws in the same order, so they agree for the same generator state);
@@ -133,29 +137,37 @@ def _triton_seed(generator: torch.Generator | None, device: torch.device) -> int
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).item())
 
 
-def resolve_backend(energy, z0: torch.Tensor, backend: str = "auto") -> str:
-    """The backend ``sample`` runs: ``autograd``, ``torch`` or ``triton``; raises when a forced one cannot."""
+def _resolve(energy, z0: torch.Tensor, backend: str) -> tuple[str, list | None]:
+    """(backend to run, the energy's weights read once for a fused backend, else None)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown Langevin backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if backend == "autograd":
-        return backend
+        return backend, None
     refusal = _fused_refusal(energy, backend)
     if backend == "auto":
         if refusal is not None:
-            return "autograd"
+            return "autograd", None
         backend = "triton" if z0.device.type == "cuda" else "torch"
     elif refusal is not None:
         raise ValueError(refusal)
+    # Read once: a spectral-normalised weight is recomputed (power iteration in train mode) on every read.
+    with torch.no_grad():
+        weights = energy.weights()
     if backend == "triton":
         kernels = _triton_module()
         cannot = kernels.triton_can_launch(z0.device)
         if cannot is not None:
             raise ValueError(f"backend='triton': {cannot}")
-        unsupported = kernels.triton_unsupported_reason(energy.weights(), z0, energy.activation)
+        unsupported = kernels.triton_unsupported_reason(weights, z0, energy.activation)
         if unsupported is not None:
             _warn_once(f"Langevin: the Triton kernel does not support {unsupported}; using backend='torch'")
-            return "torch"
-    return backend
+            return "torch", weights
+    return backend, weights
+
+
+def resolve_backend(energy, z0: torch.Tensor, backend: str = "auto") -> str:
+    """The backend ``sample`` runs: ``autograd``, ``torch`` or ``triton``; raises when a forced one cannot."""
+    return _resolve(energy, z0, backend)[0]
 
 
 def sample(energy, z0: torch.Tensor, *, steps: int, step_size: float, reference: str = "laplace",
@@ -167,24 +179,22 @@ def sample(energy, z0: torch.Tensor, *, steps: int, step_size: float, reference:
     ``return_energies`` also returns the mean f(z_k) before each step k, shape [steps] (chain diagnostics).
     A non-finite chain raises :class:`LangevinDivergenceError` naming the step.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown Langevin backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     _check_inputs(z0, steps, step_size, noise)
-    chosen = resolve_backend(energy, z0, backend)
+    chosen, weights = _resolve(energy, z0, backend)
     if chosen == "autograd":
         return sample_autograd(energy, z0, steps=steps, step_size=step_size, reference=reference,
                                reference_scale=reference_scale, noise=noise, generator=generator,
                                return_energies=return_energies)
+    reference_density(reference, reference_scale)  # the same name/scale errors as the autograd backend
     kwargs = dict(steps=steps, step_size=step_size, activation=energy.activation, reference=reference,
                   reference_scale=reference_scale, noise=noise, return_energies=return_energies,
                   leaky_slope=LEAKY_SLOPE)
-    reference_density(reference, reference_scale)  # same name/scale errors as the autograd backend
     with torch.no_grad():
         if chosen == "triton":
             seed = _triton_seed(generator, z0.device) if noise is None else 0
-            result = _triton_module().langevin_triton(energy.weights(), z0, seed=seed, **kwargs)
+            result = _triton_module().langevin_triton(weights, z0, seed=seed, **kwargs)
         else:
-            result = langevin_torch(energy.weights(), z0, generator=generator, **kwargs)
+            result = langevin_torch(weights, z0, generator=generator, **kwargs)
     if result.diverged_at is not None:
         raise _divergence(result.diverged_at, step_size, f" (backend '{chosen}')")
     return (result.z, result.energies) if return_energies else result.z

@@ -167,3 +167,16 @@ def test_linear_probe_separates_informative_features_only():
     noise = torch.randn(600, 6, generator=gen)
     assert linear_probe_accuracy(informative[:400], y[:400], informative[400:], y[400:]) > 0.95
     assert linear_probe_accuracy(noise[:400], y[:400], noise[400:], y[400:]) < 0.3
+
+
+def test_read_chunks_cuts_the_first_tuples_and_keeps_only_this_ranks(trained):
+    from mmebm_dist.data.stream import make_loader
+    from mmebm_dist.evaluate.generate import read_chunks
+
+    data = trained[0]
+    chunks = read_chunks(data, num=13, batch_size=5)
+    assert [len(c["label"]) for c in chunks] == [5, 5, 3]
+    first = next(iter(make_loader(data, batch_size=16, split="test", rank=0, world_size=1, num_workers=0)))
+    assert torch.equal(torch.cat([c["m1"] for c in chunks]), first["m1"][:13])
+    rank1 = read_chunks(data, num=13, batch_size=5, rank=1, world_size=2)
+    assert rank1[0] is None and rank1[2] is None and torch.equal(rank1[1]["label"], chunks[1]["label"])

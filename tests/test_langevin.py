@@ -56,6 +56,14 @@ def test_auto_uses_autograd_when_zero3_partitions_the_weights():
         sample(energy, z0, steps=2, step_size=0.3, backend="torch")
 
 
+def test_spectral_norm_energy_reads_normalised_weights():
+    torch.manual_seed(0)
+    energy = EnergyMLP(6, 12, 2, "silu", spectral_norm=True).eval()  # eval: no power iteration per call
+    z0, noise = chain_inputs(8, 6, 3)
+    z_ref = sample(energy, z0, steps=3, step_size=0.3, noise=noise, backend="autograd")
+    torch.testing.assert_close(sample(energy, z0, steps=3, step_size=0.3, noise=noise), z_ref, **FP32_TOL)
+
+
 def test_forced_fused_backend_refuses_arbitrary_callable():
     with pytest.raises(ValueError, match="needs an EnergyMLP"):
         sample(lambda z: -(z**2).sum(-1), torch.zeros(2, 3), steps=1, step_size=0.1, backend="torch")
@@ -213,3 +221,33 @@ def test_zero_steps_and_grad_inputs(backend):
     torch.testing.assert_close(sample(energy, z0, steps=0, step_size=0.3, backend=backend), z0)
     with pytest.raises(ValueError, match="requires grad"):
         sample(energy, z0.requires_grad_(), steps=1, step_size=0.3, backend=backend)
+
+
+def test_bench_langevin_rows(capsys):
+    """`mmebm bench langevin` end to end at toy size: a JSON row per (backend, batch) plus the long-K rows."""
+    import argparse
+    import json
+
+    from mmebm_dist.bench import sampler
+
+    parser = argparse.ArgumentParser()
+    sampler.add_arguments(parser)
+    args = parser.parse_args(["--batch", "4", "8", "--latent", "3", "--hidden", "8", "--steps", "2",
+                              "--long-steps", "6", "--repeats", "1", "--threads", "1", "--device", "cpu",
+                              "--no-memory", "--json"])
+    assert sampler.run(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["backend"], r["batch"], r["steps"]) for r in rows] == [
+        ("autograd", 4, 2), ("torch", 4, 2), ("autograd", 8, 2), ("torch", 8, 2), ("autograd", 8, 6),
+        ("torch", 8, 6)]
+    autograd_s = {(r["batch"], r["steps"]): r["seconds_per_chain"]
+                  for r in rows if r["backend"] == "autograd"}
+    for row in rows:
+        assert row["ms_per_chain"] > 0 and row["gflops"] > 0 and row["roof_gflops"] > 0
+        expected = autograd_s[(row["batch"], row["steps"])] / row["seconds_per_chain"]
+        assert row["speedup_vs_autograd"] == pytest.approx(expected)
+    assert rows[1]["buffer_mib"] * 2**20 == sampler.buffer_bytes("torch", 4, 3, 8, 2, "leaky_relu")
+    sampler.memory_probe(json.dumps({"args": dict(latent=3, hidden=8, layers=2, activation="gelu",
+                                                  reference="laplace", step_size=0.4, threads=1),
+                                     "batch": 4, "steps": 2, "backend": "torch"}))
+    assert json.loads(capsys.readouterr().out)["peak_kib"] >= 0

@@ -107,7 +107,8 @@ def _paired(**kw):
     plain.load_state_dict(fast.state_dict())  # the levers change no parameter: the same state dict loads
     for name in plain.modalities:
         plain.decoders[name] = PerStratumDecoder(plain.decoders[name], B)
-    batch = {n: torch.rand(B, 3, 12, 12, generator=torch.Generator().manual_seed(3)) for n in plain.modalities}
+    g = torch.Generator().manual_seed(3)
+    batch = {n: torch.rand(B, 3, 12, 12, generator=g) for n in plain.modalities}
     return fast, plain, batch
 
 
@@ -125,26 +126,28 @@ def test_levers_on_give_the_plain_paths_loss_and_gradients():
         _relative_close(grads_fast[name.replace(".decoder.", ".", 1)], grad, 1e-5, name)
 
 
-def test_levers_keep_the_state_dict_and_change_the_loss_with_the_parameters():
+def test_levers_keep_the_state_dict_and_the_comparison_sees_a_small_weight_change():
     fast, plain, batch = _paired()
     assert [(k, v.shape) for k, v in fast.state_dict().items()] == \
         [(k.replace(".decoder.", ".", 1), v.shape) for k, v in plain.state_dict().items()]
-    # The comparison above is not vacuous: moving one decoder weight moves the loss by far more than 1e-5.
-    before = _loss_and_grads(fast, batch, seed=4)[0]["loss"]
+    # The comparison above is not vacuous: scaling one decoder conv by 1.01 moves the gradients far past 1e-5.
     with torch.no_grad():
-        fast.decoders["m1"].blocks[4].conv_0.weight.add_(0.05)
-    after = _loss_and_grads(fast, batch, seed=4)[0]["loss"]
-    assert (after - before).abs() / before.abs() > 1e-3, (before, after)  # 100x the 1e-5 used above
+        fast.decoders["m1"].blocks[4].conv_0.weight.mul_(1.01)
+    _, grads_fast = _loss_and_grads(fast, batch, seed=4)
+    _, grads_plain = _loss_and_grads(plain, batch, seed=4)
+    errors = [((grads_fast[n.replace(".decoder.", ".", 1)] - g).abs().max() / g.abs().max()).item()
+              for n, g in grads_plain.items()]
+    assert max(errors) > 1e-3, max(errors)
 
 
 def test_bf16_autocast_loss_stays_near_float32():
-    """bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2%) in the conv/linear outputs; the loss is a
-    sum of thousands of per-pixel terms computed in float32 from them, whose rounding errors partly cancel.
-    Tolerance: 1% of the loss (measured: about 0.1%); a float32 model with one weight moved by 5% of its
-    scale differs by far more (checked below), so the test would catch a broken autocast path."""
+    """bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 0.2%) in the conv/linear outputs; every density
+    is computed in float32 from them, and the per-pixel rounding errors of the ~400-term sums largely cancel.
+    Tolerance 1e-3 relative on the loss and each reconstruction term (measured: 4e-5 and 2e-4)."""
     torch.manual_seed(5)
     model = build_model(reference_net(width=4))
-    batch = {n: torch.rand(B, 3, 12, 12, generator=torch.Generator().manual_seed(6)) for n in model.modalities}
+    g = torch.Generator().manual_seed(6)
+    batch = {n: torch.rand(B, 3, 12, 12, generator=g) for n in model.modalities}
     torch.manual_seed(7)
     fp32 = model(batch)
     torch.manual_seed(7)
@@ -154,7 +157,7 @@ def test_bf16_autocast_loss_stays_near_float32():
     bf16["loss"].backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
                for p in model.parameters())
-    rel = ((bf16["loss"] - fp32["loss"]).abs() / fp32["loss"].abs()).item()
-    assert rel < 1e-2, rel
-    for key in ("elbo", "kl_z", "rec/m0"):
-        assert abs((bf16[key] - fp32[key]).item()) < 2e-2 * abs(fp32[key].item()) + 0.5, key
+    for key in ("loss", "rec/m0", "rec/m1", "rec/m2"):
+        rel = ((bf16[key] - fp32[key]).abs() / fp32[key].abs()).item()
+        assert rel < 1e-3, (key, rel)
+    torch.testing.assert_close(bf16["kl_z"], fp32["kl_z"], rtol=0, atol=1e-2)  # measured 2e-4; values ~0.05

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -13,12 +11,6 @@ from mmebm_dist.data.text import EOS_ID, PAD_ID, UNK_ID, Vocabulary, caption_til
 from mmebm_dist.models import text as text_model  # registers the text family and the categorical likelihood
 from mmebm_dist.models.likelihoods import LIKELIHOODS
 from mmebm_dist.models.modality import FAMILIES
-
-HAS_VOCAB_SIZE = "vocab_size" in {f.name for f in dataclasses.fields(ModalityConfig)}
-needs_vocab_size = pytest.mark.skipif(
-    not HAS_VOCAB_SIZE,
-    reason="needs ModalityConfig.vocab_size (requested of mmebm_dist/config.py; see docs/datasets.md)",
-)
 
 TEXTS = ["this bird has a red crown, a white breast and a short bill.", "an orange bird with grey wings."]
 
@@ -106,7 +98,6 @@ def test_text_networks_shapes_and_gradients():
         enc(ids.float())
 
 
-@needs_vocab_size
 def test_text_family_in_a_multimodal_model_trains_one_step():
     from mmebm_dist.models import build_model
 
@@ -143,7 +134,6 @@ def test_text_family_in_a_multimodal_model_trains_one_step():
     assert joint["caption"].shape == (2, 16) and joint["caption"].dtype == torch.int64
 
 
-@needs_vocab_size
 def test_text_family_config_errors_name_the_fix():
     from mmebm_dist.config import ConfigError
 

@@ -25,9 +25,6 @@ from mmebm_dist.kernels._utils import langevin_flops_per_step
 from mmebm_dist.langevin import resolve_backend, sample
 from mmebm_dist.models.energy import ACTIVATIONS, EnergyMLP
 
-COLUMNS = ("backend", "batch", "latent", "mlp", "steps", "ms_per_chain", "chain_steps_x_samples_per_s",
-           "speedup_vs_autograd", "gflops", "roof_fraction", "peak_mib", "buffer_mib")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[16, 256, 1024], help="batch sizes B")
@@ -65,15 +62,15 @@ def matmul_roof_gflops(device: torch.device, size: int = 1024, repeats: int = 10
 
 def buffer_bytes(backend: str, batch: int, latent: int, hidden: int, layers: int,
                  activation: str) -> int | None:
-    """Analytic working memory of one chain (independent of K); None for autograd (its graph is per step)."""
+    """Analytic working memory of one chain, flat in K: buffers plus weight copies; None for autograd."""
     fp32 = 4
+    weight_copies = latent * hidden + (layers - 1) * hidden * hidden  # W^T (torch) / packed W (triton)
     if backend == "torch":
         # a_1..a_L, one act(a) buffer unless leaky_relu (in place), g_l (two when L > 1: ping-pong)
-        hidden_buffers = layers + 2 if activation != "leaky_relu" else layers + 1
-        hidden_buffers += 1 if layers > 1 else 0
-        return fp32 * (hidden_buffers * batch * hidden + 3 * batch * latent)  # + z, sign, eps
+        hidden_buffers = layers + (0 if activation == "leaky_relu" else 1) + min(layers, 2)
+        return fp32 * (hidden_buffers * batch * hidden + 3 * batch * latent + weight_copies)  # + z, sign, eps
     if backend == "triton":
-        return fp32 * (batch * layers * hidden + 2 * batch * hidden + batch * latent)  # pre, grad, z
+        return fp32 * ((layers + 2) * batch * hidden + batch * latent + weight_copies)  # pre, grad, z
     return None
 
 
@@ -96,17 +93,22 @@ def _chain(args, energy, z0, backend: str, steps: int, seed: int) -> torch.Tenso
                   generator=generator, backend=backend)
 
 
-def time_chain(args, backend: str, batch: int, steps: int, device: torch.device) -> float:
-    """Median seconds of one chain over ``args.repeats`` runs (one warm-up run first)."""
+def time_chain(args, backend: str, batch: int, steps: int, device: torch.device) -> tuple[float, float]:
+    """Median wall and process-CPU seconds of one chain over ``args.repeats`` runs (after one warm-up run).
+
+    CPU time (all threads of this process) is reported beside wall time because it is far less sensitive to
+    other processes sharing the cores.
+    """
     energy, z0 = _setup(args, batch, device)
-    times = []
+    wall, cpu = [], []
     for i in range(args.repeats + 1):
         _sync(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         _chain(args, energy, z0, backend, steps, seed=i)
         _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall[1:]), statistics.median(cpu[1:])
 
 
 def _rss_kib(field: str) -> int:
@@ -153,12 +155,13 @@ def peak_memory_mib(args, backend: str, batch: int, steps: int, device: torch.de
 
 
 def _format_table(rows: list[dict]) -> str:
-    header = ("backend", "batch", "d", "H x L", "K", "ms/chain", "steps*samples/s", "vs autograd", "GFLOP/s",
-              "% roof", "peak MiB", "buffers MiB")
+    header = ("backend", "batch", "d", "H x L", "K", "ms/chain", "cpu ms", "steps*samples/s", "vs autograd",
+              "GFLOP/s", "% roof", "peak MiB", "buffers MiB")
     lines = [header]
     for r in rows:
         lines.append((r["backend"], str(r["batch"]), str(r["latent"]), r["mlp"], str(r["steps"]),
-                      f"{r['ms_per_chain']:.2f}", f"{r['chain_steps_x_samples_per_s']:.3g}",
+                      f"{r['ms_per_chain']:.2f}", f"{r['cpu_ms_per_chain']:.2f}",
+                      f"{r['chain_steps_x_samples_per_s']:.3g}",
                       "-" if r["speedup_vs_autograd"] is None else f"{r['speedup_vs_autograd']:.2f}x",
                       f"{r['gflops']:.1f}", f"{100 * r['roof_fraction']:.0f}%",
                       "-" if r["peak_mib"] is None else f"{r['peak_mib']:.2f}",
@@ -183,7 +186,7 @@ def run(args) -> int:
         plan += [(b, middle, args.long_steps) for b in backends]
     rows, autograd_ms = [], {}
     for backend, batch, steps in tqdm(plan, desc="bench langevin", disable=args.json, file=sys.stderr):
-        seconds = time_chain(args, backend, batch, steps, device)
+        seconds, cpu_seconds = time_chain(args, backend, batch, steps, device)
         if backend == "autograd":
             autograd_ms[(batch, steps)] = seconds
         flops = langevin_flops_per_step(batch, args.latent, args.hidden, args.layers) * steps
@@ -196,7 +199,7 @@ def run(args) -> int:
             peak_mib=None if args.no_memory else peak_memory_mib(args, backend, batch, steps, device),
             buffer_mib=None if buffers is None else buffers / 2**20,
             activation=args.activation, reference=args.reference, threads=args.threads, device=str(device),
-            roof_gflops=roof, seconds_per_chain=seconds,
+            roof_gflops=roof, seconds_per_chain=seconds, cpu_ms_per_chain=1e3 * cpu_seconds,
         ))
     for row in rows:
         ref = autograd_ms.get((row["batch"], row["steps"]))

@@ -1,8 +1,8 @@
 """Network building blocks shared by the modality families (the MMVAE+ residual block and small helpers).
 
 Speed forms with the same math (tests/test_speed_levers.py checks them against the plain forms):
-``shortcut + 0.1 * dx`` is one ``torch.add(..., alpha=0.1)`` pass, and a block fed a 2x nearest-upsampled input
-can run in sub-pixel form (:func:`upsampled_conv3x3`), which needs 4/9 of the first conv's multiply-adds.
+``shortcut + 0.1 * dx`` is one ``torch.add(..., alpha=0.1)`` pass, and a block fed a 2x nearest-upsampled
+input can run in sub-pixel form (:func:`upsampled_conv3x3`), with 4/9 of the first conv's multiply-adds.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     phases = [[F.conv2d(F.pad(x, (1 - b, b, 1 - a, a)), kernels[a, b], bias) for b in (0, 1)] for a in (0, 1)]
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         # Interleave in NHWC memory order (N, H, a, W, b, Co), then view as a channels_last [N, Co, 2H, 2W].
-        rows = [torch.stack([p.permute(0, 2, 3, 1) for p in row], dim=3) for row in phases]  # (N, H, W, 2, Co)
+        rows = [torch.stack([p.permute(0, 2, 3, 1) for p in row], dim=3) for row in phases]  # (N,H,W,2,Co)
         return torch.stack(rows, dim=2).reshape(n, 2 * h, 2 * w, co).permute(0, 3, 1, 2)
     rows = [torch.stack(row, dim=-1) for row in phases]  # (N, Co, H, W, 2)
     return torch.stack(rows, dim=3).reshape(n, co, 2 * h, 2 * w)
