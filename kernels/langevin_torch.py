@@ -20,11 +20,20 @@ dispatch beyond the call itself (that saved ~12 us of ~55 us per step at batch 1
 Divergence check at no per-step cost: non-finite values never leave z once in, so z_K finite proves the chain
 finite; otherwise the chain is replayed from z0 with the same noise (generator state saved at the start) and
 checked every step to name the first bad one.
+
+Threads (CPU, ``workers``): single-threaded row-split chains instead of an OpenMP fork/join per op; see
+``langevin_torch``. Tried and dropped (1 thread, CPU time, batch 16 / 256): torch.compile of one step
+(default: 2.3x / 1.6x autograd, max-autotune-no-cudagraphs: 2.4x / 1.5x, against 4.1-4.8x / 1.9-2.1x for
+this loop), torch.compile of the whole 60-step loop (285 s to compile, no faster than this loop), a
+feature-major layout (z^T, W @ h^T: within noise), and running the batch as row chunks for cache locality
+(within noise at 1024-2048 rows).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import torch
@@ -81,106 +90,222 @@ def _default_generator(device: torch.device) -> torch.Generator:
     raise ValueError(f"fresh Langevin noise on {device.type} needs an explicit generator (or pass noise=...)")
 
 
+WORKERS_ENV = "MMEBM_LANGEVIN_WORKERS"
+MIN_ROWS_PER_WORKER = 64
+NOISE_CHUNK = 16  # steps of fresh noise drawn at once for row-split chains (memory flat in K)
+
+
+def auto_workers(batch: int) -> int:
+    """``workers`` for a CPU chain of ``batch`` rows: $MMEBM_LANGEVIN_WORKERS if set; else 0 with one
+    intra-op thread (nothing to split), one single-threaded worker per intra-op thread when each gets >= 64
+    rows (below that the per-op Python cost, serialised by the GIL, dominates), else 1.
+    """
+    value = os.environ.get(WORKERS_ENV)
+    if value is not None:
+        if not value.isdigit():
+            raise ValueError(f"{WORKERS_ENV}={value!r}: expected an integer >= 0 (0: torch's intra-op "
+                             "threads per op, 1: one single-threaded chain, N: N row-split chains)")
+        return int(value)
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return 0
+    return threads if batch >= MIN_ROWS_PER_WORKER * threads else 1
+
+
+class _RowChain:
+    """A chain over some rows: its state, buffers and one step as aten calls bound to them (made once)."""
+
+    def __init__(self, weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
+                 reference: str, reference_scale: float, return_energies: bool, leaky_slope: float):
+        batch, d = z0.shape
+        hidden, layers = weights[0][0].shape[0], len(weights) - 1
+        dtype, device = _compute_dtype(z0), z0.device
+        drift = 0.5 * step_size**2
+        score_scale = drift / reference_scale if reference == "laplace" else drift / reference_scale**2
+        self.step_size = step_size
+
+        def buffer(*shape: int) -> torch.Tensor:
+            return torch.empty(*shape, device=device, dtype=dtype)
+
+        # Weights are fixed during a chain: cast and lay out once; W^T contiguous for the forward (h @ W^T).
+        mats = [w.detach().to(dtype) for w, _ in weights]
+        biases = [b.detach().to(dtype) for _, b in weights]
+        self.w_out, self.b_out = mats[-1].reshape(hidden), biases[-1]
+        self.z = z = z0.detach().to(dtype, copy=True)
+        pre = [buffer(batch, hidden) for _ in range(layers)]  # a_l  (B, H)
+        post = buffer(batch, hidden) if activation != "leaky_relu" else None  # act(a_l), gelu/silu only
+        grads = [buffer(batch, hidden) for _ in range(min(layers, 2))]  # g_l ping-pong  (B, H)
+
+        # Forward: a_1 = z W_1^T + b_1, a_l = act(a_{l-1}) W_l^T + b_l, as bound calls in order.
+        self.forward: list[Op] = []
+        h = z
+        for layer in range(layers):
+            bias_rows = biases[layer].expand(batch, hidden)  # addmm then skips its own expand
+            weight_t = mats[layer].t().contiguous()
+            self.forward.append(partial(torch.addmm, bias_rows, h, weight_t, out=pre[layer]))
+            if layer < layers - 1 or return_energies:
+                op, h = _activation_forward(activation, leaky_slope, pre[layer], post)
+                self.forward.append(op)
+        self.energies = buffer(steps) if return_energies else None
+        self.energy_steps = self.energies.unbind(0) if return_energies else None
+        self.h_mean = buffer(hidden)
+        if return_energies:  # mean_b f = mean_b(h_L) . w_out + b_out
+            self.forward.append(partial(torch.mean, h, 0, out=self.h_mean))
+        # Backward: g_L = w_out * act'(a_L) (output layer folded in), g_{l-1} = (g_l W_l) * act'(a_{l-1}).
+        self.update: list[Op] = []
+        last_is_result = activation == "leaky_relu" and return_energies  # a_L was activated in place for f
+        w_out_rows = self.w_out.expand(batch, hidden)
+        self.update.append(_activation_backward(activation, leaky_slope, w_out_rows, pre[-1], grads[0],
+                                                last_is_result))
+        for step_back, layer in enumerate(range(layers - 1, 0, -1)):
+            g_in, g_out = grads[step_back % 2], grads[(step_back + 1) % 2]
+            self.update.append(partial(torch.mm, g_in, mats[layer], out=g_out))
+            self.update.append(_activation_backward(activation, leaky_slope, g_out, pre[layer - 1], g_out,
+                                                    activation == "leaky_relu"))
+        g_first = grads[(layers - 1) % 2]
+        # Update: z += (s^2/2) (g_1 W_1 + score(z)) (+ s eps in run); the score is taken at the old z: first.
+        if reference == "laplace":
+            sign = buffer(batch, d)
+            self.update.append(partial(torch.sign, z, out=sign))
+            self.update.append(partial(z.addmm_, g_first, mats[0], alpha=drift))
+            self.update.append(partial(z.add_, sign, alpha=-score_scale))
+        else:
+            self.update.append(partial(z.addmm_, g_first, mats[0], beta=1.0 - score_scale, alpha=drift))
+        self.eps = buffer(batch, d)
+
+    def run(self, ks: range, noise_steps: list[torch.Tensor] | None, generator: torch.Generator | None,
+            check: bool) -> int | None:
+        """Steps ``ks``; eps from ``noise_steps`` (one [rows, d] per step) or drawn per step with
+        ``generator`` (the draws torch.randn(z.shape) makes). With ``check``: stop at, and return, the first
+        step that leaves z non-finite."""
+        z, eps, s = self.z, self.eps, self.step_size
+        for i, k in enumerate(ks):
+            for op in self.forward:
+                op()
+            if self.energy_steps is not None:
+                torch.dot(self.h_mean, self.w_out, out=self.energy_steps[k])
+            for op in self.update:
+                op()
+            if noise_steps is None:
+                eps.normal_(generator=generator)
+                z.add_(eps, alpha=s)
+            else:
+                z.add_(noise_steps[i], alpha=s)
+            if check and not bool(torch.isfinite(z).all()):
+                return k
+        return None
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
+
+
+def _row_worker_pool(workers: int) -> ThreadPoolExecutor:
+    """A persistent pool of ``workers - 1`` threads with one intra-op thread each (the caller is the last)."""
+    global _pool, _pool_workers
+    if _pool is None or _pool_workers != workers:
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+        _pool = ThreadPoolExecutor(workers - 1, thread_name_prefix="langevin-rows",
+                                   initializer=torch.set_num_threads, initargs=(1,))
+        _pool_workers = workers
+    return _pool
+
+
+def _run_split(chains: list[_RowChain], blocks: list[slice], steps: int, noise: list[torch.Tensor] | None,
+               generator: torch.Generator | None, check: bool) -> int | None:
+    """All steps of row-block chains on parallel threads, NOISE_CHUNK steps at a time; first bad step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # each worker runs its ops on one thread (restored below)
+    pool = _row_worker_pool(len(chains))
+    bad: list[int] = []
+    try:
+        for first in range(0, steps, NOISE_CHUNK):
+            ks = range(first, min(first + NOISE_CHUNK, steps))
+            z = chains[0].z
+            if noise is None:  # one draw for all rows: the same values for any number of workers
+                drawn = torch.randn((len(ks), sum(c.z.shape[0] for c in chains), z.shape[1]),
+                                    generator=generator, device=z.device, dtype=z.dtype)
+                per_chain = [list(drawn[:, rows].unbind(0)) for rows in blocks]
+            else:
+                per_chain = [[noise[k][rows] for k in ks] for rows in blocks]
+            futures = [pool.submit(chain.run, ks, chain_noise, None, check)
+                       for chain, chain_noise in zip(chains[1:], per_chain[1:], strict=True)]
+            results = [chains[0].run(ks, per_chain[0], None, check)] + [f.result() for f in futures]
+            bad += [k for k in results if k is not None]
+            if bad:
+                return min(bad)
+    finally:
+        torch.set_num_threads(threads)
+    return None
+
+
 def langevin_torch(weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
                    reference: str = "laplace", reference_scale: float = 1.0,
                    noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                   return_energies: bool = False, leaky_slope: float = DEFAULT_LEAKY_SLOPE) -> ChainResult:
+                   return_energies: bool = False, leaky_slope: float = DEFAULT_LEAKY_SLOPE,
+                   workers: int = 0) -> ChainResult:
     """Run K = ``steps`` Langevin steps from z0 [B, d] on exp(f) p0 with the MLP ``weights`` (no autograd).
 
     ``weights``: [(W [out, in], b [out]) ...], hidden layers then the output layer (out = 1). ``noise``
     [K, B, d] replaces fresh draws; otherwise each step draws N(0, I) [B, d] with ``generator`` (the same
     draws, in the same order, as the autograd reference). Computes in fp32 (fp64 if z0 is fp64); weights are
     cast once.
+
+    ``workers`` (CPU): 0 runs one chain whose ops use torch's intra-op threads (an OpenMP fork/join per op);
+    N >= 1 sets one intra-op thread while the chain runs (torch.set_num_threads(1), restored after) and splits
+    the rows into N independent chains on N threads (N = 1: the calling thread only). Measured on the shared
+    2-core machine, per-op fork/join stalls whenever another process holds a core (5-17x slower chains);
+    single-threaded workers do not. Rows are independent, so z_K is the same per row up to summation order.
+    With N > 1, fresh noise is drawn 16 steps at a time for all rows ([16, B, d], one call): reproducible
+    with ``generator`` and the same for any N > 1, but not the per-step draws of the autograd reference.
     """
-    d, hidden, layers = check_chain_args(weights, z0, steps=steps, step_size=step_size, activation=activation,
-                                         reference=reference, reference_scale=reference_scale, noise=noise)
-    dtype, device = _compute_dtype(z0), z0.device
+    check_chain_args(weights, z0, steps=steps, step_size=step_size, activation=activation,
+                     reference=reference, reference_scale=reference_scale, noise=noise)
     batch = z0.shape[0]
-    drift = 0.5 * step_size**2
-    score_scale = drift / reference_scale if reference == "laplace" else drift / reference_scale**2
-
-    def buffer(*shape: int) -> torch.Tensor:
-        return torch.empty(*shape, device=device, dtype=dtype)
-
-    # Weights are fixed during a chain: cast and lay out once; W^T contiguous for the forward (h @ W^T).
-    mats = [w.detach().to(dtype) for w, _ in weights]
-    biases = [b.detach().to(dtype) for _, b in weights]
-    w_out = mats[-1].reshape(hidden)
-    z = z0.detach().to(dtype, copy=True)
-    pre = [buffer(batch, hidden) for _ in range(layers)]  # a_l  (B, H)
-    post = buffer(batch, hidden) if activation != "leaky_relu" else None  # act(a_l) (B, H), gelu/silu only
-    grads = [buffer(batch, hidden) for _ in range(min(layers, 2))]  # g_l ping-pong  (B, H)
-
-    # One step as bound aten calls, in order. Forward: a_1 = z W_1^T + b_1, a_l = act(a_{l-1}) W_l^T + b_l.
-    forward: list[Op] = []
-    h = z
-    for layer in range(layers):
-        bias_rows = biases[layer].expand(batch, hidden)  # addmm then skips its own expand
-        forward.append(partial(torch.addmm, bias_rows, h, mats[layer].t().contiguous(), out=pre[layer]))
-        if layer < layers - 1 or return_energies:
-            op, h = _activation_forward(activation, leaky_slope, pre[layer], post)
-            forward.append(op)
-    energies = buffer(steps).float() if return_energies else None
-    h_mean = buffer(hidden)
-    if return_energies:
-        forward.append(partial(torch.mean, h, 0, out=h_mean))  # mean_b f = mean_b(h_L) . w_out + b_out
-    # Backward: g_L = w_out * act'(a_L) (the output layer folded in), g_{l-1} = (g_l W_l) * act'(a_{l-1}).
-    update: list[Op] = []
-    last_is_result = activation == "leaky_relu" and return_energies  # a_L was activated in place for f
-    w_out_rows = w_out.expand(batch, hidden)
-    update.append(_activation_backward(activation, leaky_slope, w_out_rows, pre[-1], grads[0],
-                                       last_is_result))
-    for step_back, layer in enumerate(range(layers - 1, 0, -1)):
-        g_in, g_out = grads[step_back % 2], grads[(step_back + 1) % 2]
-        update.append(partial(torch.mm, g_in, mats[layer], out=g_out))
-        update.append(_activation_backward(activation, leaky_slope, g_out, pre[layer - 1], g_out,
-                                           activation == "leaky_relu"))
-    g_first = grads[(layers - 1) % 2]
-    # Update: z += (s^2/2) (g_1 W_1 + score(z)) + s eps; the score is taken at the old z, so first.
-    if reference == "laplace":
-        sign = buffer(batch, d)
-        update.append(partial(torch.sign, z, out=sign))
-        update.append(partial(z.addmm_, g_first, mats[0], alpha=drift))
-        update.append(partial(z.add_, sign, alpha=-score_scale))
-    else:
-        update.append(partial(z.addmm_, g_first, mats[0], beta=1.0 - score_scale, alpha=drift))
-    noise_steps = noise.unbind(0) if noise is not None else None  # views made once, not per step
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    single_threaded = workers >= 1 and z0.device.type == "cpu"
+    workers = min(workers, batch) if single_threaded else 1
+    bounds = [batch * i // workers for i in range(workers + 1)]
+    blocks = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    chains = [_RowChain(weights, z0[rows], steps=steps, step_size=step_size, activation=activation,
+                        reference=reference, reference_scale=reference_scale, return_energies=return_energies,
+                        leaky_slope=leaky_slope) for rows in blocks]
+    noise_steps = noise.to(chains[0].z.dtype).unbind(0) if noise is not None else None  # views, made once
     if noise is None:
-        generator = generator if generator is not None else _default_generator(device)
+        generator = generator if generator is not None else _default_generator(z0.device)
         rng_start = generator.get_state()  # to replay the same draws if a divergent chain must be located
-        eps = buffer(batch, d)
-        update.append(partial(eps.normal_, generator=generator))  # the draws torch.randn(z.shape) makes
-        update.append(partial(z.add_, eps, alpha=step_size))
-    energy_steps = energies.unbind(0) if energies is not None else None
 
     def run(check: bool) -> int | None:
-        """All K steps on z; with ``check``, stop at and return the first step leaving z non-finite."""
-        for k in range(steps):
-            for op in forward:
-                op()
-            if energy_steps is not None:
-                torch.dot(h_mean, w_out, out=energy_steps[k])
-            for op in update:
-                op()
-            if noise_steps is not None:
-                z.add_(noise_steps[k], alpha=step_size)
-            if check and not bool(torch.isfinite(z).all()):
-                return k
-        return None
+        if workers > 1:
+            return _run_split(chains, blocks, steps, noise_steps, generator, check)
+        if not single_threaded:
+            return chains[0].run(range(steps), noise_steps, generator, check)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return chains[0].run(range(steps), noise_steps, generator, check)
+        finally:
+            torch.set_num_threads(threads)
 
     run(check=False)
-    if energies is not None:
-        energies.add_(biases[-1].float())
     diverged_at = None
-    if not bool(torch.isfinite(z).all()):
+    if not all(bool(torch.isfinite(chain.z).all()) for chain in chains):
         # NaN/inf never leave z once in (z + anything stays non-finite), so a finite z_K proves a finite
         # chain at no per-step cost; a non-finite one is replayed from z0 with the same noise (same generator
         # state) and checked every step to name the step. The replay is bit-identical: same ops and order.
         if noise is None:
             rng_end = generator.get_state()
             generator.set_state(rng_start)
-        z.copy_(z0)
+        for chain, rows in zip(chains, blocks, strict=True):
+            chain.z.copy_(z0[rows])
         diverged_at = run(check=True)
         if noise is None:
             generator.set_state(rng_end)
+    z = chains[0].z if workers == 1 else torch.cat([chain.z for chain in chains])
+    energies = None
+    if return_energies:  # block means weighted by block rows, then + b_out
+        energies = sum(c.energies * c.z.shape[0] for c in chains) / batch + chains[0].b_out
+        energies = energies.float()
     return ChainResult(z.to(z0.dtype), energies, diverged_at)

@@ -25,8 +25,14 @@ kernel. The fused backends finish the chain first (no per-step host sync) and th
 Weights: the fused backends read ``energy.weights()`` once per chain (a spectral-normalised MLP in train mode
 thus keeps one normalised weight for the whole chain; autograd re-normalises at every call of energy(z)).
 
+CPU threads (torch backend, mmebm_dist.kernels.langevin_torch.auto_workers): with more than one intra-op
+thread, the chain runs single-threaded per worker instead of an OpenMP fork/join per op, with one worker per
+thread (rows split into independent chains) when each gets >= 64 rows, else one. $MMEBM_LANGEVIN_WORKERS
+overrides: 0 = torch's intra-op threads per op, N = N single-threaded row-split workers.
+
 Noise: ``noise`` [K, B, d] makes all backends comparable. Fresh noise: autograd and torch draw N(0, I) [B, d]
-per step from ``generator`` (the same draws in the same order, so they agree for the same generator state);
+per step from ``generator`` (the same draws in the same order, so they agree for the same generator state),
+except that a row-split torch chain draws all [K, B, d] up front with it (reproducible, but other values);
 triton draws in-kernel Philox normals keyed by a seed taken from ``generator`` (torch.randint with it), so it
 is reproducible but not equal to the other two.
 """
@@ -38,7 +44,7 @@ from collections.abc import Callable
 
 import torch
 
-from mmebm_dist.kernels.langevin_torch import langevin_torch
+from mmebm_dist.kernels.langevin_torch import auto_workers, langevin_torch
 from mmebm_dist.models.densities import reference_density
 from mmebm_dist.models.energy import LEAKY_SLOPE, EnergyMLP
 
@@ -194,7 +200,8 @@ def sample(energy, z0: torch.Tensor, *, steps: int, step_size: float, reference:
             seed = _triton_seed(generator, z0.device) if noise is None else 0
             result = _triton_module().langevin_triton(weights, z0, seed=seed, **kwargs)
         else:
-            result = langevin_torch(weights, z0, generator=generator, **kwargs)
+            workers = auto_workers(z0.shape[0]) if z0.device.type == "cpu" else 0
+            result = langevin_torch(weights, z0, generator=generator, workers=workers, **kwargs)
     if result.diverged_at is not None:
         raise _divergence(result.diverged_at, step_size, f" (backend '{chosen}')")
     return (result.z, result.energies) if return_energies else result.z

@@ -71,10 +71,11 @@ def test_torch_float64_and_bf16_weights():
     weights = make_weights(6, 10, 2)
     z0, noise = chain_inputs(9, 6, 4)
     kwargs = dict(steps=4, step_size=STEP_SIZE, activation="gelu", noise=noise)
-    z64 = langevin_torch(weights, z0.double(), **kwargs).z
-    assert z64.dtype == torch.float64
-    z64_ref = langevin_reference(weights, z0.double(), **kwargs)[0]
-    torch.testing.assert_close(z64, z64_ref, rtol=1e-12, atol=1e-12)
+    out = langevin_torch(weights, z0.double(), return_energies=True, **kwargs)
+    assert out.z.dtype == torch.float64 and out.energies.dtype == torch.float32
+    z64_ref, f64_ref = langevin_reference(weights, z0.double(), **kwargs)
+    torch.testing.assert_close(out.z, z64_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.energies, f64_ref, rtol=1e-6, atol=1e-6)  # both rounded to fp32
     # bf16 weights are upcast once: exactly the fp32 chain of the bf16-valued weights.
     w16 = [(w.bfloat16(), b.bfloat16()) for w, b in weights]
     torch.testing.assert_close(langevin_torch(w16, z0, **kwargs).z, langevin_reference(w16, z0, **kwargs)[0],
@@ -163,6 +164,50 @@ def test_torch_rejects_bad_inputs():
     with pytest.raises(ValueError, match="share one width"):
         langevin_torch([weights[0], (torch.zeros(7, 8), torch.zeros(7)), weights[2]], z0.detach(), steps=3,
                        step_size=0.1, activation="gelu")
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_torch_row_split_matches_one_chain(workers):
+    """Rows are independent chains: splitting them over threads changes nothing but summation order."""
+    weights = make_weights(7, 13, 2)
+    z0, noise = chain_inputs(37, 7, 5)
+    kwargs = dict(steps=5, step_size=STEP_SIZE, activation="gelu", return_energies=True)
+    one = langevin_torch(weights, z0, noise=noise, **kwargs)
+    threads = torch.get_num_threads()
+    split = langevin_torch(weights, z0, noise=noise, workers=workers, **kwargs)
+    assert torch.get_num_threads() == threads  # restored
+    torch.testing.assert_close(split.z, one.z, **FP32_TOL)
+    torch.testing.assert_close(split.energies, one.energies, **FP32_TOL)
+    bad = noise.clone()
+    bad[3, 30, 2] = float("nan")  # a row of the last block
+    assert langevin_torch(weights, z0, noise=bad, workers=workers, **kwargs).diverged_at == 3
+    # Fresh noise of a split chain is drawn for all rows at once: the same for any number of workers > 1;
+    # one worker draws per step like workers=0 and the autograd reference.
+    fresh = [langevin_torch(weights, z0, generator=torch.Generator().manual_seed(4), workers=w, **kwargs).z
+             for w in (max(2, workers), workers, 0)]
+    if workers > 1:
+        torch.testing.assert_close(fresh[1], fresh[0], **FP32_TOL)
+    else:
+        torch.testing.assert_close(fresh[1], fresh[2], **FP32_TOL)
+
+
+def test_auto_workers(monkeypatch):
+    from mmebm_dist.kernels.langevin_torch import WORKERS_ENV, auto_workers
+
+    monkeypatch.delenv(WORKERS_ENV, raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert auto_workers(4096) == 0  # one intra-op thread: nothing to split or switch off
+        torch.set_num_threads(2)
+        assert auto_workers(16) == 1 and auto_workers(127) == 1 and auto_workers(128) == 2
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setenv(WORKERS_ENV, "3")
+    assert auto_workers(16) == 3
+    monkeypatch.setenv(WORKERS_ENV, "two")
+    with pytest.raises(ValueError, match="MMEBM_LANGEVIN_WORKERS='two'"):
+        auto_workers(16)
 
 
 # ---------------------------------------------------------------------------- Triton (interpreter on CPU)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from mmebm_dist.kernels._utils import langevin_flops_per_step
+from mmebm_dist.kernels.langevin_torch import NOISE_CHUNK, WORKERS_ENV, auto_workers
 from mmebm_dist.langevin import resolve_backend, sample
 from mmebm_dist.models.energy import ACTIVATIONS, EnergyMLP
 
@@ -42,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed chains per row (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="torch backend on CPU (sets $MMEBM_LANGEVIN_WORKERS): 0 = torch's intra-op "
+                             "threads per op, N = N single-threaded row-split chains; default auto")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
 
@@ -60,15 +65,18 @@ def matmul_roof_gflops(device: torch.device, size: int = 1024, repeats: int = 10
     return 2 * size**3 / best / 1e9
 
 
-def buffer_bytes(backend: str, batch: int, latent: int, hidden: int, layers: int,
-                 activation: str) -> int | None:
+def buffer_bytes(backend: str, batch: int, latent: int, hidden: int, layers: int, activation: str,
+                 workers: int = 0) -> int | None:
     """Analytic working memory of one chain, flat in K: buffers plus weight copies; None for autograd."""
     fp32 = 4
     weight_copies = latent * hidden + (layers - 1) * hidden * hidden  # W^T (torch) / packed W (triton)
     if backend == "torch":
-        # a_1..a_L, one act(a) buffer unless leaky_relu (in place), g_l (two when L > 1: ping-pong)
+        # a_1..a_L, one act(a) buffer unless leaky_relu (in place), g_l (two when L > 1: ping-pong); z, sign,
+        # eps; W^T per worker; a row-split chain also holds NOISE_CHUNK steps of fresh noise
         hidden_buffers = layers + (0 if activation == "leaky_relu" else 1) + min(layers, 2)
-        return fp32 * (hidden_buffers * batch * hidden + 3 * batch * latent + weight_copies)  # + z, sign, eps
+        noise_chunk = NOISE_CHUNK * batch * latent if workers > 1 else 0
+        return fp32 * (hidden_buffers * batch * hidden + 3 * batch * latent + max(workers, 1) * weight_copies
+                       + noise_chunk)
     if backend == "triton":
         return fp32 * ((layers + 2) * batch * hidden + batch * latent + weight_copies)  # pre, grad, z
     return None
@@ -155,11 +163,12 @@ def peak_memory_mib(args, backend: str, batch: int, steps: int, device: torch.de
 
 
 def _format_table(rows: list[dict]) -> str:
-    header = ("backend", "batch", "d", "H x L", "K", "ms/chain", "cpu ms", "steps*samples/s", "vs autograd",
-              "GFLOP/s", "% roof", "peak MiB", "buffers MiB")
+    header = ("backend", "workers", "batch", "d", "H x L", "K", "ms/chain", "cpu ms", "steps*samples/s",
+              "vs autograd", "GFLOP/s", "% roof", "peak MiB", "buffers MiB")
     lines = [header]
     for r in rows:
-        lines.append((r["backend"], str(r["batch"]), str(r["latent"]), r["mlp"], str(r["steps"]),
+        lines.append((r["backend"], str(r["workers"]), str(r["batch"]), str(r["latent"]), r["mlp"],
+                      str(r["steps"]),
                       f"{r['ms_per_chain']:.2f}", f"{r['cpu_ms_per_chain']:.2f}",
                       f"{r['chain_steps_x_samples_per_s']:.3g}",
                       "-" if r["speedup_vs_autograd"] is None else f"{r['speedup_vs_autograd']:.2f}x",
@@ -173,6 +182,8 @@ def _format_table(rows: list[dict]) -> str:
 def run(args) -> int:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    if args.workers is not None:
+        os.environ[WORKERS_ENV] = str(args.workers)  # read by the torch backend (and the memory probes)
     backends = args.backends or (["autograd", "torch"] + (["triton"] if device.type == "cuda" else []))
     energy, z0 = _setup(args, args.batch[0], device)
     for backend in backends:  # fail before timing anything if a backend cannot run here
@@ -190,7 +201,9 @@ def run(args) -> int:
         if backend == "autograd":
             autograd_ms[(batch, steps)] = seconds
         flops = langevin_flops_per_step(batch, args.latent, args.hidden, args.layers) * steps
-        buffers = buffer_bytes(backend, batch, args.latent, args.hidden, args.layers, args.activation)
+        workers = auto_workers(batch) if backend == "torch" and device.type == "cpu" else 0
+        buffers = buffer_bytes(backend, batch, args.latent, args.hidden, args.layers, args.activation,
+                               workers)
         rows.append(dict(
             backend=backend, batch=batch, latent=args.latent, mlp=f"{args.hidden}x{args.layers}", steps=steps,
             ms_per_chain=1e3 * seconds, chain_steps_x_samples_per_s=steps * batch / seconds,
@@ -198,7 +211,8 @@ def run(args) -> int:
             roof_fraction=flops / seconds / 1e9 / roof,
             peak_mib=None if args.no_memory else peak_memory_mib(args, backend, batch, steps, device),
             buffer_mib=None if buffers is None else buffers / 2**20,
-            activation=args.activation, reference=args.reference, threads=args.threads, device=str(device),
+            activation=args.activation, reference=args.reference, threads=args.threads, workers=workers,
+            device=str(device),
             roof_gflops=roof, seconds_per_chain=seconds, cpu_ms_per_chain=1e3 * cpu_seconds,
         ))
     for row in rows:

@@ -70,33 +70,31 @@ def _bytes_io(data: bytes):
 
 
 class AttributeClassifier(nn.Module):
-    """Images [B, 3, H, W] in [0, 1] -> logits per attribute: 3 conv-BN-ReLU-pool blocks, a head each."""
+    """Images [B, 3, H, W] in [0, 1] -> logits per attribute, one linear head each.
 
-    def __init__(self, width: int = 32, size: int = 64):
+    Four conv-BN-ReLU blocks (three halve the side), then global max and mean pooling: the bird sits anywhere
+    at any of three sizes, so the features are translation-invariant rather than tied to a position.
+    """
+
+    def __init__(self, width: int = 32):
         super().__init__()
-        if size % 8:
-            raise ValueError(f"image side {size} must be a multiple of 8")
-        self.width, self.size = width, size
+        self.width = width
         blocks: list[nn.Module] = []
-        for c_in, c_out in ((3, width), (width, 2 * width), (2 * width, 4 * width)):
-            blocks += [
-                nn.Conv2d(c_in, c_out, 3, padding=1),
-                nn.BatchNorm2d(c_out),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-            ]
-        self.trunk = nn.Sequential(
-            *blocks,
-            nn.Flatten(),
-            nn.Linear(4 * width * (size // 8) ** 2, 256),
-            nn.ReLU(),
-            nn.Dropout(0.2),
+        channels = (3, width, 2 * width, 4 * width, 4 * width)
+        for k, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:], strict=True)):
+            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+            if k < 3:
+                blocks.append(nn.MaxPool2d(2))
+        self.trunk = nn.Sequential(*blocks)
+        features = 2 * channels[-1]
+        self.heads = nn.ModuleDict(
+            {name: nn.Linear(features, len(values)) for name, values in ATTRIBUTES.items()}
         )
-        self.heads = nn.ModuleDict({name: nn.Linear(256, len(values)) for name, values in ATTRIBUTES.items()})
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.trunk(images)
-        return {name: head(h) for name, head in self.heads.items()}
+        h = self.trunk(images)  # (B, C, H/8, W/8)
+        pooled = torch.cat([h.amax(dim=(2, 3)), h.mean(dim=(2, 3))], dim=1)
+        return {name: head(pooled) for name, head in self.heads.items()}
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 256) -> dict[str, np.ndarray]:
@@ -134,8 +132,7 @@ def train_attribute_classifier(
 
     train, test = load_split(directory, "train"), load_split(directory, "test")
     torch.manual_seed(seed)
-    size = train["images"].shape[1]
-    model = AttributeClassifier(width, size)
+    model = AttributeClassifier(width)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     images, attrs = _as_tensor(train["images"]), torch.from_numpy(train["attributes"])
     gen = torch.Generator().manual_seed(seed)
@@ -166,7 +163,6 @@ def save_classifier(
         {
             "state_dict": model.state_dict(),
             "width": model.width,
-            "size": model.size,
             "accuracy": report,
             "manifest_hash": manifest_hash,
         },
@@ -182,7 +178,7 @@ def load_classifier(path: str | os.PathLike, *, manifest_hash: str | None = None
             f"{path} was trained on data with manifest hash {blob['manifest_hash']}, not "
             f"{manifest_hash}; retrain it (python -m mmebm_dist.data.birds_coherence DIR)"
         )
-    model = AttributeClassifier(blob["width"], blob["size"])
+    model = AttributeClassifier(blob["width"])
     model.load_state_dict(blob["state_dict"])
     model.eval()
     return model

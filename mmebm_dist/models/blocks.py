@@ -52,6 +52,21 @@ def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return torch.stack(rows, dim=3).reshape(n, co, 2 * h, 2 * w)
 
 
+class UpsamplableConv2d(nn.Conv2d):
+    """A 3x3 conv (padding 1) that can also be applied to upsample2x(x) without building it (sub-pixel form).
+
+    A module (not a bare function of its weight) so that wrappers that gather parameters on a module's call,
+    such as DeepSpeed ZeRO-3, see the use; its state dict is nn.Conv2d's.
+    """
+
+    def __init__(self, fin: int, fout: int):
+        super().__init__(fin, fout, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, upsample: bool = False) -> torch.Tensor:
+        """[N, fin, H, W] -> [N, fout, H, W], or with ``upsample`` conv(upsample2x(x)): [N, fout, 2H, 2W]."""
+        return upsampled_conv3x3(x, self.weight, self.bias) if upsample else super().forward(x)
+
+
 class ResidualBlock(nn.Module):
     """MMVAE+ PolyMNIST residual block: out = shortcut(x) + 0.1 * conv(act(conv(act(x)))).
 
@@ -62,7 +77,7 @@ class ResidualBlock(nn.Module):
     def __init__(self, fin: int, fout: int):
         super().__init__()
         hidden = min(fin, fout)
-        self.conv_0 = nn.Conv2d(fin, hidden, 3, padding=1)
+        self.conv_0 = UpsamplableConv2d(fin, hidden)
         self.conv_1 = nn.Conv2d(hidden, fout, 3, padding=1)
         self.shortcut = nn.Conv2d(fin, fout, 1, bias=False) if fin != fout else nn.Identity()
 
@@ -72,14 +87,11 @@ class ResidualBlock(nn.Module):
         The upsampled form never builds the upsampled input: the activation and the 1x1 shortcut commute with
         nearest upsampling (they act per pixel), and the first conv runs in sub-pixel form.
         """
-        if upsample:
-            hidden = upsampled_conv3x3(leaky(x), self.conv_0.weight, self.conv_0.bias)
-            shortcut = upsample2x(self.shortcut(x))
-        else:
-            hidden = self.conv_0(leaky(x))
-            shortcut = self.shortcut(x)
-        # In place: conv_0's output is needed by nothing else (its backward keeps its input, not its output).
-        dx = self.conv_1(F.leaky_relu(hidden, LEAKY_SLOPE, inplace=True))
+        hidden = self.conv_0(leaky(x), upsample)
+        shortcut = upsample2x(self.shortcut(x)) if upsample else self.shortcut(x)
+        # In place on conv_0's own output (its backward keeps its input, not its output); not on the sub-pixel
+        # result, a view, where autograd would copy the whole map back (CopySlices).
+        dx = self.conv_1(F.leaky_relu(hidden, LEAKY_SLOPE, inplace=not upsample))
         return torch.add(shortcut, dx, alpha=0.1)
 
 
