@@ -4,3 +4,6 @@ from mmebm_dist.models.energy import EnergyMLP
 from mmebm_dist.models.multimodal_vae import MultimodalVAE, RunawayError, build_model
 
 __all__ = ["EnergyMLP", "MultimodalVAE", "RunawayError", "build_model"]
+
+# Registers the `text` family and the `categorical` likelihood (token-id modalities).
+from mmebm_dist.models import text as _text  # noqa: E402,F401
