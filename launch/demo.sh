@@ -6,7 +6,8 @@ set -euo pipefail
 DATA=${1:-data/polymnist}
 RUN=${2:-runs/demo}
 CONFIG=${DEMO_CONFIG:-configs/polymnist_ebm.yaml}
-STEPS=${DEMO_STEPS:-300}
+STEPS=${DEMO_STEPS:-100}
+BATCH=${DEMO_BATCH:-64}
 MMEBM=${MMEBM:-.venv/bin/mmebm}
 
 if [ ! -f "$DATA/manifest.json" ]; then
@@ -21,7 +22,8 @@ fi
 if [ -f "$RUN/config.json" ]; then
   "$MMEBM" train --resume "$RUN" train.steps="$STEPS"
 else
-  "$MMEBM" train --config "$CONFIG" data.path="$DATA" train.out_dir="$RUN" train.steps="$STEPS"
+  "$MMEBM" train --config "$CONFIG" data.path="$DATA" train.out_dir="$RUN" train.steps="$STEPS" \
+    data.batch_size="$BATCH"
 fi
 "$MMEBM" sample --run "$RUN" --joint 64 --cross
 "$MMEBM" eval --run "$RUN" --classifiers "$DATA/classifiers" --num-samples 1000
