@@ -1,4 +1,4 @@
-"""``mmebm bench {langevin,train,data}``: benchmarks that print a table (or JSON lines) and never assert times."""
+"""``mmebm bench {langevin,train,data}``: benchmarks that print a table (or JSON lines); they never assert."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import importlib
 import sys
 
 BENCHES = {
-    "langevin": ("mmebm_dist.bench.sampler", "Langevin sampler backends against autograd and the matmul roof"),
-    "train": ("mmebm_dist.bench.train_step", "training-step throughput, per-phase times, scaling, EBM overhead"),
+    "langevin": ("mmebm_dist.bench.sampler", "Langevin backends against autograd and the matmul roof"),
+    "train": ("mmebm_dist.bench.train_step", "training-step throughput, phase times, scaling, EBM overhead"),
     "data": ("mmebm_dist.bench.data", "loader samples/s with 0, 1 and 2 workers"),
 }
 

@@ -13,7 +13,7 @@ BUILDERS = {
     "polymnist": ("mmebm_dist.data.polymnist", "PolyMNIST-style M-view data from mnist, idx or fashion"),
     "mnist-svhn": ("mmebm_dist.data.mnist_svhn",
                    "MNIST paired per class with GENERATED street-number digits (an MNIST-SVHN stand-in)"),
-    "birds": ("mmebm_dist.data.birds", "GENERATED birds with templated captions (a CUB image+caption stand-in)"),
+    "birds": ("mmebm_dist.data.birds", "GENERATED birds with templated captions (a CUB stand-in)"),
 }
 
 
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{args.dir}: OK ({', '.join(f'{v} {k}' for k, v in checked.items())} checked)")
         elif args.data_command == "info":
             print(shards.info(args.dir))
-    except (shards.ShardError, SourceError, FileExistsError) as exc:
+    except (shards.ShardError, SourceError, FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"mmebm data {args.data_command}: {exc}", file=sys.stderr)
         return 1
     return 0
