@@ -240,14 +240,16 @@ def triton_unsupported_reason(weights: Weights, z0: torch.Tensor, activation: st
     return None
 
 
-def _block_sizes(hidden: int, latent: int) -> tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_H, BLOCK_D) = (16, 32, 32), narrower for narrower layers (16: tl.dot's minimum).
+def _block_sizes(hidden: int, latent: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_H, BLOCK_D): 16 rows x 64 (fp32) or 128 (bf16) hidden x 32 latent, narrower for
+    narrower layers (16: tl.dot's minimum); 4 warps.
 
-    Chosen with ptxas for sm_90a (no GPU to time on here): 16 x 64 tiles or 32 rows per program spill
-    registers with exact fp32 dots or in-kernel Philox; 16 x 32 x 32 with 4 warps uses <= 235 registers and
-    <= 24 bytes of spills over the supported envelope.
+    Timed on an H200 (`mmebm bench kernel-tiles`, 32-200x2 GELU, K 60; docs/bench/): 16x64x32 beat the earlier
+    16x32x32 at every batch from 16 to 4096 in fp32 (5.5-5.7 vs 6.4 ms at B 256-1024, 8.5 vs 11.0 at 4096) and
+    bf16; in bf16 16x128x32 was faster still (2.1-2.5 vs 3.0-3.3 ms). More rows per program (32, 64) or
+    8 warps were slower with fp32 operands.
     """
-    block_h = min(32, max(16, triton.next_power_of_2(hidden)))
+    block_h = min(128 if dtype == torch.bfloat16 else 64, max(16, triton.next_power_of_2(hidden)))
     return 16, block_h, min(32, max(16, triton.next_power_of_2(latent)))
 
 
@@ -255,11 +257,12 @@ def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size
                     reference: str = "laplace", reference_scale: float = 1.0,
                     noise: torch.Tensor | None = None, seed: int = 0, return_energies: bool = False,
                     leaky_slope: float = DEFAULT_LEAKY_SLOPE,
-                    block_sizes: tuple[int, int, int] | None = None) -> ChainResult:
+                    block_sizes: tuple[int, int, int] | None = None, num_warps: int = 4) -> ChainResult:
     """Run the K-step chain in one kernel launch, noise from ``noise`` [K, B, d] or Philox keyed by ``seed``.
 
     ``block_sizes`` (BLOCK_B, BLOCK_H, BLOCK_D), powers of two >= 16, overrides the default tiles (tests use
-    it to cross tile edges at small widths). Raises ValueError when the configuration is unsupported or the
+    it to cross tile edges at small widths; ``mmebm bench kernel-tiles`` times the choices on a GPU) and
+    ``num_warps`` the warps per program. Raises ValueError when the configuration is unsupported or the
     kernel cannot launch on z0's device.
     """
     d, hidden, layers = check_chain_args(weights, z0, steps=steps, step_size=step_size, activation=activation,
@@ -286,9 +289,11 @@ def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size
     w_out = weights[-1][0].detach().float().reshape(hidden).contiguous()
     b_out = float(weights[-1][1].detach().float().item())
 
-    block_b, block_h, block_d = block_sizes or _block_sizes(hidden, d)
+    block_b, block_h, block_d = block_sizes or _block_sizes(hidden, d, weights[0][0].dtype)
     if any(b < 16 or b & (b - 1) for b in (block_b, block_h, block_d)):
         raise ValueError(f"block sizes must be powers of two >= 16, got {(block_b, block_h, block_d)}")
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
     programs = triton.cdiv(batch, block_b)
     z = z0.detach().to(torch.float32, copy=True).contiguous()
     pre = torch.empty(batch, layers, hidden, device=device, dtype=torch.float32)
@@ -307,7 +312,7 @@ def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size
         LATENT=d, HIDDEN=hidden, NUM_LAYERS=layers, ACTIVATION=_ACTIVATION_IDS[activation],
         LEAKY_SLOPE=float(leaky_slope), LAPLACE=reference == "laplace", NOISE_FROM_TENSOR=noise is not None,
         RETURN_ENERGIES=return_energies, BF16_DOT=bf16_dot,
-        BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+        BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
     )
     energies = energy[:steps].sum(1) / batch if return_energies else None
     bad = int(first_bad.min())

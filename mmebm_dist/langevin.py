@@ -10,7 +10,8 @@ analytic gradient, no autograd graph) and ``triton`` (one kernel launch per chai
 ``auto`` picks the fastest that applies:
 - ``energy`` not an :class:`EnergyMLP` (any callable), or an EnergyMLP whose weights DeepSpeed ZeRO-3 has
   partitioned (``numel() == 0`` or ``ds_numel``): autograd (calling ``energy(z)`` gathers them);
-- CUDA tensors and a configuration the kernel supports: triton (else torch, with a one-line warning once);
+- CUDA tensors, a configuration the kernel supports, and an MLP small enough that one kernel walking it
+  row-block by row-block beats a few cuBLAS calls per step (:func:`triton_preferred`): triton;
 - otherwise torch. ``auto`` never picks triton for CPU tensors (the interpreter is for tests only).
 A forced fused backend that cannot run raises (arbitrary callable, partitioned weights, triton on CPU without
 TRITON_INTERPRET=1); a forced triton on a configuration the kernel does not support falls back to torch with a
@@ -49,6 +50,17 @@ from mmebm_dist.models.densities import reference_density
 from mmebm_dist.models.energy import LEAKY_SLOPE, EnergyMLP
 
 BACKENDS = ("auto", "autograd", "torch", "triton")
+
+# The Triton kernel gives each program 16 rows and walks the whole MLP serially, so its time per step grows
+# with the per-row work d H + (L-1) H^2 (multiply-adds) and hardly with the batch, while the torch path is a
+# few cuBLAS launches per step. Measured on an H200 (docs/bench/, 60-step chains): 32-200x2 (46k MACs/row)
+# triton 5.9-6.7 ms vs torch 6.9-9.3 ms for batch 16-2048; 128-512x4 (852k) triton 82 ms vs torch 16-21 ms.
+TRITON_AUTO_MAX_ROW_MACS = 200_000
+
+
+def triton_preferred(latent: int, hidden: int, layers: int) -> bool:
+    """Whether ``auto`` runs a supported MLP of this shape with the Triton kernel on CUDA (else torch)."""
+    return latent * hidden + (layers - 1) * hidden * hidden <= TRITON_AUTO_MAX_ROW_MACS
 
 
 class LangevinDivergenceError(FloatingPointError):
@@ -153,7 +165,10 @@ def _resolve(energy, z0: torch.Tensor, backend: str) -> tuple[str, list | None]:
     if backend == "auto":
         if refusal is not None:
             return "autograd", None
-        backend = "triton" if z0.device.type == "cuda" else "torch"
+        backend = "torch"
+        if z0.device.type == "cuda":
+            preferred = triton_preferred(energy.latent_dim, energy.hidden, energy.num_layers)
+            backend = "triton" if preferred else "torch"
     elif refusal is not None:
         raise ValueError(refusal)
     # Read once: a spectral-normalised weight is recomputed (power iteration in train mode) on every read.

@@ -21,6 +21,15 @@ from mmebm_dist.models.energy import ACTIVATIONS, EnergyMLP
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
 TRITON_OK = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1 (conftest)")
+# Where the Triton backend's tensors live: the GPU when there is one, else the CPU under the interpreter.
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def place(backend, *objects):
+    """Move modules/tensors to the device ``backend`` runs on (the Triton device for 'triton', else CPU)."""
+    device = TRITON_DEVICE if backend == "triton" else torch.device("cpu")
+    moved = tuple(o.to(device) for o in objects)
+    return moved if len(moved) > 1 else moved[0]
 # The interpreter computes with numpy, which warns on the inf/nan these tests inject on purpose.
 INTERPRETER_FP_WARNINGS = pytest.mark.filterwarnings(
     "ignore:(overflow|invalid value) encountered:RuntimeWarning")
@@ -42,6 +51,19 @@ def test_auto_picks_torch_on_cpu_and_autograd_for_other_callables():
     assert resolve_backend(energy, z0) == "torch"
     assert resolve_backend(lambda z: -(z**2).sum(-1), z0) == "autograd"
     assert resolve_backend(energy, z0, "autograd") == "autograd"
+
+
+def test_auto_prefers_triton_only_for_small_mlps():
+    assert langevin.triton_preferred(32, 200, 2)  # the paper's energy: 46k multiply-adds per row
+    assert not langevin.triton_preferred(128, 512, 4)  # 852k: cuBLAS per step wins (H200, docs/bench/)
+    assert langevin.triton_preferred(256, 256, 3) == (256 * 256 * 3 <= langevin.TRITON_AUTO_MAX_ROW_MACS)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="auto picks triton only for CUDA tensors")
+def test_auto_on_cuda_follows_the_size_rule():
+    z0 = torch.zeros(4, 32, device="cuda")
+    assert resolve_backend(make_energy(32, 200, 2).cuda(), z0) == "triton"
+    assert resolve_backend(make_energy(32, 512, 4).cuda(), z0) == "torch"
 
 
 def test_auto_uses_autograd_when_zero3_partitions_the_weights():
@@ -118,8 +140,7 @@ def test_torch_backend_matches_autograd(activation, reference, layers):
 @needs_triton
 @pytest.mark.parametrize("activation,reference", [("leaky_relu", "laplace"), ("silu", "gaussian")])
 def test_triton_backend_matches_autograd(activation, reference):
-    energy = make_energy(7, 20, 2, activation)
-    z0, noise = chain_inputs(19, 7, 2)
+    energy, z0, noise = place("triton", make_energy(7, 20, 2, activation), *chain_inputs(19, 7, 2))
     kwargs = dict(steps=2, step_size=0.3, reference=reference, noise=noise, return_energies=True)
     z_ref, f_ref = sample(energy, z0, backend="autograd", **kwargs)
     z, f = sample(energy, z0, backend="triton", **kwargs)
@@ -129,12 +150,11 @@ def test_triton_backend_matches_autograd(activation, reference):
 
 @needs_triton
 def test_triton_seed_comes_from_the_generator():
-    energy = make_energy(6, 16, 1)
-    z0 = torch.zeros(16, 6)
+    energy, z0 = place("triton", make_energy(6, 16, 1), torch.zeros(16, 6))
 
     def run(seed):
         return sample(energy, z0, steps=2, step_size=0.3, backend="triton",
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator(device=TRITON_DEVICE).manual_seed(seed))
 
     torch.testing.assert_close(run(3), run(3), rtol=0, atol=0)
     assert not torch.equal(run(3), run(4))
@@ -155,8 +175,8 @@ def test_torch_backend_follows_the_generator_like_autograd():
 @needs_triton
 def test_unsupported_triton_config_falls_back_to_torch_with_one_warning(monkeypatch):
     monkeypatch.setattr(langevin, "_warned", set())
-    energy = make_energy(4, 520, 1)  # hidden 520 > 512, the kernel's tested envelope
-    z0, noise = chain_inputs(3, 4, 2)
+    # hidden 520 > 512, the kernel's tested envelope
+    energy, z0, noise = place("triton", make_energy(4, 520, 1), *chain_inputs(3, 4, 2))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         z = sample(energy, z0, steps=2, step_size=0.3, noise=noise, backend="triton")
@@ -174,8 +194,7 @@ BACKENDS_HERE = ["autograd", "torch"] + (["triton"] if TRITON_OK else [])
 @INTERPRETER_FP_WARNINGS
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
 def test_non_finite_chain_raises_with_the_step(backend):
-    energy = make_energy()
-    z0, noise = chain_inputs(18, 6, 4)
+    energy, z0, noise = place(backend, make_energy(), *chain_inputs(18, 6, 4))
     noise[2, 17, 0] = float("inf")
     with pytest.raises(LangevinDivergenceError, match="at step 2 "):
         sample(energy, z0, steps=4, step_size=0.3, noise=noise, backend=backend)
@@ -185,8 +204,7 @@ def test_non_finite_chain_raises_with_the_step(backend):
 @pytest.mark.parametrize("backend", ["torch"] + (["triton"] if TRITON_OK else []))
 def test_exploding_chain_reports_the_same_step_as_autograd(backend):
     """Gaussian p0 with s^2/(2 b^2) = 8: z is multiplied by -7 per step until it overflows (~step 45)."""
-    energy = make_energy(4, 16, 1)
-    z0, noise = chain_inputs(16, 4, 60)
+    energy, z0, noise = place(backend, make_energy(4, 16, 1), *chain_inputs(16, 4, 60))
     kwargs = dict(steps=60, step_size=4.0, reference="gaussian", noise=noise)
     with pytest.raises(LangevinDivergenceError) as ref:
         sample(energy, z0, backend="autograd", **kwargs)
@@ -216,8 +234,7 @@ def test_torch_locates_divergence_of_generator_noise():
 
 @pytest.mark.parametrize("backend", BACKENDS_HERE)
 def test_zero_steps_and_grad_inputs(backend):
-    energy = make_energy()
-    z0 = torch.randn(3, 6)
+    energy, z0 = place(backend, make_energy(), torch.randn(3, 6))
     torch.testing.assert_close(sample(energy, z0, steps=0, step_size=0.3, backend=backend), z0)
     with pytest.raises(ValueError, match="requires grad"):
         sample(energy, z0.requires_grad_(), steps=1, step_size=0.3, backend=backend)

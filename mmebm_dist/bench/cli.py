@@ -1,4 +1,4 @@
-"""``mmebm bench {langevin,train,data}``: benchmarks that print a table (or JSON lines); they never assert."""
+"""``mmebm bench {langevin,train,data,kernel-tiles}``: benchmarks printing tables or JSON; never assert."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ BENCHES = {
     "langevin": ("mmebm_dist.bench.sampler", "Langevin backends against autograd and the matmul roof"),
     "train": ("mmebm_dist.bench.train_step", "training-step throughput, phase times, scaling, EBM overhead"),
     "data": ("mmebm_dist.bench.data", "loader samples/s with 0, 1 and 2 workers"),
+    "kernel-tiles": ("mmebm_dist.bench.tiles", "Triton Langevin tiles and warps, timed and checked"),
 }
 
 
