@@ -27,9 +27,9 @@ Weights: the fused backends read ``energy.weights()`` once per chain (a spectral
 thus keeps one normalised weight for the whole chain; autograd re-normalises at every call of energy(z)).
 
 CPU threads (torch backend, mmebm_dist.kernels.langevin_torch.auto_workers): with more than one intra-op
-thread, the chain runs single-threaded per worker instead of an OpenMP fork/join per op, with one worker per
-thread (rows split into independent chains) when each gets >= 64 rows, else one. $MMEBM_LANGEVIN_WORKERS
-overrides: 0 = torch's intra-op threads per op, N = N single-threaded row-split workers.
+thread and fewer than 64 rows per thread, the chain runs single-threaded (an OpenMP fork/join per op costs
+more than the op); otherwise torch's intra-op threads split each op. $MMEBM_LANGEVIN_WORKERS overrides:
+0 = torch's intra-op threads per op, 1 = one single-threaded chain, N = N single-threaded row-split workers.
 
 Noise: ``noise`` [K, B, d] makes all backends comparable. Fresh noise: autograd and torch draw N(0, I) [B, d]
 per step from ``generator`` (the same draws in the same order, so they agree for the same generator state),

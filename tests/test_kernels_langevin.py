@@ -200,7 +200,7 @@ def test_auto_workers(monkeypatch):
         torch.set_num_threads(1)
         assert auto_workers(4096) == 0  # one intra-op thread: nothing to split or switch off
         torch.set_num_threads(2)
-        assert auto_workers(16) == 1 and auto_workers(127) == 1 and auto_workers(128) == 2
+        assert auto_workers(16) == 1 and auto_workers(127) == 1 and auto_workers(128) == 0
     finally:
         torch.set_num_threads(threads)
     monkeypatch.setenv(WORKERS_ENV, "3")
