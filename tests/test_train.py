@@ -70,6 +70,8 @@ def test_tiny_config_trains_and_writes_run_dir(data5, tmp_path):
 
     cfg = config_from_dict(json.loads((run / "config.json").read_text()))
     assert cfg.train.steps == steps and cfg.data.path == str(data5)
+    (command,) = (run / "commands.log").read_text().splitlines()
+    assert command.split("\t")[1] == "world_size=1" and f"train.out_dir={run}" in command.split("\t")[2]
 
     records = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, steps + 1))

@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import random
+import shlex
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +35,7 @@ from mmebm_dist.train.checkpoint import (
 from mmebm_dist.train.distributed import describe, make_accelerator, zero_stage
 from mmebm_dist.train.metrics import MetricsWriter, SampleTrace
 
+COMMANDS_LOG = "commands.log"
 log = logging.getLogger("mmebm_dist.train")
 
 IMAGE_SAMPLES = 16
@@ -205,6 +209,7 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.json")
+        _append_command(run_dir)
     accelerator.wait_for_everyone()
 
     info = describe(accelerator)
@@ -315,6 +320,14 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
         "run_dir": str(run_dir),
         "is_main_process": main,
     }
+
+
+def _append_command(run_dir: Path) -> None:
+    """Append this invocation (UTC time, world size, argv) to RUN_DIR/commands.log: how the run was made."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    with open(run_dir / COMMANDS_LOG, "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\tworld_size={world}\t"
+                f"{shlex.join(sys.argv)}\n")
 
 
 def _check_data_order(state: TrainState, order: dict[str, Any], ckpt: Path) -> None:
