@@ -16,6 +16,7 @@ COMMANDS = {
     "train": ("mmebm_dist.train.cli", "train a model from a config (single process, DDP or DeepSpeed)"),
     "sample": ("mmebm_dist.evaluate.sample_cli", "write joint and cross-generation sample grids of a run"),
     "eval": ("mmebm_dist.evaluate.cli", "coherence, ELBO and report of a trained run"),
+    "results": ("mmebm_dist.evaluate.results", "aggregate evaluated runs into docs/results.{md,json}"),
     "classifiers": ("mmebm_dist.evaluate.classifiers_cli", "train the per-modality digit classifiers"),
     "bench": ("mmebm_dist.bench.cli", "throughput benchmarks: langevin, train, data"),
 }

@@ -132,6 +132,9 @@ class ModelConfig:
     channels_last: bool = True
     """Run the ``mmvaeplus`` convs on channels_last (NHWC) activations: the same function and parameters;
     oneDNN's CPU convs skip a layout reorder per call that way (faster on CPU, measured)."""
+    batched_decode: bool = True
+    """Decode all strata (source modalities x particles) of one target in a single decoder call; false calls
+    the decoder once per stratum, as the authors' code does (same function and parameters; slower)."""
     subpixel_upsample: bool = True
     """Run the ``mmvaeplus`` decoder blocks that follow a 2x nearest upsampling in sub-pixel form (four 2x2
     convs on the low-resolution map: 4/9 of the first conv's multiply-adds): the same function up to float32

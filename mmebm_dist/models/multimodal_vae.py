@@ -15,6 +15,7 @@ it runs unchanged under DDP and DeepSpeed (ZeRO-3 gathers parameters on module c
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -174,7 +175,11 @@ class MultimodalVAE(nn.Module):
             f_elbo = f - f_pos + f_pos.detach()
             return f_elbo.reshape(z.shape[:-1]) + self.p0.log_prob(z)
 
-        common = dict(decoders=[self.decoders[n] for n in self.modalities],
+        decoders = [self.decoders[n] for n in self.modalities]
+        if not cfg.batched_decode:  # the authors' structure: one call per stratum of B * K rows
+            rows = x[0].shape[0] * cfg.particles
+            decoders = [functools.partial(_decode_per_stratum, dec, rows) for dec in decoders]
+        common = dict(decoders=decoders,
                       likelihoods=[self.likelihoods[n] for n in self.modalities], family=self.family,
                       log_prior_z=log_prior_z, particles=cfg.particles, beta=cfg.beta,
                       stop_q_grad=cfg.objective == "dreg")
@@ -325,3 +330,8 @@ class MultimodalVAE(nn.Module):
 def build_model(model_cfg: ModelConfig) -> MultimodalVAE:
     """The multimodal VAE described by ``model_cfg`` (raises ConfigError on settings it cannot run)."""
     return MultimodalVAE(model_cfg)
+
+
+def _decode_per_stratum(decoder: nn.Module, rows: int, u: torch.Tensor) -> torch.Tensor:
+    """decoder(u) computed ``rows`` rows at a time (``model.batched_decode=false``)."""
+    return torch.cat([decoder(chunk) for chunk in u.split(rows)])

@@ -1,0 +1,743 @@
+"""``mmebm results --runs RUN ...``: aggregate evaluated runs into docs/results.{md,json} and PNGs.
+
+Runs are grouped into settings by (dataset, config hash), the hash being taken over config.json without
+``train.seed`` and ``train.out_dir``, so the seeds of one setting share a row. Every figure is read from the
+runs' files (config.json, metrics.jsonl, commands.log, EVAL/eval.json, EVAL/joint_samples.png); the only typed
+numbers are the paper's reported coherences (:data:`PAPER`), shown as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+EVAL_JSON = "eval.json"
+JOINT_PNG = "joint_samples.png"
+COMMANDS_LOG = "commands.log"
+METRICS_FILE = "metrics.jsonl"
+
+# The paper's reported PolyMNIST coherences (arXiv 2409.19862, as summarised in the project brief and
+# docs/reference-hparams.md; larger model and budget than our runs). Shown labelled as the paper's numbers.
+PAPER = {"polymnist": {"joint_coherence": 0.746, "cross_coherence": 0.853}}
+
+# manifest source.name -> (dataset key, label in results.md)
+DATASETS = {
+    "mnist": ("polymnist", "PolyMNIST"),
+    "fashion": ("polyfashion", "Fashion-MNIST polymodal"),
+    "idx": ("polymnist-idx", "PolyMNIST (from IDX files)"),
+}
+# Config keys whose change alone makes a setting an ablation of the main EBM setting.
+ABLATION_KEYS = frozenset({"model.prior.reference", "model.prior.reference_scale",
+                           "model.prior.langevin.steps", "model.prior.langevin.step_size"})
+FIXED_PRIORS = ("laplace", "gaussian")
+
+
+class ResultsError(ValueError):
+    """The runs given to ``mmebm results`` cannot be aggregated; the message says why and the fix."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs", nargs="+", required=True,
+                        help="run directories or glob patterns (e.g. runs/results/*); files are ignored")
+    parser.add_argument("--eval-name", default="eval",
+                        help="eval directory inside each run, as written by `mmebm eval --out RUN/NAME`")
+    parser.add_argument("--out-md", default="docs/results.md", help="markdown report (default: %(default)s)")
+    parser.add_argument("--out-json", default="docs/results.json",
+                        help="JSON of every figure (default: %(default)s)")
+    parser.add_argument("--img-dir", default="docs/img/results", help="PNG directory (default: %(default)s)")
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The ``mmebm results`` command equivalent to ``args`` (globs expanded as the shell gave them)."""
+    return shlex.join(["mmebm", "results", "--runs", *args.runs, "--eval-name", args.eval_name,
+                       "--out-md", args.out_md, "--out-json", args.out_json, "--img-dir", args.img_dir])
+
+
+def run(args: argparse.Namespace) -> int:
+    runs = []
+    for run_dir in find_run_dirs(args.runs):
+        record, missing = load_run(run_dir, args.eval_name)
+        if record is None:
+            print(f"warning: skipping {run_dir}: {missing}", file=sys.stderr)
+            continue
+        runs.append(record)
+    if not runs:
+        raise ResultsError(f"none of the {len(args.runs)} --runs paths holds a run with a complete "
+                           f"{args.eval_name}/{EVAL_JSON}; evaluate one with `mmebm eval --run RUN "
+                           f"--out RUN/{args.eval_name}`")
+    report = build_results(runs, command=command_line(args))
+    out_md, out_json, img_dir = Path(args.out_md), Path(args.out_json), Path(args.img_dir)
+    images = write_images(report, runs, img_dir)
+    write_text_atomic(out_json, json.dumps(_strict(report), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    write_text_atomic(out_md, render_markdown(report, images, out_md.parent))
+    pictures = sum(len(v) for v in images.values())
+    print(f"{len(runs)} runs in {len(report['settings'])} settings: wrote {out_md}, {out_json} and "
+          f"{pictures} pictures under {img_dir}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- reading runs
+
+
+@dataclass(kw_only=True)
+class Run:
+    """Every figure of one evaluated run, read from its files (becomes one object of results.json "runs")."""
+
+    name: str
+    """Run directory name."""
+    run_dir: str
+    """Run directory as given on the command line."""
+    dataset: str
+    """Dataset key (``polymnist``, ...): from DATA/manifest.json source.name, else the path's basename."""
+    dataset_label: str
+    """Human-readable dataset name for results.md."""
+    data_path: str
+    prior: str
+    """``laplace``, ``gaussian`` or ``ebm/<reference>``."""
+    seed: int
+    config_hash: str
+    """sha256 of the canonical config.json without train.seed and train.out_dir (first 12 hex digits)."""
+    langevin_steps: int | None
+    """Langevin steps of the EBM prior during training and joint sampling (None for fixed priors)."""
+    langevin_step_size: float | None
+    steps: int
+    """Last step in metrics.jsonl."""
+    eval_step: int
+    """Checkpoint step the eval measured."""
+    wall_seconds: float
+    """Cumulative training wall time at the last logged step."""
+    samples_per_s: float
+    """Mean of the logged samples_per_s over the last half of training."""
+    commands: list[dict[str, str]]
+    """Lines of commands.log: {"time", "argv", ...extra key=value fields}; empty when the run predates it."""
+    joint_coherence: float
+    joint_stderr: float
+    joint_n: int
+    cross_coherence: float
+    cross_stderr: float
+    cross_n: int
+    ceiling_coherence: float
+    ceiling_stderr: float
+    ceiling_n: int | None
+    langevin_sweep: list[dict[str, float]]
+    """Eval's joint coherence per Langevin step count: {"steps", "coherence", "stderr", "n"}."""
+    train_elbo: float
+    """ELBO of the last logged training step."""
+    test_elbo: float
+    """Eval's test-set ELBO (nan when the eval skipped it)."""
+    classifier_accuracy: dict[str, float]
+    """Test accuracy of each modality's classifier: it bounds every coherence figure."""
+    linear_probe_accuracy: float
+    eval_dir: str
+    joint_samples_png: str | None
+    """The eval's joint sample grid, None when the eval dir lacks it."""
+    curves: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    """step / loss / energy_gap per logged record, for the training-curve picture (not in results.json)."""
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("curves")
+        return out
+
+
+def find_run_dirs(patterns: Sequence[str]) -> list[Path]:
+    """Run directories named by ``patterns`` (paths or globs), sorted and deduplicated; a pattern matching
+    nothing raises naming it; plain files (e.g. the ``*.log`` beside runs) are skipped."""
+    found: dict[str, Path] = {}
+    for pattern in patterns:
+        matches = [pattern] if os.path.exists(pattern) else sorted(glob.glob(pattern))
+        if not matches:
+            raise ResultsError(f"--runs {pattern!r} matches nothing: give run directories written by "
+                               f"`mmebm train` (e.g. runs/results/*)")
+        for match in matches:
+            path = Path(match)
+            if path.is_dir():
+                found.setdefault(str(path.resolve()), path)
+    return sorted(found.values(), key=str)
+
+
+def load_run(run_dir: Path, eval_name: str = "eval") -> tuple[Run | None, str]:
+    """The :class:`Run` of ``run_dir``, or (None, what is missing) when the run has no complete eval."""
+    config_path, metrics_path = run_dir / "config.json", run_dir / METRICS_FILE
+    eval_dir = run_dir / eval_name
+    eval_path = eval_dir / EVAL_JSON
+    for path in (config_path, metrics_path, eval_path):
+        if not path.exists():
+            hint = f" (run `mmebm eval --run {run_dir} --out {eval_dir}`)" if path == eval_path else ""
+            return None, f"missing {path}{hint}"
+    config = json.loads(config_path.read_text())
+    records = read_metrics(metrics_path)
+    if not any("wall_time_s" in r for r in records):
+        return None, f"{metrics_path} holds no training record (no logged step yet)"
+    ev = json.loads(eval_path.read_text())
+    coherence = ev.get("coherence", {})
+    for part in ("joint", "cross"):
+        lacking = [k for k in ("coherence", "stderr", "n") if k not in coherence.get(part, {})]
+        if lacking:
+            return None, f"{eval_path} lacks coherence.{part}.{{{','.join(lacking)}}} (an unfinished eval?)"
+
+    dataset, label = dataset_of(config["data"]["path"])
+    prior_cfg = config["model"]["prior"]
+    is_ebm = prior_cfg["kind"] == "ebm"
+    train = [r for r in records if "wall_time_s" in r]
+    last = train[-1]
+    half = last["step"] / 2
+    late = [r["samples_per_s"] for r in train if r["step"] > half and "samples_per_s" in r]
+    ceiling = coherence.get("prior_ceiling", {})
+    joint_png = eval_dir / JOINT_PNG
+    run = Run(
+        name=run_dir.name,
+        run_dir=str(run_dir),
+        dataset=dataset,
+        dataset_label=label,
+        data_path=config["data"]["path"],
+        prior=prior_label(prior_cfg),
+        seed=int(config["train"]["seed"]),
+        config_hash=setting_hash(config),
+        langevin_steps=int(prior_cfg["langevin"]["steps"]) if is_ebm else None,
+        langevin_step_size=float(prior_cfg["langevin"]["step_size"]) if is_ebm else None,
+        steps=int(last["step"]),
+        eval_step=int(ev.get("run", {}).get("step", -1)),
+        wall_seconds=float(last["wall_time_s"]),
+        samples_per_s=statistics.fmean(late) if late else math.nan,
+        commands=read_commands(run_dir / COMMANDS_LOG),
+        joint_coherence=_num(coherence["joint"]["coherence"]),
+        joint_stderr=_num(coherence["joint"]["stderr"]),
+        joint_n=int(coherence["joint"]["n"]),
+        cross_coherence=_num(coherence["cross"]["coherence"]),
+        cross_stderr=_num(coherence["cross"]["stderr"]),
+        cross_n=int(coherence["cross"]["n"]),
+        ceiling_coherence=_num(ceiling.get("coherence")),
+        ceiling_stderr=_num(ceiling.get("stderr")),
+        ceiling_n=ceiling.get("n"),
+        langevin_sweep=[{"steps": int(e["steps"]), "coherence": _num(e["coherence"]),
+                         "stderr": _num(e["stderr"]), "n": int(e["n"])}
+                        for e in coherence.get("langevin_sweep") or []],
+        train_elbo=_num(last.get("elbo")),
+        test_elbo=_num(((ev.get("elbo") or {}).get("terms") or {}).get("elbo")),
+        classifier_accuracy={k: _num(v)
+                             for k, v in ev.get("classifiers", {}).get("test_accuracy", {}).items()},
+        linear_probe_accuracy=_num((ev.get("linear_probe") or {}).get("accuracy")),
+        eval_dir=str(eval_dir),
+        joint_samples_png=str(joint_png) if joint_png.exists() else None,
+        curves={"step": [r["step"] for r in train], "loss": [_num(r.get("loss")) for r in train],
+                "energy_gap": [_num(r.get("energy_gap")) for r in train]},
+    )
+    return run, ""
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Records of metrics.jsonl sorted by step (the last record wins per step). A partial last line -- a live
+    run caught mid-write -- is ignored; a corrupt line elsewhere raises naming it."""
+    lines = path.read_text().splitlines()
+    by_step: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                break
+            raise ResultsError(f"{path}:{number} is not valid JSON ({exc}); fix or remove that line") from exc
+        if "step" in record:
+            by_step[int(record["step"])] = {**by_step.get(int(record["step"]), {}), **record}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def read_commands(path: Path) -> list[dict[str, str]]:
+    """commands.log lines ``TIME<TAB>[key=value<TAB>...]ARGV`` as dicts; [] when the file does not exist."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        entry = {"time": fields[0], "argv": fields[-1] if len(fields) > 1 else ""}
+        for extra in fields[1:-1]:
+            key, _, value = extra.partition("=")
+            entry[key] = value
+        out.append(entry)
+    return out
+
+
+def dataset_of(data_path: str) -> tuple[str, str]:
+    """(key, label) of the dataset at ``data_path``: its manifest's source.name, else the path's basename."""
+    manifest = Path(data_path) / "manifest.json"
+    if not manifest.exists():
+        print(f"warning: {manifest} not found; naming the dataset after the path", file=sys.stderr)
+        name = Path(data_path).name
+        return name, name
+    source = json.loads(manifest.read_text()).get("source", {}).get("name")
+    if not source:
+        raise ResultsError(f"{manifest} has no source.name; rebuild the data set with `mmebm data`")
+    return DATASETS.get(source, (source, source))
+
+
+def prior_label(prior_cfg: dict[str, Any]) -> str:
+    """``laplace``, ``gaussian`` or ``ebm/<reference>`` from config model.prior."""
+    kind = prior_cfg["kind"]
+    return f"ebm/{prior_cfg['reference']}" if kind == "ebm" else kind
+
+
+def setting_config(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json without the keys that differ between the seeds of a setting (train.seed, .out_dir)."""
+    out = json.loads(json.dumps(config))
+    out["train"].pop("seed", None)
+    out["train"].pop("out_dir", None)
+    return out
+
+
+def setting_hash(config: dict[str, Any]) -> str:
+    """First 12 hex digits of sha256 of the canonical (sorted, compact) JSON of :func:`setting_config`."""
+    canonical = json.dumps(setting_config(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys -> values (lists such as model.modalities stay whole)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _num(x: Any) -> float:
+    """A figure from JSON as float; null (a nan written strictly) and missing become nan."""
+    return math.nan if x is None else float(x)
+
+
+# ------------------------------------------------------------------------------------------------ aggregation
+
+
+def seed_mean(values: Sequence[float], stderrs: Sequence[float]) -> dict[str, float | int]:
+    """Mean over k seeds with two standard errors: binomial (sqrt(sum se_i^2) / k, the eval's sampling noise)
+    and across-seed (sample std / sqrt(k), training noise included; nan with one seed)."""
+    k = len(values)
+    return {
+        "mean": math.fsum(values) / k,
+        "binomial_stderr": math.sqrt(math.fsum(s * s for s in stderrs)) / k,
+        "seed_stderr": statistics.stdev(values) / math.sqrt(k) if k > 1 else math.nan,
+        "k": k,
+    }
+
+
+def best_stderr(figure: dict[str, float]) -> float:
+    """The across-seed SE when there are seeds (k > 1), else the binomial one."""
+    return figure["seed_stderr"] if figure["k"] > 1 else figure["binomial_stderr"]
+
+
+def _sweep_mean(runs: Sequence[Run]) -> list[dict[str, float | int]]:
+    steps = sorted({e["steps"] for r in runs for e in r.langevin_sweep})
+    out = []
+    for k in steps:
+        entries = [e for r in runs for e in r.langevin_sweep if e["steps"] == k]
+        figure = seed_mean([e["coherence"] for e in entries], [e["stderr"] for e in entries])
+        out.append({"steps": k, **figure})
+    return out
+
+
+def build_settings(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """One aggregate per (dataset, config hash), sorted by dataset, prior and hash."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for r in sorted(runs, key=_run_order):
+        groups.setdefault((r.dataset, r.config_hash), []).append(r)
+    settings = []
+    order = lambda kv: (kv[0][0], kv[1][0].prior, kv[0][1])  # dataset, prior, hash
+    for (dataset, chash), members in sorted(groups.items(), key=order):
+        first = members[0]
+        settings.append({
+            "dataset": dataset,
+            "dataset_label": first.dataset_label,
+            "config_hash": chash,
+            "prior": first.prior,
+            "langevin_steps": first.langevin_steps,
+            "langevin_step_size": first.langevin_step_size,
+            "runs": [r.name for r in members],
+            "seeds": [r.seed for r in members],
+            "steps": [r.steps for r in members],
+            "wall_seconds_mean": statistics.fmean(r.wall_seconds for r in members),
+            "samples_per_s_mean": statistics.fmean(r.samples_per_s for r in members),
+            "joint": seed_mean([r.joint_coherence for r in members], [r.joint_stderr for r in members]),
+            "cross": seed_mean([r.cross_coherence for r in members], [r.cross_stderr for r in members]),
+            "ceiling": seed_mean([r.ceiling_coherence for r in members], [r.ceiling_stderr for r in members]),
+            "langevin_sweep": _sweep_mean(members),
+        })
+    return settings
+
+
+def _run_order(r: Run) -> tuple:
+    return (r.dataset, r.prior, r.config_hash, r.seed, r.name)
+
+
+def main_pair(settings: Sequence[dict], configs: dict[str, dict]) -> tuple[dict | None, dict | None]:
+    """(Laplace setting, EBM setting) of one dataset compared in the headline: the pair whose configs differ
+    in the fewest keys besides model.prior.kind; ties go to more seeds, more steps, a Laplace reference."""
+    laplace = [s for s in settings if s["prior"] == "laplace"]
+    ebm = [s for s in settings if s["prior"].startswith("ebm/")]
+
+    def rank_one(s: dict) -> tuple:
+        return (-len(s["runs"]), -max(s["steps"]), s["prior"] != "ebm/laplace", s["config_hash"])
+
+    if not laplace or not ebm:
+        return (min(laplace, key=rank_one) if laplace else None, min(ebm, key=rank_one) if ebm else None)
+
+    def rank_pair(pair: tuple[dict, dict]) -> tuple:
+        lap, e = pair
+        diff = differing_keys(configs[lap["config_hash"]], configs[e["config_hash"]]) - {"model.prior.kind"}
+        return (len(diff), -(len(lap["runs"]) + len(e["runs"])), -(max(lap["steps"]) + max(e["steps"])),
+                e["prior"] != "ebm/laplace", lap["config_hash"], e["config_hash"])
+
+    return min(product(laplace, ebm), key=rank_pair)
+
+
+def differing_keys(a: dict, b: dict) -> set[str]:
+    fa, fb = flatten(a), flatten(b)
+    return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)}
+
+
+def difference(ebm: dict, laplace: dict, figure: str) -> dict[str, Any]:
+    """EBM - Laplace of one figure with its SE: sqrt of the summed squared across-seed SEs when both settings
+    have several seeds, else of the binomial ones."""
+    a, b = ebm[figure], laplace[figure]
+    seeds = a["k"] > 1 and b["k"] > 1
+    key = "seed_stderr" if seeds else "binomial_stderr"
+    return {"difference": a["mean"] - b["mean"], "stderr": math.hypot(a[key], b[key]),
+            "stderr_kind": "across-seed" if seeds else "binomial"}
+
+
+def build_results(runs: Sequence[Run], *, command: str) -> dict[str, Any]:
+    """The results.json dict: runs, settings, per-dataset comparison and ablations, the paper's numbers."""
+    runs = sorted(runs, key=_run_order)
+    configs: dict[str, dict] = {}
+    for r in runs:
+        config = json.loads((Path(r.run_dir) / "config.json").read_text())
+        configs.setdefault(r.config_hash, setting_config(config))
+    settings = build_settings(runs)
+    datasets = []
+    for dataset in sorted({s["dataset"] for s in settings}):
+        mine = [s for s in settings if s["dataset"] == dataset]
+        lap, ebm = main_pair(mine, configs)
+        comparison = None
+        if lap is not None and ebm is not None:
+            comparison = {"ebm": ebm["config_hash"], "laplace": lap["config_hash"],
+                          "joint": difference(ebm, lap, "joint"), "cross": difference(ebm, lap, "cross")}
+        datasets.append({"dataset": dataset, "dataset_label": mine[0]["dataset_label"],
+                         "main_laplace": lap["config_hash"] if lap else None,
+                         "main_ebm": ebm["config_hash"] if ebm else None,
+                         "ebm_minus_laplace": comparison,
+                         "ablations": ablations(mine, lap, ebm, configs)})
+    return {"generated_by": "mmebm results", "command": command, "runs": [r.to_json() for r in runs],
+            "settings": settings, "datasets": datasets, "paper": PAPER}
+
+
+def ablations(settings: Sequence[dict], lap: dict | None, ebm: dict | None,
+              configs: dict[str, dict]) -> list[dict[str, Any]]:
+    """Every setting outside the main pair, with the config keys it changes from the main setting of its kind
+    (EBM settings against the main EBM, fixed priors against the main Laplace); ``ablation`` is True when
+    only the reference distribution or the Langevin steps / step size change."""
+    main = {s["config_hash"] for s in (lap, ebm) if s is not None}
+    out = []
+    for s in settings:
+        if s["config_hash"] in main:
+            continue
+        base = ebm if s["prior"].startswith("ebm/") and ebm is not None else (lap or ebm)
+        if base is None:
+            continue
+        mine, theirs = flatten(configs[s["config_hash"]]), flatten(configs[base["config_hash"]])
+        keys = sorted(differing_keys(configs[s["config_hash"]], configs[base["config_hash"]]))
+        allowed = ABLATION_KEYS | ({"model.prior.kind"} if s["prior"] in FIXED_PRIORS else set())
+        out.append({"config_hash": s["config_hash"], "against": base["config_hash"],
+                    "changes": {k: {"value": mine.get(k), "main": theirs.get(k)} for k in keys},
+                    "ablation": set(keys) <= allowed})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ pictures
+
+
+def write_images(results: dict, runs: Sequence[Run], img_dir: Path) -> dict[str, dict[str, Path]]:
+    """Per dataset: joint-sample grids side by side, coherence vs Langevin steps, training curves.
+    Returns {dataset: {caption: path}} for the pictures written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    img_dir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, dict[str, Path]] = {}
+    for ds in results["datasets"]:
+        dataset = ds["dataset"]
+        settings = [s for s in results["settings"] if s["dataset"] == dataset]
+        mine = [r for r in runs if r.dataset == dataset]
+        pictures: dict[str, Path] = {}
+        path = img_dir / f"{dataset}_joint_samples.png"
+        if save_joint_montage(path, settings, mine):
+            pictures["joint samples, one seed of each setting"] = path
+        path = img_dir / f"{dataset}_coherence_vs_langevin.png"
+        if save_sweep(path, settings):
+            pictures["joint coherence vs Langevin steps at sampling"] = path
+        path = img_dir / f"{dataset}_training_curves.png"
+        save_curves(path, sorted(mine, key=_run_order))
+        pictures["training curves"] = path
+        out[dataset] = pictures
+    return out
+
+
+def _setting_name(s: dict, settings: Iterable[dict]) -> str:
+    """The prior label, with the config hash when two settings share the label."""
+    twins = sum(1 for o in settings if o["prior"] == s["prior"])
+    return s["prior"] if twins == 1 else f"{s['prior']} [{s['config_hash'][:6]}]"
+
+
+def save_joint_montage(path: Path, settings: Sequence[dict], runs: Sequence[Run]) -> bool:
+    """Side by side, the eval joint_samples.png of the lowest seed of each setting that has one."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    panels = []
+    for s in settings:
+        members = sorted((r for r in runs if r.config_hash == s["config_hash"] and r.joint_samples_png),
+                         key=lambda r: r.seed)
+        if members:
+            first = members[0]
+            with Image.open(first.joint_samples_png) as img:
+                panels.append((f"{_setting_name(s, settings)} (seed {first.seed}, step {first.eval_step})",
+                               np.asarray(img.convert("RGB"))))
+    if not panels:
+        return False
+    width = max(sum(p.shape[1] for _, p in panels) / 100, 3.0 * len(panels))
+    height = max(max(p.shape[0] for _, p in panels) / 100, 2.0)
+    scale = min(1.0, 24.0 / width)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * scale, height * scale + 0.4), squeeze=False,
+                             gridspec_kw={"width_ratios": [p.shape[1] for _, p in panels]})
+    for ax, (title, picture) in zip(axes[0], panels, strict=True):
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    save_figure(fig, path)
+    return True
+
+
+def save_sweep(path: Path, settings: Sequence[dict]) -> bool:
+    """Mean joint coherence vs Langevin steps per EBM setting (error bars: across-seed SE with several seeds,
+    else binomial), fixed-prior settings and the main ceilings as horizontal lines."""
+    import matplotlib.pyplot as plt
+
+    swept = [s for s in settings if s["langevin_sweep"]]
+    if not swept:
+        return False
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    for s in swept:
+        sweep = s["langevin_sweep"]
+        ax.errorbar([e["steps"] for e in sweep], [e["mean"] for e in sweep],
+                    yerr=[best_stderr(e) for e in sweep], marker="o", capsize=3,
+                    label=f"{_setting_name(s, settings)} (k={s['joint']['k']})")
+    for i, s in enumerate(x for x in settings if not x["langevin_sweep"]):
+        ax.axhline(s["joint"]["mean"], color=f"C{len(swept) + i}", linestyle="--",
+                   label=f"{_setting_name(s, settings)} joint (no Langevin)")
+    ceiling = [s["ceiling"]["mean"] for s in swept if not math.isnan(s["ceiling"]["mean"])]
+    if ceiling:
+        ax.axhline(max(ceiling), color="grey", linestyle=":", label="aggregate-posterior ceiling (best EBM)")
+    ax.set_xlabel("Langevin steps K at sampling")
+    ax.set_ylabel("joint coherence")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title("joint coherence vs Langevin steps (mean over seeds ± SE)", fontsize=9)
+    save_figure(fig, path)
+    return True
+
+
+def save_curves(path: Path, runs: Sequence[Run]) -> None:
+    """Training loss (and, for EBM runs, the energy gap E_q f - E_p f) against step, one line per run."""
+    import matplotlib.pyplot as plt
+
+    ebm = [r for r in runs if r.prior.startswith("ebm/")]
+    fig, axes = plt.subplots(1, 2 if ebm else 1, figsize=(11.0 if ebm else 6.0, 3.8), squeeze=False)
+    for r in runs:
+        axes[0][0].plot(r.curves["step"], r.curves["loss"], label=_run_label(r))
+    axes[0][0].set_xlabel("step")
+    axes[0][0].set_ylabel("training loss")
+    axes[0][0].legend(fontsize=7)
+    if ebm:
+        for r in ebm:
+            axes[0][1].plot(r.curves["step"], r.curves["energy_gap"], label=_run_label(r))
+        axes[0][1].axhline(0.0, color="grey", linewidth=0.8)
+        axes[0][1].set_xlabel("step")
+        axes[0][1].set_ylabel("energy gap E_q f - E_p f")
+        axes[0][1].legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def _run_label(r: Run) -> str:
+    return f"{r.prior} seed {r.seed} [{r.config_hash[:6]}]"
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure as PNG atomically (temp file + os.replace) and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.tight_layout()
+    fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ markdown
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    """A figure as results.md writes it: ``digits`` decimals, or ``n/a`` for missing / nan."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def fmt_figure(figure: dict[str, float]) -> str:
+    """``mean ± binomial SE ± across-seed SE``."""
+    return f"{fmt(figure['mean'])} ± {fmt(figure['binomial_stderr'])} ± {fmt(figure['seed_stderr'])}"
+
+
+def fmt_wall(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "n/a"
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+
+
+def _steps(steps: Sequence[int]) -> str:
+    return str(steps[0]) if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}"
+
+
+def _commands(run: dict) -> str:
+    if not run["commands"]:
+        return "n/a"
+    return "<br>".join(f"`{c['argv']}`" for c in run["commands"])
+
+
+def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: Path) -> str:
+    """results.md from the results.json dict; picture links are relative to ``md_dir``."""
+    settings, runs = results["settings"], results["runs"]
+    lines = [
+        "# Results: Laplace prior vs EBM prior",
+        "",
+        "Written by `mmebm results` from the run directories' own files; do not edit by hand. Command:",
+        "",
+        f"    {results['command']}",
+        "",
+        "Coherence is measured with one digit classifier per modality (accuracy in the per-run table bounds "
+        "every figure). Joint: share of prior samples on which all classifiers agree; cross: mean over "
+        "targets of the mean over other sources of the classifier's accuracy; ceiling: joint coherence of "
+        "decodes of the aggregate posterior. A setting groups the seeds of one config (config hash: "
+        "config.json without train.seed / train.out_dir). Figures read "
+        "`mean ± binomial SE ± across-seed SE`: "
+        "the binomial SE of the mean, sqrt(sum se_i^2)/k, is the eval's sampling noise; the across-seed SE, "
+        "std/sqrt(k), includes training noise (n/a with one seed).",
+    ]
+    for ds in results["datasets"]:
+        mine = [s for s in settings if s["dataset"] == ds["dataset"]]
+        lines += ["", f"## {ds['dataset_label']} (`{ds['dataset']}`, data {_data_paths(runs, ds)})",
+                  ""]
+        rows = [[s["prior"], f"`{s['config_hash']}`", ", ".join(map(str, s["seeds"])), _steps(s["steps"]),
+                 fmt_figure(s["joint"]), fmt_figure(s["cross"]), fmt_figure(s["ceiling"]),
+                 fmt_wall(s["wall_seconds_mean"]), fmt(s["samples_per_s_mean"], 1)] for s in mine]
+        paper = results["paper"].get(ds["dataset"])
+        if paper:
+            rows.append(["paper's reported numbers (larger model and budget, not our run)", "", "", "",
+                         fmt(paper["joint_coherence"], 3), fmt(paper["cross_coherence"], 3), "", "", ""])
+        lines += _table(["prior", "config", "seeds", "steps", "joint coherence", "cross coherence",
+                         "ceiling", "wall time / run", "samples/s"], rows)
+        lines += ["", _comparison_line(ds, mine)]
+        for caption, path in images.get(ds["dataset"], {}).items():
+            lines += ["", f"![{caption}]({Path(os.path.relpath(path, md_dir)).as_posix()})"]
+    lines += ["", "## Ablations", "",
+              "Settings beyond each dataset's main EBM/Laplace pair, with the config keys they change. "
+              "`ablation` marks a change of the reference distribution or of the training Langevin steps / "
+              "step size only; the Langevin sweep in the pictures covers the steps at sampling.", ""]
+    rows = []
+    for ds in results["datasets"]:
+        for a in ds["ablations"]:
+            s = next(x for x in settings if x["config_hash"] == a["config_hash"])
+            changes = "; ".join(f"{k}: {json.dumps(v['value'])} (main {json.dumps(v['main'])})"
+                                for k, v in a["changes"].items())
+            rows.append([ds["dataset"], s["prior"], f"`{a['config_hash']}`", f"`{a['against']}`",
+                         "ablation" if a["ablation"] else "other", changes or "none",
+                         fmt_figure(s["joint"]), fmt_figure(s["cross"])])
+    lines += _table(["dataset", "prior", "config", "against", "kind", "changes", "joint", "cross"], rows) \
+        if rows else ["None: every dataset has only its main pair."]
+    lines += ["", "## Runs", ""]
+    rows = []
+    for r in runs:
+        steps = str(r["steps"])
+        if r["eval_step"] != r["steps"]:
+            steps += f" (eval at {r['eval_step']})"
+        acc = min(r["classifier_accuracy"].values()) if r["classifier_accuracy"] else math.nan
+        rows.append([r["name"], r["dataset"], r["prior"], str(r["seed"]), f"`{r['config_hash']}`", steps,
+                     fmt_wall(r["wall_seconds"]), fmt(r["samples_per_s"], 1),
+                     f"{fmt(r['joint_coherence'])} ± {fmt(r['joint_stderr'])} (n={r['joint_n']})",
+                     f"{fmt(r['cross_coherence'])} ± {fmt(r['cross_stderr'])} (n={r['cross_n']})",
+                     f"{fmt(r['ceiling_coherence'])} ± {fmt(r['ceiling_stderr'])}", fmt(acc), _commands(r)])
+    lines += _table(["run", "dataset", "prior", "seed", "config", "steps", "wall", "samples/s", "joint",
+                     "cross", "ceiling", "min classifier acc.", "command"], rows)
+    return "\n".join(lines) + "\n"
+
+
+def _data_paths(runs: Sequence[dict], ds: dict) -> str:
+    paths = sorted({r["data_path"] for r in runs if r["dataset"] == ds["dataset"]})
+    return ", ".join(f"`{p}`" for p in paths)
+
+
+def _comparison_line(ds: dict, settings: Sequence[dict]) -> str:
+    comp = ds["ebm_minus_laplace"]
+    if comp is None:
+        return "**EBM − Laplace**: n/a (this dataset needs both an EBM and a Laplace setting)."
+    parts = [f"{name} {comp[name]['difference']:+.4f} ± {fmt(comp[name]['stderr'])} "
+             f"({comp[name]['stderr_kind']} SE)" for name in ("joint", "cross")]
+    return (f"**EBM − Laplace** (`{comp['ebm']}` minus `{comp['laplace']}`, the pair whose configs differ "
+            f"least): " + "; ".join(parts) + ".")
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def _strict(obj: Any) -> Any:
+    """nan/inf -> None so that results.json is strict JSON; tuples -> lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file beside ``path`` and rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

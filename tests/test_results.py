@@ -1,0 +1,294 @@
+"""`mmebm results`: settings grouped by config hash, seed means with both standard errors, strict
+results.json, results.md tables and picture links, skipped incomplete runs; synthetic runs and a real tiny one."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mmebm_dist.cli import main
+from mmebm_dist.evaluate import results as res
+
+# (prior kind, seed) -> (joint, joint se, cross, cross se, ceiling, ceiling se, sweep {steps: (coh, se)})
+FIGURES = {
+    ("laplace", 0): (0.21, 0.018, 0.62, 0.011, 0.55, 0.022, {}),
+    ("laplace", 1): (0.25, 0.019, 0.58, 0.012, 0.57, 0.021, {}),
+    ("ebm", 0): (0.41, 0.022, 0.60, 0.013, 0.56, 0.020, {0: (0.20, 0.018), 5: (0.41, 0.022)}),
+    ("ebm", 1): (0.47, 0.023, 0.63, 0.010, 0.59, 0.024, {0: (0.24, 0.019), 5: (0.47, 0.023)}),
+}
+STEPS = 40  # logged every 10 steps
+ARGV = "mmebm train --config configs/polymnist_ebm.yaml train.seed={seed}"
+
+
+def config(data: Path, out_dir: Path, kind: str, seed: int, *, reference: str = "laplace",
+           langevin_steps: int = 5) -> dict:
+    """A config.json with the real layout (sections and the keys `mmebm results` reads)."""
+    return {
+        "data": {"path": str(data), "batch_size": 8, "num_workers": 0, "on_error": "raise",
+                 "shuffle_buffer": 16},
+        "eval": {"classifiers": "", "langevin_sweep": [0, 5], "num_samples": 100},
+        "model": {"latent_dim": 4, "modalities": [{"name": "m0", "shape": [3, 28, 28]},
+                                                  {"name": "m1", "shape": [3, 28, 28]}],
+                  "prior": {"kind": kind, "reference": reference, "reference_scale": 1.0, "hidden": 16,
+                            "langevin": {"backend": "auto", "step_size": 0.4, "steps": langevin_steps}}},
+        "optim": {"lr": 0.001},
+        "train": {"out_dir": str(out_dir), "seed": seed, "steps": STEPS, "log_every": 10},
+    }
+
+
+def write_run(root: Path, data: Path, kind: str, seed: int, figures: tuple, *, eval_name: str = "eval",
+              commands: bool = True, **config_kw) -> Path:
+    """A finished run dir: config.json, metrics.jsonl, commands.log, EVAL/eval.json and a tiny joint PNG."""
+    joint, joint_se, cross, cross_se, ceil, ceil_se, sweep = figures
+    label = f"ebm_{config_kw.get('reference', 'laplace')}" if kind == "ebm" else kind
+    run_dir = root / f"{label}_s{seed}"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(config(data, run_dir, kind, seed, **config_kw), indent=2))
+    records = []
+    for i, step in enumerate(range(10, STEPS + 1, 10)):
+        rec = {"step": step, "loss": 100.0 - step - seed, "elbo": -(100.0 - step), "kl_z": 1.0,
+               "samples_per_s": 10.0 * (i + 1) + seed, "wall_time_s": 3.0 * step + seed, "rec/m0": 40.0}
+        if kind == "ebm":
+            rec["energy_gap"] = 0.01 * step
+        records.append(rec)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if commands:
+        (run_dir / "commands.log").write_text(
+            f"2025-01-01T00:00:00Z\tworld_size=1\t{ARGV.format(seed=seed)}\n")
+    out = run_dir / eval_name
+    out.mkdir()
+    ev = {
+        "run": {"run_dir": str(run_dir), "step": STEPS, "prior": kind},
+        "classifiers": {"test_accuracy": {"m0": 0.97, "m1": 0.96}},
+        "coherence": {
+            "modalities": ["m0", "m1"],
+            "joint": {"coherence": joint, "stderr": joint_se, "n": 500,
+                      "langevin_steps": 5 if kind == "ebm" else None},
+            "cross": {"coherence": cross, "stderr": cross_se, "n": 400,
+                      "matrix": [[0.9, cross], [cross, 0.9]], "self_coherence": 0.9},
+            "prior_ceiling": {"coherence": ceil, "stderr": ceil_se, "n": 400},
+            "langevin_sweep": [{"steps": k, "coherence": c, "stderr": s, "n": 500, "seconds": 0.1,
+                                "ms_per_sample": 0.2} for k, (c, s) in sorted(sweep.items())],
+        },
+        "elbo": {"n": 400, "terms": {"elbo": -61.5 - seed}},
+        "linear_probe": {"accuracy": 0.8},
+    }
+    (out / "eval.json").write_text(json.dumps(ev))
+    Image.new("RGB", (24, 16), (40 * seed, 120, 200 if kind == "ebm" else 20)).save(out / "joint_samples.png")
+    return run_dir
+
+
+@pytest.fixture
+def runs(tmp_path) -> Path:
+    """2 settings (Laplace, EBM) x 2 seeds of synthetic finished runs, on a 'mnist' PolyMNIST data dir."""
+    data = tmp_path / "polymnist"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"source": {"name": "mnist"}}))
+    root = tmp_path / "runs"
+    for (kind, seed), figures in FIGURES.items():
+        write_run(root, data, kind, seed, figures, commands=seed == 0)
+    return root
+
+
+def aggregate(tmp_path: Path, run_args: list[str], *extra: str) -> tuple[dict, str, Path]:
+    out = tmp_path / "docs"
+    args = ["results", "--runs", *run_args, "--out-md", str(out / "results.md"),
+            "--out-json", str(out / "results.json"), "--img-dir", str(out / "img" / "results"), *extra]
+    assert main(args) == 0
+    strict = json.loads((out / "results.json").read_text(), parse_constant=_reject)
+    return strict, (out / "results.md").read_text(), out
+
+
+def _reject(token: str):
+    raise AssertionError(f"results.json is not strict JSON: it holds {token}")
+
+
+def _setting(report: dict, prior: str) -> dict:
+    (hit,) = [s for s in report["settings"] if s["prior"] == prior]
+    return hit
+
+
+def test_settings_group_seeds_by_config_hash(runs, tmp_path):
+    report, _, _ = aggregate(tmp_path, [str(runs / "*")])
+    hashes = {(r["prior"], r["seed"]): r["config_hash"] for r in report["runs"]}
+    assert hashes[("laplace", 0)] == hashes[("laplace", 1)]
+    assert hashes[("ebm/laplace", 0)] == hashes[("ebm/laplace", 1)]
+    assert hashes[("laplace", 0)] != hashes[("ebm/laplace", 0)]
+    assert all(re.fullmatch(r"[0-9a-f]{12}", h) for h in hashes.values())
+    grouped = [(s["prior"], s["seeds"]) for s in report["settings"]]
+    assert grouped == [("ebm/laplace", [0, 1]), ("laplace", [0, 1])]
+    assert {r["dataset"] for r in report["runs"]} == {"polymnist"}
+    cfg = json.loads((runs / "ebm_laplace_s0" / "config.json").read_text())
+    other = json.loads(json.dumps(cfg))
+    other["train"]["seed"], other["train"]["out_dir"] = 7, "elsewhere"
+    assert res.setting_hash(other) == res.setting_hash(cfg)
+    other["model"]["prior"]["langevin"]["steps"] = 6
+    assert res.setting_hash(other) != res.setting_hash(cfg)
+
+
+def _expected(kind: str, index: int) -> dict:
+    values = [FIGURES[(kind, s)][index] for s in (0, 1)]
+    ses = [FIGURES[(kind, s)][index + 1] for s in (0, 1)]
+    return {"mean": (values[0] + values[1]) / 2, "binomial_stderr": math.sqrt(ses[0] ** 2 + ses[1] ** 2) / 2,
+            "seed_stderr": abs(values[0] - values[1]) / 2, "k": 2}  # sample std of two = |a - b| / sqrt(2)
+
+
+def test_seed_means_and_both_standard_errors(runs, tmp_path):
+    report, _, _ = aggregate(tmp_path, [str(runs / "*")])
+    for kind, prior in (("laplace", "laplace"), ("ebm", "ebm/laplace")):
+        s = _setting(report, prior)
+        for name, index in (("joint", 0), ("cross", 2), ("ceiling", 4)):
+            assert s[name] == pytest.approx(_expected(kind, index), rel=1e-12), (prior, name)
+        # per run: 4 records at steps 10..40; the last half is steps 30, 40 -> samples_per_s 30+seed, 40+seed
+        assert s["samples_per_s_mean"] == pytest.approx(35.5)
+        assert s["wall_seconds_mean"] == pytest.approx(3.0 * STEPS + 0.5)
+        assert s["steps"] == [STEPS, STEPS]
+    sweep = _setting(report, "ebm/laplace")["langevin_sweep"]
+    assert [e["steps"] for e in sweep] == [0, 5]
+    zero = [FIGURES[("ebm", s)][6][0] for s in (0, 1)]
+    assert sweep[0]["mean"] == pytest.approx((zero[0][0] + zero[1][0]) / 2, rel=1e-12)
+    assert sweep[0]["seed_stderr"] == pytest.approx(statistics.stdev([zero[0][0], zero[1][0]]) / math.sqrt(2))
+    assert sweep[0]["binomial_stderr"] == pytest.approx(math.hypot(zero[0][1], zero[1][1]) / 2)
+    (ds,) = report["datasets"]
+    diff = ds["ebm_minus_laplace"]["joint"]
+    ebm, lap = _expected("ebm", 0), _expected("laplace", 0)
+    assert diff["difference"] == pytest.approx(ebm["mean"] - lap["mean"], rel=1e-12)
+    assert diff["stderr"] == pytest.approx(math.hypot(ebm["seed_stderr"], lap["seed_stderr"]), rel=1e-12)
+    assert diff["stderr_kind"] == "across-seed"
+
+
+def test_results_json_layout_and_strictness(runs, tmp_path):
+    data = tmp_path / "polymnist"
+    # a one-seed ablation: its across-seed SEs are nan and must be written as null
+    write_run(runs, data, "ebm", 0, FIGURES[("ebm", 0)], reference="gaussian")
+    report, md, _ = aggregate(tmp_path, [str(runs / "*")])
+    assert report["generated_by"] == "mmebm results"
+    assert report["paper"] == {"polymnist": {"joint_coherence": 0.746, "cross_coherence": 0.853}}
+    assert report["command"].startswith("mmebm results --runs ")
+    assert len(report["runs"]) == 5
+    for run in report["runs"]:
+        assert {"dataset", "prior", "seed", "joint_coherence", "cross_coherence", "steps", "wall_seconds",
+                "samples_per_s", "config_hash", "commands", "joint_stderr", "joint_n", "cross_stderr",
+                "cross_n", "ceiling_coherence", "ceiling_stderr", "langevin_sweep",
+                "train_elbo"} <= run.keys()
+    by_key = {(r["prior"], r["seed"]): r for r in report["runs"]}
+    assert by_key[("ebm/laplace", 0)]["joint_coherence"] == FIGURES[("ebm", 0)][0]
+    assert by_key[("ebm/laplace", 0)]["commands"][0]["argv"] == ARGV.format(seed=0)
+    assert by_key[("ebm/laplace", 1)]["commands"] == []
+    assert by_key[("laplace", 1)]["wall_seconds"] == 3.0 * STEPS + 1
+    assert by_key[("laplace", 1)]["train_elbo"] == -(100.0 - STEPS)
+    gaussian = _setting(report, "ebm/gaussian")
+    assert gaussian["joint"]["seed_stderr"] is None and gaussian["joint"]["k"] == 1
+    (ds,) = report["datasets"]
+    assert ds["main_ebm"] == _setting(report, "ebm/laplace")["config_hash"]
+    (ablation,) = ds["ablations"]
+    assert ablation["ablation"] and list(ablation["changes"]) == ["model.prior.reference"]
+    assert "model.prior.reference: \"gaussian\" (main \"laplace\")" in md
+
+
+def test_markdown_tables_and_picture_links(runs, tmp_path):
+    report, md, out = aggregate(tmp_path, [str(runs / "*")])
+    ebm = _setting(report, "ebm/laplace")
+    start = f"| ebm/laplace | `{ebm['config_hash']}` |"
+    row = next(line for line in md.splitlines() if line.startswith(start))
+    assert res.fmt_figure(ebm["joint"]) in row and res.fmt_figure(ebm["cross"]) in row
+    assert "| 0, 1 | 40 |" in row
+    assert "paper's reported numbers" in md and "0.746" in md and "0.853" in md
+    assert "Written by `mmebm results`" in md and report["command"] in md
+    diff = report["datasets"][0]["ebm_minus_laplace"]["joint"]
+    assert f"joint {diff['difference']:+.4f} ± {res.fmt(diff['stderr'])} (across-seed SE)" in md
+    run_row = next(line for line in md.splitlines() if line.startswith("| ebm_laplace_s0 |"))
+    assert f"`{ARGV.format(seed=0)}`" in run_row
+    assert next(line for line in md.splitlines() if line.startswith("| ebm_laplace_s1 |")).endswith("| n/a |")
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(links) == 3
+    for link in links:
+        assert not os.path.isabs(link)
+        with Image.open(out / link) as img:
+            img.verify()
+    assert not list(out.rglob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_output_is_deterministic(runs, tmp_path):
+    _, md1, out = aggregate(tmp_path, [str(runs / "*")])
+    json1 = (out / "results.json").read_text()
+    _, md2, out = aggregate(tmp_path, sorted(str(p) for p in runs.iterdir())[::-1])
+    strip = lambda text: re.sub(r"mmebm results --runs [^\n]*", "", text)
+    assert strip(md1) == strip(md2)
+    assert strip(json1) == strip((out / "results.json").read_text())
+
+
+def test_incomplete_run_is_skipped_with_warning(runs, tmp_path, capsys):
+    data = tmp_path / "polymnist"
+    unfinished = write_run(runs, data, "ebm", 5, FIGURES[("ebm", 0)], reference="gaussian")
+    (unfinished / "eval" / "eval.json").unlink()
+    (runs / "ebm_s0.log").write_text("a log file beside the runs\n")
+    report, md, _ = aggregate(tmp_path, [str(runs / "*")])
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "skipping" in x]
+    assert str(unfinished) in line and "eval.json" in line
+    assert all(r["name"] != unfinished.name for r in report["runs"]) and unfinished.name not in md
+
+
+def test_eval_name_selects_the_eval_dir(tmp_path):
+    data = tmp_path / "polymnist"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"source": {"name": "fashion"}}))
+    run_dir = write_run(tmp_path / "runs", data, "ebm", 0, FIGURES[("ebm", 1)], eval_name="eval_5000")
+    with pytest.raises(res.ResultsError, match="complete eval/eval.json"):
+        aggregate(tmp_path, [str(run_dir)])
+    report, md, _ = aggregate(tmp_path, [str(run_dir)], "--eval-name", "eval_5000")
+    assert report["runs"][0]["joint_coherence"] == FIGURES[("ebm", 1)][0]
+    assert report["runs"][0]["dataset"] == "polyfashion" and "## Fashion-MNIST polymodal" in md
+    assert report["datasets"][0]["ebm_minus_laplace"] is None and "EBM − Laplace**: n/a" in md
+
+
+def test_runs_matching_nothing_name_the_path(tmp_path):
+    missing = str(tmp_path / "nowhere" / "*")
+    with pytest.raises(res.ResultsError, match=re.escape(missing)):
+        main(["results", "--runs", missing, "--out-md", str(tmp_path / "r.md"),
+              "--out-json", str(tmp_path / "r.json"), "--img-dir", str(tmp_path / "img")])
+    assert not (tmp_path / "r.md").exists()
+
+
+def test_real_tiny_runs(tmp_path):
+    """`mmebm train` (tiny EBM and Laplace runs) then `mmebm eval`, then `mmebm results` on them."""
+    from train_helpers import build_tiny_polymnist, run_train, tiny_config
+
+    start = time.perf_counter()
+    data = build_tiny_polymnist(tmp_path, modalities=2, train=32, test=16)
+    cfg = tiny_config(tmp_path / "tiny.yaml", data, train={"steps": 4, "log_every": 2, "checkpoint_every": 4})
+    for kind in ("ebm", "laplace"):
+        run_train(["--config", str(cfg), f"train.out_dir={tmp_path / 'runs' / kind}",
+                   f"model.prior.kind={kind}"])
+    assert main(["classifiers", "train", "--data", str(data), "--epochs", "1", "--batch-size", "16",
+                 "--shuffle-buffer", "0", "--num-workers", "0", "--device", "cpu"]) == 0
+    for kind in ("ebm", "laplace"):
+        assert main(["eval", "--run", str(tmp_path / "runs" / kind), "--num-samples", "16",
+                     "--batch-size", "8", "--langevin-sweep", "0", "2", "--probe-fit", "0", "--no-elbo",
+                     "--device", "cpu"]) == 0
+    report, md, _ = aggregate(tmp_path, [str(tmp_path / "runs" / "*")])
+    print(f"real tiny runs: {time.perf_counter() - start:.1f} s")
+    by_prior = {r["prior"]: r for r in report["runs"]}
+    assert set(by_prior) == {"ebm/laplace", "laplace"}
+    for run in by_prior.values():
+        ev = json.loads((Path(run["eval_dir"]) / "eval.json").read_text())
+        assert run["joint_coherence"] == ev["coherence"]["joint"]["coherence"]
+        assert run["cross_coherence"] == ev["coherence"]["cross"]["coherence"]
+        assert run["steps"] == 4 and run["eval_step"] == 4
+        logged = (tmp_path / "runs" / run["name"] / "commands.log").exists()
+        assert (f"train.out_dir={tmp_path / 'runs' / run['name']}" in run["commands"][0]["argv"]) if logged \
+            else run["commands"] == []
+        assert run["wall_seconds"] > 0
+    assert [e["steps"] for e in by_prior["ebm/laplace"]["langevin_sweep"]] == [0, 2]
+    assert by_prior["laplace"]["langevin_sweep"] == []
+    assert report["datasets"][0]["ebm_minus_laplace"]["joint"]["stderr_kind"] == "binomial"
+    assert len(re.findall(r"!\[", md)) == 3
