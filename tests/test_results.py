@@ -1,5 +1,5 @@
 """`mmebm results`: settings grouped by config hash, seed means with both standard errors, strict
-results.json, results.md tables and picture links, skipped incomplete runs; synthetic runs and a real tiny one."""
+results.json, results.md tables and picture links, skipped incomplete runs; synthetic runs, one real tiny."""
 
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ def test_markdown_tables_and_picture_links(runs, tmp_path):
     diff = report["datasets"][0]["ebm_minus_laplace"]["joint"]
     assert f"joint {diff['difference']:+.4f} ± {res.fmt(diff['stderr'])} (across-seed SE)" in md
     run_row = next(line for line in md.splitlines() if line.startswith("| ebm_laplace_s0 |"))
-    assert f"`{ARGV.format(seed=0)}`" in run_row
+    assert f"`{ARGV.format(seed=0)}` (world_size=1)" in run_row
     assert next(line for line in md.splitlines() if line.startswith("| ebm_laplace_s1 |")).endswith("| n/a |")
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
     assert len(links) == 3

@@ -23,6 +23,8 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
+from mmebm_dist.config import config_from_dict, config_to_dict
+
 EVAL_JSON = "eval.json"
 JOINT_PNG = "joint_samples.png"
 COMMANDS_LOG = "commands.log"
@@ -177,11 +179,11 @@ def load_run(run_dir: Path, eval_name: str = "eval") -> tuple[Run | None, str]:
         if not path.exists():
             hint = f" (run `mmebm eval --run {run_dir} --out {eval_dir}`)" if path == eval_path else ""
             return None, f"missing {path}{hint}"
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path)
     records = read_metrics(metrics_path)
     if not any("wall_time_s" in r for r in records):
         return None, f"{metrics_path} holds no training record (no logged step yet)"
-    ev = json.loads(eval_path.read_text())
+    ev = read_json(eval_path)
     coherence = ev.get("coherence", {})
     for part in ("joint", "cross"):
         lacking = [k for k in ("coherence", "stderr", "n") if k not in coherence.get(part, {})]
@@ -236,6 +238,15 @@ def load_run(run_dir: Path, eval_name: str = "eval") -> tuple[Run | None, str]:
                 "energy_gap": [_num(r.get("energy_gap")) for r in train]},
     )
     return run, ""
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file of a run; a corrupt one raises naming it."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ResultsError(f"{path} is not valid JSON ({exc}); rewrite it (`mmebm eval` / `mmebm train`) "
+                           f"or leave its run out of --runs") from exc
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -294,8 +305,12 @@ def prior_label(prior_cfg: dict[str, Any]) -> str:
 
 
 def setting_config(config: dict[str, Any]) -> dict[str, Any]:
-    """config.json without the keys that differ between the seeds of a setting (train.seed, .out_dir)."""
-    out = json.loads(json.dumps(config))
+    """config.json without the keys that differ between the seeds of a setting (train.seed, .out_dir).
+
+    Read through the typed config first, so a key added to the code after a run started counts with its
+    default (the behaviour that run had) instead of splitting one setting into two hashes.
+    """
+    out = config_to_dict(config_from_dict(config))
     out["train"].pop("seed", None)
     out["train"].pop("out_dir", None)
     return out
@@ -427,7 +442,7 @@ def build_results(runs: Sequence[Run], *, command: str) -> dict[str, Any]:
     runs = sorted(runs, key=_run_order)
     configs: dict[str, dict] = {}
     for r in runs:
-        config = json.loads((Path(r.run_dir) / "config.json").read_text())
+        config = read_json(Path(r.run_dir) / "config.json")
         configs.setdefault(r.config_hash, setting_config(config))
     settings = build_settings(runs)
     datasets = []
@@ -617,7 +632,9 @@ def fmt_figure(figure: dict[str, float]) -> str:
 def fmt_wall(seconds: float) -> str:
     if math.isnan(seconds):
         return "n/a"
-    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
 def _cell(text: str) -> str:
@@ -636,7 +653,11 @@ def _steps(steps: Sequence[int]) -> str:
 def _commands(run: dict) -> str:
     if not run["commands"]:
         return "n/a"
-    return "<br>".join(f"`{c['argv']}`" for c in run["commands"])
+    lines = []
+    for c in run["commands"]:
+        extra = [f"{k}={v}" for k, v in c.items() if k not in ("time", "argv")]
+        lines.append(f"`{c['argv']}`" + (f" ({', '.join(extra)})" if extra else ""))
+    return "<br>".join(lines)
 
 
 def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: Path) -> str:
