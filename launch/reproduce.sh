@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Rerun the whole comparison published in docs/results.md, then regenerate docs/results.{md,json} from the runs:
+#   PolyMNIST (real MNIST): EBM prior vs Laplace prior, seeds $SEEDS, same architecture, data and steps;
+#   Fashion-MNIST (5 modalities, Debian dataset-fashion-mnist): the same pair, seeds $FASHION_SEEDS;
+#   ablation: the EBM prior over a Gaussian reference instead of Laplace (PolyMNIST, seed 0);
+#   every run evaluated with $EVAL_SAMPLES joint samples / test tuples (plus the Langevin-steps sweep).
+# Each step is idempotent: finished runs and evals are skipped, interrupted runs resume from their checkpoint.
+# $PARALLEL runs train at a time with one thread each (2 on a 2-core machine).
+# Usage: launch/reproduce.sh            (environment: STEPS, SEEDS, FASHION_SEEDS, EVAL_SAMPLES, PARALLEL, OUT)
+set -euo pipefail
+MMEBM=${MMEBM:-.venv/bin/mmebm}
+STEPS=${STEPS:-1500}
+SEEDS=${SEEDS:-"0 1 2"}
+FASHION_SEEDS=${FASHION_SEEDS:-"0"}
+EVAL_SAMPLES=${EVAL_SAMPLES:-5000}
+PARALLEL=${PARALLEL:-2}
+OUT=${OUT:-runs/results}
+mkdir -p "$OUT"
+
+# Data and the coherence classifiers (one per modality, trained on real data).
+if [ ! -f data/polymnist/manifest.json ]; then
+  "$MMEBM" data polymnist --source mnist --modalities 5 --out data/polymnist
+fi
+if [ ! -f data/fashion/manifest.json ]; then
+  "$MMEBM" data polymnist --source fashion --modalities 5 --out data/fashion
+fi
+# Classifiers train in the background beside the first runs; each eval waits for its data set's classifiers.
+for d in data/polymnist data/fashion; do
+  if [ ! -d "$d/classifiers" ]; then
+    rm -f "$d.classifiers.failed"
+    ( nice -n 5 "$MMEBM" classifiers train --data "$d" >"$d.classifiers.log" 2>&1 || touch "$d.classifiers.failed" ) &
+  fi
+done
+
+# One job per line: NAME CONFIG OVERRIDES...
+jobs() {
+  for s in $SEEDS; do
+    echo "polymnist_ebm_s$s configs/polymnist_ebm.yaml train.seed=$s"
+    echo "polymnist_laplace_s$s configs/polymnist_laplace.yaml train.seed=$s"
+  done
+  for s in $FASHION_SEEDS; do
+    echo "fashion_ebm_s$s configs/polyfashion_ebm.yaml train.seed=$s"
+    echo "fashion_laplace_s$s configs/polyfashion_laplace.yaml train.seed=$s"
+  done
+  echo "polymnist_ebm_gaussref_s0 configs/polymnist_ebm.yaml train.seed=0 model.prior.reference=gaussian"
+}
+
+# train_and_eval NAME CONFIG OVERRIDES...: train (or resume) to $STEPS, then evaluate the final checkpoint.
+train_and_eval() {
+  local name=$1 config=$2; shift 2
+  local run=$OUT/$name
+  if [ -f "$run/config.json" ]; then
+    "$MMEBM" train --resume "$run" train.steps="$STEPS" train.threads=1 >>"$run.log" 2>&1
+  else
+    "$MMEBM" train --config "$config" train.out_dir="$run" train.steps="$STEPS" train.threads=1 "$@" \
+      >>"$run.log" 2>&1
+  fi
+  local data
+  data=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["data"]["path"])' "$run/config.json")
+  until [ -d "$data/classifiers" ]; do
+    if [ -f "$data.classifiers.failed" ]; then echo "classifiers for $data failed: $data.classifiers.log" >&2; return 1; fi
+    sleep 30
+  done
+  # Evaluate unless an eval newer than the last checkpoint exists.
+  if [ ! -f "$run/eval/eval.json" ] || [ "$run/eval/eval.json" -ot "$run/checkpoints/latest" ]; then
+    OMP_NUM_THREADS=1 "$MMEBM" eval --run "$run" --num-samples "$EVAL_SAMPLES" >>"$run.log" 2>&1
+  fi
+  echo "done: $name"
+}
+export -f train_and_eval
+export MMEBM STEPS EVAL_SAMPLES OUT
+
+jobs | xargs -P "$PARALLEL" -L 1 bash -c 'train_and_eval "$@"' _
+
+wait  # the background classifier trainings (done by now: every eval waited for them)
+"$MMEBM" results --runs "$OUT"/* --out-md docs/results.md --out-json docs/results.json --img-dir docs/img/results
