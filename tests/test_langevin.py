@@ -261,6 +261,7 @@ def test_bench_langevin_rows(capsys):
                   for r in rows if r["backend"] == "autograd"}
     for row in rows:
         assert row["ms_per_chain"] > 0 and row["gflops"] > 0 and row["roof_gflops"] > 0
+        assert row["shape_roof_fraction"] > 0
         expected = autograd_s[(row["batch"], row["steps"])] / row["seconds_per_chain"]
         assert row["speedup_vs_autograd"] == pytest.approx(expected)
     assert rows[1]["buffer_mib"] * 2**20 == sampler.buffer_bytes("torch", 4, 3, 8, 2, "leaky_relu")

@@ -65,6 +65,41 @@ def matmul_roof_gflops(device: torch.device, size: int = 1024, repeats: int = 10
     return 2 * size**3 / best / 1e9
 
 
+def shape_matmul_ms(args, batch: int, steps: int, device: torch.device, repeats: int = 5) -> float:
+    """Median ms of the chain's matmuls alone (forward and backward of every layer, K times, into preallocated
+    outputs, no elementwise work), the faster of one thread and all threads: what a chain of this shape would
+    take if matmuls were all it did."""
+    threads = torch.get_num_threads()
+    try:
+        best = _shape_matmul_ms(args, batch, steps, device, repeats)
+        if device.type == "cpu" and threads > 1:
+            torch.set_num_threads(1)
+            best = min(best, _shape_matmul_ms(args, batch, steps, device, repeats))
+    finally:
+        torch.set_num_threads(threads)
+    return best
+
+
+def _shape_matmul_ms(args, batch: int, steps: int, device: torch.device, repeats: int) -> float:
+    d, h, layers = args.latent, args.hidden, args.layers
+    w_in, w_hid = torch.randn(h, d, device=device), torch.randn(max(layers - 1, 1), h, h, device=device)
+    z, a, g, out_z = (torch.randn(batch, d, device=device), torch.empty(batch, h, device=device),
+                      torch.randn(batch, h, device=device), torch.empty(batch, d, device=device))
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            torch.mm(z, w_in.t(), out=a)
+            for layer in range(layers - 1):
+                torch.mm(g, w_hid[layer].t(), out=a)
+                torch.mm(g, w_hid[layer], out=a)
+            torch.mm(g, w_in, out=out_z)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times[1:])
+
+
 def buffer_bytes(backend: str, batch: int, latent: int, hidden: int, layers: int, activation: str,
                  workers: int = 0) -> int | None:
     """Analytic working memory of one chain, flat in K: buffers plus weight copies; None for autograd."""
@@ -164,7 +199,7 @@ def peak_memory_mib(args, backend: str, batch: int, steps: int, device: torch.de
 
 def _format_table(rows: list[dict]) -> str:
     header = ("backend", "workers", "batch", "d", "H x L", "K", "ms/chain", "cpu ms", "steps*samples/s",
-              "vs autograd", "GFLOP/s", "% roof", "peak MiB", "buffers MiB")
+              "vs autograd", "GFLOP/s", "% roof", "% shape roof", "peak MiB", "buffers MiB")
     lines = [header]
     for r in rows:
         lines.append((r["backend"], str(r["workers"]), str(r["batch"]), str(r["latent"]), r["mlp"],
@@ -173,6 +208,7 @@ def _format_table(rows: list[dict]) -> str:
                       f"{r['chain_steps_x_samples_per_s']:.3g}",
                       "-" if r["speedup_vs_autograd"] is None else f"{r['speedup_vs_autograd']:.2f}x",
                       f"{r['gflops']:.1f}", f"{100 * r['roof_fraction']:.0f}%",
+                      f"{100 * r['shape_roof_fraction']:.0f}%",
                       "-" if r["peak_mib"] is None else f"{r['peak_mib']:.2f}",
                       "-" if r["buffer_mib"] is None else f"{r['buffer_mib']:.2f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -196,7 +232,10 @@ def run(args) -> int:
         middle = sorted(args.batch)[len(args.batch) // 2]
         plan += [(b, middle, args.long_steps) for b in backends]
     rows, autograd_ms = [], {}
+    shape_ms = {}
     for backend, batch, steps in tqdm(plan, desc="bench langevin", disable=args.json, file=sys.stderr):
+        if (batch, steps) not in shape_ms:
+            shape_ms[(batch, steps)] = shape_matmul_ms(args, batch, steps, device)
         seconds, cpu_seconds = time_chain(args, backend, batch, steps, device)
         if backend == "autograd":
             autograd_ms[(batch, steps)] = seconds
@@ -209,6 +248,7 @@ def run(args) -> int:
             ms_per_chain=1e3 * seconds, chain_steps_x_samples_per_s=steps * batch / seconds,
             speedup_vs_autograd=None, gflops=flops / seconds / 1e9,
             roof_fraction=flops / seconds / 1e9 / roof,
+            shape_roof_fraction=shape_ms[(batch, steps)] / 1e3 / seconds,
             peak_mib=None if args.no_memory else peak_memory_mib(args, backend, batch, steps, device),
             buffer_mib=None if buffers is None else buffers / 2**20,
             activation=args.activation, reference=args.reference, threads=args.threads, workers=workers,
@@ -223,6 +263,8 @@ def run(args) -> int:
         for row in rows:
             print(json.dumps(row))
     else:
+        print("% shape roof: time of the chain's matmuls alone (same shapes, best of 1 and all threads, no "
+              "elementwise work) over the chain's time")
         print(f"dense fp32 matmul roof (1024^3, best of 10) on {device}: {roof:.1f} GFLOP/s; {args.threads} "
               f"threads; FLOPs per step 4B(dH + (L-1)H^2) + 2BH; {args.activation}, {args.reference} p0")
         print(_format_table(rows))
