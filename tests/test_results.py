@@ -292,3 +292,13 @@ def test_real_tiny_runs(tmp_path):
     assert by_prior["laplace"]["langevin_sweep"] == []
     assert report["datasets"][0]["ebm_minus_laplace"]["joint"]["stderr_kind"] == "binomial"
     assert len(re.findall(r"!\[", md)) == 3
+
+
+def test_notes_are_included_marked_as_hand_written(runs, tmp_path):
+    notes = tmp_path / "notes.md"
+    notes.write_text("Budget: 1500 steps per run.\n")
+    report, md, _ = aggregate(tmp_path, [str(runs / "*")], "--notes", str(notes))
+    assert f"## Notes (hand-written, from `{notes}`" in md and "Budget: 1500 steps per run." in md
+    assert report["command"].endswith(f"--notes {notes}")
+    with pytest.raises(res.ResultsError, match="--notes .*missing.md: no such file"):
+        aggregate(tmp_path, [str(runs / "*")], "--notes", str(tmp_path / "missing.md"))

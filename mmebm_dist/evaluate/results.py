@@ -59,12 +59,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-json", default="docs/results.json",
                         help="JSON of every figure (default: %(default)s)")
     parser.add_argument("--img-dir", default="docs/img/results", help="PNG directory (default: %(default)s)")
+    parser.add_argument("--notes", default=None, metavar="MD",
+                        help="hand-written markdown (the budget, the choices made and why) placed after "
+                             "the generated header, marked as hand-written")
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The ``mmebm results`` command equivalent to ``args`` (globs expanded as the shell gave them)."""
-    return shlex.join(["mmebm", "results", "--runs", *args.runs, "--eval-name", args.eval_name,
-                       "--out-md", args.out_md, "--out-json", args.out_json, "--img-dir", args.img_dir])
+    notes = ["--notes", args.notes] if getattr(args, "notes", None) else []
+    return shlex.join(["mmebm", "results", "--runs", *args.runs, "--eval-name", args.eval_name, "--out-md",
+                       args.out_md, "--out-json", args.out_json, "--img-dir", args.img_dir, *notes])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +87,14 @@ def run(args: argparse.Namespace) -> int:
     out_md, out_json, img_dir = Path(args.out_md), Path(args.out_json), Path(args.img_dir)
     images = write_images(report, runs, img_dir)
     write_text_atomic(out_json, json.dumps(_strict(report), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    write_text_atomic(out_md, render_markdown(report, images, out_md.parent))
+    notes = None
+    if getattr(args, "notes", None):
+        notes_path = Path(args.notes)
+        if not notes_path.is_file():
+            raise ResultsError(f"--notes {notes_path}: no such file")
+        notes = notes_path.read_text()
+    markdown = render_markdown(report, images, out_md.parent, notes=notes, notes_path=args.notes)
+    write_text_atomic(out_md, markdown)
     pictures = sum(len(v) for v in images.values())
     print(f"{len(runs)} runs in {len(report['settings'])} settings: wrote {out_md}, {out_json} and "
           f"{pictures} pictures under {img_dir}")
@@ -660,8 +671,10 @@ def _commands(run: dict) -> str:
     return "<br>".join(lines)
 
 
-def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: Path) -> str:
-    """results.md from the results.json dict; picture links are relative to ``md_dir``."""
+def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: Path, *,
+                    notes: str | None = None, notes_path: str | None = None) -> str:
+    """results.md from the results.json dict; picture links are relative to ``md_dir``; ``notes``
+    (hand-written markdown) goes after the header, marked as such."""
     settings, runs = results["settings"], results["runs"]
     lines = [
         "# Results: Laplace prior vs EBM prior",
@@ -679,6 +692,9 @@ def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: P
         "the binomial SE of the mean, sqrt(sum se_i^2)/k, is the eval's sampling noise; the across-seed SE, "
         "std/sqrt(k), includes training noise (n/a with one seed).",
     ]
+    if notes:
+        lines += ["", f"## Notes (hand-written, from `{notes_path}`; every figure below it is generated)", "",
+                  notes.strip()]
     for ds in results["datasets"]:
         mine = [s for s in settings if s["dataset"] == ds["dataset"]]
         lines += ["", f"## {ds['dataset_label']} (`{ds['dataset']}`, data {_data_paths(runs, ds)})",
