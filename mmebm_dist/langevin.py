@@ -8,8 +8,10 @@ it produces negatives for the prior's update and joint samples, never a path for
 Backends: ``autograd`` (the plain reference every other backend is tested against), ``torch`` (fused
 analytic gradient, no autograd graph) and ``triton`` (one kernel launch per chain, CUDA tensors).
 ``auto`` picks the fastest that applies:
-- ``energy`` not an :class:`EnergyMLP` (any callable), or an EnergyMLP whose weights DeepSpeed ZeRO-3 has
-  partitioned (``numel() == 0`` or ``ds_numel``): autograd (calling ``energy(z)`` gathers them);
+- ``energy`` not an :class:`EnergyMLP` (any callable), or an EnergyMLP with a weight not readable here
+  (``numel() == 0``): autograd (calling ``energy(z)`` gathers them). Under DeepSpeed ZeRO-3 (parameters with
+  ``ds_id``) ``sample`` first gathers the energy's weights for the chain (a collective; the MLP is small),
+  so the fused backends run there too;
 - CUDA tensors, a configuration the kernel supports, and an MLP small enough that one kernel walking it
   row-block by row-block beats a few cuBLAS calls per step (:func:`triton_preferred`): triton;
 - otherwise torch. ``auto`` never picks triton for CPU tensors (the interpreter is for tests only).
@@ -40,10 +42,12 @@ is reproducible but not equal to the other two.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from mmebm_dist.kernels.langevin_torch import auto_workers, langevin_torch
 from mmebm_dist.models.densities import reference_density
@@ -126,8 +130,23 @@ def _warn_once(message: str) -> None:
 
 
 def _partitioned(energy: EnergyMLP) -> bool:
-    """True when DeepSpeed ZeRO-3 may hold the energy's weights partitioned (unreadable to fused backends)."""
-    return any(p.numel() == 0 or hasattr(p, "ds_numel") for p in energy.parameters())
+    """True when some weight of the energy is not readable here (DeepSpeed ZeRO-3 left it partitioned)."""
+    return any(p.numel() == 0 for p in energy.parameters())
+
+
+def _gathered(energy) -> contextlib.AbstractContextManager:
+    """Under DeepSpeed ZeRO-3 (parameters carrying ``ds_id``), gather the energy's weights for the chain.
+
+    The energy MLP is small (tens of thousands of parameters), so one all-gather per chain costs far less
+    than the autograd chain the partitioned weights would otherwise force. Collective: every rank must call
+    ``sample`` together, as training does (every rank draws its negatives each step).
+    """
+    params = [p for p in energy.parameters() if hasattr(p, "ds_id")] if isinstance(energy, nn.Module) else []
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed  # only reached under ZeRO-3, where DeepSpeed is running
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def _fused_refusal(energy, backend: str) -> str | None:
@@ -137,7 +156,7 @@ def _fused_refusal(energy, backend: str) -> str | None:
                 f"{type(energy).__name__}; use backend='autograd' or 'auto' for an arbitrary energy callable")
     if _partitioned(energy):
         return (f"backend='{backend}' cannot read the energy's weights: DeepSpeed ZeRO-3 partitions them "
-                "(param.numel() == 0 / ds_numel); use backend='auto' or 'autograd', which call energy(z) and "
+                "(param.numel() == 0); use backend='auto' or 'autograd', which call energy(z) and "
                 "so gather them, or gather them first (deepspeed.zero.GatheredParameters)")
     return None
 
@@ -201,22 +220,24 @@ def sample(energy, z0: torch.Tensor, *, steps: int, step_size: float, reference:
     A non-finite chain raises :class:`LangevinDivergenceError` naming the step.
     """
     _check_inputs(z0, steps, step_size, noise)
-    chosen, weights = _resolve(energy, z0, backend)
-    if chosen == "autograd":
-        return sample_autograd(energy, z0, steps=steps, step_size=step_size, reference=reference,
-                               reference_scale=reference_scale, noise=noise, generator=generator,
-                               return_energies=return_energies)
-    reference_density(reference, reference_scale)  # the same name/scale errors as the autograd backend
-    kwargs = dict(steps=steps, step_size=step_size, activation=energy.activation, reference=reference,
-                  reference_scale=reference_scale, noise=noise, return_energies=return_energies,
-                  leaky_slope=LEAKY_SLOPE)
-    with torch.no_grad():
-        if chosen == "triton":
-            seed = _triton_seed(generator, z0.device) if noise is None else 0
-            result = _triton_module().langevin_triton(weights, z0, seed=seed, **kwargs)
-        else:
-            workers = auto_workers(z0.shape[0]) if z0.device.type == "cpu" else 0
-            result = langevin_torch(weights, z0, generator=generator, workers=workers, **kwargs)
-    if result.diverged_at is not None:
-        raise _divergence(result.diverged_at, step_size, f" (backend '{chosen}')")
-    return (result.z, result.energies) if return_energies else result.z
+    # ZeRO-3: full weights for the fused backends for the chain's duration (no-op otherwise).
+    with _gathered(energy) if backend != "autograd" else contextlib.nullcontext():
+        chosen, weights = _resolve(energy, z0, backend)
+        if chosen == "autograd":
+            return sample_autograd(energy, z0, steps=steps, step_size=step_size, reference=reference,
+                                   reference_scale=reference_scale, noise=noise, generator=generator,
+                                   return_energies=return_energies)
+        reference_density(reference, reference_scale)  # the same name/scale errors as the autograd backend
+        kwargs = dict(steps=steps, step_size=step_size, activation=energy.activation, reference=reference,
+                      reference_scale=reference_scale, noise=noise, return_energies=return_energies,
+                      leaky_slope=LEAKY_SLOPE)
+        with torch.no_grad():
+            if chosen == "triton":
+                seed = _triton_seed(generator, z0.device) if noise is None else 0
+                result = _triton_module().langevin_triton(weights, z0, seed=seed, **kwargs)
+            else:
+                workers = auto_workers(z0.shape[0]) if z0.device.type == "cpu" else 0
+                result = langevin_torch(weights, z0, generator=generator, workers=workers, **kwargs)
+        if result.diverged_at is not None:
+            raise _divergence(result.diverged_at, step_size, f" (backend '{chosen}')")
+        return (result.z, result.energies) if return_energies else result.z

@@ -5,6 +5,7 @@ fp32 tolerance rtol = atol = 1e-5: backends differ from autograd only in matmul 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -66,16 +67,25 @@ def test_auto_on_cuda_follows_the_size_rule():
     assert resolve_backend(make_energy(32, 512, 4).cuda(), z0) == "torch"
 
 
-def test_auto_uses_autograd_when_zero3_partitions_the_weights():
+def test_weights_not_readable_here_route_auto_to_autograd(monkeypatch):
+    """A weight left partitioned (ZeRO-3, no gather): auto calls energy(z); forced fused backends say why."""
     energy = make_energy()
-    energy.linears[0].weight.ds_numel = energy.linears[0].weight.numel()  # what DeepSpeed ZeRO-3 attaches
     z0, noise = chain_inputs(4, 6, 2)
+    monkeypatch.setattr(langevin, "_partitioned", lambda e: True)
     assert resolve_backend(energy, z0) == "autograd"
     out = sample(energy, z0, steps=2, step_size=0.3, noise=noise)
     ref = sample(energy, z0, steps=2, step_size=0.3, noise=noise, backend="autograd")
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     with pytest.raises(ValueError, match="ZeRO-3"):
         sample(energy, z0, steps=2, step_size=0.3, backend="torch")
+
+
+def test_partitioned_means_an_empty_weight_and_plain_modules_need_no_gather():
+    energy = make_energy()
+    assert not langevin._partitioned(energy)
+    assert isinstance(langevin._gathered(energy), contextlib.nullcontext)  # no ds_id: no DeepSpeed import
+    energy.linears[0].weight.data = torch.empty(0)  # what ZeRO-3 leaves outside a gather
+    assert langevin._partitioned(energy)
 
 
 def test_spectral_norm_energy_reads_normalised_weights():
