@@ -5,8 +5,16 @@ PYTHON     ?= python3
 TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.mmebm-installed
-DATA       ?= data/polymnist
-RUN        ?= runs/demo
+# make demo DATASET=polymnist|mnist-svhn|birds (the latter two build small generated sets; docs/datasets.md)
+DATASET    ?= polymnist
+DEMO_DATA_polymnist  := data/polymnist
+DEMO_DATA_mnist-svhn := data/mnist_svhn_demo
+DEMO_DATA_birds      := data/birds_demo
+DEMO_RUN_polymnist   := runs/demo
+DEMO_RUN_mnist-svhn  := runs/demo_mnist_svhn
+DEMO_RUN_birds       := runs/demo_birds
+DATA       ?= $(DEMO_DATA_$(DATASET))
+RUN        ?= $(DEMO_RUN_$(DATASET))
 PYTEST_ARGS ?=
 
 .PHONY: venv demo test lint clean-demo
@@ -27,7 +35,8 @@ lint: venv
 	$(VENV)/bin/ruff check mmebm_dist kernels tests
 
 demo: venv
-	bash launch/demo.sh "$(DATA)" "$(RUN)"
+	@test -n "$(DATA)" || { echo "make demo: unknown DATASET '$(DATASET)'; choose polymnist, mnist-svhn or birds"; exit 2; }
+	bash launch/demo.sh "$(DATA)" "$(RUN)" "$(DATASET)"
 
 clean-demo:
 	rm -rf "$(DATA)" "$(RUN)"

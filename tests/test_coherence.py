@@ -255,3 +255,154 @@ def test_two_gloo_processes_give_the_single_process_figures():
         assert p.exitcode == 0
     single = _figures(_run_rank(0, 1, lambda t: t))
     assert results[0] == single and results[1] == single
+
+
+# ------------------------------------------------------------------------------------------------ attributes
+# Two fake modalities carry attribute values as floats: "a" states all three attributes (like an image read
+# by a classifier), "b" never states the third (like a caption that does not mention it).
+
+V, A = 2, 3  # values per attribute, attributes
+
+
+def _hide(x: torch.Tensor) -> torch.Tensor:
+    out = x.clone()
+    out[:, 2] = -1
+    return out
+
+
+class FakeJudge:
+    attributes = ("p", "q", "r")
+
+    def read(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return x.round().long()
+
+    def known(self, name: str, batch) -> torch.Tensor:
+        return batch["attributes"] if name == "a" else self.read(name, batch[name])
+
+
+class FakeAttributeModel:
+    """copy: everything generated carries the source's (or one shared) attributes; silent: generated "b"
+    states nothing; random: every generated modality carries independent uniform attributes."""
+
+    modalities = ["a", "b"]
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def parameters(self):
+        return iter(())
+
+    def _random(self, n, generator):
+        return torch.randint(0, V, (n, A), generator=generator).float()
+
+    def _pair(self, a: torch.Tensor, b: torch.Tensor, generator) -> dict[str, torch.Tensor]:
+        if self.mode == "random":
+            a, b = self._random(len(a), generator), self._random(len(a), generator)
+        b = torch.full_like(b, -1.0) if self.mode == "silent" else _hide(b)
+        return {"a": a, "b": b}
+
+    def generate_joint(self, n, *, langevin_steps=None, generator=None):
+        shared = self._random(n, generator)
+        return self._pair(shared, shared, generator)
+
+    def generate_conditional(self, batch, sources, *, generator=None):
+        x = batch[sources[0]]
+        return self._pair(x, x, generator)
+
+    def aggregate_posterior_z(self, batch, *, generator=None):
+        return batch["a"]
+
+    def decode(self, z, private=None):
+        return self._pair(z, z, None)
+
+
+def attribute_chunks(num: int, batch: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    attrs = torch.randint(0, V, (num, A), generator=gen)
+    return [{"a": attrs[s:s + batch].float(), "b": _hide(attrs[s:s + batch].float()), "attributes":
+             attrs[s:s + batch], "label": attrs[s:s + batch, 0]} for s in range(0, num, batch)]
+
+
+def test_attribute_agreement_compares_only_what_two_readings_state():
+    from mmebm_dist.data.birds import UNMENTIONED
+    from mmebm_dist.evaluate.coherence import UNSTATED, attribute_agreement
+
+    assert UNSTATED == UNMENTIONED  # the birds reader's "not mentioned" is the judge's "not stated"
+    image = torch.tensor([[1, 2, 3], [1, 2, 3], [1, 2, 3], [1, 2, 3]])
+    caption = torch.tensor([[1, -1, -1], [1, 0, -1], [-1, -1, -1], [-1, 2, 3]])
+    coherent, compared, agree = attribute_agreement([image, caption])
+    assert coherent.tolist() == [True, False, False, True]  # row 3 states nothing: not coherent
+    assert compared.sum(0).tolist() == [2, 2, 1]
+    assert agree.sum(0).tolist() == [2, 1, 1]
+    with pytest.raises(ValueError, match="two readings"):
+        attribute_agreement([image])
+
+
+def test_attribute_coherence_of_a_copying_model_is_one_and_keeps_the_layout():
+    from mmebm_dist.evaluate.coherence import measure_attribute_coherence
+
+    out = measure_attribute_coherence(FakeAttributeModel("copy"), FakeJudge(), attribute_chunks(30, 8),
+                                      num_samples=20, batch_size=8, seed=0, langevin_sweep=(0, 3))
+    assert out["measure"] == "attributes" and out["attributes"] == ["p", "q", "r"]
+    for key in ("modalities", "num_samples", "num_test", "seed", "joint", "langevin_sweep", "cross",
+                "subsets", "prior_ceiling"):  # the keys of measure_coherence's block
+        assert key in out, key
+    assert out["num_samples"] == 20 and out["num_test"] == 30
+    assert out["joint"]["coherence"] == 1.0 and out["joint"]["stderr"] == 0.0 and out["joint"]["n"] == 20
+    assert [e["steps"] for e in out["langevin_sweep"]] == [0, 3]
+    assert out["cross"]["matrix"] == [[1.0, 1.0], [1.0, 1.0]] and out["cross"]["coherence"] == 1.0
+    assert out["prior_ceiling"]["coherence"] == 1.0 and out["real_data"]["coherence"] == 1.0
+    # "b" never states "r": it is compared only where the source is an image and the target an image
+    never = out["joint"]["attributes"]["r"]
+    assert never["n"] == 0 and math.isnan(never["accuracy"])
+    assert out["cross"]["cells"]["a->a"]["attributes"]["r"]["n"] == 30
+    assert out["cross"]["cells"]["a->b"]["attributes"]["p"]["n"] == 30
+    assert out["joint"]["mean_attribute_accuracy"] == 1.0
+
+
+def test_a_model_whose_captions_state_nothing_is_not_coherent():
+    from mmebm_dist.evaluate.coherence import measure_attribute_coherence
+
+    out = measure_attribute_coherence(FakeAttributeModel("silent"), FakeJudge(), attribute_chunks(24, 8),
+                                      num_samples=16, batch_size=8, seed=0)
+    assert out["joint"]["coherence"] == 0.0
+    cells = {k: v["coherence"] for k, v in out["cross"]["cells"].items()}
+    assert cells == {"a->a": 1.0, "a->b": 0.0, "b->a": 1.0, "b->b": 0.0}
+    assert out["cross"]["coherence"] == pytest.approx(0.5)  # mean over targets of the off-diagonal cells
+    assert out["cross"]["stderr"] == 0.0  # every tuple scores exactly one of its two cross cells
+    assert out["cross"]["self_coherence"] == pytest.approx(0.5)
+
+
+def test_random_attributes_match_the_exact_expectation_with_binomial_errors():
+    from mmebm_dist.evaluate.coherence import measure_attribute_coherence
+
+    out = measure_attribute_coherence(FakeAttributeModel("random"), FakeJudge(), attribute_chunks(400, 100),
+                                      num_samples=4000, batch_size=500, seed=2)
+    joint = out["joint"]
+    expected = (1 / V) ** 2  # the two attributes both state must agree
+    assert joint["stderr"] == pytest.approx(binomial_stderr(joint["coherence"], 4000))
+    assert abs(joint["coherence"] - expected) < 4 * joint["stderr"]
+    p = joint["attributes"]["p"]
+    assert abs(p["accuracy"] - 1 / V) < 4 * p["stderr"] and p["n"] == 4000
+    assert joint["mean_attribute_stderr"] == pytest.approx(math.hypot(p["stderr"], joint["attributes"]["q"]
+                                                                      ["stderr"]) / 2)
+
+
+def test_attribute_coherence_split_over_ranks_equals_single_process():
+    from mmebm_dist.evaluate.coherence import measure_attribute_coherence
+
+    def run(rank, world, all_reduce):
+        return measure_attribute_coherence(FakeAttributeModel("random"), FakeJudge(), attribute_chunks(40, 8),
+                                           num_samples=30, batch_size=8, seed=3, langevin_sweep=(0,),
+                                           rank=rank, world_size=world, all_reduce=all_reduce)
+
+    single = run(0, 1, lambda t: t)
+    captured = []
+    for rank in (0, 1):
+        run(rank, 2, lambda t: captured.append(t.clone()) or t)
+    total = captured[0] + captured[1]
+    reduced = run(0, 2, lambda t: total)
+    drop = {"seconds", "ms_per_sample"}
+    clean = lambda d: {k: v for k, v in d.items() if k not in drop}
+    assert clean(reduced["joint"]) == clean(single["joint"]) and reduced["cross"] == single["cross"]
+    assert reduced["real_data"] == single["real_data"]

@@ -159,3 +159,27 @@ def test_existing_output_is_refused(tmp_path):
     out, _ = _build(tmp_path, "a", workers=1)
     with pytest.raises(FileExistsError, match="--overwrite"):
         _build(tmp_path, "a", workers=1)
+
+
+def test_both_generated_builders_share_the_common_flags():
+    """mnist-svhn and birds get --out/--seed/--num-*/--shard-size/--workers/--overwrite/--grid from one
+    helper, with their own defaults, types and help; the mnist-svhn default factor is the modest one."""
+    import argparse
+
+    from mmebm_dist.data import birds
+
+    parsers = {}
+    for name, module in (("mnist-svhn", mnist_svhn), ("birds", birds)):
+        parsers[name] = argparse.ArgumentParser(prog=name)
+        module.add_build_arguments(parsers[name])
+    ms = parsers["mnist-svhn"].parse_args(["--out", "x"])
+    assert (ms.num_train, ms.num_test, ms.shard_size, ms.seed, ms.workers) == (73257, 26032, 1000, 0, 0)
+    assert ms.factor == 2 and ms.max_per_class == 10000 and ms.source == "mnist" and ms.grid is None
+    assert mnist_svhn.MnistSvhnSpec().factor == 2
+    bd = parsers["birds"].parse_args(["--out", "y", "--overwrite", "--grid", "g.png", "--num-test", "3"])
+    assert (bd.num_train, bd.num_test, bd.shard_size, bd.overwrite, bd.grid) == (8855, 3, 500, True, "g.png")
+    with pytest.raises(SystemExit):  # street numbers need one image per class
+        parsers["mnist-svhn"].parse_args(["--out", "x", "--num-train", "9"])
+    with pytest.raises(SystemExit):
+        parsers["birds"].parse_args(["--out", "y", "--shard-size", "0"])
+    assert "112,136 train + 20,000 test pairs" in parsers["mnist-svhn"].format_help().replace("\n", " ")

@@ -109,3 +109,54 @@ def test_tile_places_images_exactly():
     assert grid.shape == (2 * 3 + 1, 2 * 3 + 1, 3)
     assert (grid[1:3, 1:3] == 0).all() and (grid[1:3, 4:6] == 255).all() and (grid[4:6, 1:3] == 0).all()
     assert (grid[4:6, 4:6] == 7).all() and grid[0, 0, 0] == 7
+
+
+def _attribute_results() -> dict:
+    """An attribute-judged results dict (the birds) with distinct values per figure."""
+    attrs = ["size", "beak_colour"]
+
+    def entry(rate: float, n: int, accs: tuple[float, float]) -> dict:
+        return {"coherence": rate, "stderr": round(rate / 10, 4), "n": n,
+                "attributes": {a: {"accuracy": acc, "stderr": 0.01 + k / 100, "n": n - k}
+                               for k, (a, acc) in enumerate(zip(attrs, accs, strict=True))},
+                "mean_attribute_accuracy": sum(accs) / 2, "mean_attribute_stderr": 0.0123}
+
+    cells = {"image->image": entry(0.41, 30, (0.9, 0.5)), "image->caption": entry(0.27, 30, (0.8, 0.25)),
+             "caption->image": entry(0.33, 30, (0.7, 0.35)), "caption->caption": entry(0.88, 30, (1.0, 0.75))}
+    res = results()
+    res["classifiers"] = {"test_accuracy": {"size": 0.96, "beak_colour": 0.44, "mean": 0.7},
+                          "note": "captions are read exactly"}
+    res["coherence"] = {
+        "measure": "attributes", "attributes": attrs, "modalities": ["image", "caption"], "num_samples": 40,
+        "num_test": 30, "seed": 1, "joint": {**entry(0.1875, 40, (0.6, 0.15)), "langevin_steps": 60},
+        "langevin_sweep": [], "prior_ceiling": entry(0.55, 30, (0.85, 0.45)),
+        "real_data": entry(0.71, 30, (0.95, 0.65)),
+        "cross": {"matrix": [[0.41, 0.27], [0.33, 0.88]], "n": 30, "self_coherence": 0.645, "coherence": 0.3,
+                  "stderr": 0.0456, "cells": cells},
+        "subsets": {"1": {"coherence": 0.3, "num_subsets": 2}},
+    }
+    res["captions"] = {"joint": {"caption": ["a red bird.", "a small bird with a blue crown."]},
+                       "cross": {"source": {"caption": ["a grey bird."]},
+                                 "generated": {"image": {"caption": ["a gray bird."]},
+                                               "caption": {"caption": ["a black bird."]}}}}
+    return res
+
+
+def test_attribute_report_shows_every_cell_attribute_and_caption(tmp_path):
+    res = _attribute_results()
+    images = {"joint samples": report.JOINT_PNG, "cross": report.CROSS_PNG}
+    _, md_path = report.write_report(tmp_path, res, images)
+    md = md_path.read_text()
+    coh = res["coherence"]
+    for cell, e in coh["cross"]["cells"].items():
+        kind = "self" if cell in ("image->image", "caption->caption") else "cross"
+        expected = f"| {cell} ({kind}) | {fmt(e['coherence'])} | {fmt(e['stderr'])} | 30 |"
+        assert _row(md, f"{cell} ({kind})") == expected
+    assert fmt(coh["real_data"]["coherence"]) in _row(md, "real test tuples (the judges' ceiling)")
+    classifier, accuracy = [line for line in md.splitlines() if line.startswith("| beak_colour |")]
+    assert classifier == "| beak_colour | 0.4400 |"  # the classifier's test accuracy, then the figures'
+    assert accuracy.split(" | ")[1:4] == ["0.1500 (0.0200, 39)", "0.5000 (0.0200, 29)", "0.2500 (0.0200, 29)"]
+    assert "| 1 | a red bird. |" in md and "| 2 | a small bird with a blue crown. |" in md
+    assert "| 1 | a grey bird. | a gray bird. | a black bird. |" in md
+    assert md.index("a red bird.") > md.index(f"]({report.JOINT_PNG})")  # captions under their grid
+    assert md.index("a grey bird.") > md.index(f"]({report.CROSS_PNG})")

@@ -632,25 +632,14 @@ def build_birds(spec: BirdsSpec, *, progress: bool = True) -> dict[str, Any]:
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``mmebm data birds``."""
-    from mmebm_dist.data.mnist_svhn import positive_int
+    from mmebm_dist.data.cli import add_generated_build_arguments
 
-    d = BirdsSpec()
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument(
-        "--num-train",
-        type=positive_int,
-        default=d.num_train,
-        help="train images (default: 8855, MMVAE's CUB split)",
-    )
-    parser.add_argument(
-        "--num-test", type=positive_int, default=d.num_test, help="test images (default: 2933)"
-    )
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of attributes, drawings, captions")
-    parser.add_argument("--shard-size", type=positive_int, default=d.shard_size, help="samples per shard")
-    parser.add_argument("--workers", type=int, default=d.workers, help="processes (default 0: all cores)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a data set already in --out")
-    parser.add_argument(
-        "--grid", default=None, metavar="PNG", help="also write a grid of test samples to this PNG"
+    add_generated_build_arguments(
+        parser,
+        BirdsSpec(),
+        seed_help="seed of attributes, drawings, captions",
+        num_train_help="train images (default: 8855, MMVAE's CUB split)",
+        num_test_help="test images (default: 2933)",
     )
 
 

@@ -9,6 +9,9 @@ test accuracy bounds every image-side figure, report it beside them). With a tra
 - joint: the classifier on jointly generated images, against what the jointly generated captions state.
 
 Each returns :func:`mmebm_dist.data.birds.attribute_coherence`'s dict (``acc``, ``stated``, per attribute).
+``mmebm eval`` uses :class:`BirdsJudge` (the same readers, as
+:class:`mmebm_dist.evaluate.coherence.AttributeJudge`) with :func:`read_attribute_chunks`; the classifier is
+trained by ``mmebm classifiers train --data DIR`` and cached as ``DIR/classifiers/attribute_classifier.pt``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from mmebm_dist.data.birds import (
     ATTRIBUTE_NAMES,
     ATTRIBUTES,
     IMAGE_MODALITY,
+    LABEL_ATTRIBUTE,
     TEXT_MODALITY,
     attribute_coherence,
     read_caption_attributes,
@@ -37,17 +41,29 @@ from mmebm_dist.data.birds import (
 from mmebm_dist.data.text import VOCAB_FILE, Vocabulary
 
 CLASSIFIER_FILE = "attribute_classifier.pt"
+SUMMARY_FILE = "attribute_classifier.json"
+CLASSIFIER_DIR = "classifiers"
+"""Default place of the classifier: DIR/classifiers/, as the digit classifiers of the other data sets."""
 
 
-def load_split(directory: str | os.PathLike, split: str) -> dict[str, np.ndarray]:
-    """A whole split in memory: images uint8 [N, H, W, 3], caption ids [N, L], all captions [N, C, L],
-    attributes int64 [N, len(ATTRIBUTE_NAMES)]."""
+def is_birds(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a data set written by ``mmebm data birds`` (attributes known)."""
+    return shards.read_manifest(directory).get("builder", {}).get("command") == "birds"
+
+
+def load_split(directory: str | os.PathLike, split: str, limit: int | None = None) -> dict[str, np.ndarray]:
+    """A split (its first ``limit`` samples in manifest order, or all) in memory: images uint8 [N, H, W, 3],
+    caption ids [N, L], all captions [N, C, L], attributes int64 [N, len(ATTRIBUTE_NAMES)]."""
     directory = Path(directory)
     manifest = shards.read_manifest(directory)
     specs = {s.name: s for s in shards.modality_specs(manifest)}
     rows: dict[str, list] = {"images": [], "captions": [], "all_captions": [], "attributes": []}
     for entry in shards.split_shards(manifest, split):
+        if limit is not None and len(rows["images"]) >= limit:
+            break
         for key, sample in shards.iter_tar_samples(directory / entry["name"]):
+            if limit is not None and len(rows["images"]) >= limit:
+                break
             missing = {f"{IMAGE_MODALITY}.png", f"{TEXT_MODALITY}.npy", "captions.npy", "attrs.npy"} - set(
                 sample
             )
@@ -60,6 +76,8 @@ def load_split(directory: str | os.PathLike, split: str) -> dict[str, np.ndarray
             rows["captions"].append(shards.decode_entry(specs[TEXT_MODALITY], sample[f"{TEXT_MODALITY}.npy"]))
             rows["all_captions"].append(np.load(_bytes_io(sample["captions.npy"]), allow_pickle=False))
             rows["attributes"].append(np.load(_bytes_io(sample["attrs.npy"]), allow_pickle=False))
+    if not rows["images"]:
+        raise shards.ShardError(f"{directory}: split '{split}' holds no samples")
     return {k: np.stack(v) for k, v in rows.items()}
 
 
@@ -79,6 +97,10 @@ class AttributeClassifier(nn.Module):
     def __init__(self, width: int = 32):
         super().__init__()
         self.width = width
+        self.test_accuracy: dict[str, float] = {}
+        """Test accuracy per attribute (and ``mean``) measured when it was trained; set on load."""
+        self.manifest_hash: str | None = None
+        """Manifest hash of the data it was trained on; set on load."""
         blocks: list[nn.Module] = []
         channels = (3, width, 2 * width, 4 * width, 4 * width)
         for k, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:], strict=True)):
@@ -102,8 +124,9 @@ class AttributeClassifier(nn.Module):
         was = self.training
         self.eval()
         out: dict[str, list] = {name: [] for name in ATTRIBUTE_NAMES}
+        device = next(self.parameters()).device
         for start in range(0, len(images), batch_size):
-            for name, logits in self(images[start : start + batch_size].float()).items():
+            for name, logits in self(images[start : start + batch_size].to(device).float()).items():
                 out[name].append(logits.argmax(-1).cpu().numpy())
         self.train(was)
         return {name: np.concatenate(v) for name, v in out.items()}
@@ -126,13 +149,14 @@ def train_attribute_classifier(
     width: int = 32,
     seed: int = 0,
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> tuple[AttributeClassifier, dict[str, float]]:
     """Train on the train split (random horizontal flips); return it and its test accuracy per attribute."""
     from tqdm import tqdm
 
     train, test = load_split(directory, "train"), load_split(directory, "test")
     torch.manual_seed(seed)
-    model = AttributeClassifier(width)
+    model = AttributeClassifier(width).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     images, attrs = _as_tensor(train["images"]), torch.from_numpy(train["attributes"])
     gen = torch.Generator().manual_seed(seed)
@@ -141,9 +165,10 @@ def train_attribute_classifier(
         idx = torch.randint(len(images), (batch_size,), generator=gen)
         x = images[idx]
         flip = torch.rand(batch_size, generator=gen) < 0.5  # the birds face either way
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
         logits = model(x)
-        loss = sum(F.cross_entropy(logits[name], attrs[idx, k]) for k, name in enumerate(ATTRIBUTE_NAMES))
+        target = attrs[idx].to(device)
+        loss = sum(F.cross_entropy(logits[name], target[:, k]) for k, name in enumerate(ATTRIBUTE_NAMES))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -180,8 +205,22 @@ def load_classifier(path: str | os.PathLike, *, manifest_hash: str | None = None
         )
     model = AttributeClassifier(blob["width"])
     model.load_state_dict(blob["state_dict"])
+    model.test_accuracy = dict(blob["accuracy"])
+    model.manifest_hash = blob["manifest_hash"]
     model.eval()
     return model
+
+
+def classifier_path(directory: str | os.PathLike) -> Path:
+    """The classifier file in a classifier directory (``DATA/classifiers`` by default)."""
+    return Path(directory) / CLASSIFIER_FILE
+
+
+def save_summary(path: str | os.PathLike, summary: dict[str, Any]) -> Path:
+    """A readable JSON beside the classifier (test accuracy, manifest hash, training settings)."""
+    path = Path(path)
+    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 # ------------------------------------------------------------------------------------------------- coherence
@@ -267,8 +306,102 @@ def joint(
     )
 
 
+class BirdsJudge:
+    """Attribute readings for ``mmebm eval`` (``mmebm_dist.evaluate.coherence.AttributeJudge``): the exact
+    reader for captions, the trained classifier for images; a test tuple's image fixes its true attributes,
+    its caption fixes what the caption states. Values are indices into ATTRIBUTES; UNMENTIONED (-1) where a
+    caption says nothing."""
+
+    attributes = ATTRIBUTE_NAMES
+
+    def __init__(self, classifier: AttributeClassifier, vocab: Vocabulary, *, path: str | os.PathLike = ""):
+        self.classifier = classifier
+        self.vocab = vocab
+        self.path = str(path)
+
+    @property
+    def test_accuracy(self) -> dict[str, float]:
+        """The image classifier's test accuracy per attribute (it bounds every image-side figure)."""
+        return self.classifier.test_accuracy
+
+    @property
+    def manifest_hash(self) -> str | None:
+        return self.classifier.manifest_hash
+
+    def read(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name == IMAGE_MODALITY:
+            values = self.classifier.predict(x.detach().float())
+        elif name == TEXT_MODALITY:
+            values = caption_attributes(x.detach().cpu(), self.vocab)
+        else:
+            raise KeyError(
+                f"modality '{name}' is not a birds modality ({IMAGE_MODALITY!r}, {TEXT_MODALITY!r}); "
+                "evaluate birds runs with the modality names of configs/birds_*.yaml"
+            )
+        return torch.from_numpy(np.stack([values[a] for a in ATTRIBUTE_NAMES], axis=1)).long()
+
+    def known(self, name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if name == IMAGE_MODALITY:
+            return batch["attributes"].long().cpu()
+        return self.read(name, batch[name])
+
+
+def load_judge(
+    classifier_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    *,
+    manifest_hash: str | None,
+    device: torch.device | str = "cpu",
+) -> BirdsJudge:
+    """The judge of a birds data set: its vocabulary and the attribute classifier cached in ``classifier_dir``
+    (refused when trained on other data)."""
+    path = classifier_path(classifier_dir)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no attribute classifier at '{path}'; train it with: mmebm classifiers train --data {data_dir}"
+            f" --out {classifier_dir}"
+        )
+    classifier = load_classifier(path, manifest_hash=manifest_hash).to(device)
+    return BirdsJudge(classifier, Vocabulary.load(Path(data_dir) / VOCAB_FILE), path=path)
+
+
+def read_attribute_chunks(
+    directory: str | os.PathLike,
+    *,
+    num: int,
+    batch_size: int,
+    split: str = "test",
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[dict[str, torch.Tensor] | None]:
+    """The first ``num`` samples of ``split`` (manifest order, as ``evaluate.generate.read_chunks``) as model
+    batches plus ``attributes`` int64 [B, A], cut into chunks of ``batch_size``; chunks another rank handles
+    (i % world_size != rank) are None."""
+    if num <= 0 or batch_size <= 0:
+        raise ValueError(f"number of samples ({num}) and batch size ({batch_size}) must be positive")
+    data = load_split(directory, split, limit=num)
+    label = ATTRIBUTE_NAMES.index(LABEL_ATTRIBUTE)
+    chunks: list[dict[str, torch.Tensor] | None] = []
+    for k, start in enumerate(range(0, len(data["images"]), batch_size)):
+        if k % world_size != rank:
+            chunks.append(None)
+            continue
+        sl = slice(start, start + batch_size)
+        attrs = torch.from_numpy(data["attributes"][sl])
+        chunks.append(
+            {
+                IMAGE_MODALITY: _as_tensor(data["images"][sl]),
+                TEXT_MODALITY: torch.from_numpy(data["captions"][sl]),
+                "label": attrs[:, label].clone(),
+                "attributes": attrs,
+            }
+        )
+    return chunks
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mmebm_dist.data.birds_coherence DIR``: train the attribute classifier, save it in DIR."""
+    """``python -m mmebm_dist.data.birds_coherence DIR``: train the attribute classifier, save it in
+    DIR/classifiers (what ``mmebm classifiers train --data DIR`` does for a birds data set)."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("dir", help="birds data set (mmebm data birds --out DIR)")
     parser.add_argument("--steps", type=int, default=1500)
@@ -280,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     model, report = train_attribute_classifier(
         args.dir, steps=args.steps, batch_size=args.batch_size, width=args.width, seed=args.seed
     )
-    path = Path(args.dir) / CLASSIFIER_FILE
+    path = classifier_path(Path(args.dir) / CLASSIFIER_DIR)
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_classifier(model, report, path, shards.manifest_hash(args.dir))
     print(json.dumps({"classifier": str(path), "test_accuracy": report}, indent=1))
     return 0

@@ -6,7 +6,9 @@ import argparse
 import importlib
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # Builder name -> (module exposing add_build_arguments(parser) and build_from_args(args) -> manifest, help).
 BUILDERS = {
@@ -15,6 +17,39 @@ BUILDERS = {
                    "MNIST paired per class with GENERATED street-number digits (an MNIST-SVHN stand-in)"),
     "birds": ("mmebm_dist.data.birds", "GENERATED birds with templated captions (a CUB stand-in)"),
 }
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_generated_build_arguments(
+    parser: argparse.ArgumentParser,
+    defaults: Any,
+    *,
+    seed_help: str,
+    num_train_help: str,
+    num_test_help: str,
+    count_type: Callable[[str], int] = positive_int,
+    shard_help: str = "samples per shard",
+    grid_help: str = "also write a grid of test samples to this PNG",
+) -> None:
+    """The flags every generated-data builder shares: --out, --seed, --num-train, --num-test, --shard-size,
+    --workers, --overwrite, --grid; defaults come from the builder's spec dataclass (``defaults``)."""
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help=seed_help)
+    parser.add_argument("--num-train", type=count_type, default=defaults.num_train, help=num_train_help)
+    parser.add_argument("--num-test", type=count_type, default=defaults.num_test, help=num_test_help)
+    parser.add_argument("--shard-size", type=positive_int, default=defaults.shard_size, help=shard_help)
+    parser.add_argument(
+        "--workers", type=int, default=defaults.workers, help="processes (default 0: all cores)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a data set already in --out")
+    parser.add_argument("--grid", default=None, metavar="PNG", help=grid_help)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,6 +23,8 @@ PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 VOCAB_FILE = "vocab.json"
 VOCAB_FORMAT = 1
 _TOKEN = re.compile(r"[a-z]+|[.,]")
+MIN_FONT_SIZE = 7
+"""Smallest font size (pixels) caption tiles shrink to before cutting lines."""
 
 
 def tokenize(text: str) -> list[str]:
@@ -144,26 +146,24 @@ def _wrap(words: list[str], font: Any, width: int) -> list[str]:
 def caption_tile(text: str, *, height: int = 64, width: int = 64, font_size: int | None = None) -> np.ndarray:
     """Render ``text`` word-wrapped, black on white, into uint8 [height, width, 3] (for sample grids).
 
-    The font (DejaVu Sans from matplotlib's wheel) shrinks until the caption fits; lines that still do not
-    fit are cut and the last kept line ends with an ellipsis.
+    Pillow's default font (``ImageFont.load_default``: a scalable FreeType font inside Pillow) shrinks until
+    the caption fits; lines that still do not fit are cut and the last kept line ends with an ellipsis.
     """
-    import matplotlib
     from PIL import Image, ImageDraw, ImageFont
 
-    font_path = str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
-    size = font_size or max(6, height // 6)
+    size = font_size or max(MIN_FONT_SIZE, height // 5)
     words = text.split()
     while True:
-        font = ImageFont.truetype(font_path, size)
+        font = ImageFont.load_default(size)
         line_h = int(font.getbbox("Ag")[3]) + 1
         lines = _wrap(words, font, width - 2)
-        if len(lines) * line_h <= height - 2 or size <= 6 or font_size is not None:
+        if len(lines) * line_h <= height - 2 or size <= MIN_FONT_SIZE or font_size is not None:
             break
         size -= 1
     fit = max(1, (height - 2) // line_h)
     if len(lines) > fit:
         lines = lines[:fit]
-        lines[-1] = lines[-1] + "…"
+        lines[-1] = lines[-1] + "..."
     tile = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(tile)
     for k, line in enumerate(lines):
@@ -179,3 +179,16 @@ def caption_tiles(ids: np.ndarray, vocab: Vocabulary, *, height: int = 64, width
         if tiles
         else np.zeros((0, 3, height, width), np.float32)
     )
+
+
+def vocabularies(directory: str | os.PathLike) -> dict[str, Vocabulary]:
+    """The vocabulary of every token modality of a data set: manifest modalities with a ``vocab`` entry
+    (the file beside ``manifest.json``), keyed by modality name; empty for image-only data sets."""
+    from mmebm_dist.data.shards import read_manifest
+
+    directory = Path(directory)
+    return {
+        m["name"]: Vocabulary.load(directory / m["vocab"])
+        for m in read_manifest(directory)["modalities"]
+        if m.get("vocab")
+    }

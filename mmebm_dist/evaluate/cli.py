@@ -1,6 +1,10 @@
 """``mmebm eval --run RUN_DIR``: coherence (joint, cross matrix, k-of-M subsets, aggregate-posterior ceiling,
 Langevin sweep), test-set objective terms and a linear probe; writes eval.json, report.md and PNGs.
 
+Digit data sets are judged by one classifier per modality (``mmebm classifiers train``); the generated birds
+by their known attributes (``mmebm_dist.data.birds_coherence``: exact caption reader, image attribute
+classifier), in the same layout. Generated captions are drawn into the grids and listed in report.md.
+
 Under torchrun / ``accelerate launch`` (WORLD_SIZE > 1) the samples and test tuples are split over the
 processes and the counts summed with one all_reduce; rank 0 writes the files. Example:
 ``torchrun --nproc_per_node 2 -m mmebm_dist eval --run-dir RUN`` (torchrun's parser rejects ``--run``).
@@ -51,6 +55,16 @@ def _print_summary(results: dict, out_dir: Path) -> None:
           f"+- {coh['joint']['stderr']:.4f} (n={coh['joint']['n']}), cross coherence "
           f"{coh['cross'].get('coherence', math.nan):.4f}, aggregate-posterior ceiling "
           f"{coh.get('prior_ceiling', {}).get('coherence', math.nan):.4f}")
+    if coh.get("measure") == "attributes":
+        cross = coh["cross"]
+        print(f"  by attributes (image classifier mean test accuracy "
+              f"{results['classifiers']['test_accuracy'].get('mean', math.nan):.4f}): cross coherence "
+              f"{cross['coherence']:.4f} +- {cross['stderr']:.4f} (n={cross['n']})")
+        entries = [("joint", coh["joint"]), *cross["cells"].items(), ("real test tuples", coh["real_data"])]
+        for name, entry in entries:
+            print(f"  {name}: coherence {entry['coherence']:.4f} +- {entry['stderr']:.4f} (n={entry['n']}), "
+                  f"mean attribute accuracy {entry['mean_attribute_accuracy']:.4f} "
+                  f"+- {entry['mean_attribute_stderr']:.4f}")
     for entry in coh.get("langevin_sweep", []):
         print(f"  langevin K={entry['steps']:4d}: joint coherence {entry['coherence']:.4f} "
               f"({entry['ms_per_sample']:.3f} ms/sample)")
@@ -73,9 +87,10 @@ def run(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
     """Every figure of ``mmebm eval``; this process is ``rank`` of ``world`` (rank 0 writes the files)."""
+    from mmebm_dist.data import birds_coherence
     from mmebm_dist.evaluate import generate, latent, report
     from mmebm_dist.evaluate.classifiers import load_classifiers
-    from mmebm_dist.evaluate.coherence import measure_coherence
+    from mmebm_dist.evaluate.coherence import measure_attribute_coherence, measure_coherence
 
     start = time.perf_counter()
     device = generate.resolve_device(args.device)
@@ -83,21 +98,39 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
     cfg, model = loaded.cfg, loaded.model
     data_path = Path(args.data or cfg.data.path)
     data_hash = generate.check_data(loaded, data_path)
+    vocabularies = generate.text_vocabularies(cfg, data_path)
     clf_dir = Path(args.classifiers or cfg.eval.classifiers or data_path / "classifiers")
-    classifiers = load_classifiers(clf_dir, manifest_hash=data_hash, data_path=data_path,
-                                   modalities=model.modalities, device=device)
     num = args.num_samples or cfg.eval.num_samples
     is_ebm = model.energy is not None
     sweep = tuple(cfg.eval.langevin_sweep if args.langevin_sweep is None else args.langevin_sweep)
     m = len(model.modalities)
     subset_sizes = tuple(range(2, m)) if args.subset_sizes is None else tuple(args.subset_sizes)
-
-    chunks = generate.read_chunks(data_path, num=num, batch_size=args.batch_size, rank=rank, world_size=world)
     joint_steps = cfg.model.prior.langevin.steps if is_ebm else None
-    coherence = measure_coherence(model, classifiers, chunks, num_samples=num, batch_size=args.batch_size,
-                                  seed=args.seed, joint_langevin_steps=joint_steps, subset_sizes=subset_sizes,
-                                  langevin_sweep=sweep if is_ebm else (), rank=rank, world_size=world,
-                                  show_progress=rank == 0)
+    common = {"num_samples": num, "batch_size": args.batch_size, "seed": args.seed,
+              "joint_langevin_steps": joint_steps, "langevin_sweep": sweep if is_ebm else (), "rank": rank,
+              "world_size": world, "show_progress": rank == 0}
+
+    if birds_coherence.is_birds(data_path):
+        if subset_sizes:
+            raise SystemExit(f"--subset-sizes {list(subset_sizes)}: the birds have two modalities, so "
+                             "there is no k of M with 2 <= k < M")
+        judge = birds_coherence.load_judge(clf_dir, data_path, manifest_hash=data_hash, device=device)
+        chunks = birds_coherence.read_attribute_chunks(data_path, num=num, batch_size=args.batch_size,
+                                                       rank=rank, world_size=world)
+        coherence = measure_attribute_coherence(model, judge, chunks, **common)
+        judges = {"dir": str(clf_dir), "manifest_hash": judge.manifest_hash, "file": judge.path,
+                  "test_accuracy": judge.test_accuracy,
+                  "note": "Images are read by the attribute classifier (its test accuracy per attribute "
+                          "below); captions by the exact rule-based reader "
+                          "(mmebm_dist.data.birds.read_caption_attributes)."}
+    else:
+        classifiers = load_classifiers(clf_dir, manifest_hash=data_hash, data_path=data_path,
+                                       modalities=model.modalities, device=device)
+        chunks = generate.read_chunks(data_path, num=num, batch_size=args.batch_size, rank=rank,
+                                      world_size=world)
+        coherence = measure_coherence(model, classifiers, chunks, subset_sizes=subset_sizes, **common)
+        judges = {"dir": str(clf_dir), "manifest_hash": classifiers.manifest_hash,
+                  "test_accuracy": classifiers.test_accuracy}
     elbo = None if args.no_elbo else latent.objective_terms(model, chunks, rank=rank, world_size=world,
                                                             seed=args.seed)
     if rank != 0:
@@ -119,12 +152,14 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
     images = {"joint samples": report.JOINT_PNG, "cross generation (rows: source, columns: target)":
               report.CROSS_PNG, "cross-coherence matrix": report.HEATMAP_PNG}
     pictures = generate.joint_samples(model, PICTURE_JOINT, seed=args.seed, langevin_steps=joint_steps)
-    report.save_joint_grid(out_dir / report.JOINT_PNG, pictures, title=f"joint samples, step {loaded.step}")
+    per_row = report.joint_per_row(pictures)
+    report.save_joint_grid(out_dir / report.JOINT_PNG, pictures, title=f"joint samples, step {loaded.step}",
+                           vocabularies=vocabularies, per_row=per_row)
     first = next(c for c in chunks if c is not None)
     picture_batch = {k: v[:PICTURE_CROSS] for k, v in first.items()}
     sources, generated = generate.cross_samples(model, picture_batch, seed=args.seed)
     report.save_cross_grid(out_dir / report.CROSS_PNG, sources, generated,
-                           title=f"cross generation, step {loaded.step}")
+                           title=f"cross generation, step {loaded.step}", vocabularies=vocabularies)
     report.save_heatmap(out_dir / report.HEATMAP_PNG, coherence["cross"]["matrix"], coherence["modalities"])
     if coherence["langevin_sweep"]:
         report.save_sweep_plot(out_dir / report.SWEEP_PNG, coherence["langevin_sweep"],
@@ -140,14 +175,20 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
         "seed": args.seed,
         "world_size": world,
         "device": str(device),
-        "classifiers": {"dir": str(clf_dir), "manifest_hash": classifiers.manifest_hash,
-                        "test_accuracy": classifiers.test_accuracy},
+        "classifiers": judges,
         "coherence": coherence,
         "elbo": elbo,
         "linear_probe": probe,
         "images": images,
         "seconds": time.perf_counter() - start,
     }
+    if vocabularies:
+        results["captions"] = {
+            "joint": report.decoded_texts(pictures, vocabularies, per_row),
+            "cross": {"source": report.decoded_texts(sources, vocabularies, PICTURE_CROSS),
+                      "generated": {src: report.decoded_texts(out, vocabularies, PICTURE_CROSS)
+                                    for src, out in generated.items()}},
+        }
     report.write_report(out_dir, results, images)
     _print_summary(results, out_dir)
     return 0

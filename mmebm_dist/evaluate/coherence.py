@@ -17,7 +17,7 @@ import hashlib
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -220,6 +220,23 @@ def _device_of(model) -> torch.device:
         return torch.device("cpu")
 
 
+def joint_batches(model: GenerativeModel, *, num_samples: int, batch_size: int, seed: int,
+                  langevin_steps: int | None, stream: str, rank: int = 0,
+                  world_size: int = 1) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
+    """(joint samples, seconds spent generating them) for each of this rank's chunks of ``num_samples`` joint
+    samples; chunk i is drawn from a generator seeded by (seed, stream, i)."""
+    device = _device_of(model)
+    sizes = chunk_sizes(num_samples, batch_size)
+    for i in my_chunks(len(sizes), rank, world_size):
+        with seeded(chunk_seed(seed, stream, i), device) as gen:
+            start = time.perf_counter()
+            samples = model.generate_joint(sizes[i], langevin_steps=langevin_steps, generator=gen)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+        yield samples, seconds
+
+
 @torch.no_grad()
 def count_joint(model: GenerativeModel, classifiers: Predictor, *, num_samples: int, batch_size: int,
                 seed: int, langevin_steps: int | None = None, rank: int = 0, world_size: int = 1,
@@ -227,22 +244,18 @@ def count_joint(model: GenerativeModel, classifiers: Predictor, *, num_samples: 
                 progress: Callable[[int], None] | None = None) -> tuple[Tally, float]:
     """This rank's joint-agreement tally over its chunks of ``num_samples`` joint samples, and seconds spent
     generating them (classification excluded)."""
-    device = _device_of(model)
-    stream = stream or f"joint/{langevin_steps}"
-    sizes = chunk_sizes(num_samples, batch_size)
     tally, seconds = Tally(), 0.0
-    for i in my_chunks(len(sizes), rank, world_size):
-        with seeded(chunk_seed(seed, stream, i), device) as gen:
-            start = time.perf_counter()
-            samples = model.generate_joint(sizes[i], langevin_steps=langevin_steps, generator=gen)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds += time.perf_counter() - start
+    stream = stream or f"joint/{langevin_steps}"
+    for samples, spent in joint_batches(model, num_samples=num_samples, batch_size=batch_size, seed=seed,
+                                        langevin_steps=langevin_steps, stream=stream, rank=rank,
+                                        world_size=world_size):
+        seconds += spent
         labels = [classifiers.predict(name, samples[name]) for name in model.modalities]
+        size = labels[0].numel()
         tally.correct += all_agree(labels).sum().item()
-        tally.total += sizes[i]
+        tally.total += size
         if progress is not None:
-            progress(sizes[i])
+            progress(size)
     return tally, seconds
 
 
@@ -405,4 +418,170 @@ def measure_coherence(model: GenerativeModel, classifiers: Predictor, chunks: Se
                       for k in [1, *sorted(set(subset_sizes))] if k < m}
     if aggregate:
         out["prior_ceiling"] = _rate_entry(total["aggregate"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ attributes
+# Data sets whose generating attributes are known (the generated birds): coherence is judged attribute by
+# attribute instead of by one class label, with exact readers where they exist (captions) and trained
+# classifiers otherwise (images). The layout of the result follows measure_coherence's.
+
+UNSTATED = -1
+"""Value of an attribute a reading says nothing about (a caption that does not mention it)."""
+
+
+class AttributeJudge(Protocol):
+    """Reads attribute values off a modality, and knows what each modality of a test tuple fixes."""
+
+    attributes: Sequence[str]
+
+    def read(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """int64 [B, A]: value index of each attribute in the batch x of modality ``name`` (UNSTATED where x
+        says nothing about it)."""
+        ...
+
+    def known(self, name: str, batch: Batch) -> torch.Tensor:
+        """int64 [B, A]: what modality ``name`` of the test tuples fixes (its true or stated attributes)."""
+        ...
+
+
+def attribute_agreement(readings: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(coherent bool [B], compared bool [B, A], agree bool [B, A]) of K >= 2 readings int [B, A] of the same
+    tuples. An attribute is compared where at least two readings state it and agrees where all the stated
+    values are equal; a tuple is coherent when at least one attribute is compared and every compared one
+    agrees (a generated caption that states nothing is not coherent)."""
+    if len(readings) < 2:
+        raise ValueError(f"attribute agreement needs at least two readings, got {len(readings)}")
+    r = torch.stack([x.long().cpu() for x in readings])  # (K, B, A)
+    stated = r != UNSTATED
+    compared = stated.sum(0) >= 2
+    highest = torch.where(stated, r, torch.iinfo(torch.int64).min).amax(0)
+    lowest = torch.where(stated, r, torch.iinfo(torch.int64).max).amin(0)
+    agree = compared & (highest == lowest)
+    coherent = compared.any(1) & (agree | ~compared).all(1)
+    return coherent, compared, agree
+
+
+def _count_attributes(counts: Counts, key: str, attributes: Sequence[str],
+                      readings: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Add the tuple tally under ``key`` and one tally per attribute under ``key|attribute``; the coherent
+    mask [B]."""
+    coherent, compared, agree = attribute_agreement(readings)
+    counts.add(key, coherent.sum().item(), coherent.numel())
+    for a, name in enumerate(attributes):
+        counts.add(f"{key}|{name}", agree[:, a].sum().item(), compared[:, a].sum().item())
+    return coherent
+
+
+def _attribute_keys(key: str, attributes: Sequence[str]) -> list[str]:
+    return [key, *(f"{key}|{name}" for name in attributes)]
+
+
+def _attribute_entry(total: Counts, key: str, attributes: Sequence[str]) -> dict:
+    """Tuple coherence with its binomial standard error, and accuracy per attribute over the tuples where it
+    was compared (binomial standard error each); the mean over attributes carries sqrt(sum se^2) / A, the
+    standard error it would have if the attributes were independent."""
+    per = {name: {"accuracy": total[f"{key}|{name}"].rate, "stderr": total[f"{key}|{name}"].stderr,
+                  "n": int(total[f"{key}|{name}"].total)} for name in attributes}
+    measured = [v for v in per.values() if v["n"] > 0]
+    mean = sum(v["accuracy"] for v in measured) / len(measured) if measured else math.nan
+    mean_se = math.sqrt(sum(v["stderr"] ** 2 for v in measured)) / len(measured) if measured else math.nan
+    return {**_rate_entry(total[key]), "attributes": per, "mean_attribute_accuracy": mean,
+            "mean_attribute_stderr": mean_se}
+
+
+@torch.no_grad()
+def measure_attribute_coherence(model: GenerativeModel, judge: AttributeJudge, chunks: Sequence[Batch | None],
+                                *, num_samples: int, batch_size: int, seed: int,
+                                joint_langevin_steps: int | None = None, aggregate: bool = True,
+                                langevin_sweep: Sequence[int] = (), rank: int = 0, world_size: int = 1,
+                                all_reduce: AllReduce = distributed_sum, show_progress: bool = False) -> dict:
+    """Joint, cross (every source -> target cell) and aggregate-posterior coherence judged by attributes.
+
+    Joint: the readings of every generated modality must agree. Cell (source, target): the target generated
+    from q(z | x_source) is read and compared with what the source fixes (an image: its true attributes; a
+    caption: what it states). Figures are shares of tuples that agree on every compared attribute (binomial
+    standard errors), plus accuracy per attribute. ``real_data``: the joint figure on the real test tuples,
+    the most any model can score with these judges. Same seeding, chunking and reduction as
+    :func:`measure_coherence`, so the figures do not depend on the number of processes.
+    """
+    from tqdm import tqdm
+
+    names = list(model.modalities)
+    attrs = list(judge.attributes)
+    m = len(names)
+    if m < 2:
+        raise ValueError("attribute coherence needs at least two modalities")
+    device = _device_of(model)
+    mine = list(my_chunks(len(chunks), rank, world_size))
+    own_test = sum(int(chunks[i]["label"].numel()) for i in mine)
+    sizes = chunk_sizes(num_samples, batch_size)
+    own_joint = sum(sizes[i] for i in my_chunks(len(sizes), rank, world_size))
+    bar = tqdm(total=own_joint * (1 + len(langevin_sweep)) + own_test * (1 + int(aggregate)),
+               desc="attribute coherence", unit="sample", disable=not show_progress)
+    counts = Counts()
+    streams = [("joint", "joint", joint_langevin_steps)]
+    streams += [(f"sweep/{k}", f"joint/{k}", k) for k in langevin_sweep]
+    for key, stream, steps in streams:
+        for samples, seconds in joint_batches(model, num_samples=num_samples, batch_size=batch_size,
+                                              seed=seed, langevin_steps=steps, stream=stream, rank=rank,
+                                              world_size=world_size):
+            coherent = _count_attributes(counts, key, attrs, [judge.read(n, samples[n]) for n in names])
+            counts.add(f"{key}/time", seconds, coherent.numel())
+            bar.update(coherent.numel())
+    for i in mine:
+        batch = _to_device(chunks[i], device)
+        off_diagonal = torch.zeros(batch["label"].shape[0], dtype=torch.float64)
+        for src in names:
+            with seeded(chunk_seed(seed, "cond/" + src, i), device) as gen:
+                generated = model.generate_conditional(batch, [src], generator=gen)
+            fixed = judge.known(src, batch)
+            for tgt in names:
+                coherent = _count_attributes(counts, f"cell/{src}/{tgt}", attrs,
+                                             [fixed, judge.read(tgt, generated[tgt])])
+                if src != tgt:
+                    off_diagonal += coherent
+        _count_attributes(counts, "real", attrs, [judge.read(n, batch[n]) for n in names])
+        share = off_diagonal / (m * (m - 1))
+        counts.add(CROSS_TUPLE, share.sum().item(), share.numel())
+        counts.add(CROSS_TUPLE_SQ, (share**2).sum().item(), share.numel())
+        bar.update(share.numel())
+        if aggregate:
+            with seeded(chunk_seed(seed, "aggregate", i), device) as gen:
+                decoded = model.decode(model.aggregate_posterior_z(batch, generator=gen))
+            _count_attributes(counts, "aggregate", attrs, [judge.read(n, decoded[n]) for n in names])
+            bar.update(share.numel())
+    bar.close()
+
+    keys = [k for key, _, _ in streams for k in (*_attribute_keys(key, attrs), f"{key}/time")]
+    keys += [k for s in names for t in names for k in _attribute_keys(f"cell/{s}/{t}", attrs)]
+    keys += [CROSS_TUPLE, CROSS_TUPLE_SQ, *_attribute_keys("real", attrs)]
+    keys += _attribute_keys("aggregate", attrs) if aggregate else []
+    total = counts.reduce(keys, all_reduce)
+
+    def timing(key: str) -> dict:
+        t = total[f"{key}/time"]
+        return {"seconds": t.correct, "ms_per_sample": 1e3 * t.correct / t.total if t.total else math.nan}
+
+    first = f"cell/{names[0]}/{names[0]}"
+    out: dict = {"measure": "attributes", "attributes": attrs, "modalities": names,
+                 "num_samples": int(total["joint"].total), "num_test": int(total[first].total), "seed": seed}
+    out["joint"] = {**_attribute_entry(total, "joint", attrs), "langevin_steps": joint_langevin_steps,
+                    **timing("joint")}
+    out["langevin_sweep"] = [{"steps": k, **_rate_entry(total[f"sweep/{k}"]), **timing(f"sweep/{k}")}
+                             for k in langevin_sweep]
+    matrix = [[total[f"cell/{s}/{t}"].rate for t in names] for s in names]
+    cell = {(s, t): matrix[i][j] for i, s in enumerate(names) for j, t in enumerate(names)}
+    out["cross"] = {"matrix": matrix, "n": int(total[first].total),
+                    "self_coherence": sum(matrix[i][i] for i in range(m)) / m,
+                    "coherence": cross_coherence(cell, names),
+                    "stderr": mean_stderr(total[CROSS_TUPLE].correct, total[CROSS_TUPLE_SQ].correct,
+                                          total[CROSS_TUPLE].total),
+                    "cells": {f"{s}->{t}": _attribute_entry(total, f"cell/{s}/{t}", attrs)
+                              for s in names for t in names}}
+    singles = {((s,), t): v for (s, t), v in cell.items()}
+    out["subsets"] = {"1": {"coherence": subset_coherence(singles, names, 1), "num_subsets": m}}
+    if aggregate:
+        out["prior_ceiling"] = _attribute_entry(total, "aggregate", attrs)
+    out["real_data"] = _attribute_entry(total, "real", attrs)
     return out

@@ -83,6 +83,22 @@ def check_data(run: LoadedRun, data_path: str | Path) -> str:
     return current
 
 
+def text_vocabularies(cfg: Config, data_path: str | Path) -> dict:
+    """Vocabulary of every token (``categorical``) modality of the run, read beside the data's manifest, so
+    that pictures and reports can show generated captions as text; empty for image-only runs."""
+    from mmebm_dist.data.text import vocabularies
+
+    names = [m.name for m in cfg.model.modalities if m.likelihood == "categorical"]
+    if not names:
+        return {}
+    found = vocabularies(data_path)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise FileNotFoundError(f"token modalities {missing} of the run have no vocabulary in '{data_path}' "
+                                "(manifest.json lists none for them); pass --data pointing at the run's data")
+    return {n: found[n] for n in names}
+
+
 def read_chunks(data_path: str | Path, *, num: int, batch_size: int, split: str = "test", rank: int = 0,
                 world_size: int = 1) -> list[Batch | None]:
     """The first ``num`` tuples of ``split`` (manifest order) cut into chunks of ``batch_size``; only the

@@ -81,6 +81,36 @@ def tile(images: np.ndarray, ncol: int, pad: int = 2, fill: int = 255) -> np.nda
     return out
 
 
+def is_token_modality(x: torch.Tensor) -> bool:
+    """Integer ids [N, L] (a text modality), as ``decode``/``generate_*`` return them for categorical ones."""
+    return x.dim() == 2 and not x.dtype.is_floating_point
+
+
+def as_pictures(samples: dict[str, torch.Tensor],
+                vocabularies: dict | None = None) -> dict[str, torch.Tensor]:
+    """``samples`` with every token modality replaced by its decoded captions drawn as float [N, 3, H, 2H]
+    tiles (H: the tallest image modality, 64 when there is none), so grids stay images."""
+    from mmebm_dist.data.text import caption_tiles
+
+    tokens = [k for k, v in samples.items() if is_token_modality(v)]
+    if not tokens:
+        return dict(samples)
+    missing = [k for k in tokens if k not in (vocabularies or {})]
+    if missing:
+        raise ValueError(f"token modalities {missing} need a vocabulary to be drawn (their data set's "
+                         "vocab.json; evaluate.generate.text_vocabularies reads it)")
+    height = max((v.shape[-2] for v in samples.values() if v.dim() == 4), default=64)
+    return {k: torch.from_numpy(caption_tiles(v.cpu().numpy(), vocabularies[k], height=height,
+                                              width=2 * height)) if k in tokens else v
+            for k, v in samples.items()}
+
+
+def decoded_texts(samples: dict[str, torch.Tensor], vocabularies: dict | None, limit: int) -> dict[str, list]:
+    """The first ``limit`` decoded captions of every token modality of ``samples`` (for report.md)."""
+    return {k: vocabularies[k].decode_batch(v[:limit].cpu().numpy())
+            for k, v in samples.items() if is_token_modality(v) and k in (vocabularies or {})}
+
+
 def _same_size(images: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """uint8 images per modality, padded to a common height and width (modalities may differ in size)."""
     arrays = {k: to_uint8(v) for k, v in images.items()}
@@ -90,12 +120,19 @@ def _same_size(images: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
             for k, a in arrays.items()}
 
 
-def save_joint_grid(path: str | Path, samples: dict[str, torch.Tensor], per_row: int = 16,
-                    title: str = "joint samples") -> Path:
+def joint_per_row(samples: dict[str, torch.Tensor]) -> int:
+    """Sample tuples per band of the joint grid: 16, or 8 when a caption tile (twice as wide) is in it."""
+    return 8 if any(is_token_modality(v) for v in samples.values()) else 16
+
+
+def save_joint_grid(path: str | Path, samples: dict[str, torch.Tensor], per_row: int | None = None,
+                    title: str = "joint samples", vocabularies: dict | None = None) -> Path:
     """Joint samples: each column is one sample tuple (modalities stacked top to bottom), ``per_row`` tuples
-    per band of rows; coherent samples show the same digit down a column."""
+    per band of rows (default 16, 8 with a text modality); coherent samples show the same digit down a
+    column. Token modalities are drawn as their decoded captions (``vocabularies``)."""
     names = list(samples)
-    arrays = _same_size(samples)
+    per_row = per_row or joint_per_row(samples)
+    arrays = _same_size(as_pictures(samples, vocabularies))
     n = arrays[names[0]].shape[0]
     bands = []
     for start in range(0, n, per_row):
@@ -119,13 +156,19 @@ def save_joint_grid(path: str | Path, samples: dict[str, torch.Tensor], per_row:
 
 
 def save_cross_grid(path: str | Path, sources: dict[str, torch.Tensor],
-                    generated: dict[str, dict[str, torch.Tensor]], title: str = "cross generation") -> Path:
+                    generated: dict[str, dict[str, torch.Tensor]], title: str = "cross generation",
+                    vocabularies: dict | None = None) -> Path:
     """Cross-generation matrix: row = source modality, first column = the source input, then one column per
-    target showing the target generated from that source (k examples side by side in each cell)."""
+    target showing the target generated from that source (k examples side by side in each cell). Token
+    modalities are drawn as their decoded captions (``vocabularies``)."""
     names = list(sources)
+    vocab = dict(vocabularies or {})
     cells: dict[str, dict[str, np.ndarray]] = {}
     for src in names:
-        cells[src] = _same_size({"input": sources[src], **generated[src]})
+        if src in vocab:
+            vocab["input"] = vocab[src]
+        cells[src] = _same_size(as_pictures({"input": sources[src], **generated[src]}, vocab))
+        vocab.pop("input", None)
     k, h, w = cells[names[0]]["input"].shape[:3]
     columns = ["input", *names]
     rows = []
@@ -223,10 +266,22 @@ def render_report(results: dict, images: dict[str, str]) -> str:
         ["processes", str(results.get("world_size", 1))],
     ])
     acc = results.get("classifiers", {}).get("test_accuracy", {})
-    lines += ["", "## Classifiers (their accuracy bounds every coherence figure)", ""]
-    lines += _table(["modality", *names], [["test accuracy", *[fmt(acc.get(m)) for m in names]]])
+    attributes = coh.get("measure") == "attributes"
+    if attributes:
+        lines += ["", "## Judges (the image classifier's accuracy bounds every image-side figure)", ""]
+        lines += [results.get("classifiers", {}).get("note", ""), ""]
+        lines += _table(["attribute", "image classifier test accuracy"],
+                        [[a, fmt(acc.get(a))] for a in [*coh["attributes"], "mean"]])
+    else:
+        lines += ["", "## Classifiers (their accuracy bounds every coherence figure)", ""]
+        lines += _table(["modality", *names], [["test accuracy", *[fmt(acc.get(m)) for m in names]]])
     joint, cross = coh["joint"], coh["cross"]
     lines += ["", "## Coherence", ""]
+    if attributes:
+        lines += ["A tuple is coherent when every attribute that both sides state agrees (and at least one "
+                  "does); std. errors are binomial over tuples. For a cell source -> target, the generated "
+                  "target is read and compared with what the source fixes (an image: its true attributes; a "
+                  "caption: what it states).", ""]
     rows = [["joint (prior samples)", fmt(joint["coherence"]), fmt(joint["stderr"]), str(joint["n"])]]
     if "prior_ceiling" in coh:
         ceil = coh["prior_ceiling"]
@@ -236,7 +291,15 @@ def render_report(results: dict, images: dict[str, str]) -> str:
                  fmt(cross.get("stderr")), str(cross["n"])])
     rows.append(["self (matrix diagonal: source = target)", fmt(cross["self_coherence"]), "",
                  str(cross["n"])])
+    if attributes:
+        rows += [[f"{cell} (cross)" if cell.split("->")[0] != cell.split("->")[1] else f"{cell} (self)",
+                  fmt(e["coherence"]), fmt(e["stderr"]), str(e["n"])] for cell, e in cross["cells"].items()]
+        real = coh["real_data"]
+        rows.append(["real test tuples (the judges' ceiling)", fmt(real["coherence"]), fmt(real["stderr"]),
+                     str(real["n"])])
     lines += _table(["figure", "value", "std. error", "n"], rows)
+    if attributes:
+        lines += _attribute_table(coh)
     lines += ["", "### Cross-coherence matrix (rows: source, columns: target)", ""]
     lines += _table(["source \\ target", *names],
                     [[src, *[fmt(v) for v in row]] for src, row in zip(names, cross["matrix"], strict=True)])
@@ -261,8 +324,46 @@ def render_report(results: dict, images: dict[str, str]) -> str:
                           fmt(probe["accuracy"])]])
     if images:
         lines += ["", "## Pictures", ""]
-        lines += [f"![{caption}]({name})" for caption, name in images.items()]
+        for caption, name in images.items():
+            lines.append(f"![{caption}]({name})")
+            lines += _caption_lines(results.get("captions", {}), name)
     return "\n".join(lines) + "\n"
+
+
+def _attribute_table(coh: dict) -> list[str]:
+    """Accuracy per attribute (n compared) of the joint samples, every cell and the ceiling."""
+    columns = {"joint": coh["joint"], **coh["cross"]["cells"]}
+    if "prior_ceiling" in coh:
+        columns["ceiling"] = coh["prior_ceiling"]
+    columns["real tuples"] = coh["real_data"]
+    lines = ["", "### Accuracy per attribute (tuples where both sides state it; std. error, n)", ""]
+    rows = [[a, *[f"{fmt(e['attributes'][a]['accuracy'])} ({fmt(e['attributes'][a]['stderr'])}, "
+                  f"{e['attributes'][a]['n']})" for e in columns.values()]] for a in coh["attributes"]]
+    rows.append(["mean over attributes", *[f"{fmt(e['mean_attribute_accuracy'])} "
+                                           f"({fmt(e['mean_attribute_stderr'])})" for e in columns.values()]])
+    return lines + _table(["attribute", *columns], rows)
+
+
+def _caption_lines(captions: dict, picture: str) -> list[str]:
+    """The decoded captions shown in ``picture`` (joint or cross grid) as a markdown table, if any."""
+    if picture == JOINT_PNG and captions.get("joint"):
+        texts = captions["joint"]
+        names = list(texts)
+        count = len(texts[names[0]])
+        lines = ["", f"Captions of the first {count} joint samples (first band of the grid, left to right):",
+                 ""]
+        rows = [[str(i + 1), *[texts[n][i] for n in names]] for i in range(count)]
+        return [*lines, *_table(["#", *names], rows), ""]
+    if picture == CROSS_PNG and captions.get("cross"):
+        cross = captions["cross"]
+        columns = [(f"input {n}", cross["source"][n]) for n in cross["source"]]
+        columns += [(f"{n} from {src}", texts[n]) for src, texts in cross["generated"].items() for n in texts]
+        count = len(columns[0][1])
+        lines = ["", "Captions in the cross-generation grid (a row per test tuple, left to right in a cell):",
+                 ""]
+        rows = [[str(i + 1), *[t[i] for _, t in columns]] for i in range(count)]
+        return [*lines, *_table(["#", *[c for c, _ in columns]], rows), ""]
+    return []
 
 
 def write_report(out_dir: str | Path, results: dict, images: dict[str, str]) -> tuple[Path, Path]:

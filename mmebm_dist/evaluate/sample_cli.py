@@ -1,5 +1,5 @@
 """``mmebm sample --run RUN_DIR --joint 64 --cross``: PNG grids of joint samples and of cross generation
-(rows: source modality, columns: target)."""
+(rows: source modality, columns: target). Text modalities are drawn as their decoded captions."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = generate.load_run(args.run, checkpoint=args.checkpoint, device=device)
     out = Path(args.out) if args.out else loaded.run_dir / "samples"
     out.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data or loaded.cfg.data.path)
+    vocabularies = generate.text_vocabularies(loaded.cfg, data)
     written = []
     if args.joint > 0:
         samples = generate.joint_samples(loaded.model, args.joint, seed=args.seed,
@@ -38,14 +40,15 @@ def run(args: argparse.Namespace) -> int:
         steps = loaded.cfg.model.prior.langevin.steps if args.langevin_steps is None else args.langevin_steps
         detail = f", {steps} Langevin steps" if loaded.model.energy is not None else ""
         written.append(report.save_joint_grid(out / f"joint_step{loaded.step}.png", samples,
-                                              title=f"joint samples, step {loaded.step}{detail}"))
+                                              title=f"joint samples, step {loaded.step}{detail}",
+                                              vocabularies=vocabularies))
     if args.cross:
-        data = Path(args.data or loaded.cfg.data.path)
         generate.check_data(loaded, data)
         (batch,) = generate.read_chunks(data, num=args.cross_examples, batch_size=args.cross_examples)
         sources, generated = generate.cross_samples(loaded.model, batch, seed=args.seed)
         written.append(report.save_cross_grid(out / f"cross_step{loaded.step}.png", sources, generated,
-                                              title=f"cross generation, step {loaded.step}"))
+                                              title=f"cross generation, step {loaded.step}",
+                                              vocabularies=vocabularies))
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -62,15 +62,54 @@ def image_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
     return rearrange(images, "(r c) ch h w -> ch (r h) (c w)", r=rows, c=nrow)
 
 
+CAPTION_TILE = (64, 128)
+"""(height, width) of the tile a generated caption is drawn into for a TensorBoard grid."""
+
+
+def run_vocabularies(run_dir: Path) -> dict[str, Any]:
+    """Vocabularies of the token modalities of the run's data (``config.json`` -> ``data.path``)."""
+    from mmebm_dist.data.text import vocabularies
+
+    config = Path(run_dir) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(
+            f"drawing a token modality needs the run's vocabulary, found through {config} (data.path), "
+            "which does not exist; pass vocabularies= to MetricsWriter"
+        )
+    return vocabularies(json.loads(config.read_text())["data"]["path"])
+
+
+def text_grid_images(ids: torch.Tensor, vocab: Any) -> torch.Tensor:
+    """float [N, 3, H, W]: the decoded captions of token ids [N, L] drawn as image tiles (grey-ruled, so
+    neighbours in a grid stay apart)."""
+    from mmebm_dist.data.text import caption_tiles
+
+    height, width = CAPTION_TILE
+    tiles = torch.from_numpy(caption_tiles(ids.detach().cpu().numpy(), vocab, height=height, width=width))
+    tiles[:, :, -1, :] = tiles[:, :, :, -1] = 0.6  # a grey rule below and right of each tile
+    return tiles
+
+
 class MetricsWriter:
     """Appends metric records to ``metrics.jsonl`` and mirrors scalars and image grids to TensorBoard.
 
     Create it on every rank; it writes only when ``enabled`` (rank 0), so call sites need no rank checks.
+    Token modalities (integer ids [N, L]) are drawn as caption tiles with ``vocabularies`` (modality name ->
+    ``mmebm_dist.data.text.Vocabulary``; default: read from the run's data set when first needed).
     """
 
-    def __init__(self, run_dir: Path, *, enabled: bool, start_step: int = 0):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        start_step: int = 0,
+        vocabularies: dict[str, Any] | None = None,
+    ):
         self.enabled = enabled
+        self.run_dir = Path(run_dir)
         self.path = run_dir / METRICS_FILE
+        self.vocabularies = vocabularies
         self._tb = None
         if not enabled:
             return
@@ -94,15 +133,28 @@ class MetricsWriter:
                 self._tb.add_scalar(key, value, step)
 
     def images(self, step: int, samples: dict[str, torch.Tensor], prefix: str = "samples/joint") -> None:
-        """One grid per image-shaped modality ([N, C, H, W] or [N, H, W]); vector modalities are skipped."""
+        """One grid per image-shaped modality ([N, C, H, W] or [N, H, W]) and per token modality (integer ids
+        [N, L], drawn as caption tiles); float vector modalities are skipped."""
         if not self.enabled:
             return
         for name, x in samples.items():
-            if x.dim() == 3:
+            if x.dim() == 2 and not x.dtype.is_floating_point:
+                x = text_grid_images(x, self._vocabulary(name))
+            elif x.dim() == 3:
                 x = x.unsqueeze(1)
             if x.dim() != 4:
                 continue
             self._tb.add_image(f"{prefix}/{name}", image_grid(x.detach().float().cpu().clamp(0, 1)), step)
+
+    def _vocabulary(self, name: str) -> Any:
+        if self.vocabularies is None:
+            self.vocabularies = run_vocabularies(self.run_dir)
+        if name not in self.vocabularies:
+            raise KeyError(
+                f"token modality '{name}' has no vocabulary (known: {sorted(self.vocabularies)}); its data "
+                "set must list a 'vocab' file for it in manifest.json"
+            )
+        return self.vocabularies[name]
 
     def flush(self) -> None:
         if self.enabled:
