@@ -77,7 +77,7 @@ def test_eval_json_and_report_md_agree(tmp_path):
 
 def test_fmt_and_json_safety():
     assert fmt(0.123456) == "0.1235" and fmt(float("nan")) == "n/a" and fmt(None) == "n/a"
-    assert report._json_safe({"a": (1.0, float("inf"))}) == {"a": [1.0, None]}
+    assert report.json_safe({"a": (1.0, float("inf"))}) == {"a": [1.0, None]}
 
 
 def _valid_png(path) -> tuple[int, int]:

@@ -33,14 +33,14 @@ def fmt(x: float | None) -> str:
     return f"{x:.4f}"
 
 
-def _json_safe(obj):
+def json_safe(obj):
     """nan/inf become None (strict JSON), tuples become lists."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -48,7 +48,7 @@ def write_eval_json(path: str | Path, results: dict) -> Path:
     """Write ``results`` as strict JSON (nan -> null) atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(results), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    tmp.write_text(json.dumps(json_safe(results), indent=2, sort_keys=True, allow_nan=False) + "\n")
     tmp.replace(path)
     return path
 

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from mmebm_dist.config import config_from_dict, config_to_dict
+from mmebm_dist.evaluate.report import json_safe
+from mmebm_dist.train.metrics import parse_jsonl
 
 EVAL_JSON = "eval.json"
 JOINT_PNG = "joint_samples.png"
@@ -86,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     report = build_results(runs, command=command_line(args))
     out_md, out_json, img_dir = Path(args.out_md), Path(args.out_json), Path(args.img_dir)
     images = write_images(report, runs, img_dir)
-    write_text_atomic(out_json, json.dumps(_strict(report), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    strict = json.dumps(json_safe(report), indent=2, sort_keys=True, allow_nan=False)
+    write_text_atomic(out_json, strict + "\n")
     notes = None
     if getattr(args, "notes", None):
         notes_path = Path(args.notes)
@@ -263,17 +266,12 @@ def read_json(path: Path) -> dict[str, Any]:
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Records of metrics.jsonl sorted by step (the last record wins per step). A partial last line -- a live
     run caught mid-write -- is ignored; a corrupt line elsewhere raises naming it."""
-    lines = path.read_text().splitlines()
     by_step: dict[int, dict[str, Any]] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines):
-                break
-            raise ResultsError(f"{path}:{number} is not valid JSON ({exc}); fix or remove that line") from exc
+    try:
+        records = parse_jsonl(path)
+    except ValueError as exc:
+        raise ResultsError(str(exc)) from exc
+    for _, record in records:
         if "step" in record:
             by_step[int(record["step"])] = {**by_step.get(int(record["step"]), {}), **record}
     return [by_step[s] for s in sorted(by_step)]
@@ -759,17 +757,6 @@ def _comparison_line(ds: dict, settings: Sequence[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ writing
-
-
-def _strict(obj: Any) -> Any:
-    """nan/inf -> None so that results.json is strict JSON; tuples -> lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
-    return obj
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -19,27 +19,32 @@ METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 
 
-def truncate_jsonl(path: Path, max_step: int) -> int:
-    """Keep the records of ``path`` whose ``step`` is at most ``max_step``; returns how many were kept.
+def parse_jsonl(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) for every record of a JSONL file a killed writer may have left behind.
 
     A run killed while writing leaves at most one partial last line: it is dropped. A corrupt line elsewhere
-    means the file was edited or damaged, and raises naming the line.
+    means the file was edited or damaged, and raises ValueError naming the line.
     """
-    if not path.exists():
-        return 0
     lines = path.read_text().splitlines()
-    kept = []
+    records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            records.append((line, json.loads(line)))
         except json.JSONDecodeError as exc:
             if number == len(lines):  # the line being written when the process was killed
                 break
             raise ValueError(f"{path}:{number} is not valid JSON ({exc}); fix or remove that line") from exc
-        if record.get("step", -1) <= max_step:
-            kept.append(line)
+    return records
+
+
+def truncate_jsonl(path: Path, max_step: int) -> int:
+    """Keep the records of ``path`` whose ``step`` is at most ``max_step`` (see :func:`parse_jsonl` for a
+    partial last line); returns how many were kept."""
+    if not path.exists():
+        return 0
+    kept = [line for line, record in parse_jsonl(path) if record.get("step", -1) <= max_step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
