@@ -73,5 +73,5 @@ export MMEBM STEPS EVAL_SAMPLES OUT
 jobs | xargs -P "$PARALLEL" -L 1 bash -c 'train_and_eval "$@"' _
 
 wait  # the background classifier trainings (done by now: every eval waited for them)
-"$MMEBM" results --runs "$OUT"/* --out-md docs/results.md --out-json docs/results.json --img-dir docs/img/results \
+"$MMEBM" results --runs "$OUT"/*/ --out-md docs/results.md --out-json docs/results.json --img-dir docs/img/results \
   --notes docs/results_notes.md
