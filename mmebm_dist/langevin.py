@@ -184,10 +184,8 @@ def _resolve(energy, z0: torch.Tensor, backend: str) -> tuple[str, list | None]:
     if backend == "auto":
         if refusal is not None:
             return "autograd", None
-        backend = "torch"
-        if z0.device.type == "cuda":
-            preferred = triton_preferred(energy.latent_dim, energy.hidden, energy.num_layers)
-            backend = "triton" if preferred else "torch"
+        small = triton_preferred(energy.latent_dim, energy.hidden, energy.num_layers)
+        backend = "triton" if z0.device.type == "cuda" and small else "torch"
     elif refusal is not None:
         raise ValueError(refusal)
     # Read once: a spectral-normalised weight is recomputed (power iteration in train mode) on every read.

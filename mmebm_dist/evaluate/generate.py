@@ -1,7 +1,8 @@
 """Load a trained run for evaluation, read test tuples, and draw the samples shown in pictures.
 
-A run directory (``mmebm train``) holds ``checkpoints/step-XXXXXXX/`` with ``train_state.json`` (step, config,
-data order incl. the manifest hash) and ``model.pt`` (consolidated fp32 weights); see train/checkpoint.py.
+A run directory (``mmebm train``) holds one ``checkpoints/step-NNNNNNN/`` per checkpoint (the step, 7 digits:
+``step-0001500``) with ``train_state.json`` (step, config, data order incl. the manifest hash) and
+``model.pt`` (consolidated fp32 weights); see train/checkpoint.py.
 """
 
 from __future__ import annotations

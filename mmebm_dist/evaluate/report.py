@@ -26,11 +26,11 @@ HEATMAP_PNG = "coherence_matrix.png"
 SWEEP_PNG = "coherence_vs_langevin.png"
 
 
-def fmt(x: float | None) -> str:
-    """How report.md writes a figure: 4 decimals, or ``n/a`` for missing / nan."""
+def fmt(x: float | None, digits: int = 4) -> str:
+    """How report.md (and results.md) write a figure: ``digits`` decimals, or ``n/a`` for missing / nan."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
-    return f"{x:.4f}"
+    return f"{x:.{digits}f}"
 
 
 def json_safe(obj):
@@ -245,10 +245,14 @@ def _save(fig, path: str | Path) -> Path:
 # ------------------------------------------------------------------------------------------------ report.md
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Markdown table lines; a ``|`` or newline inside a cell is escaped so it cannot break the row."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return lines
+    return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def render_report(results: dict, images: dict[str, str]) -> str:
@@ -257,7 +261,7 @@ def render_report(results: dict, images: dict[str, str]) -> str:
     coh = results["coherence"]
     names = coh["modalities"]
     lines = [f"# Evaluation of {run.get('run_dir', 'a run')}", ""]
-    lines += _table(["item", "value"], [
+    lines += md_table(["item", "value"], [
         ["checkpoint step", str(run.get("step"))],
         ["prior", str(run.get("prior"))],
         ["data manifest hash", f"`{run.get('manifest_hash')}`"],
@@ -270,11 +274,11 @@ def render_report(results: dict, images: dict[str, str]) -> str:
     if attributes:
         lines += ["", "## Judges (the image classifier's accuracy bounds every image-side figure)", ""]
         lines += [results.get("classifiers", {}).get("note", ""), ""]
-        lines += _table(["attribute", "image classifier test accuracy"],
+        lines += md_table(["attribute", "image classifier test accuracy"],
                         [[a, fmt(acc.get(a))] for a in [*coh["attributes"], "mean"]])
     else:
         lines += ["", "## Classifiers (their accuracy bounds every coherence figure)", ""]
-        lines += _table(["modality", *names], [["test accuracy", *[fmt(acc.get(m)) for m in names]]])
+        lines += md_table(["modality", *names], [["test accuracy", *[fmt(acc.get(m)) for m in names]]])
     joint, cross = coh["joint"], coh["cross"]
     lines += ["", "## Coherence", ""]
     if attributes:
@@ -297,28 +301,28 @@ def render_report(results: dict, images: dict[str, str]) -> str:
         real = coh["real_data"]
         rows.append(["real test tuples (the judges' ceiling)", fmt(real["coherence"]), fmt(real["stderr"]),
                      str(real["n"])])
-    lines += _table(["figure", "value", "std. error", "n"], rows)
+    lines += md_table(["figure", "value", "std. error", "n"], rows)
     if attributes:
         lines += _attribute_table(coh)
     lines += ["", "### Cross-coherence matrix (rows: source, columns: target)", ""]
-    lines += _table(["source \\ target", *names],
+    lines += md_table(["source \\ target", *names],
                     [[src, *[fmt(v) for v in row]] for src, row in zip(names, cross["matrix"], strict=True)])
     lines += ["", "### Conditioning on k of M modalities (mean over subsets, then targets outside them)", ""]
-    lines += _table(["k", "coherence", "subsets"],
+    lines += md_table(["k", "coherence", "subsets"],
                     [[k, fmt(v["coherence"]), str(v["num_subsets"])] for k, v in coh["subsets"].items()])
     if coh.get("langevin_sweep"):
         lines += ["", "## Langevin sweep (joint coherence of prior samples)", ""]
-        lines += _table(["steps", "coherence", "std. error", "ms / sample"],
+        lines += md_table(["steps", "coherence", "std. error", "ms / sample"],
                         [[str(e["steps"]), fmt(e["coherence"]), fmt(e["stderr"]), fmt(e["ms_per_sample"])]
                          for e in coh["langevin_sweep"]])
     if results.get("elbo"):
         elbo = results["elbo"]
         lines += ["", f"## Test-set terms of the training objective (mean over {elbo['n']} test tuples)", ""]
-        lines += _table(["term", "value"], [[k, fmt(v)] for k, v in elbo["terms"].items()])
+        lines += md_table(["term", "value"], [[k, fmt(v)] for k, v in elbo["terms"].items()])
     if results.get("linear_probe"):
         probe = results["linear_probe"]
         lines += ["", "## Linear probe of the shared latent (posterior means)", ""]
-        lines += _table(["fit on", "reported on", "accuracy"],
+        lines += md_table(["fit on", "reported on", "accuracy"],
                         [[f"{probe['n_fit']} {probe['fit_split']} tuples",
                           f"{probe['n_eval']} held-out {probe['eval_split']} tuples",
                           fmt(probe["accuracy"])]])
@@ -341,7 +345,7 @@ def _attribute_table(coh: dict) -> list[str]:
                   f"{e['attributes'][a]['n']})" for e in columns.values()]] for a in coh["attributes"]]
     rows.append(["mean over attributes", *[f"{fmt(e['mean_attribute_accuracy'])} "
                                            f"({fmt(e['mean_attribute_stderr'])})" for e in columns.values()]])
-    return lines + _table(["attribute", *columns], rows)
+    return lines + md_table(["attribute", *columns], rows)
 
 
 def _caption_lines(captions: dict, picture: str) -> list[str]:
@@ -353,7 +357,7 @@ def _caption_lines(captions: dict, picture: str) -> list[str]:
         lines = ["", f"Captions of the first {count} joint samples (first band of the grid, left to right):",
                  ""]
         rows = [[str(i + 1), *[texts[n][i] for n in names]] for i in range(count)]
-        return [*lines, *_table(["#", *names], rows), ""]
+        return [*lines, *md_table(["#", *names], rows), ""]
     if picture == CROSS_PNG and captions.get("cross"):
         cross = captions["cross"]
         columns = [(f"input {n}", cross["source"][n]) for n in cross["source"]]
@@ -362,7 +366,7 @@ def _caption_lines(captions: dict, picture: str) -> list[str]:
         lines = ["", "Captions in the cross-generation grid (a row per test tuple, left to right in a cell):",
                  ""]
         rows = [[str(i + 1), *[t[i] for _, t in columns]] for i in range(count)]
-        return [*lines, *_table(["#", *[c for c, _ in columns]], rows), ""]
+        return [*lines, *md_table(["#", *[c for c, _ in columns]], rows), ""]
     return []
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from mmebm_dist.config import config_from_dict, config_to_dict
-from mmebm_dist.evaluate.report import json_safe
-from mmebm_dist.train.metrics import parse_jsonl
+from mmebm_dist.evaluate.report import fmt, json_safe, md_table
+from mmebm_dist.train.metrics import atomic_write_text, parse_jsonl
 
 EVAL_JSON = "eval.json"
 JOINT_PNG = "joint_samples.png"
@@ -626,13 +626,6 @@ def save_figure(fig, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ markdown
 
 
-def fmt(x: float | None, digits: int = 4) -> str:
-    """A figure as results.md writes it: ``digits`` decimals, or ``n/a`` for missing / nan."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:.{digits}f}"
-
-
 def fmt_figure(figure: dict[str, float]) -> str:
     """``mean ± binomial SE ± across-seed SE``."""
     return f"{fmt(figure['mean'])} ± {fmt(figure['binomial_stderr'])} ± {fmt(figure['seed_stderr'])}"
@@ -644,15 +637,6 @@ def fmt_wall(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds / 3600:.2f} h"
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
 
 
 def _steps(steps: Sequence[int]) -> str:
@@ -704,7 +688,7 @@ def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: P
         if paper:
             rows.append(["paper's reported numbers (larger model and budget, not our run)", "", "", "",
                          fmt(paper["joint_coherence"], 3), fmt(paper["cross_coherence"], 3), "", "", ""])
-        lines += _table(["prior", "config", "seeds", "steps", "joint coherence", "cross coherence",
+        lines += md_table(["prior", "config", "seeds", "steps", "joint coherence", "cross coherence",
                          "ceiling", "wall time / run", "samples/s"], rows)
         lines += ["", _comparison_line(ds, mine)]
         for caption, path in images.get(ds["dataset"], {}).items():
@@ -722,7 +706,7 @@ def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: P
             rows.append([ds["dataset"], s["prior"], f"`{a['config_hash']}`", f"`{a['against']}`",
                          "ablation" if a["ablation"] else "other", changes or "none",
                          fmt_figure(s["joint"]), fmt_figure(s["cross"])])
-    lines += _table(["dataset", "prior", "config", "against", "kind", "changes", "joint", "cross"], rows) \
+    lines += md_table(["dataset", "prior", "config", "against", "kind", "changes", "joint", "cross"], rows) \
         if rows else ["None: every dataset has only its main pair."]
     lines += ["", "## Runs", ""]
     rows = []
@@ -736,7 +720,7 @@ def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: P
                      f"{fmt(r['joint_coherence'])} ± {fmt(r['joint_stderr'])} (n={r['joint_n']})",
                      f"{fmt(r['cross_coherence'])} ± {fmt(r['cross_stderr'])} (n={r['cross_n']})",
                      f"{fmt(r['ceiling_coherence'])} ± {fmt(r['ceiling_stderr'])}", fmt(acc), _commands(r)])
-    lines += _table(["run", "dataset", "prior", "seed", "config", "steps", "wall", "samples/s", "joint",
+    lines += md_table(["run", "dataset", "prior", "seed", "config", "steps", "wall", "samples/s", "joint",
                      "cross", "ceiling", "min classifier acc.", "command"], rows)
     return "\n".join(lines) + "\n"
 
@@ -760,8 +744,6 @@ def _comparison_line(ds: dict, settings: Sequence[dict]) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path`` and rename it over ``path``."""
+    """Create ``path``'s directory if needed, then write it atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)

@@ -23,6 +23,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from mmebm_dist.train.metrics import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
@@ -89,12 +91,6 @@ def read_train_state(ckpt_dir: str | Path) -> TrainState:
     return TrainState(**json.loads(path.read_text()))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def consolidated_state_dict(accelerator: Accelerator, model: torch.nn.Module, ckpt_dir: Path) -> dict | None:
     """fp32 state dict of the unwrapped model on rank 0 (None elsewhere). Collective: call on every rank.
 
@@ -137,11 +133,11 @@ def save_checkpoint(
     weights = consolidated_state_dict(accelerator, model, tmp)
     if accelerator.is_main_process:
         torch.save(weights, tmp / MODEL_FILE)
-        _atomic_write_text(tmp / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=2) + "\n")
+        atomic_write_text(tmp / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=2) + "\n")
         if final.exists():  # an older run reached this step before being resumed from an earlier checkpoint
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _atomic_write_text(root / LATEST, final.name + "\n")
+        atomic_write_text(root / LATEST, final.name + "\n")
         _prune(root, keep)
     accelerator.wait_for_everyone()
     return final

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import random
 import shlex
 import sys
@@ -209,7 +208,7 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.json")
-        _append_command(run_dir)
+        _append_command(run_dir, world)
     accelerator.wait_for_everyone()
 
     info = describe(accelerator)
@@ -322,9 +321,8 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
     }
 
 
-def _append_command(run_dir: Path) -> None:
+def _append_command(run_dir: Path, world: int) -> None:
     """Append this invocation (UTC time, world size, argv) to RUN_DIR/commands.log: how the run was made."""
-    world = os.environ.get("WORLD_SIZE", "1")
     with open(run_dir / COMMANDS_LOG, "a") as f:
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\tworld_size={world}\t"
                 f"{shlex.join(sys.argv)}\n")

@@ -19,6 +19,14 @@ METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a hidden temp file beside ``path`` and rename it over ``path``: readers see the old
+    file or the new one, never a half-written one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def parse_jsonl(path: Path) -> list[tuple[str, dict]]:
     """(line, record) for every record of a JSONL file a killed writer may have left behind.
 
@@ -45,9 +53,7 @@ def truncate_jsonl(path: Path, max_step: int) -> int:
     if not path.exists():
         return 0
     kept = [line for line, record in parse_jsonl(path) if record.get("step", -1) <= max_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
     return len(kept)
 
 
