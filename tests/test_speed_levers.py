@@ -148,3 +148,31 @@ def test_bf16_autocast_loss_stays_near_float32():
         rel = ((bf16[key] - fp32[key]).abs() / fp32[key].abs()).item()
         assert rel < 1e-3, (key, rel)
     torch.testing.assert_close(bf16["kl_z"], fp32["kl_z"], rtol=0, atol=1e-2)  # measured 2e-4; values ~0.05
+
+
+def test_bench_counts_the_steps_flops_and_sees_the_sub_pixel_saving():
+    """`mmebm bench train`'s FLOP count of a step: a linear layer's forward and backward is 3 x 2 N i o, and the
+    sub-pixel form of the reference network saves exactly 5/9 of the two upsampled blocks' first convs and 3/4
+    of block 1's 1x1 shortcut (run before the upsampling), forward and backward, in every decoded row."""
+    from mmebm_dist.bench.train_step import _FlopCount, step_flops
+    from mmebm_dist.config import Config, DataConfig
+
+    x = torch.randn(5, 7, requires_grad=True)
+    layer = torch.nn.Linear(7, 11)
+    with _FlopCount() as counter:
+        layer(x).sum().backward()
+    assert counter.total == 3 * 2 * 5 * 7 * 11
+
+    def flops(subpixel: bool, batch: int) -> float:
+        model = reference_net(width=4, levers=False)
+        model.subpixel_upsample = subpixel
+        return step_flops(Config(data=DataConfig(batch_size=batch), model=model))
+
+    # Per row; the sub-pixel kernels' einsum costs per decoder call, so compare the saving at two batch sizes.
+    nf, m, side = 4, 3, 12  # decoder maps 3x3 -> 6x6 -> 12x12; block 1 conv_0: 2nf -> nf, block 2: nf -> nf
+    conv_0 = 2 * 9 * ((side // 2) ** 2 * 2 * nf * nf + side**2 * nf * nf)  # forward FLOPs per decoded row
+    shortcut = 2 * (side // 2) ** 2 * 2 * nf * nf
+    saving = {b: flops(False, b) - flops(True, b) for b in (B, 2 * B)}
+    assert saving[B] > 0
+    per_row = 3 * (conv_0 * 5 / 9 + shortcut * 3 / 4)  # forward, input gradient, weight gradient
+    assert saving[2 * B] - saving[B] == (m * m * B) * per_row  # M x M decoded rows per sample

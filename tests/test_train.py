@@ -218,7 +218,9 @@ def test_bench_worker_times_every_phase(data2, tmp_path, in_process):
     for phase in ("encode", "langevin", "decode", "backward", "optimizer"):
         assert phases[phase] > 0, phase
     assert sum(phases.values()) == pytest.approx(result["seconds_per_step"], rel=1e-6)
-    row = _measurement(cfg, "ebm", 1, [result], 2, "c.yaml")
+    row = _measurement(cfg, "ebm", 1, [result], 2, "c.yaml", flops=3e9, roof=50.0)
     assert row["samples_per_s"] == pytest.approx(8 / result["seconds_per_step"])
+    assert row["achieved_gflops"] == pytest.approx(3 / result["seconds_per_step"])
+    assert row["roof_fraction"] == pytest.approx(row["achieved_gflops"] / 50)
     assert row["peak_rss_mb"][0] > 50
     assert "ebm" in _table([row])

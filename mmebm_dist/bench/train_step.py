@@ -6,12 +6,15 @@ data wait, encode, Langevin, decode, objective (the rest of the forward), backwa
 optimizer. Encoders, decoders and ``sample_prior`` are timed with forward hooks and a wrapper on the unwrapped
 model; communication is backward-with-gradient-sync minus backward under ``no_sync`` (an estimate, as DDP
 overlaps the all-reduce with the backward). Then the scaling efficiency of P processes against one, and the
-EBM prior's overhead: the same model with ``model.prior.kind=laplace``. Nothing here asserts a time.
+EBM prior's overhead: the same model with ``model.prior.kind=laplace``. The arithmetic of one step (forward
+and backward, counted by torch's FlopCounterMode on a plain copy of the model) gives the achieved GFLOP/s,
+set beside this machine's dense fp32 matmul roof at the same thread count. Nothing here asserts a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -25,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 PHASES = ("data", "encode", "langevin", "decode", "objective", "backward", "communication", "optimizer")
 
@@ -133,7 +138,7 @@ def worker(cfg, *, steps: int, warmup: int, synthetic: bool) -> dict[str, Any]:
 
     from mmebm_dist.models import build_model
     from mmebm_dist.train.distributed import describe, make_accelerator
-    from mmebm_dist.train.loop import build_optimizer
+    from mmebm_dist.train.loop import build_optimizer, compile_forward
 
     accelerator = make_accelerator(cfg)
     if cfg.train.threads > 0:
@@ -141,6 +146,7 @@ def worker(cfg, *, steps: int, warmup: int, synthetic: bool) -> dict[str, Any]:
     set_seed(cfg.train.seed)
     model = build_model(cfg.model)
     optimizer = build_optimizer(model, cfg)
+    compile_forward(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     set_seed(cfg.train.seed, device_specific=True)
     unwrapped = accelerator.unwrap_model(model)
@@ -223,6 +229,42 @@ def worker(cfg, *, steps: int, warmup: int, synthetic: bool) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ driver
 
 
+class _FlopCount(TorchDispatchMode):
+    """Counts the FLOPs of the ops torch's flop registry knows (convolutions, matmuls, attention), forward and
+    backward. FlopCounterMode itself tracks modules with autograd hooks that refuse the torch.autograd.grad
+    calls inside the EBM prior's forward, hence this plain dispatch mode over the same registry."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        count = flop_registry.get(func._overloadpacket)
+        if count is None:
+            decomposed = func.decompose(*args, **kwargs)  # e.g. linear -> addmm, counted below
+            if decomposed is not NotImplemented:
+                return decomposed
+        out = func(*args, **kwargs)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
+def step_flops(cfg) -> float:
+    """FLOPs of one training step's forward and backward at cfg.data.batch_size, counted on a plain
+    (uncompiled, fp32, single-process) copy of the model and a synthetic batch: the arithmetic of the step,
+    whatever runs it (convolutions and matmuls; elementwise work is not counted)."""
+    from mmebm_dist.models import build_model
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    batch = next(_synthetic_batches(cfg, torch.device("cpu")))
+    with _FlopCount() as counter:
+        model(batch)["loss"].backward()
+    return float(counter.total)
+
+
 def _launch(
     processes: int, worker_args: list[str], threads: int, accelerate_config: str | None
 ) -> list[dict]:
@@ -264,7 +306,9 @@ def _launch(
         return [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank-*.json"))]
 
 
-def _measurement(cfg, prior: str, processes: int, ranks: list[dict], steps: int, config_path: str) -> dict:
+def _measurement(
+    cfg, prior: str, processes: int, ranks: list[dict], steps: int, config_path: str, flops: float, roof: float
+) -> dict:
     from mmebm_dist.config import config_hash
 
     if len(ranks) != processes or {r["num_processes"] for r in ranks} != {processes}:
@@ -288,6 +332,11 @@ def _measurement(cfg, prior: str, processes: int, ranks: list[dict], steps: int,
         "steps": steps,
         "samples_per_s": processes * cfg.data.batch_size / seconds,
         "seconds_per_step": seconds,
+        "gflop_per_step": flops / 1e9,
+        "achieved_gflops": processes * flops / seconds / 1e9,
+        "roof_gflops": roof,
+        "roof_threads": processes * ranks[0]["threads"],
+        "roof_fraction": processes * flops / seconds / 1e9 / roof,
         "phases_ms": {k: None if v is None else 1e3 * v for k, v in phases.items()},
         "peak_rss_mb": [round(r["peak_rss_mb"], 1) for r in sorted(ranks, key=lambda r: r["process_index"])],
         "device": ranks[0]["device"],
@@ -306,7 +355,7 @@ def _table(rows: list[dict]) -> str:
     head = (
         f"{'prior':8} {'mode':>7} {'procs':>5} {'batch':>5} {'samples/s':>10} {'s/step':>8} "
         + " ".join(f"{p[:8]:>8}" for p in PHASES)
-        + f" {'rss MB':>14} {'scaling':>7} {'ebm +%':>7}"
+        + f" {'rss MB':>14} {'scaling':>7} {'ebm +%':>7} {'GFLOP/s':>8} {'% roof':>6}"
     )
     lines = [head, "-" * len(head), f"{'':47}" + "phase times in ms per step (mean over ranks)"]
     for r in rows:
@@ -318,11 +367,31 @@ def _table(rows: list[dict]) -> str:
             f"{r['seconds_per_step']:>8.4f} "
             + " ".join(_cell(r["phases_ms"][p]) for p in PHASES)
             + f" {'/'.join(f'{m:.0f}' for m in r['peak_rss_mb']):>14} {scaling:>7} {overhead:>7}"
+            + f" {r['achieved_gflops']:>8.1f} {100 * r['roof_fraction']:>5.0f}%"
         )
+    roofs = sorted({(r["roof_threads"], r["roof_gflops"]) for r in rows})
+    lines.append(
+        "GFLOP/s: the step's convolution and matmul FLOPs (forward and backward) per second, all processes; "
+        "% roof: against the dense fp32 1024^3 matmul rate at the same total thread count ("
+        + ", ".join(f"{gflops:.1f} GFLOP/s at {threads} thread(s)" for threads, gflops in roofs)
+        + ")"
+    )
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run(args: argparse.Namespace) -> int:
+    from mmebm_dist.bench.sampler import matmul_roof_gflops
     from mmebm_dist.config import load_config
 
     overrides = list(args.overrides) + [f"train.threads={args.threads}"]
@@ -335,12 +404,23 @@ def run(args: argparse.Namespace) -> int:
     if cfg.model.prior.kind == "ebm" and not args.no_laplace:
         priors.append("laplace")
     rows = []
+    roofs: dict[tuple[str, int], float] = {}
     for prior in priors:
+        prior_cfg = load_config(args.config, overrides + [f"model.prior.kind={prior}"])
+        flops = None
         for processes in args.processes if prior == priors[0] else [1]:
             worker_overrides = overrides + [f"model.prior.kind={prior}"]
             ranks = _launch(processes, base + worker_overrides, args.threads, args.accelerate_config)
-            prior_cfg = load_config(args.config, worker_overrides)
-            rows.append(_measurement(prior_cfg, prior, processes, ranks, args.steps, args.config))
+            # After the timed workers, so that neither the count nor the roof shares the cores with them.
+            flops = step_flops(prior_cfg) if flops is None else flops
+            device = torch.device("cuda" if ranks[0]["device"].startswith("cuda") else "cpu")
+            key = (device.type, processes * args.threads)
+            if key not in roofs:
+                with _threads(key[1]):
+                    roofs[key] = matmul_roof_gflops(device)
+            rows.append(
+                _measurement(prior_cfg, prior, processes, ranks, args.steps, args.config, flops, roofs[key])
+            )
             if not args.json:
                 print(f"measured {prior} x {processes} process(es)", file=sys.stderr)
     first = {(r["prior"], r["processes"]): r for r in rows}

@@ -50,6 +50,17 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     return torch.optim.Adam(groups, **kwargs)
 
 
+def compile_forward(model: torch.nn.Module, cfg: Config) -> None:
+    """``torch.compile`` the model's forward in place when ``train.compile`` asks for it.
+
+    Static shapes: a training step's shapes do not change, and with dynamic ones the graph of a helper called
+    at several sizes (the per-modality decoders) gets a symbolic batch that the reparameterisation draws
+    (``torch.rand(shape, generator=...)``) refuse.
+    """
+    if cfg.train.compile:
+        model.forward = torch.compile(model.forward, dynamic=False)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LRScheduler:
     """Exponential decay: every group's lr times ``optim.lr_decay`` every ``optim.lr_decay_every`` steps."""
     decay, every = cfg.optim.lr_decay, cfg.optim.lr_decay_every
@@ -167,8 +178,7 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
     model = build_model(cfg.model)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    if cfg.train.compile:
-        model.forward = torch.compile(model.forward)
+    compile_forward(model, cfg)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
     modalities = list(unwrapped.modalities)
