@@ -151,9 +151,10 @@ def test_bf16_autocast_loss_stays_near_float32():
 
 
 def test_bench_counts_the_steps_flops_and_sees_the_sub_pixel_saving():
-    """`mmebm bench train`'s FLOP count of a step: a linear layer's forward and backward is 3 x 2 N i o, and the
-    sub-pixel form of the reference network saves exactly 5/9 of the two upsampled blocks' first convs and 3/4
-    of block 1's 1x1 shortcut (run before the upsampling), forward and backward, in every decoded row."""
+    """`mmebm bench train`'s FLOP count of a step: a linear layer's forward and backward is 3 x 2 N i o, and
+    the sub-pixel form of the reference network saves exactly 5/9 of the two upsampled blocks' first convs
+    and 3/4 of block 1's 1x1 shortcut (run before the upsampling), forward and backward, in every decoded
+    row."""
     from mmebm_dist.bench.train_step import _FlopCount, step_flops
     from mmebm_dist.config import Config, DataConfig
 

@@ -307,7 +307,8 @@ def _launch(
 
 
 def _measurement(
-    cfg, prior: str, processes: int, ranks: list[dict], steps: int, config_path: str, flops: float, roof: float
+    cfg, prior: str, processes: int, ranks: list[dict], steps: int, config_path: str, flops: float,
+    roof: float,
 ) -> dict:
     from mmebm_dist.config import config_hash
 
