@@ -14,7 +14,7 @@ mkdir -p "$DIR"
 
 record() {  # record NAME CMD...: run CMD, keep "$ CMD" and its stdout (progress bars on stderr are dropped)
   local name=$1; shift
-  { echo "\$ $* ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores)"; "$@"; } >"$DIR/$name.log.tmp"
+  { echo "\$ $* ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(lscpu | sed -n "s/^Model name: *//p"))"; "$@"; } >"$DIR/$name.log.tmp"
   mv "$DIR/$name.log.tmp" "$DIR/$name.log"
   cat "$DIR/$name.log"
 }

@@ -3,6 +3,8 @@
 #   PolyMNIST (real MNIST): EBM prior vs Laplace prior, seeds $SEEDS, same architecture, data and steps;
 #   Fashion-MNIST (5 modalities, Debian dataset-fashion-mnist): the same pair, seeds $FASHION_SEEDS;
 #   ablation: the EBM prior over a Gaussian reference instead of Laplace (PolyMNIST, seed 0);
+#   ablation: an EBM prior fitted post hoc to each frozen PolyMNIST Laplace run (model.prior.fit=posthoc: only
+#     the energy trains, on the aggregate posterior; the Laplace prior becomes its reference);
 #   every run evaluated with $EVAL_SAMPLES joint samples / test tuples (plus the Langevin-steps sweep).
 # Each step is idempotent: finished runs and evals are skipped, interrupted runs resume from their checkpoint.
 # $PARALLEL runs train at a time with one thread each (2 on a 2-core machine).
@@ -38,6 +40,10 @@ jobs() {
     echo "polymnist_ebm_s$s configs/polymnist_ebm.yaml train.seed=$s"
     echo "polymnist_laplace_s$s configs/polymnist_laplace.yaml train.seed=$s"
   done
+  for s in $SEEDS; do  # after every Laplace run has started: each waits for its own
+    echo "polymnist_ebm_posthoc_s$s configs/polymnist_ebm.yaml train.seed=$s model.prior.fit=posthoc" \
+      "train.init_from=$OUT/polymnist_laplace_s$s"
+  done
   for s in $FASHION_SEEDS; do
     echo "fashion_ebm_s$s configs/polyfashion_ebm.yaml train.seed=$s"
     echo "fashion_laplace_s$s configs/polyfashion_laplace.yaml train.seed=$s"
@@ -48,7 +54,12 @@ jobs() {
 # train_and_eval NAME CONFIG OVERRIDES...: train (or resume) to $STEPS, then evaluate the final checkpoint.
 train_and_eval() {
   local name=$1 config=$2; shift 2
-  local run=$OUT/$name
+  local run=$OUT/$name arg
+  for arg in "$@"; do  # a post-hoc prior starts from a finished run: wait for its eval
+    case $arg in train.init_from=*)
+      until [ -f "${arg#train.init_from=}/eval/eval.json" ]; do sleep 60; done ;;
+    esac
+  done
   if [ -f "$run/config.json" ]; then
     "$MMEBM" train --resume "$run" train.steps="$STEPS" train.threads=1 >>"$run.log" 2>&1
   else

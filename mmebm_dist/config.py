@@ -103,6 +103,10 @@ class PriorConfig:
     """Runaway guard: stop when |E_q f - E_p f| exceeds this."""
     max_posterior_abs: float = 1e3
     """Runaway guard: stop when the mean |posterior location| exceeds this."""
+    fit: str = "joint"
+    """``joint``: the energy trains with encoders and decoders (the paper); ``posthoc``: only the energy
+    trains, on the aggregate posterior of a frozen model loaded with ``train.init_from`` (its fixed prior
+    becomes the reference p0), and the decoders never run in training."""
 
 
 @dataclass(kw_only=True)
@@ -132,9 +136,11 @@ class ModelConfig:
     channels_last: bool = True
     """Run the ``mmvaeplus`` convs on channels_last (NHWC) activations: the same function and parameters;
     oneDNN's CPU convs skip a layout reorder per call that way (faster on CPU, measured)."""
-    batched_decode: bool = True
+    batched_decode: bool = False
     """Decode all strata (source modalities x particles) of one target in a single decoder call; false calls
-    the decoder once per stratum, as the authors' code does (same function and parameters; slower)."""
+    the decoder once per stratum (B x K rows), as the authors' code does. The same function and parameters;
+    one large call was 1.6x slower per step on the reference network on 2-core CPUs (its activations leave
+    the caches; docs/bench/amd_levers.log, cpu_levers.jsonl), so per-stratum calls are the default."""
     subpixel_upsample: bool = True
     """Run the ``mmvaeplus`` decoder blocks that follow a 2x nearest upsampling in sub-pixel form (four 2x2
     convs on the low-resolution map: 4/9 of the first conv's multiply-adds): the same function up to float32
@@ -189,6 +195,9 @@ class TrainConfig:
     """torch intra-op threads per process (0: leave torch's default)."""
     compile: bool = False
     """torch.compile the model's forward."""
+    init_from: str = ""
+    """A run directory (its newest checkpoint) or checkpoint directory whose weights start a fresh run; only
+    the energy MLP's may be missing (it keeps its fresh initialisation). Empty: random initialisation."""
 
 
 @dataclass(kw_only=True)

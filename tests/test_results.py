@@ -129,9 +129,14 @@ def test_settings_group_seeds_by_config_hash(runs, tmp_path):
     cfg = json.loads((runs / "ebm_laplace_s0" / "config.json").read_text())
     other = json.loads(json.dumps(cfg))
     other["train"]["seed"], other["train"]["out_dir"] = 7, "elsewhere"
+    other["train"]["init_from"] = "runs/laplace_s7"  # the seed's source run of a post-hoc prior
+    other["model"]["batched_decode"] = not other["model"].get("batched_decode", False)  # execution only
+    other["model"]["channels_last"], other["train"]["threads"] = False, 3
     assert res.setting_hash(other) == res.setting_hash(cfg)
     other["model"]["prior"]["langevin"]["steps"] = 6
     assert res.setting_hash(other) != res.setting_hash(cfg)
+    assert res.prior_label(cfg["model"]["prior"]) == "ebm/laplace"
+    assert res.prior_label(cfg["model"]["prior"] | {"fit": "posthoc"}) == "ebm/laplace post-hoc"
 
 
 def _expected(kind: str, index: int) -> dict:

@@ -224,3 +224,42 @@ def test_bench_worker_times_every_phase(data2, tmp_path, in_process):
     assert row["roof_fraction"] == pytest.approx(row["achieved_gflops"] / 50)
     assert row["peak_rss_mb"][0] > 50
     assert "ebm" in _table([row])
+
+
+def test_posthoc_prior_trains_only_the_energy_of_the_loaded_model(data2, tmp_path, in_process):
+    """model.prior.fit=posthoc with train.init_from: the fixed-prior run's weights load, only the energy
+    moves (encoders, decoders bit-identical to the source checkpoint), the result evaluates like any EBM run,
+    and the settings that cannot work are refused with the key to set."""
+    from mmebm_dist.evaluate.generate import load_run
+    from mmebm_dist.models.multimodal_vae import ConfigError
+    from mmebm_dist.train.checkpoint import latest_checkpoint
+    from mmebm_dist.train.loop import train
+
+    path = tiny_config(tmp_path / "c.yaml", data2)
+    source = tmp_path / "laplace"
+    train(load_config(path, [f"train.out_dir={source}", "train.steps=4", "model.prior.kind=laplace"]))
+    before = torch.load(latest_checkpoint(source) / "model.pt", weights_only=True)
+
+    posthoc = tmp_path / "posthoc"
+    overrides = [f"train.out_dir={posthoc}", "train.steps=4", "model.prior.fit=posthoc"]
+    summary = train(load_config(path, [*overrides, f"train.init_from={source}"]))
+    assert {"loss", "energy_gap", "energy_pos", "energy_neg"} <= set(summary["terms"])
+    assert "elbo" not in summary["terms"]  # the decoders never ran
+    after = torch.load(latest_checkpoint(posthoc) / "model.pt", weights_only=True)
+    assert set(after) - set(before) == {k for k in after if k.startswith("energy.")} != set()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    loaded = load_run(posthoc)
+    assert loaded.model.energy is not None and loaded.cfg.model.prior.fit == "posthoc"
+    assert loaded.model.generate_joint(3)["m0"].shape == (3, 3, 28, 28)
+
+    with pytest.raises(ValueError, match="train.init_from"):
+        train(load_config(path, [f"train.out_dir={tmp_path / 'x'}", "model.prior.fit=posthoc"]))
+    with pytest.raises(FileNotFoundError, match="train.init_from"):
+        train(load_config(path, [*overrides, f"train.init_from={tmp_path / 'nothing'}"]))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        train(load_config(path, [f"train.out_dir={tmp_path / 'y'}", "model.prior.fit=posthoc",
+                                 "model.width=8", f"train.init_from={source}"]))
+    with pytest.raises(ConfigError, match="model.prior.kind=ebm"):
+        train(load_config(path, [f"train.out_dir={tmp_path / 'z'}", "model.prior.fit=posthoc",
+                                 "model.prior.kind=laplace", f"train.init_from={source}"]))

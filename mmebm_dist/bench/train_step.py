@@ -333,7 +333,7 @@ def _measurement(
         "steps": steps,
         "samples_per_s": processes * cfg.data.batch_size / seconds,
         "seconds_per_step": seconds,
-        "gflop_per_step": flops / 1e9,
+        "gflop_per_step": processes * flops / 1e9,  # one optimiser step of all processes
         "achieved_gflops": processes * flops / seconds / 1e9,
         "roof_gflops": roof,
         "roof_threads": processes * ranks[0]["threads"],

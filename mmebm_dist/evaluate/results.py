@@ -42,6 +42,11 @@ DATASETS = {
     "fashion": ("polyfashion", "Fashion-MNIST polymodal"),
     "idx": ("polymnist-idx", "PolyMNIST (from IDX files)"),
 }
+# Config keys that choose how a step is executed, not what it computes (the same function and parameters; the
+# speed levers of tests/test_speed_levers.py): runs differing only in them belong to one setting.
+EXECUTION_KEYS = ("model.batched_decode", "model.channels_last", "model.subpixel_upsample", "train.threads",
+                  "train.compile")
+
 # Config keys whose change alone makes a setting an ablation of the main EBM setting.
 ABLATION_KEYS = frozenset({"model.prior.reference", "model.prior.reference_scale",
                            "model.prior.langevin.steps", "model.prior.langevin.step_size"})
@@ -308,13 +313,18 @@ def dataset_of(data_path: str) -> tuple[str, str]:
 
 
 def prior_label(prior_cfg: dict[str, Any]) -> str:
-    """``laplace``, ``gaussian`` or ``ebm/<reference>`` from config model.prior."""
+    """``laplace``, ``gaussian`` or ``ebm/<reference>`` from config model.prior, `` post-hoc`` appended for an
+    energy fitted to a frozen model (model.prior.fit=posthoc)."""
     kind = prior_cfg["kind"]
-    return f"ebm/{prior_cfg['reference']}" if kind == "ebm" else kind
+    if kind != "ebm":
+        return kind
+    return f"ebm/{prior_cfg['reference']}" + (" post-hoc" if prior_cfg.get("fit") == "posthoc" else "")
 
 
 def setting_config(config: dict[str, Any]) -> dict[str, Any]:
-    """config.json without the keys that differ between the seeds of a setting (train.seed, .out_dir).
+    """config.json without the keys that differ between the seeds of a setting (train.seed, .out_dir, and
+    .init_from: the run of that seed a post-hoc prior was fitted to) and the execution switches that keep the
+    function (:data:`EXECUTION_KEYS`: how decoders are batched, memory layout, threads, compilation).
 
     Read through the typed config first, so a key added to the code after a run started counts with its
     default (the behaviour that run had) instead of splitting one setting into two hashes.
@@ -322,6 +332,10 @@ def setting_config(config: dict[str, Any]) -> dict[str, Any]:
     out = config_to_dict(config_from_dict(config))
     out["train"].pop("seed", None)
     out["train"].pop("out_dir", None)
+    out["train"].pop("init_from", None)
+    for dotted in EXECUTION_KEYS:
+        section, key = dotted.split(".")
+        out[section].pop(key, None)
     return out
 
 
@@ -412,12 +426,14 @@ def _run_order(r: Run) -> tuple:
 
 def main_pair(settings: Sequence[dict], configs: dict[str, dict]) -> tuple[dict | None, dict | None]:
     """(Laplace setting, EBM setting) of one dataset compared in the headline: the pair whose configs differ
-    in the fewest keys besides model.prior.kind; ties go to more seeds, more steps, a Laplace reference."""
+    in the fewest keys besides model.prior.kind, a jointly trained EBM before a post-hoc one; ties go to more
+    seeds, more steps, a Laplace reference."""
     laplace = [s for s in settings if s["prior"] == "laplace"]
     ebm = [s for s in settings if s["prior"].startswith("ebm/")]
 
-    def rank_one(s: dict) -> tuple:
-        return (-len(s["runs"]), -max(s["steps"]), s["prior"] != "ebm/laplace", s["config_hash"])
+    def rank_one(s: dict) -> tuple:  # a jointly trained EBM first: the paper's method
+        return ("post-hoc" in s["prior"], -len(s["runs"]), -max(s["steps"]), s["prior"] != "ebm/laplace",
+                s["config_hash"])
 
     if not laplace or not ebm:
         return (min(laplace, key=rank_one) if laplace else None, min(ebm, key=rank_one) if ebm else None)
@@ -425,7 +441,8 @@ def main_pair(settings: Sequence[dict], configs: dict[str, dict]) -> tuple[dict 
     def rank_pair(pair: tuple[dict, dict]) -> tuple:
         lap, e = pair
         diff = differing_keys(configs[lap["config_hash"]], configs[e["config_hash"]]) - {"model.prior.kind"}
-        return (len(diff), -(len(lap["runs"]) + len(e["runs"])), -(max(lap["steps"]) + max(e["steps"])),
+        return ("post-hoc" in e["prior"], len(diff), -(len(lap["runs"]) + len(e["runs"])),
+                -(max(lap["steps"]) + max(e["steps"])),
                 e["prior"] != "ebm/laplace", lap["config_hash"], e["config_hash"])
 
     return min(product(laplace, ebm), key=rank_pair)

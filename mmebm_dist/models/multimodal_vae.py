@@ -37,6 +37,7 @@ from mmebm_dist.models.objectives import (
 )
 
 PRIOR_KINDS = ("laplace", "gaussian", "ebm")
+PRIOR_FITS = ("joint", "posthoc")
 
 
 class RunawayError(FloatingPointError):
@@ -86,6 +87,11 @@ def validate_model_config(cfg: ModelConfig) -> None:
                           f"of {', '.join(langevin.BACKENDS)}")
     if prior.energy_l2 < 0:
         raise ConfigError(f"model.prior.energy_l2 must be >= 0, got {prior.energy_l2}")
+    if prior.fit not in PRIOR_FITS:
+        raise ConfigError(f"model.prior.fit '{prior.fit}' is unknown; choose one of {', '.join(PRIOR_FITS)}")
+    if prior.fit == "posthoc" and prior.kind != "ebm":
+        raise ConfigError(f"model.prior.fit=posthoc fits an energy, but model.prior.kind is '{prior.kind}'; "
+                          "set model.prior.kind=ebm (and train.init_from=<the trained run>)")
 
 
 class MultimodalVAE(nn.Module):
@@ -116,6 +122,12 @@ class MultimodalVAE(nn.Module):
         self.private_prior_raw: nn.Parameter | None = None
         if cfg.private_dim > 0 and self.aggregation.stratified and len(self.modalities) > 1:
             self.private_prior_raw = nn.Parameter(torch.zeros(len(self.modalities), cfg.private_dim))
+        self.posthoc = cfg.prior.fit == "posthoc"
+        if self.posthoc:  # only the energy trains; everything else is the frozen model it was loaded from
+            energy_ids = {id(p) for p in self.energy.parameters()}
+            for param in self.parameters():
+                if id(param) not in energy_ids:
+                    param.requires_grad_(False)
 
     # ------------------------------------------------------------------------------------------ helpers
     @property
@@ -160,6 +172,8 @@ class MultimodalVAE(nn.Module):
     # ------------------------------------------------------------------------------------------ training
     def compute(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Loss, detached terms and (under ``_z_pos``/``_z_neg``) the EBM's positives and negatives."""
+        if self.posthoc:
+            return self._compute_posthoc(batch)
         cfg = self.cfg
         experts = self.encode(batch)
         x = [batch[n] for n in self.modalities]
@@ -210,6 +224,24 @@ class MultimodalVAE(nn.Module):
         out.update(terms)
         return out
 
+    def _compute_posthoc(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``model.prior.fit=posthoc``: the energy loss alone, its positives drawn from the frozen encoders'
+        posterior (every stratum's z for the stratified objective, q(z | X) otherwise), as in joint
+        training."""
+        with torch.no_grad():
+            experts = self.encode(batch)
+            if self.aggregation.stratified:
+                eps = self.family.standard_noise(tuple(experts.z_loc.shape), device=experts.z_loc.device)
+                z_pos = (experts.z_loc + experts.z_scale * eps).reshape(-1, experts.z_loc.shape[-1])
+            else:
+                loc, scale = self.aggregation.components(experts.z_loc, experts.z_scale)
+                z_pos = sample_mixture(loc, scale, self.family, 1)[0]
+        f_pos = self.energy(z_pos).float()
+        loss, terms, z_neg = self._energy_loss(f_pos, batch_size=experts.z_loc.shape[1])
+        terms["posterior_abs"] = experts.z_loc.abs().mean()
+        terms["posterior_scale"] = experts.z_scale.mean()
+        return {"loss": loss, **terms, "_z_pos": z_pos, "_z_neg": z_neg}
+
     def _energy_loss(self, f_pos: torch.Tensor, *, batch_size: int):
         """E_p f - E_q f + l2 (mean f_pos^2 + mean f_neg^2) with Langevin negatives, and its logged terms."""
         prior = self.cfg.prior
@@ -232,8 +264,11 @@ class MultimodalVAE(nn.Module):
     def param_groups(self, optim_cfg: OptimConfig) -> list[dict]:
         """Encoder/decoder/private-prior parameters at optim.lr; the energy's at prior.lr with prior.betas."""
         energy_ids = {id(p) for p in self.energy.parameters()} if self.energy is not None else set()
-        main = [p for p in self.parameters() if id(p) not in energy_ids]
-        groups = [{"params": main, "lr": optim_cfg.lr, "betas": tuple(optim_cfg.betas), "name": "model"}]
+        main = [p for p in self.parameters() if id(p) not in energy_ids and p.requires_grad]
+        groups = []
+        if main:  # empty when only the energy trains (model.prior.fit=posthoc)
+            groups.append({"params": main, "lr": optim_cfg.lr, "betas": tuple(optim_cfg.betas),
+                           "name": "model"})
         if self.energy is not None:
             groups.append({"params": list(self.energy.parameters()), "lr": self.cfg.prior.lr,
                            "betas": tuple(self.cfg.prior.betas), "name": "energy"})

@@ -166,3 +166,26 @@ def load_model_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> torch.nn
         raise FileNotFoundError(f"{path} is missing; is '{ckpt_dir}' a complete checkpoint directory?")
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model
+
+
+def load_initial_weights(model: torch.nn.Module, source: str | Path) -> Path:
+    """``train.init_from``: load ``source``'s weights (a checkpoint directory, or a run directory's newest
+    complete checkpoint) into a fresh ``model``; only the energy MLP's may be missing. Returns the
+    checkpoint."""
+    src = Path(source)
+    ckpt = src if (src / MODEL_FILE).is_file() else latest_checkpoint(src) if src.is_dir() else None
+    if ckpt is None:
+        raise FileNotFoundError(f"train.init_from='{source}' is neither a checkpoint directory (holding "
+                                f"{MODEL_FILE}) nor a run directory with a complete checkpoint")
+    state = torch.load(ckpt / MODEL_FILE, map_location="cpu", weights_only=True)
+    fix = "it must be a run of the same model.* settings (for model.prior.fit=posthoc: the fixed-prior run)"
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a shape mismatch
+        raise ValueError(f"train.init_from='{source}' ({ckpt}) does not fit this model: {exc}; "
+                         f"{fix}") from exc
+    missing = [k for k in result.missing_keys if not k.startswith("energy.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"train.init_from='{source}' ({ckpt}) does not fit this model: missing "
+                         f"{missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}; {fix}")
+    return ckpt

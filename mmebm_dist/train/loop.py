@@ -29,6 +29,7 @@ from mmebm_dist.train.checkpoint import (
     TrainState,
     latest_checkpoint,
     load_checkpoint,
+    load_initial_weights,
     save_checkpoint,
 )
 from mmebm_dist.train.distributed import describe, make_accelerator, zero_stage
@@ -174,8 +175,14 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
 
+    if cfg.model.prior.fit == "posthoc" and not cfg.train.init_from:
+        raise ValueError("model.prior.fit=posthoc trains only the energy of a trained model: set "
+                         "train.init_from=<its run directory> (a fixed-prior run)")
     set_seed(cfg.train.seed)  # identical initial parameters on every rank
     model = build_model(cfg.model)
+    if cfg.train.init_from and not (resume and latest_checkpoint(run_dir) is not None):
+        source = load_initial_weights(model, cfg.train.init_from)
+        log.info("initial weights from %s", source)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     compile_forward(model, cfg)
