@@ -4,7 +4,8 @@
 #   Fashion-MNIST (5 modalities, Debian dataset-fashion-mnist): the same pair, seeds $FASHION_SEEDS;
 #   ablation: the EBM prior over a Gaussian reference instead of Laplace (PolyMNIST, seed 0);
 #   ablation: an EBM prior fitted post hoc to each frozen PolyMNIST Laplace run (model.prior.fit=posthoc: only
-#     the energy trains, on the aggregate posterior; the Laplace prior becomes its reference);
+#     the energy trains, on the aggregate posterior; the Laplace prior becomes its reference), with the joint
+#     runs' energy settings and with energy lr 5e-4 and no L2 penalty (and lr 5e-4 alone, seed 0);
 #   every run evaluated with $EVAL_SAMPLES joint samples / test tuples (plus the Langevin-steps sweep).
 # Each step is idempotent: finished runs and evals are skipped, interrupted runs resume from their checkpoint.
 # $PARALLEL runs train at a time with one thread each (2 on a 2-core machine).
@@ -43,7 +44,11 @@ jobs() {
   for s in $SEEDS; do  # after every Laplace run has started: each waits for its own
     echo "polymnist_ebm_posthoc_s$s configs/polymnist_ebm.yaml train.seed=$s model.prior.fit=posthoc" \
       "train.init_from=$OUT/polymnist_laplace_s$s"
+    echo "polymnist_ebm_posthoc_lr5e-4_l2_0_s$s configs/polymnist_ebm.yaml train.seed=$s model.prior.fit=posthoc" \
+      "model.prior.lr=5e-4 model.prior.energy_l2=0 train.init_from=$OUT/polymnist_laplace_s$s"
   done
+  echo "polymnist_ebm_posthoc_lr5e-4_s0 configs/polymnist_ebm.yaml train.seed=0 model.prior.fit=posthoc" \
+    "model.prior.lr=5e-4 train.init_from=$OUT/polymnist_laplace_s0"
   for s in $FASHION_SEEDS; do
     echo "fashion_ebm_s$s configs/polyfashion_ebm.yaml train.seed=$s"
     echo "fashion_laplace_s$s configs/polyfashion_laplace.yaml train.seed=$s"
