@@ -12,6 +12,7 @@ One extra row per backend at K = ``--long-steps`` shows whether memory grows wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -65,18 +66,25 @@ def matmul_roof_gflops(device: torch.device, size: int = 1024, repeats: int = 10
     return 2 * size**3 / best / 1e9
 
 
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def shape_matmul_ms(args, batch: int, steps: int, device: torch.device, repeats: int = 5) -> float:
     """Median ms of the chain's matmuls alone (forward and backward of every layer, K times, into preallocated
     outputs, no elementwise work), the faster of one thread and all threads: what a chain of this shape would
     take if matmuls were all it did."""
-    threads = torch.get_num_threads()
-    try:
-        best = _shape_matmul_ms(args, batch, steps, device, repeats)
-        if device.type == "cpu" and threads > 1:
-            torch.set_num_threads(1)
+    best = _shape_matmul_ms(args, batch, steps, device, repeats)
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        with num_threads(1):
             best = min(best, _shape_matmul_ms(args, batch, steps, device, repeats))
-    finally:
-        torch.set_num_threads(threads)
     return best
 
 

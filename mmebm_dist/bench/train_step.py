@@ -7,14 +7,13 @@ optimizer. Encoders, decoders and ``sample_prior`` are timed with forward hooks 
 model; communication is backward-with-gradient-sync minus backward under ``no_sync`` (an estimate, as DDP
 overlaps the all-reduce with the backward). Then the scaling efficiency of P processes against one, and the
 EBM prior's overhead: the same model with ``model.prior.kind=laplace``. The arithmetic of one step (forward
-and backward, counted by torch's FlopCounterMode on a plain copy of the model) gives the achieved GFLOP/s,
+and backward, counted over torch's flop registry on a plain copy of the model) gives the achieved GFLOP/s,
 set beside this machine's dense fp32 matmul roof at the same thread count. Nothing here asserts a time.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -380,19 +379,8 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    """torch's intra-op thread count set to ``n`` inside the block."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run(args: argparse.Namespace) -> int:
-    from mmebm_dist.bench.sampler import matmul_roof_gflops
+    from mmebm_dist.bench.sampler import matmul_roof_gflops, num_threads
     from mmebm_dist.config import load_config
 
     overrides = list(args.overrides) + [f"train.threads={args.threads}"]
@@ -407,17 +395,17 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     roofs: dict[tuple[str, int], float] = {}
     for prior in priors:
-        prior_cfg = load_config(args.config, overrides + [f"model.prior.kind={prior}"])
+        worker_overrides = overrides + [f"model.prior.kind={prior}"]
+        prior_cfg = load_config(args.config, worker_overrides)
         flops = None
         for processes in args.processes if prior == priors[0] else [1]:
-            worker_overrides = overrides + [f"model.prior.kind={prior}"]
             ranks = _launch(processes, base + worker_overrides, args.threads, args.accelerate_config)
             # After the timed workers, so that neither the count nor the roof shares the cores with them.
             flops = step_flops(prior_cfg) if flops is None else flops
             device = torch.device("cuda" if ranks[0]["device"].startswith("cuda") else "cpu")
             key = (device.type, processes * args.threads)
             if key not in roofs:
-                with _threads(key[1]):
+                with num_threads(key[1]):
                     roofs[key] = matmul_roof_gflops(device)
             rows.append(
                 _measurement(prior_cfg, prior, processes, ranks, args.steps, args.config, flops, roofs[key])

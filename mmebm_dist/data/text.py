@@ -171,6 +171,12 @@ def caption_tile(text: str, *, height: int = 64, width: int = 64, font_size: int
     return np.asarray(tile)
 
 
+def is_token_modality(x: Any) -> bool:
+    """A torch tensor of integer ids [N, L] (a text modality), as ``decode``/``generate_*`` return them for
+    categorical modalities (images and vectors are floats)."""
+    return x.dim() == 2 and not x.dtype.is_floating_point
+
+
 def caption_tiles(ids: np.ndarray, vocab: Vocabulary, *, height: int = 64, width: int = 64) -> np.ndarray:
     """float32 [N, 3, height, width] in [0, 1]: decoded captions of int ids [N, L] drawn as image tiles."""
     tiles = [caption_tile(vocab.decode(row), height=height, width=width) for row in np.asarray(ids)]

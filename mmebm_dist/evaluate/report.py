@@ -18,6 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen befor
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from mmebm_dist.data.text import is_token_modality  # noqa: E402
+from mmebm_dist.train.metrics import atomic_write_text  # noqa: E402
+
 EVAL_JSON = "eval.json"
 REPORT_MD = "report.md"
 JOINT_PNG = "joint_samples.png"
@@ -47,9 +50,7 @@ def json_safe(obj):
 def write_eval_json(path: str | Path, results: dict) -> Path:
     """Write ``results`` as strict JSON (nan -> null) atomically."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(json_safe(results), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(json_safe(results), indent=2, sort_keys=True, allow_nan=False) + "\n")
     return path
 
 
@@ -79,11 +80,6 @@ def tile(images: np.ndarray, ncol: int, pad: int = 2, fill: int = 255) -> np.nda
         y, x = pad + r * (h + pad), pad + col * (w + pad)
         out[y:y + h, x:x + w] = images[i]
     return out
-
-
-def is_token_modality(x: torch.Tensor) -> bool:
-    """Integer ids [N, L] (a text modality), as ``decode``/``generate_*`` return them for categorical ones."""
-    return x.dim() == 2 and not x.dtype.is_floating_point
 
 
 def as_pictures(samples: dict[str, torch.Tensor],

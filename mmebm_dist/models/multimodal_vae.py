@@ -124,10 +124,8 @@ class MultimodalVAE(nn.Module):
             self.private_prior_raw = nn.Parameter(torch.zeros(len(self.modalities), cfg.private_dim))
         self.posthoc = cfg.prior.fit == "posthoc"
         if self.posthoc:  # only the energy trains; everything else is the frozen model it was loaded from
-            energy_ids = {id(p) for p in self.energy.parameters()}
-            for param in self.parameters():
-                if id(param) not in energy_ids:
-                    param.requires_grad_(False)
+            self.requires_grad_(False)
+            self.energy.requires_grad_(True)
 
     # ------------------------------------------------------------------------------------------ helpers
     @property

@@ -1,9 +1,9 @@
-"""Atomic, resumable checkpoints: ``RUN_DIR/checkpoints/step-XXXXXXX/``.
+"""Atomic, resumable checkpoints: ``RUN_DIR/checkpoints/step-NNNNNNN/`` (7-digit step).
 
-A checkpoint is written into ``checkpoints/.tmp-step-XXXXXXX`` by every rank (``accelerator.save_state``:
+A checkpoint is written into ``checkpoints/.tmp-step-NNNNNNN`` by every rank (``accelerator.save_state``:
 model, optimizer -- sharded under ZeRO --, scheduler, RNG states of every rank), completed by rank 0 with
 ``train_state.json`` (step, data position, config, data manifest hash) and ``model.pt`` (the consolidated fp32
-state dict of the unwrapped model, for single-process evaluation), renamed to ``step-XXXXXXX`` and only then
+state dict of the unwrapped model, for single-process evaluation), renamed to ``step-NNNNNNN`` and only then
 pointed to by ``checkpoints/latest`` (a temp file ``os.replace``d). A directory is complete if and only if its
 name has no ``.tmp-`` prefix, so a run killed at any moment never leaves a checkpoint that loads half-written.
 Atomic against process death on one shared filesystem; not a guarantee against power loss (no fsync).
@@ -173,7 +173,7 @@ def load_initial_weights(model: torch.nn.Module, source: str | Path) -> Path:
     complete checkpoint) into a fresh ``model``; only the energy MLP's may be missing. Returns the
     checkpoint."""
     src = Path(source)
-    ckpt = src if (src / MODEL_FILE).is_file() else latest_checkpoint(src) if src.is_dir() else None
+    ckpt = src if (src / MODEL_FILE).is_file() else latest_checkpoint(src)
     if ckpt is None:
         raise FileNotFoundError(f"train.init_from='{source}' is neither a checkpoint directory (holding "
                                 f"{MODEL_FILE}) nor a run directory with a complete checkpoint")

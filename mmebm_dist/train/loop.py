@@ -178,9 +178,10 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
     if cfg.model.prior.fit == "posthoc" and not cfg.train.init_from:
         raise ValueError("model.prior.fit=posthoc trains only the energy of a trained model: set "
                          "train.init_from=<its run directory> (a fixed-prior run)")
+    ckpt = latest_checkpoint(run_dir) if resume else None
     set_seed(cfg.train.seed)  # identical initial parameters on every rank
     model = build_model(cfg.model)
-    if cfg.train.init_from and not (resume and latest_checkpoint(run_dir) is not None):
+    if cfg.train.init_from and ckpt is None:  # a resumed run takes its weights from its own checkpoint
         source = load_initial_weights(model, cfg.train.init_from)
         log.info("initial weights from %s", source)
     optimizer = build_optimizer(model, cfg)
@@ -207,7 +208,6 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
         )
 
     state = TrainState(step=0, epoch=0, epoch_batch=0, data_order=order, config=config_to_dict(cfg))
-    ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         log.warning("no complete checkpoint in %s/checkpoints: starting from step 0", run_dir)
     if ckpt is not None:

@@ -148,8 +148,10 @@ class MetricsWriter:
         [N, L], drawn as caption tiles); float vector modalities are skipped."""
         if not self.enabled:
             return
+        from mmebm_dist.data.text import is_token_modality
+
         for name, x in samples.items():
-            if x.dim() == 2 and not x.dtype.is_floating_point:
+            if is_token_modality(x):
                 x = text_grid_images(x, self._vocabulary(name))
             elif x.dim() == 3:
                 x = x.unsqueeze(1)
