@@ -6,6 +6,7 @@ mmebm_dist.kernels; without CUDA the Triton kernels can only run in the interpre
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -13,3 +14,14 @@ if not torch.cuda.is_available():
 
 # One thread: tiny shapes gain nothing from more, and multi-process tests must not oversubscribe 2 cores.
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread during the test, whatever an earlier test left set, restored after it: tiny models are
+    overhead-bound, and one thread avoids OpenMP barrier stalls on a busy 2-core machine (the training-loop
+    test took 40 s with 2 threads, 2.5 s with 1). Modules opt in with ``pytest.mark.usefixtures``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -26,14 +26,7 @@ from mmebm_dist.models.modality import FAMILIES, EncoderOutput, register_family
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny and overhead-bound: one thread avoids OpenMP barrier stalls (measured on a busy
-    2-core machine: the training-loop test took 40 s with 2 threads, 2.5 s with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------- MMVAE+ reference network

@@ -15,15 +15,7 @@ from mmebm_dist.config import LangevinConfig, ModalityConfig, ModelConfig, Prior
 from mmebm_dist.models import build_model
 
 B = 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny, overhead-bound models: one thread avoids OpenMP barrier stalls on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny, overhead-bound models (see conftest.py)
 
 
 def tiny_config(*, m=3, private=2, aggregation="moe", posterior="laplace", objective="elbo", particles=1,

@@ -14,15 +14,7 @@ from mmebm_dist.models import build_model
 from mmebm_dist.models.blocks import ResidualBlock, upsample2x, upsampled_conv3x3
 
 B = 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: one thread avoids OpenMP barrier stalls on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny, overhead-bound models (see conftest.py)
 
 
 def _relative_close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:

@@ -12,17 +12,16 @@ One extra row per backend at K = ``--long-steps`` shows whether memory grows wit
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 from tqdm import tqdm
 
+from mmebm_dist.bench.common import format_table, matmul_roof_gflops, num_threads, time_runs
 from mmebm_dist.kernels._utils import langevin_flops_per_step
 from mmebm_dist.kernels.langevin_torch import NOISE_CHUNK, WORKERS_ENV, auto_workers
 from mmebm_dist.langevin import resolve_backend, sample
@@ -52,31 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
 
 
-def matmul_roof_gflops(device: torch.device, size: int = 1024, repeats: int = 10) -> float:
-    """Best fp32 size x size matmul rate on ``device``: the roof the sampler is compared with."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    out = torch.empty(size, size, device=device)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        _sync(device)
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
-
-
-@contextlib.contextmanager
-def num_threads(n: int):
-    """torch's intra-op thread count set to ``n`` inside the block, restored after it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def shape_matmul_ms(args, batch: int, steps: int, device: torch.device, repeats: int = 5) -> float:
     """Median ms of the chain's matmuls alone (forward and backward of every layer, K times, into preallocated
     outputs, no elementwise work), the faster of one thread and all threads: what a chain of this shape would
@@ -93,19 +67,17 @@ def _shape_matmul_ms(args, batch: int, steps: int, device: torch.device, repeats
     w_in, w_hid = torch.randn(h, d, device=device), torch.randn(max(layers - 1, 1), h, h, device=device)
     z, a, g, out_z = (torch.randn(batch, d, device=device), torch.empty(batch, h, device=device),
                       torch.randn(batch, h, device=device), torch.empty(batch, d, device=device))
-    times = []
-    for _ in range(repeats + 1):
-        _sync(device)
-        start = time.perf_counter()
+
+    def matmuls(_run: int) -> None:
         for _ in range(steps):
             torch.mm(z, w_in.t(), out=a)
             for layer in range(layers - 1):
                 torch.mm(g, w_hid[layer].t(), out=a)
                 torch.mm(g, w_hid[layer], out=a)
             torch.mm(g, w_in, out=out_z)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times[1:])
+
+    wall, _ = time_runs(matmuls, device, repeats)
+    return 1e3 * statistics.median(wall)
 
 
 def buffer_bytes(backend: str, batch: int, latent: int, hidden: int, layers: int, activation: str,
@@ -123,11 +95,6 @@ def buffer_bytes(backend: str, batch: int, latent: int, hidden: int, layers: int
     if backend == "triton":
         return fp32 * ((layers + 2) * batch * hidden + batch * latent + weight_copies)  # pre, grad, z
     return None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _setup(args, batch: int, device: torch.device):
@@ -151,15 +118,8 @@ def time_chain(args, backend: str, batch: int, steps: int, device: torch.device)
     other processes sharing the cores.
     """
     energy, z0 = _setup(args, batch, device)
-    wall, cpu = [], []
-    for i in range(args.repeats + 1):
-        _sync(device)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        _chain(args, energy, z0, backend, steps, seed=i)
-        _sync(device)
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall[1:]), statistics.median(cpu[1:])
+    wall, cpu = time_runs(lambda i: _chain(args, energy, z0, backend, steps, seed=i), device, args.repeats)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def _rss_kib(field: str) -> int:
@@ -208,19 +168,16 @@ def peak_memory_mib(args, backend: str, batch: int, steps: int, device: torch.de
 def _format_table(rows: list[dict]) -> str:
     header = ("backend", "workers", "batch", "d", "H x L", "K", "ms/chain", "cpu ms", "steps*samples/s",
               "vs autograd", "GFLOP/s", "% roof", "% shape roof", "peak MiB", "buffers MiB")
-    lines = [header]
-    for r in rows:
-        lines.append((r["backend"], str(r["workers"]), str(r["batch"]), str(r["latent"]), r["mlp"],
-                      str(r["steps"]),
-                      f"{r['ms_per_chain']:.2f}", f"{r['cpu_ms_per_chain']:.2f}",
-                      f"{r['chain_steps_x_samples_per_s']:.3g}",
-                      "-" if r["speedup_vs_autograd"] is None else f"{r['speedup_vs_autograd']:.2f}x",
-                      f"{r['gflops']:.1f}", f"{100 * r['roof_fraction']:.0f}%",
-                      f"{100 * r['shape_roof_fraction']:.0f}%",
-                      "-" if r["peak_mib"] is None else f"{r['peak_mib']:.2f}",
-                      "-" if r["buffer_mib"] is None else f"{r['buffer_mib']:.2f}"))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
+    return format_table(header, [
+        (r["backend"], str(r["workers"]), str(r["batch"]), str(r["latent"]), r["mlp"], str(r["steps"]),
+         f"{r['ms_per_chain']:.2f}", f"{r['cpu_ms_per_chain']:.2f}",
+         f"{r['chain_steps_x_samples_per_s']:.3g}",
+         "-" if r["speedup_vs_autograd"] is None else f"{r['speedup_vs_autograd']:.2f}x",
+         f"{r['gflops']:.1f}", f"{100 * r['roof_fraction']:.0f}%", f"{100 * r['shape_roof_fraction']:.0f}%",
+         "-" if r["peak_mib"] is None else f"{r['peak_mib']:.2f}",
+         "-" if r["buffer_mib"] is None else f"{r['buffer_mib']:.2f}")
+        for r in rows
+    ])
 
 
 def run(args) -> int:

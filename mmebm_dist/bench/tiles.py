@@ -14,11 +14,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
 from tqdm import tqdm
 
+from mmebm_dist.bench.common import format_table, time_runs
 from mmebm_dist.kernels._utils import langevin_flops_per_step, langevin_reference
 from mmebm_dist.models.energy import ACTIVATIONS, EnergyMLP
 
@@ -54,25 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
 
 
-def _time(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of fn() over ``repeats`` runs after one warm-up (CUDA events on a GPU)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def run(args) -> int:
     from mmebm_dist.kernels import langevin_triton as lt
 
@@ -100,10 +81,10 @@ def run(args) -> int:
         try:
             out = lt.langevin_triton(weights, z0, noise=noise, block_sizes=tile, num_warps=warps, **kwargs)
             error = (out.z - references[(batch, dtype)]).abs().max().item()
-            def chain(weights=weights, z0=z0, tile=tile, warps=warps, kwargs=kwargs):
+            def chain(_run, weights=weights, z0=z0, tile=tile, warps=warps, kwargs=kwargs):
                 lt.langevin_triton(weights, z0, block_sizes=tile, num_warps=warps, **kwargs)
 
-            seconds = _time(chain, device, args.repeats)
+            seconds = statistics.median(time_runs(chain, device, args.repeats, cuda_events=True)[0])
             failure = None
         except Exception as exc:  # a tile the compiler rejects (out of shared memory) is a row, not a crash
             error, seconds, failure = None, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
@@ -126,14 +107,12 @@ def run(args) -> int:
           f"K={args.steps}; "
           "error = max |z_K - reference| with the same noise; * = default tiles")
     header = ("batch", "weights", "tile BxHxD", "warps", "ms/chain", "GFLOP/s", "max abs error", "")
-    lines = [header]
-    for r in rows:
-        tile = r["tile"] + ("*" if r["default"] else "")
-        lines.append((str(r["batch"]), r["dtype"], tile, str(r["num_warps"]),
-                      "-" if r["ms_per_chain"] is None else f"{r['ms_per_chain']:.3f}",
-                      "-" if r["gflops"] is None else f"{r['gflops']:.0f}",
-                      "-" if r["max_abs_error"] is None else f"{r['max_abs_error']:.2e}",
-                      r["failure"] or ""))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    print("\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines))
+    print(format_table(header, [
+        (str(r["batch"]), r["dtype"], r["tile"] + ("*" if r["default"] else ""), str(r["num_warps"]),
+         "-" if r["ms_per_chain"] is None else f"{r['ms_per_chain']:.3f}",
+         "-" if r["gflops"] is None else f"{r['gflops']:.0f}",
+         "-" if r["max_abs_error"] is None else f"{r['max_abs_error']:.2e}",
+         r["failure"] or "")
+        for r in rows
+    ]))
     return 0

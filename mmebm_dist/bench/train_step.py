@@ -30,6 +30,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from mmebm_dist.bench.common import matmul_roof_gflops, num_threads, sync
+
 PHASES = ("data", "encode", "langevin", "decode", "objective", "backward", "communication", "optimizer")
 
 
@@ -75,11 +77,10 @@ class PhaseTimer:
     def __init__(self, device: torch.device):
         self.totals: dict[str, float] = defaultdict(float)
         self._open: dict[int, float] = {}
-        self._cuda = device.type == "cuda"
+        self._device = device
 
     def now(self) -> float:
-        if self._cuda:
-            torch.cuda.synchronize()
+        sync(self._device)
         return time.perf_counter()
 
     def time_modules(self, modules: list[torch.nn.Module], phase: str) -> None:
@@ -114,20 +115,9 @@ def _synthetic_batches(cfg, device: torch.device):
 
 
 def _real_batches(cfg, rank: int, world: int, device: torch.device):
-    from mmebm_dist.data.stream import make_loader
+    from mmebm_dist.train.loop import train_loader
 
-    loader = make_loader(
-        cfg.data.path,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        seed=cfg.train.seed,
-        rank=rank,
-        world_size=world,
-        split="train",
-        resampled=True,
-    )
-    for batch in loader:
+    for batch in train_loader(cfg, rank=rank, world_size=world, resampled=True):
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -380,7 +370,6 @@ def _table(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmebm_dist.bench.sampler import matmul_roof_gflops, num_threads
     from mmebm_dist.config import load_config
 
     overrides = list(args.overrides) + [f"train.threads={args.threads}"]

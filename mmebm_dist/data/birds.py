@@ -566,14 +566,14 @@ def build_birds(spec: BirdsSpec, *, progress: bool = True) -> dict[str, Any]:
         "params": spec.params,
         "out": str(out),
     }
-    entries = generated.parallel_map(
+    entries = generated.write_shards(
         _write_bird_shard,
-        generated.shard_jobs(counts, spec.shard_size),
+        counts,
+        spec.shard_size,
         state=state,
         workers=spec.workers,
         desc="birds shards",
         unit="img",
-        weight=lambda j: j[3] - j[2],
         progress=progress,
     )
     size = spec.params.size
@@ -672,22 +672,12 @@ def write_grid(
     """A PNG of the first rows x columns samples of ``split``, each image beside its caption."""
     from mmebm_dist.data.text import caption_tile
 
-    directory = Path(directory)
-    manifest = shards.read_manifest(directory)
-    specs = {s.name: s for s in shards.modality_specs(manifest)}
-    vocab = Vocabulary.load(directory / VOCAB_FILE)
+    specs, samples = shards.first_samples(directory, split, rows * columns)
+    vocab = Vocabulary.load(Path(directory) / VOCAB_FILE)
     tiles = []
-    for entry in shards.split_shards(manifest, split):
-        for _, sample in shards.iter_tar_samples(directory / entry["name"]):
-            image = shards.decode_entry(specs[IMAGE_MODALITY], sample[f"{IMAGE_MODALITY}.png"])
-            ids = shards.decode_entry(specs[TEXT_MODALITY], sample[f"{TEXT_MODALITY}.npy"])
-            text = caption_tile(vocab.decode(ids), height=image.shape[0], width=2 * image.shape[1])
-            tiles.append(np.concatenate([image, text], axis=1))
-            if len(tiles) == rows * columns:
-                break
-        if len(tiles) == rows * columns:
-            break
-    out = Path(png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(generated.grid(tiles, columns, pad=3, scale=scale)).save(out)
-    return out
+    for sample in samples:
+        image = shards.decode_entry(specs[IMAGE_MODALITY], sample[f"{IMAGE_MODALITY}.png"])
+        ids = shards.decode_entry(specs[TEXT_MODALITY], sample[f"{TEXT_MODALITY}.npy"])
+        text = caption_tile(vocab.decode(ids), height=image.shape[0], width=2 * image.shape[1])
+        tiles.append(np.concatenate([image, text], axis=1))
+    return generated.save_grid(png, tiles, columns, scale=scale)

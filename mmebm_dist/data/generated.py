@@ -1,4 +1,5 @@
-"""Shared by the generated data sets (street numbers, birds): photo crops, masks, parallel shard writing.
+"""Shared by the data set builders (PolyMNIST, street numbers, birds): the bundled photos, photo crops, masks,
+parallel shard writing and sample grids.
 
 Every sample depends only on (seed, split, index), and shards are written by worker processes from that
 alone, so the bytes do not depend on the worker count. The shard/manifest format is the one of
@@ -19,11 +20,39 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from mmebm_dist.data import shards
-from mmebm_dist.data.polymnist import BACKGROUNDS, load_backgrounds
 
 SPLIT_IDS = {"train": 0, "test": 1}
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 """ITU-R BT.601 luma weights."""
+# Colour photos shipped inside scikit-image's wheel that load offline (checked with scikit-image 0.26).
+BACKGROUNDS = (
+    "coffee",
+    "chelsea",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "rocket",
+    "astronaut",
+    "retina",
+)
+
+
+def load_backgrounds(count: int) -> list[tuple[str, np.ndarray]]:
+    """(name, uint8 [H, W, 3]) for modalities 0..count-1: modality k uses photo k mod len(BACKGROUNDS)."""
+    import skimage.data
+
+    cache: dict[str, np.ndarray] = {}
+    out = []
+    for k in range(count):
+        name = BACKGROUNDS[k % len(BACKGROUNDS)]
+        if name not in cache:
+            img = np.asarray(getattr(skimage.data, name)())
+            if img.ndim != 3 or img.shape[2] < 3 or img.dtype != np.uint8:
+                raise RuntimeError(
+                    f"skimage.data.{name}() gave {img.dtype} {img.shape}, expected uint8 [H, W, 3]"
+                )
+            cache[name] = np.ascontiguousarray(img[:, :, :3])
+        out.append((name, cache[name]))
+    return out
 
 
 def load_photos() -> list[np.ndarray]:
@@ -160,6 +189,31 @@ def parallel_map(
     return results
 
 
+def write_shards(
+    shard_writer: Callable[[tuple[str, int, int, int]], dict],
+    counts: dict[str, int],
+    shard_size: int,
+    *,
+    state: dict[str, Any],
+    workers: int,
+    desc: str,
+    unit: str,
+    progress: bool = True,
+) -> list[dict]:
+    """``shard_writer(job)`` for every job of :func:`shard_jobs` in worker processes (:func:`parallel_map`;
+    tqdm counts samples): what each call returns (e.g. :func:`write_shard`'s entry), in job order."""
+    return parallel_map(
+        shard_writer,
+        shard_jobs(counts, shard_size),
+        state=state,
+        workers=workers,
+        desc=desc,
+        unit=unit,
+        weight=lambda job: job[3] - job[2],
+        progress=progress,
+    )
+
+
 def shard_jobs(counts: dict[str, int], shard_size: int) -> list[tuple[str, int, int, int]]:
     """(split, shard index, first sample, end) of every shard of every split, in shards.SPLITS order."""
     if shard_size < 1:
@@ -237,3 +291,11 @@ def grid(images: Sequence[np.ndarray], columns: int, *, pad: int = 2, scale: int
             )
         )
     return canvas
+
+
+def save_grid(png: str | os.PathLike, tiles: Sequence[np.ndarray], columns: int, *, scale: int) -> Path:
+    """Write :func:`grid` of ``tiles`` (3 px apart, enlarged ``scale`` times) as a PNG; creates its folder."""
+    out = Path(png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid(tiles, columns, pad=3, scale=scale)).save(out)
+    return out

@@ -487,14 +487,14 @@ def build_mnist_svhn(spec: MnistSvhnSpec, *, progress: bool = True) -> dict[str,
         "pairs": pairs,
         "out": str(out),
     }
-    entries = generated.parallel_map(
+    entries = generated.write_shards(
         _write_pair_shard,
-        generated.shard_jobs(counts, spec.shard_size),
+        counts,
+        spec.shard_size,
         state=write_state,
         workers=spec.workers,
         desc="mnist-svhn shards",
         unit="pair",
-        weight=lambda j: j[3] - j[2],
         progress=progress,
     )
     manifest = generated.manifest_base(
@@ -646,22 +646,12 @@ def write_grid(
     scale: int = 3,
 ) -> Path:
     """PNG of the first rows x columns pairs of ``split``: MNIST (padded to 32x32), street number."""
-    directory = Path(directory)
-    manifest = shards.read_manifest(directory)
-    specs = {s.name: s for s in shards.modality_specs(manifest)}
+    specs, samples = shards.first_samples(directory, split, rows * columns)
     tiles = []
-    for entry in shards.split_shards(manifest, split):
-        for _, sample in shards.iter_tar_samples(directory / entry["name"]):
-            digit = shards.decode_entry(specs["mnist"], sample["mnist.png"])[..., 0]
-            street = shards.decode_entry(specs["svhn"], sample["svhn.png"])
-            pad = (street.shape[0] - digit.shape[0]) // 2
-            digit = np.pad(digit, pad)
-            tiles.append(np.concatenate([np.repeat(digit[..., None], 3, axis=2), street], axis=1))
-            if len(tiles) == rows * columns:
-                break
-        if len(tiles) == rows * columns:
-            break
-    out = Path(png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(generated.grid(tiles, columns, pad=3, scale=scale)).save(out)
-    return out
+    for sample in samples:
+        digit = shards.decode_entry(specs["mnist"], sample["mnist.png"])[..., 0]
+        street = shards.decode_entry(specs["svhn"], sample["svhn.png"])
+        pad = (street.shape[0] - digit.shape[0]) // 2
+        digit = np.pad(digit, pad)
+        tiles.append(np.concatenate([np.repeat(digit[..., None], 3, axis=2), street], axis=1))
+    return generated.save_grid(png, tiles, columns, scale=scale)

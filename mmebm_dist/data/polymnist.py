@@ -8,8 +8,6 @@ stroke. Each shard depends only on (seed, split, shard index), so any worker cou
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,22 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from mmebm_dist.data import shards
+from mmebm_dist.data import generated, shards
 from mmebm_dist.data.codec import encode_png
+from mmebm_dist.data.generated import BACKGROUNDS as BACKGROUNDS  # re-exported: PolyMNIST's backgrounds
+from mmebm_dist.data.generated import SPLIT_IDS, load_backgrounds
 from mmebm_dist.data.sources import IMAGE_SIZE, SourceData, load_source
 
-# Colour photos shipped inside scikit-image's wheel that load offline (checked with scikit-image 0.26).
-BACKGROUNDS = (
-    "coffee",
-    "chelsea",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "rocket",
-    "astronaut",
-    "retina",
-)
 BINARISE_THRESHOLD = 128
-SPLIT_IDS = {"train": 0, "test": 1}
 FORMATS = ("shards", "folders")
 
 
@@ -64,25 +53,6 @@ class BuildSpec:
     """Cache directory for the mnist source (default $MMEBM_CACHE or ~/.cache/mmebm_dist)."""
     overwrite: bool = False
     """Replace a dataset already in ``out`` (only files this builder writes are removed)."""
-
-
-def load_backgrounds(count: int) -> list[tuple[str, np.ndarray]]:
-    """(name, uint8 [H, W, 3]) for modalities 0..count-1: modality k uses photo k mod len(BACKGROUNDS)."""
-    import skimage.data
-
-    cache: dict[str, np.ndarray] = {}
-    out = []
-    for k in range(count):
-        name = BACKGROUNDS[k % len(BACKGROUNDS)]
-        if name not in cache:
-            img = np.asarray(getattr(skimage.data, name)())
-            if img.ndim != 3 or img.shape[2] < 3 or img.dtype != np.uint8:
-                raise RuntimeError(
-                    f"skimage.data.{name}() gave {img.dtype} {img.shape}, expected uint8 [H, W, 3]"
-                )
-            cache[name] = np.ascontiguousarray(img[:, :, :3])
-        out.append((name, cache[name]))
-    return out
 
 
 def modality_names(count: int) -> list[str]:
@@ -127,19 +97,10 @@ def composite(digits: np.ndarray, background: np.ndarray, rng: np.random.Generat
     return np.where(stroke, 255 - crops, crops).astype(np.uint8)
 
 
-# Per-process state of the build workers (set once by _init_worker; read-only afterwards).
-_STATE: dict[str, Any] = {}
-
-
-def _init_worker(state: dict[str, Any]) -> None:
-    _STATE.clear()
-    _STATE.update(state)
-
-
 def _build_shard(job: tuple[str, int, int, int]) -> dict[str, Any]:
     """Render tuples [start, end) of ``split`` and write them as one shard (or as PolyMNIST folder files)."""
     split, index, start, end = job
-    st = _STATE
+    st = generated.worker_state()
     images, labels = st["splits"][split]
     assignment = st["assignment"][split]
     names = st["names"]
@@ -156,20 +117,12 @@ def _build_shard(job: tuple[str, int, int, int]) -> dict[str, Any]:
                 path = folder / f"{start + j}.{int(tuple_labels[j])}.png"
                 path.write_bytes(encode_png(views[m][j]))
         return {"split": split, "index": index, "count": end - start}
-    members = []
+    samples = []
     for j in range(end - start):
-        key = f"{start + j:08d}"
-        members.extend((f"{key}.{name}.png", encode_png(views[m][j])) for m, name in enumerate(names))
-        members.append((f"{key}.{shards.LABEL_EXT}", str(int(tuple_labels[j])).encode()))
-    path = out / shards.shard_name(split, index)
-    shards.write_tar(path, members)
-    return {
-        "name": path.name,
-        "split": split,
-        "index": index,
-        "count": end - start,
-        "sha256": shards.sha256_file(path),
-    }
+        entries = [(f"{name}.png", encode_png(views[m][j])) for m, name in enumerate(names)]
+        entries.append((shards.LABEL_EXT, str(int(tuple_labels[j])).encode()))
+        samples.append((f"{start + j:08d}", entries))
+    return generated.write_shard(out, split, index, samples)
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
@@ -198,8 +151,6 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 def build_polymnist(spec: BuildSpec, *, progress: bool = True) -> dict[str, Any]:
     """Build the dataset described by ``spec`` and return its manifest (also written to out/manifest.json)."""
-    from tqdm import tqdm
-
     if spec.format not in FORMATS:
         raise ValueError(f"--format {spec.format!r}: choose one of {', '.join(FORMATS)}")
     if spec.modalities < 1 or spec.shard_size < 1:
@@ -237,31 +188,16 @@ def build_polymnist(spec: BuildSpec, *, progress: bool = True) -> dict[str, Any]
         for split in shards.SPLITS:
             for name in names:
                 (out / split / name).mkdir(parents=True, exist_ok=True)
-    jobs = [
-        (split, i, start, min(start + spec.shard_size, counts[split]))
-        for split in shards.SPLITS
-        for i, start in enumerate(range(0, counts[split], spec.shard_size))
-    ]
-    workers = min(spec.workers or os.cpu_count() or 1, len(jobs))
-    bar = tqdm(
-        total=sum(counts.values()), desc=f"polymnist {spec.format}", unit="tuple", disable=not progress
+    results = generated.write_shards(
+        _build_shard,
+        counts,
+        spec.shard_size,
+        state=state,
+        workers=spec.workers,
+        desc=f"polymnist {spec.format}",
+        unit="tuple",
+        progress=progress,
     )
-    results = []
-    if workers <= 1:
-        _init_worker(state)
-        for job in jobs:
-            results.append(_build_shard(job))
-            bar.update(results[-1]["count"])
-    else:
-        ctx = multiprocessing.get_context(
-            "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-        )
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(state,)) as pool:
-            for result in pool.imap_unordered(_build_shard, jobs):
-                results.append(result)
-                bar.update(result["count"])
-    bar.close()
-    results.sort(key=lambda r: (shards.SPLITS.index(r["split"]), r["index"]))
     manifest = _manifest(spec, source, backgrounds, names, counts, results)
     shards.write_manifest(out, manifest)
     return manifest

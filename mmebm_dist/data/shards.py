@@ -204,6 +204,23 @@ def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
             yield key, sample
 
 
+def first_samples(
+    directory: str | os.PathLike, split: str, count: int
+) -> tuple[dict[str, ModalitySpec], list[dict[str, bytes]]]:
+    """The data set's modality specs by name and the first ``count`` samples of ``split`` in manifest order
+    (fewer when the split holds fewer), each {suffix: bytes}: what a picture of the data set is drawn from."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    specs = {s.name: s for s in modality_specs(manifest)}
+    samples: list[dict[str, bytes]] = []
+    for entry in split_shards(manifest, split):
+        for _, sample in iter_tar_samples(directory / entry["name"]):
+            samples.append(sample)
+            if len(samples) == count:
+                return specs, samples
+    return specs, samples
+
+
 # --------------------------------------------------------------------------------------------- verify / info
 
 

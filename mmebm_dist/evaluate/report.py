@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -148,7 +149,7 @@ def save_joint_grid(path: str | Path, samples: dict[str, torch.Tensor], per_row:
     ax.imshow(grid, interpolation="nearest")
     ax.set_title(f"{title} (columns: samples; rows: {', '.join(names)})", fontsize=9)
     ax.axis("off")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_cross_grid(path: str | Path, sources: dict[str, torch.Tensor],
@@ -183,7 +184,7 @@ def save_cross_grid(path: str | Path, sources: dict[str, torch.Tensor],
     ax.set_xlabel("target modality")
     ax.set_ylabel("source modality")
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_heatmap(path: str | Path, matrix: Sequence[Sequence[float]], names: Sequence[str],
@@ -203,7 +204,7 @@ def save_heatmap(path: str | Path, matrix: Sequence[Sequence[float]], names: Seq
     ax.set_ylabel("source")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_sweep_plot(path: str | Path, sweep: Sequence[dict], ceiling: float | None = None) -> Path:
@@ -227,14 +228,18 @@ def save_sweep_plot(path: str | Path, sweep: Sequence[dict], ceiling: float | No
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="lower right")
     ax.set_title("joint coherence vs Langevin steps", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Save a matplotlib figure as PNG atomically (temp file + os.replace) and close it; no Software tag, so
+    the bytes do not depend on the matplotlib version."""
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)
+    os.replace(tmp, path)
     return path
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mmebm_dist.config import config_from_dict, config_to_dict
-from mmebm_dist.evaluate.report import fmt, json_safe, md_table
+from mmebm_dist.evaluate.report import fmt, json_safe, md_table, save_figure
 from mmebm_dist.train.metrics import atomic_write_text, parse_jsonl
 
 EVAL_JSON = "eval.json"
@@ -627,17 +627,6 @@ def save_curves(path: Path, runs: Sequence[Run]) -> None:
 
 def _run_label(r: Run) -> str:
     return f"{r.prior} seed {r.seed} [{r.config_hash[:6]}]"
-
-
-def save_figure(fig, path: Path) -> None:
-    """Save a matplotlib figure as PNG atomically (temp file + os.replace) and close it."""
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.tight_layout()
-    fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ markdown

@@ -100,6 +100,24 @@ def data_order(cfg: Config, world_size: int, manifest: str) -> dict[str, Any]:
     }
 
 
+def train_loader(cfg: Config, *, rank: int, world_size: int, **options: Any):
+    """``make_loader`` over the train split of ``data.path`` with the run's batch size, workers, shuffle
+    buffer and seed (the fields of :func:`data_order`); ``options``: the other ``make_loader`` arguments."""
+    from mmebm_dist.data.stream import make_loader
+
+    return make_loader(
+        cfg.data.path,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        seed=cfg.train.seed,
+        rank=rank,
+        world_size=world_size,
+        split="train",
+        **options,
+    )
+
+
 def micro_batches(
     cfg: Config, *, rank: int, world_size: int, per_epoch: int, epoch: int, start: int, device: torch.device
 ) -> Iterator[tuple[int, int, dict]]:
@@ -107,21 +125,14 @@ def micro_batches(
 
     Starts at batch ``start`` of ``epoch`` (exact resume through ``make_loader(skip_batches=...)``).
     """
-    from mmebm_dist.data.stream import make_loader
-
     while True:
         with isolated_rng(device):
             loader = iter(
-                make_loader(
-                    cfg.data.path,
-                    batch_size=cfg.data.batch_size,
-                    num_workers=cfg.data.num_workers,
-                    shuffle_buffer=cfg.data.shuffle_buffer,
-                    seed=cfg.train.seed,
-                    epoch=epoch,
+                train_loader(
+                    cfg,
                     rank=rank,
                     world_size=world_size,
-                    split="train",
+                    epoch=epoch,
                     on_error=cfg.data.on_error,
                     skip_batches=start,
                 )
