@@ -5,17 +5,19 @@
 #   ablation: the EBM prior over a Gaussian reference instead of Laplace (PolyMNIST, seed 0);
 #   ablation: an EBM prior fitted post hoc to each frozen PolyMNIST Laplace run (model.prior.fit=posthoc: only
 #     the energy trains, on the aggregate posterior; the Laplace prior becomes its reference), with the joint
-#     runs' energy settings and with energy lr 5e-4 and no L2 penalty (and lr 5e-4 alone, seed 0);
+#     runs' energy settings and with energy lr 5e-4 and no L2 penalty (and lr 5e-4 alone, seed 0), and with a
+#     longer, finer Langevin chain (120 steps of 0.3), energy lr 1e-3, no L2 and $POSTHOC_LONG_STEPS steps;
 #   every run evaluated with $EVAL_SAMPLES joint samples / test tuples (plus the Langevin-steps sweep).
 # Each step is idempotent: finished runs and evals are skipped, interrupted runs resume from their checkpoint.
 # $PARALLEL runs train at a time with one thread each (2 on a 2-core machine).
-# Usage: launch/reproduce.sh            (environment: STEPS, SEEDS, FASHION_SEEDS, EVAL_SAMPLES, PARALLEL, OUT)
+# Usage: launch/reproduce.sh            (environment: STEPS, POSTHOC_LONG_STEPS, SEEDS, FASHION_SEEDS, EVAL_SAMPLES, PARALLEL, OUT)
 set -euo pipefail
 MMEBM=${MMEBM:-.venv/bin/mmebm}
 STEPS=${STEPS:-1500}
 SEEDS=${SEEDS:-"0 1 2"}
 FASHION_SEEDS=${FASHION_SEEDS:-"0"}
 EVAL_SAMPLES=${EVAL_SAMPLES:-5000}
+POSTHOC_LONG_STEPS=${POSTHOC_LONG_STEPS:-3000}
 PARALLEL=${PARALLEL:-2}
 OUT=${OUT:-runs/results}
 mkdir -p "$OUT"
@@ -54,21 +56,31 @@ jobs() {
     echo "fashion_laplace_s$s configs/polyfashion_laplace.yaml train.seed=$s"
   done
   echo "polymnist_ebm_gaussref_s0 configs/polymnist_ebm.yaml train.seed=0 model.prior.reference=gaussian"
+  for s in $SEEDS; do  # the chain that tracks a sharp energy: 120 Langevin steps of 0.3, energy lr 1e-3, 3000 steps
+    echo "polymnist_ebm_posthoc_lr1e-3_K120_s0.3_s$s configs/polymnist_ebm.yaml train.seed=$s model.prior.fit=posthoc" \
+      "model.prior.lr=1e-3 model.prior.energy_l2=0 model.prior.langevin.steps=120 model.prior.langevin.step_size=0.3" \
+      "train.steps=$POSTHOC_LONG_STEPS train.init_from=$OUT/polymnist_laplace_s$s"
+  done
 }
 
 # train_and_eval NAME CONFIG OVERRIDES...: train (or resume) to $STEPS, then evaluate the final checkpoint.
 train_and_eval() {
   local name=$1 config=$2; shift 2
-  local run=$OUT/$name arg
-  for arg in "$@"; do  # a post-hoc prior starts from a finished run: wait for its eval
-    case $arg in train.init_from=*)
-      until [ -f "${arg#train.init_from=}/eval/eval.json" ]; do sleep 60; done ;;
+  local run=$OUT/$name arg steps=$STEPS
+  local overrides=()
+  for arg in "$@"; do
+    case $arg in
+      train.init_from=*)  # a post-hoc prior starts from a finished run: wait for its eval
+        until [ -f "${arg#train.init_from=}/eval/eval.json" ]; do sleep 60; done
+        overrides+=("$arg") ;;
+      train.steps=*) steps=${arg#train.steps=} ;;  # a job's own step count replaces $STEPS
+      *) overrides+=("$arg") ;;
     esac
   done
   if [ -f "$run/config.json" ]; then
-    "$MMEBM" train --resume "$run" train.steps="$STEPS" train.threads=1 >>"$run.log" 2>&1
+    "$MMEBM" train --resume "$run" train.steps="$steps" train.threads=1 >>"$run.log" 2>&1
   else
-    "$MMEBM" train --config "$config" train.out_dir="$run" train.steps="$STEPS" train.threads=1 "$@" \
+    "$MMEBM" train --config "$config" train.out_dir="$run" train.steps="$steps" train.threads=1 "${overrides[@]}" \
       >>"$run.log" 2>&1
   fi
   local data
