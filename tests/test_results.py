@@ -139,6 +139,35 @@ def test_settings_group_seeds_by_config_hash(runs, tmp_path):
     assert res.prior_label(cfg["model"]["prior"] | {"fit": "posthoc"}) == "ebm/laplace post-hoc"
 
 
+def test_posthoc_runs_are_paired_with_the_run_they_were_fitted_to(runs, tmp_path):
+    """Each post-hoc run minus its own source run (train.init_from), not minus the Laplace setting's mean."""
+    data = tmp_path / "polymnist"
+    posthoc = tmp_path / "posthoc"
+    joints = {0: 0.50, 1: 0.60}
+    for seed, joint in joints.items():
+        figures = (joint, 0.02, FIGURES[("laplace", seed)][2], 0.011, 0.55, 0.02, {})
+        run_dir = write_run(posthoc, data, "ebm", seed, figures)
+        cfg = json.loads((run_dir / "config.json").read_text())
+        cfg["model"]["prior"]["fit"] = "posthoc"
+        cfg["train"]["init_from"] = str(runs / f"laplace_s{1 - seed}")  # crossed on purpose: pairs follow it
+        (run_dir / "config.json").write_text(json.dumps(cfg))
+    report, md, _ = aggregate(tmp_path, [str(runs / "*"), str(posthoc / "*")])
+    (ds,) = report["datasets"]
+    (paired,) = ds["posthoc_minus_base"]
+    assert paired["config_hash"] == _setting(report, "ebm/laplace post-hoc")["config_hash"]
+    assert paired["base_config_hashes"] == [_setting(report, "laplace")["config_hash"]]
+    assert sorted((p["run"], p["base"]) for p in paired["pairs"]) == [("ebm_laplace_s0", "laplace_s1"),
+                                                                      ("ebm_laplace_s1", "laplace_s0")]
+    diffs = [joints[0] - FIGURES[("laplace", 1)][0], joints[1] - FIGURES[("laplace", 0)][0]]
+    assert sorted(paired["joint"]["per_pair"]) == pytest.approx(sorted(diffs))
+    assert paired["joint"]["difference"] == pytest.approx(sum(diffs) / 2)
+    assert paired["joint"]["stderr"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2)
+    assert paired["joint"]["stderr_kind"] == "across-pair"
+    assert "**Post-hoc − the run it was fitted to**" in md and f"{sum(diffs) / 2:+.4f}" in md
+    # A main-pair comparison still prefers the jointly trained EBM.
+    assert ds["main_ebm"] == _setting(report, "ebm/laplace")["config_hash"]
+
+
 def _expected(kind: str, index: int) -> dict:
     values = [FIGURES[(kind, s)][index] for s in (0, 1)]
     ses = [FIGURES[(kind, s)][index + 1] for s in (0, 1)]

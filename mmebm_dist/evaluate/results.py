@@ -130,6 +130,8 @@ class Run:
     seed: int
     config_hash: str
     """sha256 of the canonical config.json without train.seed and train.out_dir (first 12 hex digits)."""
+    init_from: str | None
+    """train.init_from: the run a post-hoc prior was fitted to (None for a run trained from scratch)."""
     langevin_steps: int | None
     """Langevin steps of the EBM prior during training and joint sampling (None for fixed priors)."""
     langevin_step_size: float | None
@@ -227,6 +229,7 @@ def load_run(run_dir: Path, eval_name: str = "eval") -> tuple[Run | None, str]:
         prior=prior_label(prior_cfg),
         seed=int(config["train"]["seed"]),
         config_hash=setting_hash(config),
+        init_from=config["train"].get("init_from") or None,
         langevin_steps=int(prior_cfg["langevin"]["steps"]) if is_ebm else None,
         langevin_step_size=float(prior_cfg["langevin"]["step_size"]) if is_ebm else None,
         steps=int(last["step"]),
@@ -483,9 +486,44 @@ def build_results(runs: Sequence[Run], *, command: str) -> dict[str, Any]:
                          "main_laplace": lap["config_hash"] if lap else None,
                          "main_ebm": ebm["config_hash"] if ebm else None,
                          "ebm_minus_laplace": comparison,
+                         "posthoc_minus_base": posthoc_pairs(mine, [r for r in runs if r.dataset == dataset]),
                          "ablations": ablations(mine, lap, ebm, configs)})
     return {"generated_by": "mmebm results", "command": command, "runs": [r.to_json() for r in runs],
             "settings": settings, "datasets": datasets, "paper": PAPER}
+
+
+def posthoc_pairs(settings: Sequence[dict], runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per post-hoc setting, each run minus the run it was fitted to (train.init_from, matched by directory):
+    the same encoders, decoders and seed, so the difference is paired. Mean with its across-pair SE (std /
+    sqrt(k)), or with the two binomial SEs of a single pair. Runs whose source is not among ``runs`` are left
+    out; a setting with none is not listed."""
+    by_dir = {Path(r.run_dir).resolve(): r for r in runs}
+    out = []
+    for s in settings:
+        pairs = []
+        for r in runs:
+            if r.config_hash != s["config_hash"] or r.init_from is None:
+                continue
+            base = by_dir.get(Path(r.init_from).resolve())
+            if base is not None:
+                pairs.append((r, base))
+        if not pairs:
+            continue
+        entry: dict[str, Any] = {"config_hash": s["config_hash"],
+                                 "base_config_hashes": sorted({b.config_hash for _, b in pairs}),
+                                 "pairs": [{"run": r.name, "base": b.name} for r, b in pairs]}
+        for figure in ("joint", "cross"):
+            coherence, se = f"{figure}_coherence", f"{figure}_stderr"
+            diffs = [getattr(r, coherence) - getattr(b, coherence) for r, b in pairs]
+            if len(pairs) > 1:
+                stderr, kind = statistics.stdev(diffs) / math.sqrt(len(diffs)), "across-pair"
+            else:
+                ((r, b),) = pairs
+                stderr, kind = math.hypot(getattr(r, se), getattr(b, se)), "binomial"
+            entry[figure] = {"difference": math.fsum(diffs) / len(diffs), "stderr": stderr,
+                             "stderr_kind": kind, "per_pair": diffs}
+        out.append(entry)
+    return out
 
 
 def ablations(settings: Sequence[dict], lap: dict | None, ebm: dict | None,
@@ -697,6 +735,7 @@ def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: P
         lines += md_table(["prior", "config", "seeds", "steps", "joint coherence", "cross coherence",
                          "ceiling", "wall time / run", "samples/s"], rows)
         lines += ["", _comparison_line(ds, mine)]
+        lines += [_posthoc_line(p) for p in ds["posthoc_minus_base"]]
         for caption, path in images.get(ds["dataset"], {}).items():
             lines += ["", f"![{caption}]({Path(os.path.relpath(path, md_dir)).as_posix()})"]
     lines += ["", "## Ablations", "",
@@ -744,6 +783,18 @@ def _comparison_line(ds: dict, settings: Sequence[dict]) -> str:
              f"({comp[name]['stderr_kind']} SE)" for name in ("joint", "cross")]
     return (f"**EBM − Laplace** (`{comp['ebm']}` minus `{comp['laplace']}`, the pair whose configs differ "
             f"least): " + "; ".join(parts) + ".")
+
+
+def _posthoc_line(p: dict) -> str:
+    parts = []
+    for name in ("joint", "cross"):
+        figure = p[name]
+        per_pair = ", ".join(f"{d:+.4f}" for d in figure["per_pair"])
+        parts.append(f"{name} {figure['difference']:+.4f} ± {fmt(figure['stderr'])} "
+                     f"({figure['stderr_kind']} SE; per pair {per_pair})")
+    runs = ", ".join(f"{q['run']} − {q['base']}" for q in p["pairs"])
+    return (f"\n**Post-hoc − the run it was fitted to** (`{p['config_hash']}`, paired: {runs}): "
+            + "; ".join(parts) + ".")
 
 
 # ------------------------------------------------------------------------------------------------ writing
