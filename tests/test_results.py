@@ -166,6 +166,11 @@ def test_posthoc_runs_are_paired_with_the_run_they_were_fitted_to(runs, tmp_path
     assert "**Post-hoc − the run it was fitted to**" in md and f"{sum(diffs) / 2:+.4f}" in md
     # A main-pair comparison still prefers the jointly trained EBM.
     assert ds["main_ebm"] == _setting(report, "ebm/laplace")["config_hash"]
+    # One pair: its two binomial SEs.
+    report, _, _ = aggregate(tmp_path / "one", [str(runs / "*"), str(posthoc / "ebm_laplace_s0")])
+    (single,) = report["datasets"][0]["posthoc_minus_base"]
+    assert single["joint"]["stderr_kind"] == "binomial"
+    assert single["joint"]["stderr"] == pytest.approx(math.hypot(0.02, FIGURES[("laplace", 1)][1]))
 
 
 def _expected(kind: str, index: int) -> dict:
