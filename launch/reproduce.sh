@@ -8,10 +8,11 @@
 #     the energy trains, on the aggregate posterior; the Laplace prior becomes its reference), with the joint
 #     runs' energy settings and with energy lr 5e-4 and no L2 penalty (and lr 5e-4 alone, seed 0), and with a
 #     longer, finer Langevin chain (120 steps of 0.3), energy lr 1e-3, no L2 and $POSTHOC_LONG_STEPS steps;
+#   then the whole model trained jointly for $JOINT_FT_STEPS steps from each of those post-hoc priors;
 #   every run evaluated with $EVAL_SAMPLES joint samples / test tuples (plus the Langevin-steps sweep).
 # Each step is idempotent: finished runs and evals are skipped, interrupted runs resume from their checkpoint.
 # $PARALLEL runs train at a time with one thread each (2 on a 2-core machine).
-# Usage: launch/reproduce.sh            (environment: STEPS, POSTHOC_LONG_STEPS, SEEDS, FASHION_SEEDS, EVAL_SAMPLES, PARALLEL, OUT)
+# Usage: launch/reproduce.sh            (environment: STEPS, POSTHOC_LONG_STEPS, JOINT_FT_STEPS, SEEDS, FASHION_SEEDS, EVAL_SAMPLES, PARALLEL, OUT)
 set -euo pipefail
 MMEBM=${MMEBM:-.venv/bin/mmebm}
 STEPS=${STEPS:-1500}
@@ -19,6 +20,7 @@ SEEDS=${SEEDS:-"0 1 2"}
 FASHION_SEEDS=${FASHION_SEEDS:-"0"}
 EVAL_SAMPLES=${EVAL_SAMPLES:-5000}
 POSTHOC_LONG_STEPS=${POSTHOC_LONG_STEPS:-3000}
+JOINT_FT_STEPS=${JOINT_FT_STEPS:-500}
 PARALLEL=${PARALLEL:-2}
 OUT=${OUT:-runs/results}
 mkdir -p "$OUT"
@@ -61,6 +63,11 @@ jobs() {
     echo "polymnist_ebm_posthoc_lr1e-3_K120_s0.3_s$s configs/polymnist_ebm.yaml train.seed=$s model.prior.fit=posthoc" \
       "model.prior.lr=1e-3 model.prior.energy_l2=0 model.prior.langevin.steps=120 model.prior.langevin.step_size=0.3" \
       "train.steps=$POSTHOC_LONG_STEPS train.init_from=$OUT/polymnist_laplace_s$s"
+  done
+  for s in $SEEDS; do  # then all of the model jointly, from that post-hoc prior (the paper's objective)
+    echo "polymnist_ebm_joint_from_posthoc_s$s configs/polymnist_ebm.yaml train.seed=$s model.prior.lr=1e-4" \
+      "model.prior.energy_l2=0 model.prior.langevin.steps=120 model.prior.langevin.step_size=0.3" \
+      "train.steps=$JOINT_FT_STEPS train.init_from=$OUT/polymnist_ebm_posthoc_lr1e-3_K120_s0.3_s$s"
   done
   for s in $FASHION_SEEDS; do
     echo "fashion_ebm_posthoc_lr1e-3_K120_s0.3_s$s configs/polyfashion_ebm.yaml train.seed=$s model.prior.fit=posthoc" \

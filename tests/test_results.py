@@ -153,7 +153,7 @@ def test_posthoc_runs_are_paired_with_the_run_they_were_fitted_to(runs, tmp_path
         (run_dir / "config.json").write_text(json.dumps(cfg))
     report, md, _ = aggregate(tmp_path, [str(runs / "*"), str(posthoc / "*")])
     (ds,) = report["datasets"]
-    (paired,) = ds["posthoc_minus_base"]
+    (paired,) = ds["minus_source_run"]
     assert paired["config_hash"] == _setting(report, "ebm/laplace post-hoc")["config_hash"]
     assert paired["base_config_hashes"] == [_setting(report, "laplace")["config_hash"]]
     assert sorted((p["run"], p["base"]) for p in paired["pairs"]) == [("ebm_laplace_s0", "laplace_s1"),
@@ -163,12 +163,12 @@ def test_posthoc_runs_are_paired_with_the_run_they_were_fitted_to(runs, tmp_path
     assert paired["joint"]["difference"] == pytest.approx(sum(diffs) / 2)
     assert paired["joint"]["stderr"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2)
     assert paired["joint"]["stderr_kind"] == "across-pair"
-    assert "**Post-hoc − the run it was fitted to**" in md and f"{sum(diffs) / 2:+.4f}" in md
+    assert "**Minus the run it started from**" in md and f"{sum(diffs) / 2:+.4f}" in md
     # A main-pair comparison still prefers the jointly trained EBM.
     assert ds["main_ebm"] == _setting(report, "ebm/laplace")["config_hash"]
     # One pair: its two binomial SEs.
     report, _, _ = aggregate(tmp_path / "one", [str(runs / "*"), str(posthoc / "ebm_laplace_s0")])
-    (single,) = report["datasets"][0]["posthoc_minus_base"]
+    (single,) = report["datasets"][0]["minus_source_run"]
     assert single["joint"]["stderr_kind"] == "binomial"
     assert single["joint"]["stderr"] == pytest.approx(math.hypot(0.02, FIGURES[("laplace", 1)][1]))
 

@@ -486,17 +486,17 @@ def build_results(runs: Sequence[Run], *, command: str) -> dict[str, Any]:
                          "main_laplace": lap["config_hash"] if lap else None,
                          "main_ebm": ebm["config_hash"] if ebm else None,
                          "ebm_minus_laplace": comparison,
-                         "posthoc_minus_base": posthoc_pairs(mine, [r for r in runs if r.dataset == dataset]),
+                         "minus_source_run": source_pairs(mine, [r for r in runs if r.dataset == dataset]),
                          "ablations": ablations(mine, lap, ebm, configs)})
     return {"generated_by": "mmebm results", "command": command, "runs": [r.to_json() for r in runs],
             "settings": settings, "datasets": datasets, "paper": PAPER}
 
 
-def posthoc_pairs(settings: Sequence[dict], runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """Per post-hoc setting, each run minus the run it was fitted to (train.init_from, matched by directory):
-    the same encoders, decoders and seed, so the difference is paired. Mean with its across-pair SE (std /
-    sqrt(k)), or with the two binomial SEs of a single pair. Runs whose source is not among ``runs`` are left
-    out; a setting with none is not listed."""
+def source_pairs(settings: Sequence[dict], runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per setting whose runs start from another run (train.init_from, matched by directory: a post-hoc prior
+    or a fine-tuning), each run minus the run it started from: the same seed, so the difference is paired.
+    Mean with its across-pair SE (std / sqrt(k)), or with the two binomial SEs of a single pair. Runs whose
+    source is not among ``runs`` are left out; a setting with none is not listed."""
     by_dir = {Path(r.run_dir).resolve(): r for r in runs}
     out = []
     for s in settings:
@@ -735,7 +735,7 @@ def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: P
         lines += md_table(["prior", "config", "seeds", "steps", "joint coherence", "cross coherence",
                          "ceiling", "wall time / run", "samples/s"], rows)
         lines += ["", _comparison_line(ds, mine)]
-        lines += [_posthoc_line(p) for p in ds["posthoc_minus_base"]]
+        lines += [_source_line(p) for p in ds["minus_source_run"]]
         for caption, path in images.get(ds["dataset"], {}).items():
             lines += ["", f"![{caption}]({Path(os.path.relpath(path, md_dir)).as_posix()})"]
     lines += ["", "## Ablations", "",
@@ -785,7 +785,7 @@ def _comparison_line(ds: dict, settings: Sequence[dict]) -> str:
             f"least): " + "; ".join(parts) + ".")
 
 
-def _posthoc_line(p: dict) -> str:
+def _source_line(p: dict) -> str:
     parts = []
     for name in ("joint", "cross"):
         figure = p[name]
@@ -793,7 +793,7 @@ def _posthoc_line(p: dict) -> str:
         parts.append(f"{name} {figure['difference']:+.4f} ± {fmt(figure['stderr'])} "
                      f"({figure['stderr_kind']} SE; per pair {per_pair})")
     runs = ", ".join(f"{q['run']} − {q['base']}" for q in p["pairs"])
-    return (f"\n**Post-hoc − the run it was fitted to** (`{p['config_hash']}`, paired: {runs}): "
+    return (f"\n**Minus the run it started from** (`{p['config_hash']}`, train.init_from, paired: {runs}): "
             + "; ".join(parts) + ".")
 
 
