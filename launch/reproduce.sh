@@ -40,6 +40,10 @@ for d in data/polymnist data/fashion; do
   fi
 done
 
+# The energy settings of the finer-chain post-hoc prior: 120 Langevin steps of 0.3, energy lr 1e-3, no L2.
+FINER_POSTHOC="model.prior.fit=posthoc model.prior.lr=1e-3 model.prior.energy_l2=0 model.prior.langevin.steps=120"
+FINER_POSTHOC+=" model.prior.langevin.step_size=0.3 train.steps=$POSTHOC_LONG_STEPS"
+
 # One job per line: NAME CONFIG OVERRIDES...
 jobs() {
   for s in $SEEDS; do
@@ -59,10 +63,9 @@ jobs() {
     echo "fashion_laplace_s$s configs/polyfashion_laplace.yaml train.seed=$s"
   done
   echo "polymnist_ebm_gaussref_s0 configs/polymnist_ebm.yaml train.seed=0 model.prior.reference=gaussian"
-  for s in $SEEDS; do  # the chain that tracks a sharp energy: 120 Langevin steps of 0.3, energy lr 1e-3, 3000 steps
-    echo "polymnist_ebm_posthoc_lr1e-3_K120_s0.3_s$s configs/polymnist_ebm.yaml train.seed=$s model.prior.fit=posthoc" \
-      "model.prior.lr=1e-3 model.prior.energy_l2=0 model.prior.langevin.steps=120 model.prior.langevin.step_size=0.3" \
-      "train.steps=$POSTHOC_LONG_STEPS train.init_from=$OUT/polymnist_laplace_s$s"
+  for s in $SEEDS; do  # the chain that tracks a sharp energy
+    echo "polymnist_ebm_posthoc_lr1e-3_K120_s0.3_s$s configs/polymnist_ebm.yaml train.seed=$s $FINER_POSTHOC" \
+      "train.init_from=$OUT/polymnist_laplace_s$s"
   done
   for s in $SEEDS; do  # then all of the model jointly, from that post-hoc prior (the paper's objective)
     echo "polymnist_ebm_joint_from_posthoc_s$s configs/polymnist_ebm.yaml train.seed=$s model.prior.lr=1e-4" \
@@ -70,20 +73,20 @@ jobs() {
       "train.steps=$JOINT_FT_STEPS train.init_from=$OUT/polymnist_ebm_posthoc_lr1e-3_K120_s0.3_s$s"
   done
   for s in $FASHION_SEEDS; do
-    echo "fashion_ebm_posthoc_lr1e-3_K120_s0.3_s$s configs/polyfashion_ebm.yaml train.seed=$s model.prior.fit=posthoc" \
-      "model.prior.lr=1e-3 model.prior.energy_l2=0 model.prior.langevin.steps=120 model.prior.langevin.step_size=0.3" \
-      "train.steps=$POSTHOC_LONG_STEPS train.init_from=$OUT/fashion_laplace_s$s"
+    echo "fashion_ebm_posthoc_lr1e-3_K120_s0.3_s$s configs/polyfashion_ebm.yaml train.seed=$s $FINER_POSTHOC" \
+      "train.init_from=$OUT/fashion_laplace_s$s"
   done
 }
 
-# train_and_eval NAME CONFIG OVERRIDES...: train (or resume) to $STEPS, then evaluate the final checkpoint.
+# train_and_eval NAME CONFIG OVERRIDES...: train (or resume) to $STEPS (or the job's own train.steps), then
+# evaluate the final checkpoint.
 train_and_eval() {
   local name=$1 config=$2; shift 2
   local run=$OUT/$name arg steps=$STEPS
   local overrides=()
   for arg in "$@"; do
     case $arg in
-      train.init_from=*)  # a post-hoc prior starts from a finished run: wait for its eval
+      train.init_from=*)  # a run that starts from another (post-hoc prior, fine-tuning) waits for its eval
         until [ -f "${arg#train.init_from=}/eval/eval.json" ]; do sleep 60; done
         overrides+=("$arg") ;;
       train.steps=*) steps=${arg#train.steps=} ;;  # a job's own step count replaces $STEPS

@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+from mmebm_dist.bench.common import num_threads
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -21,7 +23,5 @@ def one_thread():
     """One torch thread during the test, whatever an earlier test left set, restored after it: tiny models are
     overhead-bound, and one thread avoids OpenMP barrier stalls on a busy 2-core machine (the training-loop
     test took 40 s with 2 threads, 2.5 s with 1). Modules opt in with ``pytest.mark.usefixtures``."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with num_threads(1):
+        yield

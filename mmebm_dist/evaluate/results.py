@@ -131,7 +131,8 @@ class Run:
     config_hash: str
     """sha256 of the canonical config.json without train.seed and train.out_dir (first 12 hex digits)."""
     init_from: str | None
-    """train.init_from: the run a post-hoc prior was fitted to (None for a run trained from scratch)."""
+    """train.init_from: the run this one started from (a post-hoc prior's fixed-prior run, or the run a
+    fine-tuning continues); None for a run trained from scratch."""
     langevin_steps: int | None
     """Langevin steps of the EBM prior during training and joint sampling (None for fixed priors)."""
     langevin_step_size: float | None
