@@ -14,13 +14,34 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be applied; the message names the key and the fix."""
+
+
+# Choice fields. Each name set equals the registry of the code that implements it (tests/test_config.py).
+Family = Literal["conv", "mlp", "mmvaeplus", "text"]
+Likelihood = Literal["laplace", "gaussian", "bernoulli", "categorical"]
+OnError = Literal["raise", "skip"]
+LangevinBackend = Literal["auto", "autograd", "torch", "triton"]
+PriorKind = Literal["laplace", "gaussian", "ebm"]
+Reference = Literal["laplace", "gaussian"]
+Activation = Literal["gelu", "gelu_tanh", "leaky_relu", "silu"]
+PriorFit = Literal["joint", "posthoc"]
+Aggregation = Literal["moe", "poe", "mopoe"]
+Posterior = Literal["laplace", "gaussian"]
+Objective = Literal["elbo", "iwae", "dreg"]
+MixedPrecision = Literal["no", "bf16"]
+PRODUCT_AGGREGATIONS = ("poe", "mopoe")
+"""Aggregations that multiply experts: a closed form only for Gaussian posteriors."""
+IMAGE_FAMILIES = ("conv", "mmvaeplus")
+"""Families that halve H and W twice."""
+TEXT_DOWNSAMPLE = 8
+"""A ``text`` modality's length shrinks by this factor (three stride-2 convolutions) in its encoder."""
 
 
 @dataclass(kw_only=True)
@@ -31,10 +52,12 @@ class ModalityConfig:
     """Key of the modality in every batch dict (e.g. ``m0``)."""
     shape: tuple[int, ...] = (3, 28, 28)
     """Shape of one sample: (C, H, W) for images, (D,) for vectors."""
-    family: str = "conv"
-    """Encoder/decoder family in ``mmebm_dist.models.modality.FAMILIES``: ``conv``, ``mlp``, ``mmvaeplus``."""
-    likelihood: str = "laplace"
-    """Likelihood of the decoder output: ``laplace``, ``gaussian`` or ``bernoulli``."""
+    family: Family = "conv"
+    """Encoder/decoder family in ``mmebm_dist.models.modality.FAMILIES``: ``conv``, ``mlp``, ``mmvaeplus``,
+    ``text``."""
+    likelihood: Likelihood = "laplace"
+    """Likelihood of the decoder output: ``laplace``, ``gaussian``, ``bernoulli`` or ``categorical`` (token
+    ids of a ``text`` modality)."""
     likelihood_scale: float = 0.75
     """Fixed scale of Laplace/Gaussian likelihoods (MMVAE+ uses 0.75)."""
     vocab_size: int = 0
@@ -57,7 +80,7 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     shuffle_buffer: int = 2000
     """Samples held in the webdataset shuffle buffer (0 disables shuffling)."""
-    on_error: str = "raise"
+    on_error: OnError = "raise"
     """``raise`` on a corrupt shard or sample; ``skip`` logs each skip and reports the count."""
 
 
@@ -69,7 +92,7 @@ class LangevinConfig:
     """K, the number of Langevin steps per chain."""
     step_size: float = 0.4
     """s: the drift is (s^2 / 2) * grad and the noise std is s (LEBM convention)."""
-    backend: str = "auto"
+    backend: LangevinBackend = "auto"
     """``auto`` (triton on CUDA, torch otherwise), ``triton``, ``torch`` or ``autograd`` (the reference)."""
 
 
@@ -77,9 +100,9 @@ class LangevinConfig:
 class PriorConfig:
     """Prior on the shared latent z: a fixed reference, or the EBM exp(f(z)) p0(z) / Z."""
 
-    kind: str = "ebm"
+    kind: PriorKind = "ebm"
     """``laplace``, ``gaussian`` (fixed baselines) or ``ebm``."""
-    reference: str = "laplace"
+    reference: Reference = "laplace"
     """p0 of the EBM prior: ``laplace`` or ``gaussian``."""
     reference_scale: float = 1.0
     """Scale b of Laplace(0, b) or sigma of N(0, sigma^2): of p0, and of the fixed laplace/gaussian priors."""
@@ -87,7 +110,7 @@ class PriorConfig:
     """Width of the energy MLP's hidden layers."""
     layers: int = 2
     """Number of hidden layers of the energy MLP (1-4)."""
-    activation: str = "gelu"
+    activation: Activation = "gelu"
     """Energy MLP activation: ``gelu``, ``gelu_tanh``, ``leaky_relu`` or ``silu``."""
     spectral_norm: bool = False
     """Apply spectral normalisation to the energy MLP's linear layers."""
@@ -103,7 +126,7 @@ class PriorConfig:
     """Runaway guard: stop when |E_q f - E_p f| exceeds this."""
     max_posterior_abs: float = 1e3
     """Runaway guard: stop when the mean |posterior location| exceeds this."""
-    fit: str = "joint"
+    fit: PriorFit = "joint"
     """``joint``: the energy trains with encoders and decoders (the paper); ``posthoc``: only the energy
     trains, on the aggregate posterior of a frozen model loaded with ``train.init_from`` (its fixed prior
     becomes the reference p0), and the decoders never run in training."""
@@ -121,11 +144,11 @@ class ModelConfig:
     """Dimension of each private latent w_m (0: no private latents, i.e. MMVAE)."""
     width: int = 32
     """Base channel width of conv families (MMVAE+'s reference network uses 64)."""
-    aggregation: str = "moe"
+    aggregation: Aggregation = "moe"
     """How unimodal experts combine into q(z|X): ``moe``, ``poe`` or ``mopoe``."""
-    posterior: str = "laplace"
+    posterior: Posterior = "laplace"
     """q(z|x_m), q(w_m|x_m): ``laplace`` (scale softmax(raw) * d, MMVAE+) or ``gaussian`` (poe/mopoe)."""
-    objective: str = "elbo"
+    objective: Objective = "elbo"
     """``elbo`` (K = 1), ``iwae`` or ``dreg`` (importance-weighted, K particles); stratified for ``moe``."""
     particles: int = 1
     """K importance particles for ``iwae`` / ``dreg``."""
@@ -189,7 +212,7 @@ class TrainConfig:
     """Steps between periodic coherence evaluations (0: never)."""
     image_every: int = 500
     """Steps between sample grids written to TensorBoard (0: never)."""
-    mixed_precision: str = "no"
+    mixed_precision: MixedPrecision = "no"
     """``no`` or ``bf16`` (autocast; fp32 master weights)."""
     threads: int = 0
     """torch intra-op threads per process (0: leave torch's default)."""
@@ -263,6 +286,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             pairs = enumerate(zip(value, args, strict=True))
             return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in pairs)
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:  # membership is checked by validate(), with the valid names and a suggestion
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{where}' must be one of {', '.join(args)}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -314,8 +341,11 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
 
 
 def config_from_dict(data: dict) -> Config:
-    """Build a :class:`Config` strictly from a nested dict (unknown keys raise :class:`ConfigError`)."""
-    return _from_dict(Config, data)
+    """Build a :class:`Config` strictly from a nested dict (unknown keys raise :class:`ConfigError`) and
+    :func:`validate` it."""
+    cfg = _from_dict(Config, data)
+    validate(cfg)
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -356,32 +386,192 @@ def _set_dotted(data: dict, dotted: str, raw: str, cls: type = Config) -> None:
             node = node.setdefault(key, {})
 
 
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The mapping of a YAML config with its ``base:`` chain resolved (deep merge, lists replaced)."""
+    if not path.is_file():
+        where = f" (the base of '{chain[-1]}')" if chain else ""
+        raise ConfigError(f"config file '{path}'{where} does not exist; see configs/ for the shipped ones")
+    if path.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path.resolve()))
+        raise ConfigError(f"config file '{path}': its base: chain is a cycle ({cycle}); remove one base:")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file '{path}': base: must name one YAML file (relative to {path.parent}), "
+                          f"got {base!r}")
+    return deep_merge(_read_yaml(path.parent / base, (*chain, path.resolve())), data)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """``base`` with ``override`` merged in: mappings merge key by key, anything else (lists too) replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    """Load a YAML config (or the defaults when ``path`` is None), apply ``key=value`` overrides, validate.
+
+    A YAML may start from another: ``base: polymnist_ebm.yaml`` (relative to the YAML's folder) plus the keys
+    that differ, deep-merged (lists replaced); a chain of bases is followed, a cycle refused.
+    """
     data: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist; see configs/ for the shipped ones")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of sections, "
-                              f"got {type(data).__name__}")
-    # Materialise defaults so that overrides into lists (model.modalities.0.family=...) have a node to edit.
-    base = config_to_dict(config_from_dict(data)) if path is not None else config_to_dict(Config())
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like section.key=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(base, key.strip(), raw.strip())
+        data = _read_yaml(path)
     try:
-        return config_from_dict(base)
+        # Defaults materialised so that overrides into lists (model.modalities.0.family=...) have a node.
+        resolved = config_to_dict(_from_dict(Config, data))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' must look like section.key=value")
+            key, raw = item.split("=", 1)
+            _set_dotted(resolved, key.strip(), raw.strip())
+        return config_from_dict(resolved)
     except ConfigError as exc:
         where = f" (from '{path}')" if path is not None else ""
         raise ConfigError(f"{exc}{where}") from exc
+
+
+# -------------------------------------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric field (of each element, for a tuple or list of numbers)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    """True: ``low`` itself is excluded (``> low``)."""
+    high_open: bool = False
+
+    def holds(self, x: float) -> bool:
+        above = self.low is None or (x > self.low if self.low_open else x >= self.low)
+        below = self.high is None or (x < self.high if self.high_open else x <= self.high)
+        return above and below  # false for nan
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{self.low:g}, {self.high:g}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = Range(0, low_open=True), Range(0), Range(1)
+ADAM_BETA = Range(0, 1, high_open=True)
+
+RANGES: dict[type, dict[str, Range]] = {
+    ModalityConfig: {"shape": AT_LEAST_ONE, "likelihood_scale": POSITIVE, "vocab_size": NON_NEGATIVE},
+    DataConfig: {"batch_size": AT_LEAST_ONE, "num_workers": NON_NEGATIVE, "shuffle_buffer": NON_NEGATIVE},
+    LangevinConfig: {"steps": NON_NEGATIVE, "step_size": POSITIVE},
+    PriorConfig: {
+        "reference_scale": POSITIVE, "hidden": AT_LEAST_ONE, "layers": Range(1, 4), "energy_l2": NON_NEGATIVE,
+        "lr": POSITIVE, "betas": ADAM_BETA, "max_energy_gap": POSITIVE, "max_posterior_abs": POSITIVE,
+    },
+    ModelConfig: {
+        "latent_dim": AT_LEAST_ONE, "private_dim": NON_NEGATIVE, "width": AT_LEAST_ONE,
+        "particles": AT_LEAST_ONE, "beta": NON_NEGATIVE,
+    },
+    OptimConfig: {
+        "lr": POSITIVE, "betas": ADAM_BETA, "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
+        "grad_accum": AT_LEAST_ONE, "lr_decay": POSITIVE, "lr_decay_every": AT_LEAST_ONE,
+    },
+    TrainConfig: {
+        "steps": AT_LEAST_ONE, "seed": Range(0, 2**32 - 1), "log_every": AT_LEAST_ONE,
+        "checkpoint_every": NON_NEGATIVE, "keep_checkpoints": AT_LEAST_ONE, "eval_every": NON_NEGATIVE,
+        "image_every": NON_NEGATIVE, "threads": NON_NEGATIVE,
+    },
+    EvalConfig: {"num_samples": AT_LEAST_ONE, "langevin_sweep": NON_NEGATIVE},
+}
+"""Allowed range of every numeric field, checked at load time (a test checks that none is missing)."""
+
+
+def _check_fields(node: Any, prefix: str) -> None:
+    """Choice fields hold one of their names and numeric fields lie in their :data:`RANGES`, recursively."""
+    hints = typing.get_type_hints(type(node))
+    for f in dataclasses.fields(node):
+        value, where = getattr(node, f.name), f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+            choices = typing.get_args(tp)
+            close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"config key '{where}' must be one of {', '.join(choices)}, got {value!r}{hint}")
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, where)
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                _check_fields(item, f"{where}[{i}]")
+        allowed = RANGES.get(type(node), {}).get(f.name)
+        if allowed is not None:
+            for x in value if isinstance(value, (tuple, list)) else [value]:
+                if not allowed.holds(x):
+                    raise ConfigError(f"config key '{where}' must be {allowed}, got {value!r}")
+
+
+def _check_model_rules(cfg: ModelConfig) -> None:
+    """The rules that tie model fields together."""
+    if not cfg.modalities:
+        raise ConfigError("model.modalities is empty; declare at least one modality")
+    names = [m.name for m in cfg.modalities]
+    if len(set(names)) != len(names) or any(not n or "." in n or n == "label" for n in names):
+        raise ConfigError(f"model.modalities names must be unique, non-empty, without '.', not 'label': "
+                          f"{names}")
+    for mod in cfg.modalities:
+        if mod.family in IMAGE_FAMILIES and (len(mod.shape) != 3 or mod.shape[1] % 4 or mod.shape[2] % 4):
+            raise ConfigError(
+                f"model.modalities '{mod.name}': family '{mod.family}' needs shape (C, H, W) with H and W "
+                f"divisible by 4, got {tuple(mod.shape)}; use 'mlp' for other shapes")
+        if mod.family == "text":
+            if len(mod.shape) != 1 or mod.shape[0] % TEXT_DOWNSAMPLE:
+                raise ConfigError(
+                    f"model.modalities '{mod.name}': family 'text' needs shape (L,) with L a multiple of "
+                    f"{TEXT_DOWNSAMPLE}, got {tuple(mod.shape)} (captions use L = 32)")
+            if mod.vocab_size < 3:
+                raise ConfigError(
+                    f"model.modalities '{mod.name}': family 'text' needs vocab_size >= 3 (the number of "
+                    f"words in the data set's vocab.json, manifest key 'vocab_size'), got {mod.vocab_size}")
+    if cfg.aggregation in PRODUCT_AGGREGATIONS and cfg.posterior != "gaussian":
+        raise ConfigError(f"model.aggregation '{cfg.aggregation}' multiplies experts, which has a closed "
+                          f"form only for Gaussians; set model.posterior=gaussian (got '{cfg.posterior}')")
+    if cfg.objective == "elbo" and cfg.particles != 1:
+        raise ConfigError(f"model.objective 'elbo' averages particles; use iwae or dreg for "
+                          f"model.particles={cfg.particles} (or set particles=1)")
+    if cfg.prior.fit == "posthoc" and cfg.prior.kind != "ebm":
+        raise ConfigError(f"model.prior.fit=posthoc fits an energy, but model.prior.kind is "
+                          f"'{cfg.prior.kind}'; set model.prior.kind=ebm (and train.init_from=<the trained "
+                          "run>)")
+
+
+def validate_model(cfg: ModelConfig) -> None:
+    """:func:`validate` for the ``model`` section alone (a model built from a config made in code)."""
+    _check_fields(cfg, "model")
+    _check_model_rules(cfg)
+
+
+def validate(cfg: Config) -> None:
+    """Every rule a config must satisfy, run at load time: choices, numeric ranges, and the rules that tie
+    fields together. Raises a :class:`ConfigError` naming the key, the allowed values and the fix."""
+    _check_fields(cfg, "")
+    _check_model_rules(cfg.model)
+    if cfg.model.prior.fit == "posthoc" and not cfg.train.init_from:
+        raise ConfigError("model.prior.fit=posthoc trains only the energy of a trained model: set "
+                          "train.init_from=<its run directory> (a fixed-prior run)")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

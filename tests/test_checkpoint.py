@@ -14,14 +14,15 @@ import pytest
 import torch
 from train_helpers import REPO, build_tiny_polymnist, env, run_train, tiny_config
 
-from mmebm_dist.train.checkpoint import (
+from mmebm_dist.rundir import (
     STATE_FILE,
     TrainState,
     complete_checkpoints,
     latest_checkpoint,
+    read_jsonl,
     read_train_state,
+    truncate_jsonl,
 )
-from mmebm_dist.train.metrics import read_jsonl, truncate_jsonl
 
 # Relative tolerance on logged losses after a resume. Measured: bitwise equal on CPU with one thread (model,
 # optimizer and RNG states are restored exactly); 1e-6 leaves room for a BLAS that is not bitwise reproducible

@@ -62,7 +62,7 @@ def test_file_errors_name_the_file(tmp_path):
 
 
 def test_overrides_reach_nested_sections_tuples_and_list_items(tmp_path):
-    path = _write(tmp_path, "model:\n  latent_dim: 16\n  modalities:\n    - {name: a, shape: [4]}\n"
+    path = _write(tmp_path, "model:\n  latent_dim: 16\n  modalities:\n    - {name: a, shape: [4], family: mlp}\n"
                             "    - {name: b, shape: [1, 8, 8]}\n")
     cfg = load_config(path, ["model.prior.langevin.steps=7", "model.prior.betas=[0.0, 0.9]",
                              "model.modalities.1.family=mlp", "model.modalities.0.shape=6",
@@ -71,7 +71,7 @@ def test_overrides_reach_nested_sections_tuples_and_list_items(tmp_path):
     assert cfg.model.latent_dim == 16  # the file's value survives unrelated overrides
     assert cfg.model.prior.langevin.steps == 7
     assert cfg.model.prior.betas == (0.0, 0.9)
-    assert [m.family for m in cfg.model.modalities] == ["conv", "mlp"]
+    assert [m.family for m in cfg.model.modalities] == ["mlp", "mlp"]  # b's default conv overridden
     assert cfg.model.modalities[0].shape == (6,) and cfg.eval.langevin_sweep == (0,)
     assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)  # "1e-4" is a YAML string: coerced
     assert cfg.train.compile is True and cfg.data.path == "/x/y"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from train_helpers import ACCELERATE, REPO, build_tiny_polymnist, env, free_port, run_train, tiny_config
 
-from mmebm_dist.train.metrics import read_jsonl
+from mmebm_dist.rundir import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ def _export(run: Path) -> dict[str, torch.Tensor]:
 def _fresh_model_from_export(run: Path) -> torch.nn.Module:
     from mmebm_dist.config import config_from_dict
     from mmebm_dist.models import build_model
-    from mmebm_dist.train.checkpoint import load_model_weights
+    from mmebm_dist.rundir import load_model_weights
 
     cfg = config_from_dict(json.loads((run / "config.json").read_text()))
     return load_model_weights(build_model(cfg.model), run / f"checkpoints/step-{STEPS:07d}")

@@ -2,6 +2,7 @@
 config errors, runaway detection, parameter groups, and a tiny training loop that lowers the loss."""
 
 import math
+import typing
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from torch import distributions as D
 
 from mmebm_dist.config import (
     ConfigError,
+    Family,
     LangevinConfig,
     ModalityConfig,
     ModelConfig,
@@ -21,7 +23,7 @@ from mmebm_dist.models import RunawayError, build_model
 from mmebm_dist.models.aggregation import gaussian_product, mixture_log_prob, sample_mixture, subset_mask
 from mmebm_dist.models.densities import posterior_family
 from mmebm_dist.models.likelihoods import build_likelihood
-from mmebm_dist.models.modality import FAMILIES, EncoderOutput, register_family
+from mmebm_dist.models.modality import FAMILIES, EncoderOutput, build_modality, register_family
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -144,7 +146,8 @@ def test_image_families_and_bernoulli_likelihood():
 
 
 def test_families_are_a_registry():
-    assert {"conv", "mlp", "mmvaeplus"} <= set(FAMILIES)
+    """build_modality dispatches on the registry; config.Family names exactly the registered families."""
+    assert set(FAMILIES) == set(typing.get_args(Family))
 
     @register_family("test_linear")
     def linear_family(mod, cfg):
@@ -160,9 +163,11 @@ def test_families_are_a_registry():
         return Enc(), torch.nn.Linear(cfg.latent_dim, mod.shape[0])
 
     try:
-        cfg = tiny(family="test_linear", private=0, prior="laplace")
-        model = build_model(cfg)
-        assert torch.isfinite(model(batch_for(cfg))["loss"])
+        cfg = tiny(private=0, prior="laplace")
+        encoder, decoder = build_modality(ModalityConfig(name="v", shape=(6,), family="test_linear"), cfg)
+        assert encoder(torch.rand(5, 6)).z_loc.shape == (5, 4) and decoder.out_features == 6
+        with pytest.raises(ConfigError, match="must be one of conv, mlp, mmvaeplus, text, got 'test_linear'"):
+            build_model(tiny(family="test_linear"))  # a new family is also named in config.Family
         with pytest.raises(ValueError, match="already registered"):
             register_family("test_linear")(linear_family)
     finally:
@@ -239,19 +244,19 @@ def test_gaussian_products_and_mixtures():
 def test_config_errors_name_the_key_and_the_fix():
     with pytest.raises(ConfigError, match="model.posterior=gaussian"):
         build_model(tiny(aggregation="poe", posterior="laplace"))
-    with pytest.raises(ConfigError, match="unknown family 'resnet'"):
+    with pytest.raises(ConfigError, match=r"'model.modalities\[0\].family' must be one of .*got 'resnet'"):
         build_model(tiny(family="resnet"))
     with pytest.raises(ConfigError, match="H and W divisible by 4"):
         build_model(tiny(family="conv", shape=(3, 10, 10)))
-    with pytest.raises(ConfigError, match="unknown likelihood 'poisson'"):
+    with pytest.raises(ConfigError, match=r"'model.modalities\[0\].likelihood' must be one of .*'poisson'"):
         build_model(tiny(likelihood="poisson"))
     with pytest.raises(ConfigError, match="use iwae or dreg"):
         build_model(tiny(objective="elbo", particles=3))
-    with pytest.raises(ConfigError, match="model.aggregation"):
+    with pytest.raises(ConfigError, match="'model.aggregation' must be one of moe, poe, mopoe, got 'sum'"):
         build_model(tiny(aggregation="sum"))
     cfg = tiny()
     cfg.prior.kind = "flow"
-    with pytest.raises(ConfigError, match="model.prior.kind 'flow'"):
+    with pytest.raises(ConfigError, match="'model.prior.kind' must be one of laplace, gaussian, ebm, got"):
         build_model(cfg)
     model = build_model(tiny())
     with pytest.raises(KeyError, match="no modality 'v2'"):

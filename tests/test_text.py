@@ -136,9 +136,12 @@ def test_text_family_in_a_multimodal_model_trains_one_step():
 
 def test_text_family_config_errors_name_the_fix():
     from mmebm_dist.config import ConfigError
+    from mmebm_dist.models import build_model
 
-    cfg = ModelConfig(width=4)
+    def text(**kw):
+        return ModelConfig(width=4, modalities=[ModalityConfig(name="caption", family="text", **kw)])
+
     with pytest.raises(ConfigError, match="vocab_size"):
-        FAMILIES["text"](ModalityConfig(name="caption", shape=(16,), family="text"), cfg)
+        build_model(text(shape=(16,)))
     with pytest.raises(ConfigError, match="multiple of 8"):
-        FAMILIES["text"](ModalityConfig(name="caption", shape=(12,), family="text", vocab_size=9), cfg)
+        build_model(text(shape=(12,), vocab_size=9))

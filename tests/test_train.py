@@ -4,7 +4,6 @@ sample grids leave the training trajectory unchanged."""
 from __future__ import annotations
 
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -13,7 +12,8 @@ import torch
 from train_helpers import REPO, build_tiny_polymnist, run_train, tiny_config
 
 from mmebm_dist.config import config_from_dict, load_config
-from mmebm_dist.train.metrics import image_grid, read_jsonl
+from mmebm_dist.rundir import read_jsonl
+from mmebm_dist.train.metrics import image_grid
 
 LOSS_TERMS = ("loss", "elbo", "kl_z", "energy_gap", "energy_pos", "energy_neg", "langevin_grad_norm")
 
@@ -101,7 +101,7 @@ def test_tiny_config_trains_and_writes_run_dir(data5, tmp_path):
     assert len(state["data_order"]["manifest_hash"]) > 8
 
     from mmebm_dist.models import build_model
-    from mmebm_dist.train.checkpoint import load_model_weights
+    from mmebm_dist.rundir import load_model_weights
 
     model = load_model_weights(build_model(cfg.model), run / "checkpoints/step-0000030")
     assert torch.isfinite(torch.cat([p.flatten() for p in model.parameters()])).all()
@@ -115,9 +115,10 @@ def test_tiny_config_trains_and_writes_run_dir(data5, tmp_path):
     assert [e.step for e in events.Images("samples/joint/m0")] == [10, 20, 30]
 
 
-def test_eval_hook_and_images_leave_training_unchanged(data2, tmp_path, in_process, monkeypatch):
-    """The periodic eval hook is called every eval_every steps and logged; it (and the sample grids) draw
-    random numbers, yet the losses equal those of a run without them: they run on isolated RNG streams."""
+def test_eval_hook_and_images_leave_training_unchanged(data2, tmp_path, in_process):
+    """The periodic evaluation passed to train() is called every eval_every steps and logged; it (and the
+    sample grids) draw random numbers, yet the losses equal those of a run without them: they run on isolated
+    RNG streams. Without an evaluation, eval_every > 0 is refused."""
     from mmebm_dist.train.loop import train
 
     calls = []
@@ -127,16 +128,14 @@ def test_eval_hook_and_images_leave_training_unchanged(data2, tmp_path, in_proce
         torch.randn(1000)  # consumes the global RNG, as a real evaluation would
         return {"joint_coherence": 0.25, "cross_coherence": 0.5}
 
-    monkeypatch.setitem(
-        sys.modules, "mmebm_dist.evaluate.periodic", types.SimpleNamespace(periodic_eval=periodic_eval)
-    )
     config = tiny_config(tmp_path / "c.yaml", data2)
     plain = train(load_config(config, [f"train.out_dir={tmp_path / 'plain'}"]))
-    hooked = train(
-        load_config(
-            config, [f"train.out_dir={tmp_path / 'hooked'}", "train.eval_every=3", "train.image_every=2"]
-        )
+    hooked_cfg = load_config(
+        config, [f"train.out_dir={tmp_path / 'hooked'}", "train.eval_every=3", "train.image_every=2"]
     )
+    with pytest.raises(ValueError, match="train.eval_every"):
+        train(hooked_cfg)
+    hooked = train(hooked_cfg, evaluate=periodic_eval)
     assert calls == [3, 6]
     assert plain["terms"] == hooked["terms"]
     records = read_jsonl(tmp_path / "hooked/metrics.jsonl")
@@ -193,7 +192,7 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(data2, tmp_path, in_proc
 
 def test_resume_cli_errors(tmp_path):
     from mmebm_dist.config import ConfigError
-    from mmebm_dist.train.cli import resolve_config
+    from mmebm_dist.train_cli import resolve_config
 
     with pytest.raises(ConfigError, match="config.json does not exist"):
         resolve_config(types.SimpleNamespace(config=None, resume=str(tmp_path), overrides=[]))
@@ -230,9 +229,9 @@ def test_posthoc_prior_trains_only_the_energy_of_the_loaded_model(data2, tmp_pat
     """model.prior.fit=posthoc with train.init_from: the fixed-prior run's weights load, only the energy
     moves (encoders, decoders bit-identical to the source checkpoint), the result evaluates like any EBM run,
     and the settings that cannot work are refused with the key to set."""
+    from mmebm_dist.config import ConfigError
     from mmebm_dist.evaluate.generate import load_run
-    from mmebm_dist.models.multimodal_vae import ConfigError
-    from mmebm_dist.train.checkpoint import latest_checkpoint
+    from mmebm_dist.rundir import latest_checkpoint
     from mmebm_dist.train.loop import train
 
     path = tiny_config(tmp_path / "c.yaml", data2)

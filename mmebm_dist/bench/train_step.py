@@ -1,13 +1,15 @@
 """``mmebm bench train``: training-step throughput and where a step's time goes, for 1 and 2 processes.
 
 Each measurement runs in fresh processes (``accelerate launch`` for several; ``train.threads`` threads each)
-and reports samples/s (all ranks), seconds per step, peak RSS per rank and per-phase times:
-data wait, encode, Langevin, decode, objective (the rest of the forward), backward (local), communication,
-optimizer. Encoders, decoders and ``sample_prior`` are timed with forward hooks and a wrapper on the unwrapped
-model; communication is backward-with-gradient-sync minus backward under ``no_sync`` (an estimate, as DDP
-overlaps the all-reduce with the backward). Then the scaling efficiency of P processes against one, and the
-EBM prior's overhead: the same model with ``model.prior.kind=laplace``. The arithmetic of one step (forward
-and backward, counted over torch's flop registry on a plain copy of the model) gives the achieved GFLOP/s,
+and reports samples/s (all ranks), seconds per step, peak RSS per rank and per-phase times of the training
+loop's own ``train_step`` (built by its ``setup``; accumulation, clipping, scheduler and runaway check
+included): data wait, encode, Langevin, decode, objective (the rest of the forward), backward (local),
+communication, optimizer (the rest of the step). Encoders, decoders and ``sample_prior`` are timed with
+forward hooks and a wrapper on the unwrapped model, the forward and ``accelerator.backward`` with wrappers;
+communication is backward-with-gradient-sync minus backward under ``no_sync`` (an estimate, as DDP overlaps
+the all-reduce with the backward). Then the scaling efficiency of P processes against one, and the EBM prior's
+overhead: the same model with ``model.prior.kind=laplace``. The arithmetic of one step (forward and backward,
+counted over torch's flop registry on a plain copy of the model) gives the achieved GFLOP/s,
 set beside this machine's dense fp32 matmul roof at the same thread count. Nothing here asserts a time.
 """
 
@@ -104,91 +106,62 @@ class PhaseTimer:
         setattr(obj, name, timed)
 
 
-def _synthetic_batches(cfg, device: torch.device):
+def _synthetic_batches(cfg):
+    """One random batch of the modalities' shapes, repeated: ``(epoch, index, batch)`` as the loop reads."""
     generator = torch.Generator().manual_seed(0)
     batch = {
         m.name: torch.rand(cfg.data.batch_size, *m.shape, generator=generator) for m in cfg.model.modalities
     }
     batch["label"] = torch.randint(0, 10, (cfg.data.batch_size,), generator=generator)
     while True:
-        yield {k: v.to(device) for k, v in batch.items()}
-
-
-def _real_batches(cfg, rank: int, world: int, device: torch.device):
-    from mmebm_dist.train.loop import train_loader
-
-    for batch in train_loader(cfg, rank=rank, world_size=world, resampled=True):
-        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        yield 0, 0, batch
 
 
 def worker(cfg, *, steps: int, warmup: int, synthetic: bool) -> dict[str, Any]:
-    """Time ``steps`` training steps on this rank (after ``warmup``); returns this rank's figures."""
-    from accelerate.utils import set_seed
+    """Time ``steps`` calls of the loop's ``train_step`` on this rank (after ``warmup``), built by the loop's
+    ``setup`` (nothing written to the run directory); returns this rank's figures."""
+    from mmebm_dist.train.loop import setup, train_step
 
-    from mmebm_dist.models import build_model
-    from mmebm_dist.train.distributed import describe, make_accelerator
-    from mmebm_dist.train.loop import build_optimizer, compile_forward
+    session = setup(cfg, record=False, batches=_synthetic_batches(cfg) if synthetic else None)
+    accelerator, unwrapped = session.accelerator, session.unwrapped
+    world, info = session.world, session.info
 
-    accelerator = make_accelerator(cfg)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    set_seed(cfg.train.seed)
-    model = build_model(cfg.model)
-    optimizer = build_optimizer(model, cfg)
-    compile_forward(model, cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    set_seed(cfg.train.seed, device_specific=True)
-    unwrapped = accelerator.unwrap_model(model)
-    device, world = accelerator.device, accelerator.num_processes
-
-    timer = PhaseTimer(device)
+    timer = PhaseTimer(accelerator.device)
     timer.time_modules(list(unwrapped.encoders.values()), "encode")
     timer.time_modules(list(unwrapped.decoders.values()), "decode")
     timer.time_method(unwrapped, "sample_prior", "langevin")
-    batches = (
-        _synthetic_batches(cfg, device)
-        if synthetic
-        else _real_batches(cfg, accelerator.process_index, world, device)
-    )
-    model.train()
-    info = describe(accelerator)
+    timer.time_method(session.model, "forward", "forward")
+    timer.time_method(accelerator, "backward", "backward")
+    counter = iter(range(1, warmup + 2 * steps + 1))
 
-    def step(*, sync: bool, update: bool) -> dict[str, float]:
+    def step() -> dict[str, float]:
         timer.totals.clear()
+        session.data_wait = 0.0
         t0 = timer.now()
-        batch = next(batches)
-        t1 = timer.now()
-        out = model(batch)
-        t2 = timer.now()
-        if sync:
-            accelerator.backward(out["loss"])
-        else:
-            with accelerator.no_sync(model):
-                accelerator.backward(out["loss"])
-        t3 = timer.now()
-        if update:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        t4 = timer.now()
+        train_step(session, next(counter))
+        total = timer.now() - t0
         inner = {k: timer.totals[k] for k in ("encode", "langevin", "decode")}
+        measured = session.data_wait + timer.totals["forward"] + timer.totals["backward"]
         return {
-            "data": t1 - t0,
+            "data": session.data_wait,
             **inner,
-            "objective": (t2 - t1) - sum(inner.values()),
-            "backward": t3 - t2,
-            "optimizer": t4 - t3,
-            "total": t4 - t0,
+            "objective": timer.totals["forward"] - sum(inner.values()),
+            "backward": timer.totals["backward"],
+            "optimizer": total - measured,  # the rest: clipping, update, scheduler, runaway check
+            "total": total,
         }
 
     for _ in range(warmup):
-        step(sync=True, update=True)
+        step()
     accelerator.wait_for_everyone()
-    synced = [step(sync=True, update=True) for _ in range(steps)]
+    synced = [step() for _ in range(steps)]
     # DeepSpeed reduces (ZeRO-2/3 refuse no_sync) and steps the optimizer inside its backward: there the
     # backward phase holds communication and the optimizer step, and communication is not separated.
     separable = world > 1 and info["distributed_type"] != "DEEPSPEED"
-    # Gradient sync off, no update: the same backward without communication (all ranks skip the update alike).
-    local = [step(sync=False, update=False) for _ in range(steps)] if separable else synced
+    local = synced
+    if separable:  # gradient sync off: the same backward without communication (replicas drift: timing only)
+        with accelerator.no_sync(session.model):
+            local = [step() for _ in range(steps)]
     accelerator.wait_for_everyone()
 
     mean = {k: statistics.fmean(s[k] for s in synced) for k in synced[0]}
@@ -248,7 +221,7 @@ def step_flops(cfg) -> float:
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
-    batch = next(_synthetic_batches(cfg, torch.device("cpu")))
+    batch = next(_synthetic_batches(cfg))[2]
     with _FlopCount() as counter:
         model(batch)["loss"].backward()
     return float(counter.total)

@@ -2,7 +2,7 @@
 
 A run directory (``mmebm train``) holds one ``checkpoints/step-NNNNNNN/`` per checkpoint (the step, 7 digits:
 ``step-0001500``) with ``train_state.json`` (step, config, data order incl. the manifest hash) and
-``model.pt`` (consolidated fp32 weights); see train/checkpoint.py.
+``model.pt`` (consolidated fp32 weights); see mmebm_dist/rundir.py.
 """
 
 from __future__ import annotations
@@ -15,6 +15,13 @@ import torch
 
 from mmebm_dist.config import Config, config_from_dict
 from mmebm_dist.evaluate.coherence import Batch, chunk_seed, my_chunks, seeded
+from mmebm_dist.rundir import (
+    CHECKPOINTS,
+    CONFIG_FILE,
+    latest_checkpoint,
+    load_model_weights,
+    read_train_state,
+)
 
 
 @dataclass
@@ -44,24 +51,23 @@ def load_run(run_dir: str | Path, *, checkpoint: str | Path | None = None,
     ``checkpoint``: a checkpoint directory or a name under ``RUN/checkpoints``; default: the newest complete.
     """
     from mmebm_dist.models import build_model
-    from mmebm_dist.train.checkpoint import latest_checkpoint, load_model_weights, read_train_state
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
+    if not (run_dir / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"'{run_dir}' is not a run directory (no config.json); pass the "
                                 "train.out_dir of a `mmebm train` run")
     if checkpoint is None:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise FileNotFoundError(f"run '{run_dir}' has no complete checkpoint under "
-                                    f"{run_dir / 'checkpoints'}; train longer or set train.checkpoint_every")
+                                    f"{run_dir / CHECKPOINTS}; train longer or set train.checkpoint_every")
     else:
         ckpt = Path(checkpoint)
         if not ckpt.is_dir():
-            ckpt = run_dir / "checkpoints" / str(checkpoint)
+            ckpt = run_dir / CHECKPOINTS / str(checkpoint)
         if not ckpt.is_dir():
             raise FileNotFoundError(f"checkpoint '{checkpoint}' not found (neither a directory nor a name "
-                                    f"under {run_dir / 'checkpoints'})")
+                                    f"under {run_dir / CHECKPOINTS})")
     state = read_train_state(ckpt)
     cfg = config_from_dict(state.config)
     model = build_model(cfg.model)

@@ -20,11 +20,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mmebm_dist.data.text import is_token_modality  # noqa: E402
-from mmebm_dist.train.metrics import atomic_write_text  # noqa: E402
+from mmebm_dist.rundir import EVAL_JSON, JOINT_PNG, atomic_write_text  # noqa: E402
 
-EVAL_JSON = "eval.json"
 REPORT_MD = "report.md"
-JOINT_PNG = "joint_samples.png"
 CROSS_PNG = "cross_generation.png"
 HEATMAP_PNG = "coherence_matrix.png"
 SWEEP_PNG = "coherence_vs_langevin.png"

@@ -25,12 +25,15 @@ from typing import Any
 
 from mmebm_dist.config import config_from_dict, config_to_dict
 from mmebm_dist.evaluate.report import fmt, json_safe, md_table, save_figure
-from mmebm_dist.train.metrics import atomic_write_text, parse_jsonl
-
-EVAL_JSON = "eval.json"
-JOINT_PNG = "joint_samples.png"
-COMMANDS_LOG = "commands.log"
-METRICS_FILE = "metrics.jsonl"
+from mmebm_dist.rundir import (
+    COMMANDS_LOG,
+    CONFIG_FILE,
+    EVAL_JSON,
+    JOINT_PNG,
+    METRICS_FILE,
+    atomic_write_text,
+    parse_jsonl,
+)
 
 # The paper's reported PolyMNIST coherences (arXiv 2409.19862, as summarised in the project brief and
 # docs/reference-hparams.md; larger model and budget than our runs). Shown labelled as the paper's numbers.
@@ -194,7 +197,7 @@ def find_run_dirs(patterns: Sequence[str]) -> list[Path]:
 
 def load_run(run_dir: Path, eval_name: str = "eval") -> tuple[Run | None, str]:
     """The :class:`Run` of ``run_dir``, or (None, what is missing) when the run has no complete eval."""
-    config_path, metrics_path = run_dir / "config.json", run_dir / METRICS_FILE
+    config_path, metrics_path = run_dir / CONFIG_FILE, run_dir / METRICS_FILE
     eval_dir = run_dir / eval_name
     eval_path = eval_dir / EVAL_JSON
     for path in (config_path, metrics_path, eval_path):
@@ -472,7 +475,7 @@ def build_results(runs: Sequence[Run], *, command: str) -> dict[str, Any]:
     runs = sorted(runs, key=_run_order)
     configs: dict[str, dict] = {}
     for r in runs:
-        config = read_json(Path(r.run_dir) / "config.json")
+        config = read_json(Path(r.run_dir) / CONFIG_FILE)
         configs.setdefault(r.config_hash, setting_config(config))
     settings = build_settings(runs)
     datasets = []

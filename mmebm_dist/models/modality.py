@@ -2,7 +2,8 @@
 
 An encoder maps x [B, *shape] to :class:`EncoderOutput` (location and unconstrained scale of q(z | x)
 and, when ``private_dim`` > 0, of q(w | x)). A decoder maps u = cat(w, z) [N, private_dim + latent_dim] to the
-likelihood parameters [N, *shape]. New families plug in with :func:`register_family`.
+likelihood parameters [N, *shape]. A new family is named in ``config.Family`` and registered with
+:func:`register_family`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from mmebm_dist.config import ConfigError, ModalityConfig, ModelConfig
+from mmebm_dist.config import ModalityConfig, ModelConfig
 from mmebm_dist.models.blocks import LEAKY_SLOPE, LocScaleHead, ResidualBlock, leaky
 
 
@@ -50,19 +51,7 @@ def register_family(name: str) -> Callable[[FamilyBuilder], FamilyBuilder]:
 
 def build_modality(mod: ModalityConfig, cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
     """The (encoder, decoder) of modality ``mod`` from its registered family."""
-    if mod.family not in FAMILIES:
-        raise ConfigError(f"model.modalities '{mod.name}': unknown family '{mod.family}'; "
-                          f"choose one of {', '.join(sorted(FAMILIES))}")
     return FAMILIES[mod.family](mod, cfg)
-
-
-def _image_shape(mod: ModalityConfig, family: str) -> tuple[int, int, int]:
-    """(C, H, W) of an image modality whose H and W halve twice exactly, else a ConfigError naming the fix."""
-    if len(mod.shape) != 3 or mod.shape[1] % 4 or mod.shape[2] % 4:
-        raise ConfigError(f"model.modalities '{mod.name}': family '{family}' needs shape (C, H, W) with "
-                          f"H and W divisible by 4, got {tuple(mod.shape)}; use 'mlp' for other shapes")
-    c, h, w = mod.shape
-    return c, h, w
 
 
 class _Encoder(nn.Module):
@@ -90,7 +79,7 @@ def conv_family(mod: ModalityConfig, cfg: ModelConfig) -> tuple[nn.Module, nn.Mo
 
     z and w share the trunk (cheap on a CPU); the decoder mirrors it with transposed convs.
     """
-    c, h, w = _image_shape(mod, "conv")
+    c, h, w = mod.shape  # (C, H, W) with H, W divisible by 4: config.validate_model
     width, hidden = cfg.width, 8 * cfg.width
     flat = 2 * width * (h // 4) * (w // 4)
     trunk = nn.Sequential(
@@ -212,7 +201,7 @@ def mmvaeplus_family(mod: ModalityConfig, cfg: ModelConfig) -> tuple[nn.Module, 
     At width 64 and 3x28x28 it is the authors' network (64 -> 128 -> 256 channels at 28 -> 14 -> 7).
     ``model.channels_last`` and ``model.subpixel_upsample`` choose faster forms of the same function.
     """
-    c, h, w = _image_shape(mod, "mmvaeplus")
+    c, h, w = mod.shape  # (C, H, W) with H, W divisible by 4: config.validate_model
     spatial = (h // 4, w // 4)
     encoder = MMVAEPlusEncoder(c, cfg.width, spatial, cfg.latent_dim, cfg.private_dim,
                                channels_last=cfg.channels_last)

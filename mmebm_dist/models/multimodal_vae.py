@@ -22,76 +22,22 @@ import torch
 from torch import nn
 
 from mmebm_dist import langevin
-from mmebm_dist.config import ConfigError, ModelConfig, OptimConfig
+from mmebm_dist.config import ModelConfig, OptimConfig, validate_model
 from mmebm_dist.models.aggregation import build_aggregation, sample_mixture
 from mmebm_dist.models.densities import posterior_family, reference_density
 from mmebm_dist.models.energy import EnergyMLP
 from mmebm_dist.models.likelihoods import build_likelihood
 from mmebm_dist.models.modality import build_modality
 from mmebm_dist.models.objectives import (
-    OBJECTIVES,
     Experts,
     estimate,
     joint_log_weights,
     stratified_log_weights,
 )
 
-PRIOR_KINDS = ("laplace", "gaussian", "ebm")
-PRIOR_FITS = ("joint", "posthoc")
-
 
 class RunawayError(FloatingPointError):
     """Training left its stable region (energy gap, posterior magnitude or loss out of bounds)."""
-
-
-def validate_model_config(cfg: ModelConfig) -> None:
-    """Raise a ConfigError naming the key and the fix for settings the model cannot run."""
-    if not cfg.modalities:
-        raise ConfigError("model.modalities is empty; declare at least one modality")
-    names = [m.name for m in cfg.modalities]
-    if len(set(names)) != len(names) or any(not n or "." in n or n == "label" for n in names):
-        raise ConfigError(f"model.modalities names must be unique, non-empty, without '.', not 'label': "
-                          f"{names}")
-    if cfg.latent_dim < 1 or cfg.private_dim < 0 or cfg.width < 1:
-        raise ConfigError(f"model.latent_dim must be >= 1, private_dim >= 0 and width >= 1; got "
-                          f"{cfg.latent_dim}, {cfg.private_dim}, {cfg.width}")
-    if cfg.posterior not in ("laplace", "gaussian"):
-        raise ConfigError(f"model.posterior '{cfg.posterior}' is unknown; choose laplace or gaussian")
-    try:
-        aggregation = build_aggregation(cfg.aggregation)
-    except ValueError as exc:
-        raise ConfigError(f"model.aggregation: {exc}") from exc
-    if aggregation.needs_gaussian and cfg.posterior != "gaussian":
-        raise ConfigError(f"model.aggregation '{cfg.aggregation}' multiplies experts, which has a closed "
-                          f"form only for Gaussians; set model.posterior=gaussian (got '{cfg.posterior}')")
-    if cfg.objective not in OBJECTIVES:
-        raise ConfigError(f"model.objective '{cfg.objective}' is unknown; choose one of "
-                          f"{', '.join(OBJECTIVES)}")
-    if cfg.particles < 1:
-        raise ConfigError(f"model.particles must be >= 1, got {cfg.particles}")
-    if cfg.objective == "elbo" and cfg.particles != 1:
-        raise ConfigError(f"model.objective 'elbo' averages particles; use iwae or dreg for "
-                          f"model.particles={cfg.particles} (or set particles=1)")
-    prior = cfg.prior
-    if prior.kind not in PRIOR_KINDS:
-        raise ConfigError(f"model.prior.kind '{prior.kind}' is unknown; choose one of "
-                          f"{', '.join(PRIOR_KINDS)}")
-    if prior.reference not in ("laplace", "gaussian") or not prior.reference_scale > 0:
-        raise ConfigError(f"model.prior.reference must be laplace or gaussian with reference_scale > 0; got "
-                          f"'{prior.reference}', {prior.reference_scale}")
-    if prior.langevin.steps < 0 or not prior.langevin.step_size > 0:
-        raise ConfigError(f"model.prior.langevin needs steps >= 0 and step_size > 0; got "
-                          f"{prior.langevin.steps}, {prior.langevin.step_size}")
-    if prior.langevin.backend not in langevin.BACKENDS:
-        raise ConfigError(f"model.prior.langevin.backend '{prior.langevin.backend}' is unknown; choose one "
-                          f"of {', '.join(langevin.BACKENDS)}")
-    if prior.energy_l2 < 0:
-        raise ConfigError(f"model.prior.energy_l2 must be >= 0, got {prior.energy_l2}")
-    if prior.fit not in PRIOR_FITS:
-        raise ConfigError(f"model.prior.fit '{prior.fit}' is unknown; choose one of {', '.join(PRIOR_FITS)}")
-    if prior.fit == "posthoc" and prior.kind != "ebm":
-        raise ConfigError(f"model.prior.fit=posthoc fits an energy, but model.prior.kind is '{prior.kind}'; "
-                          "set model.prior.kind=ebm (and train.init_from=<the trained run>)")
 
 
 class MultimodalVAE(nn.Module):
@@ -99,7 +45,7 @@ class MultimodalVAE(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        validate_model_config(cfg)
+        validate_model(cfg)
         self.cfg = cfg
         self.modalities: list[str] = [m.name for m in cfg.modalities]
         self.shapes = {m.name: tuple(m.shape) for m in cfg.modalities}

@@ -13,30 +13,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmebm_dist.config import ConfigError, ModalityConfig, ModelConfig
+from mmebm_dist.config import TEXT_DOWNSAMPLE, ModalityConfig, ModelConfig
 from mmebm_dist.data.text import EOS_ID
 from mmebm_dist.models.blocks import LEAKY_SLOPE, LocScaleHead
 from mmebm_dist.models.likelihoods import LIKELIHOODS, Likelihood
 from mmebm_dist.models.modality import EncoderOutput, register_family
 
-DOWNSAMPLE = 8
+DOWNSAMPLE = TEXT_DOWNSAMPLE
 """The sequence length shrinks by this factor (three stride-2 convolutions) in the encoder."""
 
 
 def text_geometry(mod: ModalityConfig) -> tuple[int, int]:
-    """(length, vocab_size) of a text modality, or a ConfigError naming the key and the fix."""
-    if len(mod.shape) != 1 or mod.shape[0] % DOWNSAMPLE or mod.shape[0] < DOWNSAMPLE:
-        raise ConfigError(
-            f"model.modalities '{mod.name}': family 'text' needs shape (L,) with L a multiple of "
-            f"{DOWNSAMPLE}, got {tuple(mod.shape)} (captions use L = 32)"
-        )
-    vocab = int(mod.vocab_size)
-    if vocab < 3:
-        raise ConfigError(
-            f"model.modalities '{mod.name}': family 'text' needs vocab_size >= 3 (the number of "
-            f"words in the data set's vocab.json, manifest key 'vocab_size'), got {vocab}"
-        )
-    return mod.shape[0], vocab
+    """(length, vocab_size) of a text modality (checked by ``config.validate_model``)."""
+    return mod.shape[0], int(mod.vocab_size)
 
 
 class TextEncoder(nn.Module):

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -23,72 +22,20 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from mmebm_dist.train.metrics import atomic_write_text
+from mmebm_dist.rundir import (
+    CHECKPOINTS,
+    LATEST,
+    MODEL_FILE,
+    STATE_FILE,
+    TrainState,
+    atomic_write_text,
+    complete_checkpoints,
+    latest_checkpoint,
+    read_train_state,
+    step_dir_name,
+)
 
 log = logging.getLogger(__name__)
-
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-STATE_FILE = "train_state.json"
-MODEL_FILE = "model.pt"
-_NAME = re.compile(r"^step-(\d{7,})$")
-
-
-@dataclasses.dataclass(kw_only=True)
-class TrainState:
-    """Where training stands after optimizer step ``step``; with the accelerate state, all a resume needs."""
-
-    step: int
-    """Optimizer steps completed."""
-    epoch: int
-    """Epoch of the next micro-batch to read."""
-    epoch_batch: int
-    """Micro-batches of ``epoch`` already consumed by each rank (``make_loader(skip_batches=...)``)."""
-    data_order: dict
-    """What fixes the per-rank batch order (manifest hash, batch size, workers, shuffle, seed, world size)."""
-    config: dict
-    """The resolved experiment config."""
-    samples_seen: int = 0
-    """Samples consumed over all ranks."""
-    wall_time: float = 0.0
-    """Seconds of training before this checkpoint (summed over resumed segments)."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:07d}"
-
-
-def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoint directories of a run, oldest first (temp directories are ignored)."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (decided by a directory scan, not by ``latest``)."""
-    found = complete_checkpoints(run_dir)
-    if not found:
-        return None
-    pointer = Path(run_dir) / CHECKPOINTS / LATEST
-    if pointer.exists() and pointer.read_text().strip() != found[-1].name:
-        # Killed between the rename and the pointer update: the renamed directory is complete.
-        log.warning(
-            "%s names %s but the newest complete checkpoint is %s; using the latter",
-            pointer,
-            pointer.read_text().strip(),
-            found[-1].name,
-        )
-    return found[-1]
-
-
-def read_train_state(ckpt_dir: str | Path) -> TrainState:
-    path = Path(ckpt_dir) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: '{ckpt_dir}' is not a complete checkpoint")
-    return TrainState(**json.loads(path.read_text()))
 
 
 def consolidated_state_dict(accelerator: Accelerator, model: torch.nn.Module, ckpt_dir: Path) -> dict | None:
@@ -157,15 +104,6 @@ def load_checkpoint(accelerator: Accelerator, ckpt_dir: Path) -> TrainState:
     state = read_train_state(ckpt_dir)
     accelerator.load_state(str(ckpt_dir))
     return state
-
-
-def load_model_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> torch.nn.Module:
-    """Load a checkpoint's consolidated ``model.pt`` into a plain single-process model."""
-    path = Path(ckpt_dir) / MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; is '{ckpt_dir}' a complete checkpoint directory?")
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model
 
 
 def load_initial_weights(model: torch.nn.Module, source: str | Path) -> Path:

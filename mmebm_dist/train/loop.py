@@ -9,33 +9,27 @@ resumed run continues exactly where the uninterrupted one would have been.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import random
-import shlex
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from mmebm_dist.config import Config, config_to_dict, save_config
-from mmebm_dist.train.checkpoint import (
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    load_initial_weights,
-    save_checkpoint,
-)
+from mmebm_dist.rundir import CHECKPOINTS, CONFIG_FILE, TrainState, append_command, latest_checkpoint
+from mmebm_dist.train.checkpoint import load_checkpoint, load_initial_weights, save_checkpoint
 from mmebm_dist.train.distributed import describe, make_accelerator, zero_stage
 from mmebm_dist.train.metrics import MetricsWriter, SampleTrace
 
-COMMANDS_LOG = "commands.log"
 log = logging.getLogger("mmebm_dist.train")
 
 IMAGE_SAMPLES = 16
@@ -65,8 +59,6 @@ def compile_forward(model: torch.nn.Module, cfg: Config) -> None:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LRScheduler:
     """Exponential decay: every group's lr times ``optim.lr_decay`` every ``optim.lr_decay_every`` steps."""
     decay, every = cfg.optim.lr_decay, cfg.optim.lr_decay_every
-    if every <= 0:
-        raise ValueError(f"optim.lr_decay_every must be positive, got {every}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: decay ** (step // every))
 
 
@@ -163,48 +155,68 @@ def _parameter_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` into ``cfg.train.out_dir`` (resuming from its newest checkpoint when ``resume``).
+Evaluator = Callable[[torch.nn.Module, Config, int], dict[str, Any]]
+"""A periodic evaluation: (unwrapped model in eval mode, config, step) -> figures; the CLI passes
+``mmebm_dist.evaluate.periodic.periodic_eval`` (the loop never imports evaluation code)."""
 
-    Returns a summary (final step, last reduced loss terms, world size, run directory).
-    """
-    from mmebm_dist.data.shards import manifest_hash
-    from mmebm_dist.data.stream import epoch_batches
+
+@dataclasses.dataclass(kw_only=True, eq=False)
+class TrainSession:
+    """Everything a training step needs, built once by :func:`setup`; :func:`train_step` advances it."""
+
+    cfg: Config
+    accelerator: Accelerator
+    model: torch.nn.Module
+    """The prepared (DDP/DeepSpeed-wrapped) model."""
+    unwrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: TrainState
+    batches: Iterator[tuple[int, int, dict]]
+    """``(epoch, index, batch)`` micro-batches on this rank (:func:`micro_batches`)."""
+    per_epoch: int
+    """Micro-batches per epoch on every rank (0: unknown, for a synthetic stream)."""
+    metrics: MetricsWriter
+    trace: SampleTrace | None
+    run_dir: Path
+    info: dict[str, Any]
+    """:func:`describe` of the process."""
+    grad_norm: torch.Tensor | None = None
+    """Pre-clip global gradient norm of the last synchronised step (``optim.grad_clip > 0``)."""
+    data_wait: float = 0.0
+    """Seconds spent waiting for micro-batches since the last metrics record."""
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.optim.grad_accum * self.world
+
+
+def _build_model(cfg: Config, accelerator: Accelerator, *, from_checkpoint: bool) -> tuple:
+    """Model, optimizer and scheduler built with the run's seed and prepared by ``accelerator``."""
     from mmebm_dist.models import build_model
 
-    if cfg.train.keep_checkpoints < 1:
-        raise ValueError(
-            f"train.keep_checkpoints must be at least 1 (resume needs one), got {cfg.train.keep_checkpoints}"
-        )
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    accelerator = make_accelerator(cfg)
-    main = accelerator.is_main_process
-    logging.getLogger("mmebm_dist").setLevel(logging.INFO if main else logging.WARNING)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    run_dir = Path(cfg.train.out_dir)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    device = accelerator.device
-
-    if cfg.model.prior.fit == "posthoc" and not cfg.train.init_from:
-        raise ValueError("model.prior.fit=posthoc trains only the energy of a trained model: set "
-                         "train.init_from=<its run directory> (a fixed-prior run)")
-    ckpt = latest_checkpoint(run_dir) if resume else None
     set_seed(cfg.train.seed)  # identical initial parameters on every rank
     model = build_model(cfg.model)
-    if cfg.train.init_from and ckpt is None:  # a resumed run takes its weights from its own checkpoint
+    if cfg.train.init_from and not from_checkpoint:  # a resumed run takes its weights from its checkpoint
         source = load_initial_weights(model, cfg.train.init_from)
         log.info("initial weights from %s", source)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     compile_forward(model, cfg)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    unwrapped = accelerator.unwrap_model(model)
-    modalities = list(unwrapped.modalities)
-    set_seed(cfg.train.seed, device_specific=True)  # per-rank Langevin noise and reparameterisation draws
+    return accelerator.prepare(model, optimizer, scheduler)
 
-    manifest = manifest_hash(cfg.data.path)
-    order = data_order(cfg, world, manifest)
+
+def _epoch_batches(cfg: Config, world: int) -> int:
+    from mmebm_dist.data.stream import epoch_batches
+
     per_epoch = epoch_batches(
         cfg.data.path,
         batch_size=cfg.data.batch_size,
@@ -217,10 +229,16 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
             f"'{cfg.data.path}' gives no full batch of {cfg.data.batch_size} per rank with {world} "
             "processes; lower data.batch_size or build more samples"
         )
+    return per_epoch
 
+
+def _initial_state(cfg: Config, accelerator: Accelerator, ckpt: Path | None, order: dict, resume: bool,
+                   record: bool) -> TrainState:
+    """Step 0, or the state restored from ``ckpt`` (model, optimizer, scheduler, RNG of every rank)."""
+    run_dir = Path(cfg.train.out_dir)
     state = TrainState(step=0, epoch=0, epoch_batch=0, data_order=order, config=config_to_dict(cfg))
     if resume and ckpt is None:
-        log.warning("no complete checkpoint in %s/checkpoints: starting from step 0", run_dir)
+        log.warning("no complete checkpoint in %s/%s: starting from step 0", run_dir, CHECKPOINTS)
     if ckpt is not None:
         state = load_checkpoint(accelerator, ckpt)
         _check_data_order(state, order, ckpt)
@@ -228,132 +246,203 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
         log.info(
             "resumed from %s: step %d, epoch %d, batch %d", ckpt, state.step, state.epoch, state.epoch_batch
         )
-    elif run_dir.joinpath("checkpoints").exists() and any(run_dir.joinpath("checkpoints").iterdir()):
+    elif record and (run_dir / CHECKPOINTS).exists() and any((run_dir / CHECKPOINTS).iterdir()):
         raise FileExistsError(
             f"{run_dir} already holds checkpoints; resume it with `mmebm train --resume {run_dir}`"
             " or choose another train.out_dir"
         )
-    if main:
+    return state
+
+
+def setup(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    trace_samples: bool = False,
+    record: bool = True,
+    batches: Iterator[tuple[int, int, dict]] | None = None,
+) -> TrainSession:
+    """Build the accelerator, model, optimizer, scheduler, state (restored when ``resume``) and data stream.
+
+    ``record=False`` writes nothing to the run directory (``--dry-run``, benchmarks); ``batches`` replaces
+    the stream of ``data.path`` (benchmarks on synthetic data; the epoch position is then not tracked).
+    """
+    from mmebm_dist.data.shards import manifest_hash
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
+    logging.getLogger("mmebm_dist").setLevel(logging.INFO if main else logging.WARNING)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    run_dir = Path(cfg.train.out_dir)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    model, optimizer, scheduler = _build_model(cfg, accelerator, from_checkpoint=ckpt is not None)
+    unwrapped = accelerator.unwrap_model(model)
+    set_seed(cfg.train.seed, device_specific=True)  # per-rank Langevin noise and reparameterisation draws
+
+    synthetic = batches is not None
+    order = data_order(cfg, world, "synthetic" if synthetic else manifest_hash(cfg.data.path))
+    per_epoch = 0 if synthetic else _epoch_batches(cfg, world)
+    state = _initial_state(cfg, accelerator, ckpt, order, resume, record)
+    if record and main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.json")
-        _append_command(run_dir, world)
+        save_config(cfg, run_dir / CONFIG_FILE)
+        append_command(run_dir, world)
     accelerator.wait_for_everyone()
 
     info = describe(accelerator)
     log.info(
         "process 0 of %d: %s, ZeRO stage %d, %d batches/epoch/rank, %d threads",
-        world,
-        info["distributed_type"],
-        info["zero_stage"],
-        per_epoch,
-        info["threads"],
+        world, info["distributed_type"], info["zero_stage"], per_epoch, info["threads"],
     )
-    metrics = MetricsWriter(run_dir, enabled=main, start_step=state.step)
+    metrics = MetricsWriter(run_dir, enabled=main and record, start_step=state.step)
     trace = None
     if trace_samples:
-        trace = SampleTrace(run_dir, rank, start_step=state.step, modalities=modalities)
+        trace = SampleTrace(run_dir, rank, start_step=state.step, modalities=list(unwrapped.modalities))
         trace.write({"event": "start", "start_step": state.step, **info})
-    batches = micro_batches(
-        cfg,
-        rank=rank,
-        world_size=world,
-        per_epoch=per_epoch,
-        epoch=state.epoch,
-        start=state.epoch_batch,
-        device=device,
-    )
-    every_rank_samples = zero_stage(accelerator) == 3  # ZeRO-3 gathers partitioned weights collectively
-    samples_per_step = cfg.data.batch_size * cfg.optim.grad_accum * world
-    group_names = [g.get("name", f"group{i}") for i, g in enumerate(optimizer.param_groups)]
-
+    if batches is None:
+        batches = micro_batches(
+            cfg, rank=rank, world_size=world, per_epoch=per_epoch, epoch=state.epoch,
+            start=state.epoch_batch, device=accelerator.device,
+        )
     model.train()
-    bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
-    segment_start, window_start, window_steps, data_wait = time.time(), time.time(), 0, 0.0
-    base_wall, reduced, grad_norm = state.wall_time, {}, None
+    return TrainSession(
+        cfg=cfg, accelerator=accelerator, model=model, unwrapped=unwrapped, optimizer=optimizer,
+        scheduler=scheduler, state=state, batches=batches, per_epoch=per_epoch, metrics=metrics, trace=trace,
+        run_dir=run_dir, info=info,
+    )
+
+
+def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
+    """Optimizer step ``step``: ``optim.grad_accum`` micro-batches (forward, backward, clipping at the sync,
+    optimizer update), the runaway check on every micro-batch, the scheduler step and the state's position.
+
+    Returns this rank's loss terms averaged over the micro-batches (detached float scalars).
+    """
+    cfg, accelerator, model, state = session.cfg, session.accelerator, session.model, session.state
+    accum = cfg.optim.grad_accum
+    step_terms: dict[str, torch.Tensor] = {}
+    for _ in range(accum):
+        t0 = time.perf_counter()
+        epoch, index, batch = next(session.batches)
+        session.data_wait += time.perf_counter() - t0
+        if session.trace is not None:
+            session.trace.batch(step, epoch, index, batch)
+        batch = _to_device(batch, accelerator.device)
+        with accelerator.accumulate(model):
+            out = model(batch)
+            accelerator.backward(out["loss"])
+            if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
+                session.grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            session.optimizer.step()
+            session.optimizer.zero_grad(set_to_none=True)
+        terms = {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0}
+        session.unwrapped.check_runaway(terms, step)
+        for key, value in terms.items():
+            step_terms[key] = step_terms.get(key, 0.0) + value / accum
+    session.scheduler.step()
+    state.step, state.samples_seen = step, state.samples_seen + session.samples_per_step
+    state.epoch, state.epoch_batch = (epoch + 1, 0) if index + 1 == session.per_epoch else (epoch, index + 1)
+    return step_terms
+
+
+def log_metrics(session: TrainSession, step: int, step_terms: dict[str, torch.Tensor], window: dict) -> dict:
+    """Reduce the step's terms over ranks (collective) and write one metrics record; returns the reduced
+    terms. ``window``: ``start`` (time), ``steps``, ``segment_start``, ``base_wall`` of the timing window."""
+    keys = sorted(step_terms)  # same order on every rank for the all-reduce
+    values = session.accelerator.reduce(torch.stack([step_terms[k] for k in keys]), reduction="mean")
+    reduced = dict(zip(keys, values.tolist(), strict=True))
+    now, state = time.time(), session.state
+    record = {
+        "step": step,
+        "epoch": state.epoch,
+        "epoch_batch": state.epoch_batch,
+        **reduced,
+        "samples_per_s": window["steps"] * session.samples_per_step / max(now - window["start"], 1e-9),
+        "data_wait_s": session.data_wait / window["steps"],
+        "world_size": session.world,
+        "samples_seen": state.samples_seen,
+        "wall_time_s": window["base_wall"] + now - window["segment_start"],
+    }
+    names = [g.get("name", f"group{i}") for i, g in enumerate(session.optimizer.param_groups)]
+    record.update({f"lr/{name}": lr for name, lr in zip(names, session.scheduler.get_last_lr(), strict=True)})
+    if session.grad_norm is not None:
+        record["grad_norm"] = float(session.grad_norm)
+    session.metrics.log(record)
+    window["start"], window["steps"], session.data_wait = now, 0, 0.0
+    return reduced
+
+
+def after_step(session: TrainSession, step: int, window: dict, evaluate: Evaluator | None) -> None:
+    """Sample grids, periodic evaluation and checkpoint, each when its ``train.*_every`` says so."""
+    cfg, accelerator = session.cfg, session.accelerator
+    device = accelerator.device
+    run_here = session.main or zero_stage(accelerator) == 3  # ZeRO-3 gathers partitioned weights collectively
+    if cfg.train.image_every > 0 and step % cfg.train.image_every == 0 and run_here:
+        session.metrics.images(step, _joint_samples(session.unwrapped, cfg, step, device))
+    if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0:
+        if run_here:
+            _periodic_eval(session, step, evaluate)
+        accelerator.wait_for_everyone()
+    periodic = cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0
+    if periodic or step == cfg.train.steps:
+        session.state.wall_time = window["base_wall"] + time.time() - window["segment_start"]
+        session.metrics.flush()
+        keep = cfg.train.keep_checkpoints
+        save_checkpoint(accelerator, session.model, session.run_dir, session.state, keep=keep)
+
+
+def finish(session: TrainSession) -> None:
+    """Close the trace (with the parameter digest) and the metrics; end the accelerator's run."""
+    if session.trace is not None:
+        stage3 = zero_stage(session.accelerator) == 3
+        digest = None if stage3 else _parameter_digest(session.unwrapped)
+        end = {"event": "end", "step": session.state.step, "param_digest": digest}
+        session.trace.write({**end, **session.info})
+        session.trace.close()
+    session.metrics.close()
+    session.accelerator.wait_for_everyone()
+    session.accelerator.end_training()
+
+
+def train(
+    cfg: Config, *, resume: bool = False, trace_samples: bool = False, evaluate: Evaluator | None = None
+) -> dict[str, Any]:
+    """Train ``cfg`` into ``cfg.train.out_dir`` (resuming from its newest checkpoint when ``resume``);
+    ``evaluate`` runs every ``train.eval_every`` steps.
+
+    Returns a summary (final step, last reduced loss terms, world size, run directory).
+    """
+    if cfg.train.eval_every > 0 and evaluate is None:
+        raise ValueError("train.eval_every > 0 needs an evaluation: pass evaluate= (`mmebm train` passes "
+                         "mmebm_dist.evaluate.periodic.periodic_eval) or set train.eval_every=0")
+    session = setup(cfg, resume=resume, trace_samples=trace_samples)
+    state = session.state
+    bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not session.main, desc="train",
+               dynamic_ncols=True)
+    now = time.time()
+    window = {"start": now, "steps": 0, "segment_start": now, "base_wall": state.wall_time}
+    reduced: dict[str, float] = {}
     for step in range(state.step + 1, cfg.train.steps + 1):
-        step_terms: dict[str, torch.Tensor] = {}
-        for _ in range(cfg.optim.grad_accum):
-            t0 = time.perf_counter()
-            epoch, index, batch = next(batches)
-            data_wait += time.perf_counter() - t0
-            if trace is not None:
-                trace.batch(step, epoch, index, batch)
-            batch = _to_device(batch, device)
-            with accelerator.accumulate(model):
-                out = model(batch)
-                accelerator.backward(out["loss"])
-                if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            terms = {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0}
-            unwrapped.check_runaway(terms, step)
-            for key, value in terms.items():
-                step_terms[key] = step_terms.get(key, 0.0) + value / cfg.optim.grad_accum
-        scheduler.step()
-        state.step, state.samples_seen = step, state.samples_seen + samples_per_step
-        state.epoch, state.epoch_batch = (epoch + 1, 0) if index + 1 == per_epoch else (epoch, index + 1)
-        window_steps += 1
+        step_terms = train_step(session, step)
+        window["steps"] += 1
         bar.update(1)
-
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            keys = sorted(step_terms)  # same order on every rank for the all-reduce
-            values = accelerator.reduce(torch.stack([step_terms[k] for k in keys]), reduction="mean")
-            reduced = dict(zip(keys, values.tolist(), strict=True))
-            now = time.time()
-            record = {
-                "step": step,
-                "epoch": state.epoch,
-                "epoch_batch": state.epoch_batch,
-                **reduced,
-                "samples_per_s": window_steps * samples_per_step / max(now - window_start, 1e-9),
-                "data_wait_s": data_wait / window_steps,
-                "world_size": world,
-                "samples_seen": state.samples_seen,
-                "wall_time_s": base_wall + now - segment_start,
-            }
-            record.update(
-                {f"lr/{name}": lr for name, lr in zip(group_names, scheduler.get_last_lr(), strict=True)}
-            )
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            metrics.log(record)
+            reduced = log_metrics(session, step, step_terms, window)
             bar.set_postfix(loss=f"{reduced['loss']:.4g}", refresh=False)
-            window_start, window_steps, data_wait = now, 0, 0.0
-
-        if cfg.train.image_every > 0 and step % cfg.train.image_every == 0 and (main or every_rank_samples):
-            metrics.images(step, _joint_samples(unwrapped, cfg, step, device))
-        if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0:
-            _periodic_eval(unwrapped, cfg, step, device, metrics, run_here=main or every_rank_samples)
-            accelerator.wait_for_everyone()
-        periodic = cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0
-        if periodic or step == cfg.train.steps:
-            state.wall_time = base_wall + time.time() - segment_start
-            metrics.flush()
-            save_checkpoint(accelerator, model, run_dir, state, keep=cfg.train.keep_checkpoints)
+        after_step(session, step, window, evaluate)
     bar.close()
-
-    if trace is not None:
-        digest = None if zero_stage(accelerator) == 3 else _parameter_digest(unwrapped)
-        trace.write({"event": "end", "step": state.step, "param_digest": digest, **info})
-        trace.close()
-    metrics.close()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish(session)
     return {
         "step": state.step,
         "terms": reduced,
-        "world_size": world,
-        "run_dir": str(run_dir),
-        "is_main_process": main,
+        "world_size": session.world,
+        "run_dir": str(session.run_dir),
+        "is_main_process": session.main,
     }
-
-
-def _append_command(run_dir: Path, world: int) -> None:
-    """Append this invocation (UTC time, world size, argv) to RUN_DIR/commands.log: how the run was made."""
-    with open(run_dir / COMMANDS_LOG, "a") as f:
-        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\tworld_size={world}\t"
-                f"{shlex.join(sys.argv)}\n")
 
 
 def _check_data_order(state: TrainState, order: dict[str, Any], ckpt: Path) -> None:
@@ -382,26 +471,15 @@ def _joint_samples(
         model.train()
 
 
-def _periodic_eval(
-    model: torch.nn.Module,
-    cfg: Config,
-    step: int,
-    device: torch.device,
-    metrics: MetricsWriter,
-    *,
-    run_here: bool,
-) -> None:
-    """Call ``mmebm_dist.evaluate.periodic.periodic_eval`` (imported only when ``train.eval_every > 0``)."""
-    if not run_here:
-        return
-    from mmebm_dist.evaluate.periodic import periodic_eval
-
+def _periodic_eval(session: TrainSession, step: int, evaluate: Evaluator) -> None:
+    """Run ``evaluate`` on the unwrapped model in eval mode on isolated RNG streams and log its figures."""
+    model = session.unwrapped
     model.eval()
     try:
-        with isolated_rng(device):
-            results = periodic_eval(model, cfg, step)
+        with isolated_rng(session.accelerator.device):
+            results = evaluate(model, session.cfg, step)
     finally:
         model.train()
-    metrics.log(
+    session.metrics.log(
         {"step": step, **{f"eval/{k}": float(v) for k, v in results.items() if isinstance(v, (int, float))}}
     )

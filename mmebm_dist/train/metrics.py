@@ -1,65 +1,21 @@
 """Run-directory logging: ``metrics.jsonl`` (a JSON record per logged step), TensorBoard scalars and grids.
 
 Only rank 0 writes. On resume, records after the checkpoint's step are dropped so that the log reads as one
-uninterrupted run (:func:`truncate_jsonl`), and TensorBoard purges the same steps (``purge_step``).
+uninterrupted run (``mmebm_dist.rundir.truncate_jsonl``), and TensorBoard purges the same steps
+(``purge_step``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from einops import rearrange
 
-METRICS_FILE = "metrics.jsonl"
-TB_DIR = "tb"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a hidden temp file beside ``path`` and rename it over ``path``: readers see the old
-    file or the new one, never a half-written one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def parse_jsonl(path: Path) -> list[tuple[str, dict]]:
-    """(line, record) for every record of a JSONL file a killed writer may have left behind.
-
-    A run killed while writing leaves at most one partial last line: it is dropped. A corrupt line elsewhere
-    means the file was edited or damaged, and raises ValueError naming the line.
-    """
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((line, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            if number == len(lines):  # the line being written when the process was killed
-                break
-            raise ValueError(f"{path}:{number} is not valid JSON ({exc}); fix or remove that line") from exc
-    return records
-
-
-def truncate_jsonl(path: Path, max_step: int) -> int:
-    """Keep the records of ``path`` whose ``step`` is at most ``max_step`` (see :func:`parse_jsonl` for a
-    partial last line); returns how many were kept."""
-    if not path.exists():
-        return 0
-    kept = [line for line, record in parse_jsonl(path) if record.get("step", -1) <= max_step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
-    return len(kept)
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """All records of a JSONL file (metrics or trace)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+from mmebm_dist.rundir import CONFIG_FILE, METRICS_FILE, TB_DIR, TRACE_DIR, JsonlAppender
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
@@ -81,7 +37,7 @@ def run_vocabularies(run_dir: Path) -> dict[str, Any]:
     """Vocabularies of the token modalities of the run's data (``config.json`` -> ``data.path``)."""
     from mmebm_dist.data.text import vocabularies
 
-    config = Path(run_dir) / "config.json"
+    config = Path(run_dir) / CONFIG_FILE
     if not config.is_file():
         raise FileNotFoundError(
             f"drawing a token modality needs the run's vocabulary, found through {config} (data.path), "
@@ -124,9 +80,7 @@ class MetricsWriter:
         self._tb = None
         if not enabled:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        truncate_jsonl(self.path, start_step)
-        self._file = self.path.open("a")
+        self._jsonl = JsonlAppender(self.path, start_step=start_step)
         from torch.utils.tensorboard import SummaryWriter  # imported here: costs ~1 s, rank 0 only
 
         # purge_step drops events written after the checkpoint by a run that was then killed.
@@ -136,8 +90,7 @@ class MetricsWriter:
         """Write one record (must hold ``step``); numeric values also go to TensorBoard as scalars."""
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._jsonl.write(record)
         step = int(record["step"])
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -171,12 +124,11 @@ class MetricsWriter:
 
     def flush(self) -> None:
         if self.enabled:
-            self._file.flush()
             self._tb.flush()
 
     def close(self) -> None:
         if self.enabled:
-            self._file.close()
+            self._jsonl.close()
             self._tb.close()
 
 
@@ -205,15 +157,12 @@ class SampleTrace:
     """
 
     def __init__(self, run_dir: Path, process_index: int, *, start_step: int, modalities: list[str]):
-        self.path = run_dir / "trace" / f"rank-{process_index}.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / TRACE_DIR / f"rank-{process_index}.jsonl"
         self.modalities = modalities
-        truncate_jsonl(self.path, start_step)
-        self._file = self.path.open("a")
+        self._jsonl = JsonlAppender(self.path, start_step=start_step)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._jsonl.write(record)
 
     def batch(self, step: int, epoch: int, index: int, batch: dict[str, Any]) -> None:
         self.write(
@@ -221,4 +170,4 @@ class SampleTrace:
         )
 
     def close(self) -> None:
-        self._file.close()
+        self._jsonl.close()

@@ -2,7 +2,11 @@
 
 mmebm train --config configs/tiny.yaml train.out_dir=runs/tiny train.steps=100
 mmebm train --resume runs/tiny train.steps=200
+mmebm train --config configs/tiny.yaml --dry-run
 accelerate launch --config_file launch/accelerate/cpu_ddp_2proc.yaml -m mmebm_dist.train --config ...
+
+This command sits above ``train`` and ``evaluate``: it hands the training loop the periodic evaluation
+(``train.eval_every``) as a callback, so that neither package imports the other.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from mmebm_dist.config import Config, ConfigError, load_config
+from mmebm_dist.config import Config, ConfigError, config_to_dict, load_config
+from mmebm_dist.rundir import CONFIG_FILE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write RUN_DIR/trace/rank-<i>.jsonl: a hash of every sample each rank consumed "
         "(audits data splitting and exact resume; costs a hash per sample)",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve and validate the config, build the model and read one batch, print the resolved "
+        "config and the parameter count, and exit without writing the run directory",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
 
@@ -36,7 +47,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     if args.config:
         return load_config(args.config, args.overrides), False
     run_dir = Path(args.resume)
-    saved = run_dir / "config.json"
+    saved = run_dir / CONFIG_FILE
     if not saved.is_file():
         raise ConfigError(
             f"--resume {run_dir}: {saved} does not exist; is it a run directory of `mmebm train`?"
@@ -49,11 +60,40 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     return cfg, True
 
 
+def dry_run(cfg: Config, *, resume: bool) -> dict:
+    """Build everything a run needs (model, optimizer, restored state when resuming, the data stream) and
+    read one batch, writing nothing; returns the resolved config and the parameter counts."""
+    from mmebm_dist.train.loop import setup
+
+    session = setup(cfg, resume=resume, record=False)
+    _, _, batch = next(session.batches)
+    params = list(session.unwrapped.parameters())
+    summary = {
+        "config": config_to_dict(cfg),
+        "parameters": sum(p.numel() for p in params),
+        "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+        "batch": {k: list(v.shape) for k, v in batch.items() if hasattr(v, "shape")},
+        "start_step": session.state.step,
+        "world_size": session.world,
+    }
+    session.accelerator.end_training()
+    return summary
+
+
 def run(args: argparse.Namespace) -> int:
     from mmebm_dist.train.loop import train
 
     cfg, resume = resolve_config(args)
-    summary = train(cfg, resume=resume, trace_samples=args.trace_samples)
+    if args.dry_run:
+        summary = dry_run(cfg, resume=resume)
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        print(f"dry run: {summary['parameters']:,} parameters; config valid, model and data built; "
+              f"nothing written to {cfg.train.out_dir}")
+        return 0
+    evaluate = None
+    if cfg.train.eval_every > 0:
+        from mmebm_dist.evaluate.periodic import periodic_eval as evaluate
+    summary = train(cfg, resume=resume, trace_samples=args.trace_samples, evaluate=evaluate)
     if summary["is_main_process"]:
         print(json.dumps({k: v for k, v in summary.items() if k != "is_main_process"}))
     return 0
