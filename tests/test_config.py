@@ -1,13 +1,28 @@
-"""Typed config: strict keys with suggestions, dotted overrides (list indices too), JSON round trip."""
+"""Typed config: strict keys with suggestions, dotted overrides (list indices too), JSON round trip, base:
+inheritance, choices and ranges checked at load time."""
 
 import json
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mmebm_dist.config import (
+    RANGES,
+    Activation,
+    Aggregation,
     Config,
     ConfigError,
+    Family,
+    LangevinBackend,
+    LangevinConfig,
+    Likelihood,
+    ModalityConfig,
+    Objective,
+    Posterior,
+    PriorConfig,
+    Reference,
     config_from_dict,
     config_hash,
     config_to_dict,
@@ -62,8 +77,8 @@ def test_file_errors_name_the_file(tmp_path):
 
 
 def test_overrides_reach_nested_sections_tuples_and_list_items(tmp_path):
-    path = _write(tmp_path, "model:\n  latent_dim: 16\n  modalities:\n    - {name: a, shape: [4], family: mlp}\n"
-                            "    - {name: b, shape: [1, 8, 8]}\n")
+    path = _write(tmp_path, "model:\n  latent_dim: 16\n  modalities:\n"
+                            "    - {name: a, shape: [4], family: mlp}\n    - {name: b, shape: [1, 8, 8]}\n")
     cfg = load_config(path, ["model.prior.langevin.steps=7", "model.prior.betas=[0.0, 0.9]",
                              "model.modalities.1.family=mlp", "model.modalities.0.shape=6",
                              "eval.langevin_sweep=0",
@@ -109,3 +124,122 @@ def test_paper_and_baseline_configs_differ_only_in_the_prior():
     ebm["model"]["prior"]["kind"] = "laplace"
     ebm["train"]["out_dir"] = lap["train"]["out_dir"]
     assert ebm == lap
+
+
+RESOLVED = Path(__file__).resolve().parent / "fixtures" / "resolved_configs.json"
+"""Every shipped config resolved before the variants inherited with base: (written from main's configs/)."""
+
+
+def test_every_shipped_config_resolves_as_before_and_its_saved_json_loads(tmp_path):
+    expected = json.loads(RESOLVED.read_text())
+    assert sorted(expected) == [p.name for p in CONFIGS]
+    for path in CONFIGS:
+        cfg = load_config(path)
+        assert config_to_dict(cfg) == expected[path.name], path.name
+        save_config(cfg, tmp_path / "config.json")  # what a run directory holds; --resume loads it so
+        assert load_config(tmp_path / "config.json") == cfg
+
+
+def test_variants_inherit_and_hold_only_what_differs():
+    for name in ("polymnist_laplace", "polyfashion_ebm", "polyfashion_laplace", "polymnist_small",
+                 "mnist_svhn_laplace", "birds_laplace"):
+        data = yaml.safe_load((CONFIGS[0].parent / f"{name}.yaml").read_text())
+        assert data["base"].endswith(".yaml") and "modalities" not in data.get("model", {}), name
+        assert len(yaml.safe_dump(data).splitlines()) <= 10, name
+
+
+def test_base_deep_merges_replaces_lists_and_refuses_cycles(tmp_path):
+    (tmp_path / "sub").mkdir()
+    _write(tmp_path, "model:\n  latent_dim: 16\n  prior: {kind: ebm, hidden: 8}\n"
+                     "eval: {langevin_sweep: [0, 5, 9]}\ntrain: {steps: 30}\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../c.yaml\nmodel:\n  prior: {kind: laplace}\n")
+    (tmp_path / "sub" / "leaf.yaml").write_text("base: mid.yaml\neval: {langevin_sweep: [0]}\n")
+    cfg = load_config(tmp_path / "sub" / "leaf.yaml", ["train.steps=40"])
+    assert cfg.model.latent_dim == 16 and cfg.model.prior.hidden == 8  # inherited two levels up
+    assert cfg.model.prior.kind == "laplace"  # the nearer file wins, key by key
+    assert cfg.eval.langevin_sweep == (0,)  # lists are replaced, not merged
+    assert cfg.train.steps == 40  # overrides apply last
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"base: chain is a cycle \(.*a.yaml -> .*b.yaml -> .*a.yaml\)"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "lost.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere.yaml' \(the base of '.*lost.yaml'\) does not exist"):
+        load_config(tmp_path / "lost.yaml")
+    (tmp_path / "bad.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="base: must name one YAML file"):
+        load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.batch_size=0", "'data.batch_size' must be >= 1, got 0"),
+    ("train.log_every=0", "'train.log_every' must be >= 1, got 0"),
+    ("train.steps=-5", "'train.steps' must be >= 1, got -5"),
+    ("model.prior.lr=-1e-4", "'model.prior.lr' must be > 0, got -0.0001"),
+    ("optim.lr=0", "'optim.lr' must be > 0, got 0.0"),
+    ("optim.betas=[0.9,1.0]", r"'optim.betas' must be in \[0, 1\), got \(0.9, 1.0\)"),
+    ("model.prior.langevin.step_size=nan", "'model.prior.langevin.step_size' must be > 0, got nan"),
+    ("model.prior.layers=5", r"'model.prior.layers' must be in \[1, 4\], got 5"),
+    ("train.keep_checkpoints=0", "'train.keep_checkpoints' must be >= 1"),
+    ("optim.lr_decay_every=0", "'optim.lr_decay_every' must be >= 1"),
+    ("model.modalities.0.likelihood_scale=0", r"'model.modalities\[0\].likelihood_scale' must be > 0"),
+    ("model.modalities.1.shape=[3,0,28]", r"'model.modalities\[1\].shape' must be >= 1"),
+    ("eval.langevin_sweep=[0,-1]", "'eval.langevin_sweep' must be >= 0"),
+])
+def test_numeric_ranges_are_checked_at_load_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_every_numeric_field_has_a_range():
+    def numeric(tp):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return tp in (int, float) or (typing.get_origin(tp) in (tuple, list) and args and
+                                      all(a in (int, float) for a in args))
+
+    missing = []
+    for cls in (ModalityConfig, *[type(getattr(Config(), s)) for s in ("data", "model", "optim", "train",
+                                                                        "eval")],
+                LangevinConfig, PriorConfig):
+        for name, tp in typing.get_type_hints(cls).items():
+            if numeric(tp) and name not in RANGES.get(cls, {}):
+                missing.append(f"{cls.__name__}.{name}")
+    assert missing == []
+
+
+def test_choices_are_checked_with_a_suggestion_and_match_the_code_registries():
+    from mmebm_dist import langevin
+    from mmebm_dist.models.aggregation import AGGREGATIONS
+    from mmebm_dist.models.densities import POSTERIOR_FAMILIES, REFERENCES
+    from mmebm_dist.models.energy import ACTIVATIONS
+    from mmebm_dist.models.likelihoods import LIKELIHOODS
+    from mmebm_dist.models.modality import FAMILIES
+    from mmebm_dist.models.objectives import OBJECTIVES
+
+    with pytest.raises(ConfigError, match=r"'model.aggregation' must be one of moe, poe, mopoe, got 'pooe'; "
+                                          r"did you mean 'poe'\?"):
+        load_config(None, ["model.aggregation=pooe"])
+    with pytest.raises(ConfigError, match="'train.mixed_precision' must be one of no, bf16, got 'fp16'"):
+        load_config(None, ["train.mixed_precision=fp16"])
+    with pytest.raises(ConfigError, match="'data.on_error' must be one of raise, skip"):
+        load_config(None, ["data.on_error=ignore"])
+    registries = {
+        Aggregation: AGGREGATIONS, Objective: OBJECTIVES, Activation: ACTIVATIONS, Reference: REFERENCES,
+        Posterior: POSTERIOR_FAMILIES, LangevinBackend: langevin.BACKENDS, Family: FAMILIES,
+        Likelihood: LIKELIHOODS,
+    }
+    for choice, registry in registries.items():
+        assert set(typing.get_args(choice)) == set(registry), choice
+
+
+def test_cross_field_rules_run_at_load_time():
+    with pytest.raises(ConfigError, match="model.prior.fit=posthoc trains only the energy"):
+        load_config(None, ["model.prior.fit=posthoc"])
+    with pytest.raises(ConfigError, match="set model.posterior=gaussian"):
+        load_config(None, ["model.aggregation=poe"])
+    with pytest.raises(ConfigError, match="H and W divisible by 4"):
+        load_config(None, ["model.modalities.0.shape=[3,10,10]"])
+    with pytest.raises(ConfigError, match="use iwae or dreg"):
+        load_config(None, ["model.particles=3"])
+    with pytest.raises(ConfigError, match=r"names must be unique"):
+        load_config(None, ["model.modalities.1.name=m0"])
