@@ -262,3 +262,62 @@ def test_posthoc_prior_trains_only_the_energy_of_the_loaded_model(data2, tmp_pat
     with pytest.raises(ConfigError, match="model.prior.kind=ebm"):
         train(load_config(path, [f"train.out_dir={tmp_path / 'z'}", "model.prior.fit=posthoc",
                                  "model.prior.kind=laplace", f"train.init_from={source}"]))
+
+
+def test_setup_and_train_step_are_the_loop(data2, tmp_path, in_process):
+    """setup() + train_step() (what `mmebm bench train` times) give train()'s losses and data position, and
+    setup(record=False) writes nothing."""
+    from accelerate.state import AcceleratorState
+
+    from mmebm_dist.train.loop import setup, train, train_step
+
+    path = tiny_config(tmp_path / "c.yaml", data2)
+    train(load_config(path, [f"train.out_dir={tmp_path / 'run'}", "train.steps=3"]))
+    logged = read_jsonl(tmp_path / "run/metrics.jsonl")
+    AcceleratorState._reset_state(True)
+    session = setup(load_config(path, [f"train.out_dir={tmp_path / 'bench'}", "train.steps=3"]), record=False)
+    for step in (1, 2, 3):
+        terms = train_step(session, step)
+        assert {k: float(v) for k, v in terms.items()} == {k: logged[step - 1][k] for k in terms}
+        assert (session.state.epoch, session.state.epoch_batch) == (0, step)
+    session.accelerator.end_training()
+    assert not (tmp_path / "bench").exists()
+
+
+def test_dry_run_builds_model_and_data_and_writes_nothing(data2, tmp_path):
+    from mmebm_dist.models import build_model
+
+    path = tiny_config(tmp_path / "c.yaml", data2)
+    run = tmp_path / "run"
+    proc = run_train(["--config", str(path), f"train.out_dir={run}", "--dry-run"])
+    summary = json.loads(proc.stdout[proc.stdout.index("{\n"): proc.stdout.rindex("}") + 1])
+    cfg = load_config(path, [f"train.out_dir={run}"])
+    assert summary["config"] == json.loads(json.dumps(summary["config"])) and config_from_dict(
+        summary["config"]) == cfg
+    assert summary["parameters"] == sum(p.numel() for p in build_model(cfg.model).parameters()) > 0
+    assert summary["batch"]["m0"] == [8, 3, 28, 28]
+    assert f"{summary['parameters']:,} parameters" in proc.stdout
+    assert not run.exists()
+
+
+def test_cli_errors_print_one_line_and_debug_shows_the_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    from train_helpers import env
+
+    def mmebm(*args, **extra_env):
+        return subprocess.run([sys.executable, "-m", "mmebm_dist", *args], cwd=REPO,
+                              env={**env(), **extra_env}, capture_output=True, text=True, timeout=300)
+
+    bad = ["train", "--config", "configs/tiny.yaml", "data.batch_size=0"]
+    proc = mmebm(*bad)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "mmebm train: ConfigError: config key 'data.batch_size' must be >= 1, got 0")
+    missing = mmebm("train", "--config", "configs/tiny.yaml", f"data.path={tmp_path / 'none'}", "--dry-run")
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert f"{tmp_path / 'none'}/manifest.json" in missing.stderr.strip().splitlines()[-1]
+    for debug in (mmebm(*bad, MMEBM_DEBUG="1"), mmebm(*bad, "--debug")):
+        assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+        assert debug.stderr.strip().splitlines()[-1].startswith("mmebm_dist.config.ConfigError: config key")
