@@ -160,6 +160,21 @@ Evaluator = Callable[[torch.nn.Module, Config, int], dict[str, Any]]
 ``mmebm_dist.evaluate.periodic.periodic_eval`` (the loop never imports evaluation code)."""
 
 
+@dataclasses.dataclass(kw_only=True)
+class Clock:
+    """Wall-clock bookkeeping of one training segment: the window of the next metrics record, and the run's
+    training time summed over resumed segments."""
+
+    base_wall: float
+    """Seconds of training before this segment (from the checkpoint)."""
+    segment_start: float = dataclasses.field(default_factory=time.time)
+    window_start: float = dataclasses.field(default_factory=time.time)
+    window_steps: int = 0
+
+    def wall_time(self, now: float) -> float:
+        return self.base_wall + now - self.segment_start
+
+
 @dataclasses.dataclass(kw_only=True, eq=False)
 class TrainSession:
     """Everything a training step needs, built once by :func:`setup`; :func:`train_step` advances it."""
@@ -349,9 +364,9 @@ def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
     return step_terms
 
 
-def log_metrics(session: TrainSession, step: int, step_terms: dict[str, torch.Tensor], window: dict) -> dict:
+def log_metrics(session: TrainSession, step: int, step_terms: dict[str, torch.Tensor], clock: Clock) -> dict:
     """Reduce the step's terms over ranks (collective) and write one metrics record; returns the reduced
-    terms. ``window``: ``start`` (time), ``steps``, ``segment_start``, ``base_wall`` of the timing window."""
+    terms and starts the next timing window."""
     keys = sorted(step_terms)  # same order on every rank for the all-reduce
     values = session.accelerator.reduce(torch.stack([step_terms[k] for k in keys]), reduction="mean")
     reduced = dict(zip(keys, values.tolist(), strict=True))
@@ -361,22 +376,22 @@ def log_metrics(session: TrainSession, step: int, step_terms: dict[str, torch.Te
         "epoch": state.epoch,
         "epoch_batch": state.epoch_batch,
         **reduced,
-        "samples_per_s": window["steps"] * session.samples_per_step / max(now - window["start"], 1e-9),
-        "data_wait_s": session.data_wait / window["steps"],
+        "samples_per_s": clock.window_steps * session.samples_per_step / max(now - clock.window_start, 1e-9),
+        "data_wait_s": session.data_wait / clock.window_steps,
         "world_size": session.world,
         "samples_seen": state.samples_seen,
-        "wall_time_s": window["base_wall"] + now - window["segment_start"],
+        "wall_time_s": clock.wall_time(now),
     }
     names = [g.get("name", f"group{i}") for i, g in enumerate(session.optimizer.param_groups)]
     record.update({f"lr/{name}": lr for name, lr in zip(names, session.scheduler.get_last_lr(), strict=True)})
     if session.grad_norm is not None:
         record["grad_norm"] = float(session.grad_norm)
     session.metrics.log(record)
-    window["start"], window["steps"], session.data_wait = now, 0, 0.0
+    clock.window_start, clock.window_steps, session.data_wait = now, 0, 0.0
     return reduced
 
 
-def after_step(session: TrainSession, step: int, window: dict, evaluate: Evaluator | None) -> None:
+def after_step(session: TrainSession, step: int, clock: Clock, evaluate: Evaluator | None) -> None:
     """Sample grids, periodic evaluation and checkpoint, each when its ``train.*_every`` says so."""
     cfg, accelerator = session.cfg, session.accelerator
     device = accelerator.device
@@ -389,7 +404,7 @@ def after_step(session: TrainSession, step: int, window: dict, evaluate: Evaluat
         accelerator.wait_for_everyone()
     periodic = cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0
     if periodic or step == cfg.train.steps:
-        session.state.wall_time = window["base_wall"] + time.time() - window["segment_start"]
+        session.state.wall_time = clock.wall_time(time.time())
         session.metrics.flush()
         keep = cfg.train.keep_checkpoints
         save_checkpoint(accelerator, session.model, session.run_dir, session.state, keep=keep)
@@ -423,17 +438,16 @@ def train(
     state = session.state
     bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not session.main, desc="train",
                dynamic_ncols=True)
-    now = time.time()
-    window = {"start": now, "steps": 0, "segment_start": now, "base_wall": state.wall_time}
+    clock = Clock(base_wall=state.wall_time)
     reduced: dict[str, float] = {}
     for step in range(state.step + 1, cfg.train.steps + 1):
         step_terms = train_step(session, step)
-        window["steps"] += 1
+        clock.window_steps += 1
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            reduced = log_metrics(session, step, step_terms, window)
+            reduced = log_metrics(session, step, step_terms, clock)
             bar.set_postfix(loss=f"{reduced['loss']:.4g}", refresh=False)
-        after_step(session, step, window, evaluate)
+        after_step(session, step, clock, evaluate)
     bar.close()
     finish(session)
     return {
