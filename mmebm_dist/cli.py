@@ -56,10 +56,13 @@ def raised_by_us(exc: BaseException) -> bool:
     return any(path.is_relative_to(root) for root in _OUR_CODE)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, one_line_errors: bool | None = None) -> int:
+    """Run ``mmebm ARGV``. ``one_line_errors`` (default: when ``argv`` is None, i.e. from the command line)
+    prints an expected error raised by this package as one line and returns 1; otherwise errors propagate."""
+    one_line_errors = argv is None if one_line_errors is None else one_line_errors
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
-    debug = args.debug or os.environ.get("MMEBM_DEBUG", "") not in ("", "0")
+    debug = args.debug or os.environ.get("MMEBM_DEBUG", "") not in ("", "0") or not one_line_errors
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)

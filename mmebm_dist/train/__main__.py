@@ -4,4 +4,4 @@ import sys
 
 from mmebm_dist.cli import main
 
-sys.exit(main(["train", *sys.argv[1:]]))
+sys.exit(main(["train", *sys.argv[1:]], one_line_errors=True))
