@@ -36,6 +36,7 @@ Aggregation = Literal["moe", "poe", "mopoe"]
 Posterior = Literal["laplace", "gaussian"]
 Objective = Literal["elbo", "iwae", "dreg"]
 MixedPrecision = Literal["no", "bf16"]
+StageName = Literal["reference", "energy", "joint"]
 PRODUCT_AGGREGATIONS = ("poe", "mopoe")
 """Aggregations that multiply experts: a closed form only for Gaussian posteriors."""
 IMAGE_FAMILIES = ("conv", "mmvaeplus")
@@ -193,6 +194,22 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True)
+class StageConfig:
+    """One stage of ``train.schedule``: what trains for ``steps`` steps, and at which learning rates."""
+
+    stage: StageName
+    """``reference``: encoders/decoders under the reference prior p0 alone (the energy waits);
+    ``energy``: only the energy, on the frozen encoders' posterior (the post-hoc fit inside the run);
+    ``joint``: everything, the paper's objective."""
+    steps: int
+    """Optimiser steps of this stage."""
+    lr: float | None = None
+    """Encoder/decoder lr in this stage (default ``optim.lr``); stages that do not train them use 0."""
+    prior_lr: float | None = None
+    """Energy lr in this stage (default ``model.prior.lr``); stages that do not train it use 0."""
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """The training run: length, logging, checkpoints, precision."""
 
@@ -218,6 +235,10 @@ class TrainConfig:
     """torch intra-op threads per process (0: leave torch's default)."""
     compile: bool = False
     """torch.compile the model's forward."""
+    schedule: list[StageConfig] = field(default_factory=list)
+    """Stages run in order (``{stage, steps, lr, prior_lr}``), e.g. a reference-prior warm-up, an energy fit
+    on the frozen model, then the joint phase; their steps add up to at least ``train.steps``. Empty: the
+    whole run is one joint stage."""
     init_from: str = ""
     """A run directory (its newest checkpoint) or checkpoint directory whose weights start a fresh run; only
     the energy MLP's may be missing (it keeps its fresh initialisation). Empty: random initialisation."""
@@ -495,6 +516,7 @@ RANGES: dict[type, dict[str, Range]] = {
         "checkpoint_every": NON_NEGATIVE, "keep_checkpoints": AT_LEAST_ONE, "eval_every": NON_NEGATIVE,
         "image_every": NON_NEGATIVE, "threads": NON_NEGATIVE,
     },
+    StageConfig: {"steps": AT_LEAST_ONE, "lr": POSITIVE, "prior_lr": POSITIVE},
     EvalConfig: {"num_samples": AT_LEAST_ONE, "langevin_sweep": NON_NEGATIVE},
 }
 """Allowed range of every numeric field, checked at load time (a test checks that none is missing)."""
@@ -520,7 +542,7 @@ def _check_fields(node: Any, prefix: str) -> None:
         allowed = RANGES.get(type(node), {}).get(f.name)
         if allowed is not None:
             for x in value if isinstance(value, (tuple, list)) else [value]:
-                if not allowed.holds(x):
+                if x is not None and not allowed.holds(x):
                     raise ConfigError(f"config key '{where}' must be {allowed}, got {value!r}")
 
 
@@ -572,6 +594,25 @@ def validate(cfg: Config) -> None:
     if cfg.model.prior.fit == "posthoc" and not cfg.train.init_from:
         raise ConfigError("model.prior.fit=posthoc trains only the energy of a trained model: set "
                           "train.init_from=<its run directory> (a fixed-prior run)")
+    _check_schedule(cfg)
+
+
+def _check_schedule(cfg: Config) -> None:
+    """A schedule covers the run, and its stages other than ``joint`` need an EBM prior trained jointly."""
+    schedule = cfg.train.schedule
+    if not schedule:
+        return
+    covered = sum(s.steps for s in schedule)
+    if covered < cfg.train.steps:
+        raise ConfigError(f"config key 'train.schedule' covers {covered} steps but train.steps is "
+                          f"{cfg.train.steps}; lengthen a stage or lower train.steps")
+    for i, s in enumerate(schedule):
+        if s.stage != "joint" and cfg.model.prior.kind != "ebm":
+            raise ConfigError(f"config key 'train.schedule[{i}].stage' is '{s.stage}', which needs "
+                              f"model.prior.kind=ebm (got '{cfg.model.prior.kind}')")
+    if cfg.model.prior.fit == "posthoc":
+        raise ConfigError("config key 'train.schedule' stages the fit itself; leave model.prior.fit=joint "
+                          "(a post-hoc run trains only the energy for all of train.steps)")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

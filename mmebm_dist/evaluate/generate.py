@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from mmebm_dist import schedule
 from mmebm_dist.config import Config, config_from_dict
 from mmebm_dist.evaluate.coherence import Batch, chunk_seed, my_chunks, seeded
 from mmebm_dist.rundir import (
@@ -72,6 +73,8 @@ def load_run(run_dir: str | Path, *, checkpoint: str | Path | None = None,
     cfg = config_from_dict(state.config)
     model = build_model(cfg.model)
     load_model_weights(model, ckpt)
+    if cfg.train.schedule:  # a staged run samples as the stage of its checkpoint did (p0 before the energy)
+        model.set_stage(schedule.stage_at(schedule.of_config(cfg), max(state.step, 1)).name)
     model.to(device).eval()
     return LoadedRun(run_dir=run_dir, checkpoint=ckpt, step=state.step, cfg=cfg, model=model,
                      manifest_hash=state.data_order.get("manifest_hash"))

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import functools
 import math
+import typing
 
 import torch
 from torch import nn
 
 from mmebm_dist import langevin
-from mmebm_dist.config import ModelConfig, OptimConfig, validate_model
+from mmebm_dist.config import ModelConfig, OptimConfig, StageName, validate_model
 from mmebm_dist.models.aggregation import build_aggregation, sample_mixture
 from mmebm_dist.models.densities import posterior_family, reference_density
 from mmebm_dist.models.energy import EnergyMLP
@@ -34,6 +35,10 @@ from mmebm_dist.models.objectives import (
     joint_log_weights,
     stratified_log_weights,
 )
+
+STAGES = typing.get_args(StageName)
+"""What trains in a step (``train.schedule``): encoders/decoders under the reference prior p0 alone; only the
+energy, on the frozen encoders' posterior; or everything, the paper's joint objective."""
 
 
 class RunawayError(FloatingPointError):
@@ -72,6 +77,24 @@ class MultimodalVAE(nn.Module):
         if self.posthoc:  # only the energy trains; everything else is the frozen model it was loaded from
             self.requires_grad_(False)
             self.energy.requires_grad_(True)
+        self.stage = "energy" if self.posthoc else "joint"
+
+    def set_stage(self, stage: str) -> None:
+        """Train ``stage`` (one of STAGES) from the next step on; a fixed prior has only the joint stage."""
+        if stage not in STAGES:
+            raise ValueError(f"stage '{stage}' is unknown; choose one of {', '.join(STAGES)}")
+        if stage != "joint" and self.energy is None:
+            raise ValueError(f"stage '{stage}' needs model.prior.kind=ebm (the prior is {self.prior_kind})")
+        self.stage = stage
+
+    def _untrained(self, stage: str) -> list[nn.Parameter]:
+        """Parameters that ``stage`` does not train (they get zero gradients, so DDP sees every one)."""
+        energy_ids = {id(p) for p in self.energy.parameters()} if self.energy is not None else set()
+        if stage == "reference":
+            return list(self.energy.parameters())
+        if stage == "energy":
+            return [p for p in self.parameters() if id(p) not in energy_ids and p.requires_grad]
+        return []
 
     # ------------------------------------------------------------------------------------------ helpers
     @property
@@ -116,18 +139,19 @@ class MultimodalVAE(nn.Module):
     # ------------------------------------------------------------------------------------------ training
     def compute(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Loss, detached terms and (under ``_z_pos``/``_z_neg``) the EBM's positives and negatives."""
-        if self.posthoc:
-            return self._compute_posthoc(batch)
+        if self.stage == "energy":
+            return _with_zero_grads(self._compute_posthoc(batch), self._untrained("energy"))
         cfg = self.cfg
+        energy = self.energy if self.stage == "joint" else None
         experts = self.encode(batch)
         x = [batch[n] for n in self.modalities]
         cache: dict[str, torch.Tensor] = {}
 
         def log_prior_z(z: torch.Tensor) -> torch.Tensor:
-            if self.energy is None:
+            if energy is None:
                 return self.p0.log_prob(z)
             flat = z.reshape(-1, z.shape[-1])
-            f, f_pos = self.energy(torch.cat([flat, flat.detach()])).float().split(flat.shape[0])
+            f, f_pos = energy(torch.cat([flat, flat.detach()])).float().split(flat.shape[0])
             cache["f_pos"], cache["z_pos"] = f_pos, flat.detach()
             # Value f(z), gradient in z through f, gradient in the energy's parameters cancelled (module doc).
             f_elbo = f - f_pos + f_pos.detach()
@@ -159,14 +183,14 @@ class MultimodalVAE(nn.Module):
         terms["posterior_scale"] = experts.z_scale.detach().mean()
 
         out: dict[str, torch.Tensor] = {}
-        if self.energy is not None:
+        if energy is not None:
             ebm_loss, ebm_terms, z_neg = self._energy_loss(cache["f_pos"], batch_size=x[0].shape[0])
             loss = loss + ebm_loss
             terms.update(ebm_terms)
             out["_z_pos"], out["_z_neg"] = cache["z_pos"], z_neg
         out["loss"] = loss
         out.update(terms)
-        return out
+        return _with_zero_grads(out, self._untrained(self.stage))
 
     def _compute_posthoc(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``model.prior.fit=posthoc``: the energy loss alone, its positives drawn from the frozen encoders'
@@ -243,7 +267,7 @@ class MultimodalVAE(nn.Module):
                      generator: torch.Generator | None = None) -> torch.Tensor:
         """z [n, latent_dim] from the prior: Langevin from p0 for the EBM (no gradient), p0 otherwise."""
         z0 = self.p0.sample((n, self.cfg.latent_dim), generator=generator, device=self.device)
-        if self.energy is None:
+        if self.energy is None or self.stage == "reference":  # the reference stage trains under p0 alone
             return z0
         lcfg = self.cfg.prior.langevin
         steps = lcfg.steps if langevin_steps is None else langevin_steps
@@ -309,6 +333,14 @@ class MultimodalVAE(nn.Module):
 def build_model(model_cfg: ModelConfig) -> MultimodalVAE:
     """The multimodal VAE described by ``model_cfg`` (raises ConfigError on settings it cannot run)."""
     return MultimodalVAE(model_cfg)
+
+
+def _with_zero_grads(out: dict[str, torch.Tensor], params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Add 0 * sum(params) to the loss: under DDP every parameter must receive a gradient in every step, and
+    the parameters a stage does not train get exact zeros (their optimizer group's lr is 0 in that stage)."""
+    if params:
+        out["loss"] = out["loss"] + 0.0 * sum(p.sum() for p in params)
+    return out
 
 
 def _decode_per_stratum(decoder: nn.Module, rows: int, u: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from mmebm_dist import schedule
 from mmebm_dist.config import Config, config_to_dict, save_config
 from mmebm_dist.rundir import CHECKPOINTS, CONFIG_FILE, TrainState, append_command, latest_checkpoint
 from mmebm_dist.train.checkpoint import load_checkpoint, load_initial_weights, save_checkpoint
@@ -57,9 +58,12 @@ def compile_forward(model: torch.nn.Module, cfg: Config) -> None:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LRScheduler:
-    """Exponential decay: every group's lr times ``optim.lr_decay`` every ``optim.lr_decay_every`` steps."""
-    decay, every = cfg.optim.lr_decay, cfg.optim.lr_decay_every
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: decay ** (step // every))
+    """Each group's lr of the current ``train.schedule`` stage (0 for a group the stage does not train),
+    times ``optim.lr_decay`` every ``optim.lr_decay_every`` steps."""
+    names = [g.get("name", f"group{i}") for i, g in enumerate(optimizer.param_groups)]
+    lambdas = schedule.lr_lambdas(schedule.of_config(cfg), names, [g["lr"] for g in optimizer.param_groups],
+                                  decay=cfg.optim.lr_decay, every=cfg.optim.lr_decay_every)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 @contextlib.contextmanager
@@ -200,6 +204,15 @@ class TrainSession:
     """Pre-clip global gradient norm of the last synchronised step (``optim.grad_clip > 0``)."""
     data_wait: float = 0.0
     """Seconds spent waiting for micro-batches since the last metrics record."""
+    stages: list[schedule.Stage] = dataclasses.field(default_factory=list)
+    """``train.schedule`` resolved (:func:`mmebm_dist.schedule.of_config`)."""
+
+    def stage_of(self, step: int) -> schedule.Stage:
+        """The stage of ``step``; with a ``train.schedule`` the model is switched to it."""
+        stage = schedule.stage_at(self.stages, step)
+        if self.cfg.train.schedule:
+            self.unwrapped.set_stage(stage.name)
+        return stage
 
     @property
     def main(self) -> bool:
@@ -327,7 +340,7 @@ def setup(
     return TrainSession(
         cfg=cfg, accelerator=accelerator, model=model, unwrapped=unwrapped, optimizer=optimizer,
         scheduler=scheduler, state=state, batches=batches, per_epoch=per_epoch, metrics=metrics, trace=trace,
-        run_dir=run_dir, info=info,
+        run_dir=run_dir, info=info, stages=schedule.of_config(cfg),
     )
 
 
@@ -340,6 +353,7 @@ def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
     cfg, accelerator, model, state = session.cfg, session.accelerator, session.model, session.state
     accum = cfg.optim.grad_accum
     step_terms: dict[str, torch.Tensor] = {}
+    stage = session.stage_of(step)
     for _ in range(accum):
         t0 = time.perf_counter()
         epoch, index, batch = next(session.batches)
@@ -355,7 +369,11 @@ def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
             session.optimizer.step()
             session.optimizer.zero_grad(set_to_none=True)
         terms = {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0}
-        session.unwrapped.check_runaway(terms, step)
+        try:
+            session.unwrapped.check_runaway(terms, step)
+        except FloatingPointError as exc:  # models.RunawayError: say which stage ran away
+            where = f"stage '{stage.name}' ({stage.index + 1} of {len(session.stages)})"
+            raise type(exc)(f"{where}, {exc}") from exc
         for key, value in terms.items():
             step_terms[key] = step_terms.get(key, 0.0) + value / accum
     session.scheduler.step()
@@ -382,6 +400,9 @@ def log_metrics(session: TrainSession, step: int, step_terms: dict[str, torch.Te
         "samples_seen": state.samples_seen,
         "wall_time_s": clock.wall_time(now),
     }
+    if session.cfg.train.schedule:
+        stage = schedule.stage_at(session.stages, step)
+        record.update({"stage": stage.name, "stage_index": stage.index})
     names = [g.get("name", f"group{i}") for i, g in enumerate(session.optimizer.param_groups)]
     record.update({f"lr/{name}": lr for name, lr in zip(names, session.scheduler.get_last_lr(), strict=True)})
     if session.grad_norm is not None:
