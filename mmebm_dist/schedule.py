@@ -55,6 +55,17 @@ def stage_at(stages: Sequence[Stage], step: int) -> Stage:
     return stages[-1]
 
 
+def starting_groups(stages: Sequence[Stage], step: int) -> list[str]:
+    """Optimizer groups that start training at ``step``: the first step of a stage that trains a group the
+    previous stage did not. Their optimizer state is reset there, as a separate run would start it: moment
+    estimates decayed through a stage of zero gradients would make the first steps many times too large."""
+    stage = stage_at(stages, step)
+    if stage.index == 0 or step != stage.first:
+        return []
+    before = stages[stage.index - 1]
+    return [g for g, lr in stage.lrs.items() if lr > 0 and before.lrs.get(g, 0.0) == 0]
+
+
 def lr_lambdas(stages: Sequence[Stage], group_names: Sequence[str], base_lrs: Sequence[float], *,
                decay: float, every: int) -> list[Callable[[int], float]]:
     """One LambdaLR factor per optimizer group: the stage's lr for the group over its base lr, times the

@@ -54,6 +54,8 @@ def test_stages_resolve_to_step_ranges_and_group_lrs():
     model, energy = schedule.lr_lambdas(stages, ["model", "energy"], [0.1, 0.2], decay=0.5, every=4)
     assert [model(k) for k in range(6)] == [1.0, 1.0, 0.0, 0.0, 0.0, 0.5]
     assert [energy(k) for k in range(6)] == [0.0, 0.0, 2.5, 2.5, 1.25, 0.5]
+    assert [schedule.starting_groups(stages, k) for k in range(1, 7)] == [[], [], ["energy"], [], [],
+                                                                         ["model"]]
     plain = schedule.resolve([], steps=5, model_lr=0.1, prior_lr=0.2)
     assert [(s.name, s.first, s.last, s.lrs) for s in plain] == [
         ("joint", 1, 5, {"model": 0.1, "energy": 0.2})]
@@ -93,6 +95,17 @@ def test_staged_run_trains_each_part_in_its_stage_and_logs_it(data2, tmp_path, i
     assert not moved(fresh, weights[3], energy=True)  # the energy waited during the reference stage
     assert moved(weights[3], weights[6], energy=True) and not moved(weights[3], weights[6], energy=False)
     assert moved(weights[6], weights[9], energy=True) and moved(weights[6], weights[9], energy=False)
+
+    # Adam's state restarts when a group starts training: 3 energy steps by step 6, 3 model steps by step 9
+    def adam_steps(step: int) -> list[float]:
+        state = torch.load(run / "checkpoints" / f"step-{step:07d}" / "optimizer.bin", weights_only=True)
+        return [float(state["state"][i]["step"]) for i in sorted(state["state"])]
+
+    groups = torch.load(run / "checkpoints/step-0000006/optimizer.bin", weights_only=True)["param_groups"]
+    first_energy = next(g["params"][0] for g in groups if g["name"] == "energy")
+    assert set(adam_steps(3)) == {3.0}  # zero gradients still count as steps in the idle energy group
+    assert adam_steps(6)[first_energy:] == [3.0] * (len(adam_steps(6)) - first_energy)
+    assert set(adam_steps(9)) == {3.0, 6.0}
 
     records = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert [r["stage"] for r in records] == ["reference"] * 3 + ["energy"] * 3 + ["joint"] * 3

@@ -354,6 +354,8 @@ def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
     accum = cfg.optim.grad_accum
     step_terms: dict[str, torch.Tensor] = {}
     stage = session.stage_of(step)
+    if cfg.train.schedule:
+        _reset_optimizer_state(session.optimizer, schedule.starting_groups(session.stages, step))
     for _ in range(accum):
         t0 = time.perf_counter()
         epoch, index, batch = next(session.batches)
@@ -380,6 +382,17 @@ def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
     state.step, state.samples_seen = step, state.samples_seen + session.samples_per_step
     state.epoch, state.epoch_batch = (epoch + 1, 0) if index + 1 == session.per_epoch else (epoch, index + 1)
     return step_terms
+
+
+def _reset_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> None:
+    """Forget the optimizer state (Adam's moments and step count) of the named parameter groups."""
+    inner = optimizer
+    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer  # accelerate's AcceleratedOptimizer, DeepSpeed's ZeRO wrapper
+    for group in inner.param_groups:
+        if group.get("name") in names:
+            for p in group["params"]:
+                inner.state.pop(p, None)
 
 
 def log_metrics(session: TrainSession, step: int, step_terms: dict[str, torch.Tensor], clock: Clock) -> dict:
