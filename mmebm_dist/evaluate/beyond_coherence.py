@@ -21,7 +21,8 @@ from mmebm_dist.evaluate.report import fmt, md_table
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("beyond coherence (sample quality, likelihood, posterior refinement)")
     group.add_argument("--no-frechet", action="store_true",
-                       help="skip the Frechet distance in the classifiers' penultimate features")
+                       help="skip the Frechet distance in the classifiers' penultimate features (digit "
+                            "data sets; the birds have none)")
     group.add_argument("--inception-weights", default=None, metavar="PTH",
                        help="local InceptionV3 weights file (torch-fidelity's): also compute the standard "
                             "FID of image modalities; nothing is downloaded")
@@ -63,6 +64,12 @@ def measure(args: argparse.Namespace, *, model, classifiers, chunks: Sequence, n
     digit classifier bundle, None for data judged otherwise (Frechet and refinement then skip)."""
     from mmebm_dist.evaluate import frechet, likelihood, refine
 
+    if args.likelihood_particles < 0 or args.likelihood_tuples < 1:
+        raise SystemExit(f"--likelihood-particles must be >= 0 and --likelihood-tuples >= 1; got "
+                         f"{args.likelihood_particles}, {args.likelihood_tuples}")
+    if args.refine_steps and classifiers is None:
+        raise SystemExit("--refine-steps is measured with digit classifiers; this data set is judged by "
+                         "attributes, which refinement does not support yet: drop the flag")
     out: dict = {}
     common = {"num_samples": num_samples, "batch_size": args.batch_size, "seed": args.seed,
               "joint_langevin_steps": joint_langevin_steps, "rank": rank, "world_size": world_size}
@@ -92,7 +99,7 @@ def measure(args: argparse.Namespace, *, model, classifiers, chunks: Sequence, n
             model, _first_tuples(chunks, args.likelihood_tuples, args.batch_size),
             particles=args.likelihood_particles, seed=args.seed, log_z=log_z, rank=rank,
             world_size=world_size)
-    if args.refine_steps and classifiers is not None:
+    if args.refine_steps:
         fd = None
         if judge is not None:
             fd = lambda view: frechet.measure_frechet(view, judge, chunks, joint=False, **common)

@@ -37,7 +37,7 @@ Features = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
-    """Frechet distance between N(mu1, cov1) and N(mu2, cov2) (float64; covariances PSD, possibly singular)."""
+    """Frechet distance between N(mu1, cov1) and N(mu2, cov2) (float64; PSD covariances, maybe singular)."""
     mu1, mu2, cov1, cov2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, cov1, cov2))
     if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != (mu1.size, mu1.size):
         raise ValueError(f"Frechet distance needs means [D] and covariances [D, D] of one D; got "
@@ -89,7 +89,7 @@ def distance(a: Moments, b: Moments) -> float:
 
 
 def penultimate(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Activations feeding the last linear layer of a project classifier: [B, *shape] -> [B, D] (eval mode)."""
+    """Activations feeding the last linear layer of a project classifier: [B, *shape] -> [B, D] (eval)."""
     param = next(net.parameters())
     x = x.to(device=param.device, dtype=param.dtype)
     was_training = net.training
@@ -111,7 +111,7 @@ def classifier_features(bundle: ClassifierBundle) -> Features:
 
 
 def module_sha256(module: nn.Module) -> str:
-    """sha256 over a module's state dict (names, dtypes, shapes and bytes in key order): the judge's identity."""
+    """sha256 of a module's state dict (names, dtypes, shapes, bytes in key order): the judge's identity."""
     digest = hashlib.sha256()
     for key, value in module.state_dict().items():
         t = value.detach().cpu().contiguous()
@@ -166,8 +166,8 @@ def _feature_dim(features: Features, name: str, x: torch.Tensor) -> int:
 @torch.no_grad()
 def measure_frechet(model: GenerativeModel, features: Features, chunks: Sequence[Batch | None], *,
                     num_samples: int, batch_size: int, seed: int, joint_langevin_steps: int | None = None,
-                    joint: bool = True, names: Sequence[str] | None = None, rank: int = 0, world_size: int = 1,
-                    all_reduce: AllReduce = distributed_sum) -> dict:
+                    joint: bool = True, names: Sequence[str] | None = None, rank: int = 0,
+                    world_size: int = 1, all_reduce: AllReduce = distributed_sum) -> dict:
     """Per-modality FD of joint samples and of cross generations (each target generated from every single
     other modality, pooled) against the test tuples ``chunks``, plus ``test_halves``: the FD between the even
     and odd test tuples (what sampling noise alone gives at half that count). ``names``: the modalities to

@@ -50,7 +50,7 @@ def log_mean_exp_with_stderr(log_w: torch.Tensor) -> tuple[float, float, float]:
 def log_normalizer_mc(energy: Energy, reference: ReferenceDensity, latent_dim: int, *, num_samples: int,
                       batch_size: int = 10_000, generator: torch.Generator | None = None,
                       device: torch.device | str = "cpu") -> dict:
-    """log Z = log E_p0[exp f(z)] from ``num_samples`` draws of the reference p0 (with standard error and ESS)."""
+    """log Z = log E_p0[exp f(z)] from ``num_samples`` draws of the reference p0 (with its error and ESS)."""
     log_w = torch.cat([energy(reference.sample((n, latent_dim), generator=generator, device=device)).double()
                        for n in chunk_sizes(num_samples, batch_size)])
     estimate, stderr, ess = log_mean_exp_with_stderr(log_w)
@@ -79,7 +79,8 @@ def log_normalizer_ais(energy: Energy, reference: ReferenceDensity, latent_dim: 
                        temperatures: int, step_size: float, generator: torch.Generator | None = None,
                        device: torch.device | str = "cpu") -> dict:
     """log Z by annealed importance sampling from p0 to exp(f) p0 over ``temperatures`` steps of beta
-    (:func:`sigmoid_schedule`), one MALA step (Metropolis-adjusted Langevin, float64) per temperature; error over the chains."""
+    (:func:`sigmoid_schedule`), one MALA step (Metropolis-adjusted Langevin, float64) per temperature;
+    the error is over the chains."""
     if chains < 2 or temperatures < 1 or not step_size > 0:
         raise ValueError(f"AIS needs chains >= 2, temperatures >= 1 and step_size > 0; got {chains}, "
                          f"{temperatures}, {step_size}")

@@ -34,7 +34,7 @@ from mmebm_dist.evaluate.coherence import (
 
 def refine_posterior(model, batch: Batch, sources: Sequence[str], z0: torch.Tensor, *, steps: int,
                      step_size: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """z_K [B, d]: ``steps`` Langevin steps of size ``step_size`` from z0 on log p(x_S | z, w_S) + log p(z)."""
+    """z_K [B, d]: ``steps`` Langevin steps of size ``step_size`` from z0 on log p(x_S|z, w_S) + log p(z)."""
     if steps == 0:
         return z0
     sources = list(sources)
@@ -111,7 +111,8 @@ def measure_refinement(model, classifiers: Predictor, chunks: Sequence[Batch | N
         tup, sq = total[CROSS_TUPLE], total[CROSS_TUPLE_SQ]
         entry = {"steps": k, "step_size": step_size, "cross": cross_coherence(cell, names),
                  "cross_stderr": mean_stderr(tup.correct, sq.correct, tup.total), "n": int(tup.total),
-                 "subsets": {str(s): subset_coherence(rates, names, s) for s in [1, *sorted(set(subset_sizes))]},
+                 "subsets": {str(s): subset_coherence(rates, names, s)
+                             for s in [1, *sorted(set(subset_sizes))]},
                  "ms_per_sample": 1e3 * seconds / tuples if tuples else math.nan}
         if frechet is not None:
             entry["frechet_cross"] = frechet(RefinedPosterior(model, steps=k, step_size=step_size))["cross"]
