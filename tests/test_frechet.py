@@ -44,7 +44,8 @@ def test_a_set_with_itself_is_zero_and_the_distance_grows_with_noise():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 8, generator=g) @ torch.randn(8, 8, generator=g)
     assert abs(distance(_moments(x), _moments(x))) < 1e-8
-    noisy = [distance(_moments(x), _moments(x + s * torch.randn(x.shape, generator=g))) for s in (0.1, 0.5, 2)]
+    noisy = [distance(_moments(x), _moments(x + s * torch.randn(x.shape, generator=g)))
+             for s in (0.1, 0.5, 2)]
     assert 0 < noisy[0] < noisy[1] < noisy[2]
 
 
@@ -95,7 +96,8 @@ def test_split_over_ranks_and_summed_equals_single_process():
 
 
 def test_classifier_penultimate_features_and_hash():
-    bundle = ClassifierBundle([ModalitySpec("img", (3, 28, 28)), ModalitySpec("vec", (6,))], manifest_hash="x")
+    specs = [ModalitySpec("img", (3, 28, 28)), ModalitySpec("vec", (6,))]
+    bundle = ClassifierBundle(specs, manifest_hash="x")
     feats = classifier_features(bundle)
     assert feats("img", torch.rand(5, 3, 28, 28)).shape == (5, 128)
     assert feats("vec", torch.rand(5, 6)).shape == (5, 128 * bundle.width)
