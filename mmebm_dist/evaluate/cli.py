@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of every sample drawn")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", default=None, help="output directory (default: RUN/eval)")
+    from mmebm_dist.evaluate import beyond_coherence
+
+    beyond_coherence.add_arguments(parser)
 
 
 def _print_summary(results: dict, out_dir: Path) -> None:
@@ -131,6 +134,12 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
         coherence = measure_coherence(model, classifiers, chunks, subset_sizes=subset_sizes, **common)
         judges = {"dir": str(clf_dir), "manifest_hash": classifiers.manifest_hash,
                   "test_accuracy": classifiers.test_accuracy}
+    from mmebm_dist.evaluate import beyond_coherence
+
+    beyond = beyond_coherence.measure(
+        args, model=model, classifiers=None if birds_coherence.is_birds(data_path) else classifiers,
+        chunks=chunks, num_samples=num, joint_langevin_steps=joint_steps, subset_sizes=subset_sizes,
+        device=device, rank=rank, world_size=world)
     elbo = None if args.no_elbo else latent.objective_terms(model, chunks, rank=rank, world_size=world,
                                                             seed=args.seed)
     if rank != 0:
@@ -180,6 +189,7 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
         "elbo": elbo,
         "linear_probe": probe,
         "images": images,
+        **beyond,
         "seconds": time.perf_counter() - start,
     }
     if vocabularies:

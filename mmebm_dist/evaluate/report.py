@@ -325,6 +325,9 @@ def render_report(results: dict, images: dict[str, str]) -> str:
                         [[f"{probe['n_fit']} {probe['fit_split']} tuples",
                           f"{probe['n_eval']} held-out {probe['eval_split']} tuples",
                           fmt(probe["accuracy"])]])
+    from mmebm_dist.evaluate.beyond_coherence import report_lines  # it imports this module
+
+    lines += report_lines(results)
     if images:
         lines += ["", "## Pictures", ""]
         for caption, name in images.items():

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mmebm_dist.config import config_from_dict, config_to_dict
+from mmebm_dist.evaluate import beyond_coherence
 from mmebm_dist.evaluate.report import fmt, json_safe, md_table, save_figure
 from mmebm_dist.rundir import (
     COMMANDS_LOG,
@@ -170,6 +171,8 @@ class Run:
     eval_dir: str
     joint_samples_png: str | None
     """The eval's joint sample grid, None when the eval dir lacks it."""
+    beyond: dict[str, Any] = field(default_factory=dict)
+    """Figures beyond coherence (Frechet distance, log-likelihood, refinement): see beyond_coherence."""
     curves: dict[str, list[float]] = field(default_factory=dict, repr=False)
     """step / loss / energy_gap per logged record, for the training-curve picture (not in results.json)."""
 
@@ -260,6 +263,7 @@ def load_run(run_dir: Path, eval_name: str = "eval") -> tuple[Run | None, str]:
         linear_probe_accuracy=_num((ev.get("linear_probe") or {}).get("accuracy")),
         eval_dir=str(eval_dir),
         joint_samples_png=str(joint_png) if joint_png.exists() else None,
+        beyond=beyond_coherence.run_figures(ev),
         curves={"step": [r["step"] for r in train], "loss": [_num(r.get("loss")) for r in train],
                 "energy_gap": [_num(r.get("energy_gap")) for r in train]},
     )
@@ -771,6 +775,7 @@ def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: P
                      f"{fmt(r['ceiling_coherence'])} ± {fmt(r['ceiling_stderr'])}", fmt(acc), _commands(r)])
     lines += md_table(["run", "dataset", "prior", "seed", "config", "steps", "wall", "samples/s", "joint",
                      "cross", "ceiling", "min classifier acc.", "command"], rows)
+    lines += beyond_coherence.results_lines(runs)
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,11 @@ samples of the prior (negatives, no gradient through the chain). Inside the ELBO
 the same gradient in z, but its gradient in the energy's parameters cancels, so the energy's gradient is
 exactly E_p[grad f] - E_q[grad f] plus the penalty's. This uses only ordinary calls of the energy module, so
 it runs unchanged under DDP and DeepSpeed (ZeRO-3 gathers parameters on module calls).
+
+Incomplete tuples: ``batch["present"]`` [B, M] bool (modality order) marks the modalities a tuple has (the
+absent ones hold any placeholder of the right shape). The aggregation then uses the present experts, the
+objective the present likelihoods, and the EBM's positives the present strata; a batch without the key, or
+whose tuples are all complete, takes the plain path (the same loss, bit for bit).
 """
 
 from __future__ import annotations
@@ -110,6 +115,19 @@ class MultimodalVAE(nn.Module):
                 raise ValueError(f"modality '{name}' has shape {tuple(batch[name].shape[1:])} per sample, "
                                  f"model.modalities declares {self.shapes[name]}")
 
+    def presence(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """``batch["present"]`` [B, M] bool when some tuple lacks a modality, else None (all present)."""
+        present = batch.get("present")
+        if present is None:
+            return None
+        b = batch[self.modalities[0]].shape[0]
+        if present.dtype != torch.bool or tuple(present.shape) != (b, len(self.modalities)):
+            raise ValueError(f"batch['present'] must be bool [B, M] = [{b}, {len(self.modalities)}] in the "
+                             f"order {self.modalities}; got {present.dtype} {tuple(present.shape)}")
+        if not present.any(1).all():
+            raise ValueError("batch['present'] has a tuple with no modality present; drop such tuples")
+        return None if present.all() else present
+
     def encode(self, batch: dict[str, torch.Tensor], names: list[str] | None = None) -> Experts:
         """Posterior parameters of the modalities ``names`` (default all), stacked: [M, B, d]."""
         names = self.modalities if names is None else list(names)
@@ -144,6 +162,7 @@ class MultimodalVAE(nn.Module):
         cfg = self.cfg
         energy = self.energy if self.stage == "joint" else None
         experts = self.encode(batch)
+        present = self.presence(batch)
         x = [batch[n] for n in self.modalities]
         cache: dict[str, torch.Tensor] = {}
 
@@ -165,6 +184,8 @@ class MultimodalVAE(nn.Module):
                       likelihoods=[self.likelihoods[n] for n in self.modalities], family=self.family,
                       log_prior_z=log_prior_z, particles=cfg.particles, beta=cfg.beta,
                       stop_q_grad=cfg.objective == "dreg")
+        if present is not None:
+            common["present"] = present
         if self.aggregation.stratified:
             weights = stratified_log_weights(x, experts, private_prior_scale=self.private_prior_scale(),
                                              **common)
@@ -174,16 +195,24 @@ class MultimodalVAE(nn.Module):
         loss = -surrogate
 
         terms: dict[str, torch.Tensor] = {"elbo": bound.detach()}
-        for name, ll in zip(self.modalities, weights.log_lik, strict=True):
-            terms[f"rec/{name}"] = -ll.detach().mean()
-        terms["kl_z"] = (weights.log_q_z - weights.log_prior_z).detach().mean()
+        for m, (name, ll) in enumerate(zip(self.modalities, weights.log_lik, strict=True)):
+            rec = -ll.detach().mean(1)  # (S, B)
+            if present is None:
+                terms[f"rec/{name}"] = rec.mean()
+            else:  # over the tuples that have the modality (absent ones count 0 in the weighted average)
+                terms[f"rec/{name}"] = weights.average(rec) * len(present) / present[:, m].sum()
+        terms["kl_z"] = weights.average((weights.log_q_z - weights.log_prior_z).detach().mean(1))
         if weights.w is not None:
-            terms["kl_w"] = (weights.log_q_w - weights.log_prior_w).detach().mean()
-        terms["posterior_abs"] = experts.z_loc.detach().abs().mean()
-        terms["posterior_scale"] = experts.z_scale.detach().mean()
+            terms["kl_w"] = weights.average((weights.log_q_w - weights.log_prior_w).detach().mean(1))
+        seen = (slice(None),) if present is None else (present.T,)  # the present experts only
+        terms["posterior_abs"] = experts.z_loc.detach()[seen].abs().mean()
+        terms["posterior_scale"] = experts.z_scale.detach()[seen].mean()
 
         out: dict[str, torch.Tensor] = {}
         if energy is not None:
+            if present is not None and self.aggregation.stratified:  # positives of the present strata only
+                rows = present.T[:, None, :].expand(weights.z.shape[:-1]).reshape(-1)
+                cache["f_pos"], cache["z_pos"] = cache["f_pos"][rows], cache["z_pos"][rows]
             ebm_loss, ebm_terms, z_neg = self._energy_loss(cache["f_pos"], batch_size=x[0].shape[0])
             loss = loss + ebm_loss
             terms.update(ebm_terms)
@@ -198,16 +227,23 @@ class MultimodalVAE(nn.Module):
         training."""
         with torch.no_grad():
             experts = self.encode(batch)
+            present = self.presence(batch)
             if self.aggregation.stratified:
                 eps = self.family.standard_noise(tuple(experts.z_loc.shape), device=experts.z_loc.device)
-                z_pos = (experts.z_loc + experts.z_scale * eps).reshape(-1, experts.z_loc.shape[-1])
-            else:
+                z_pos = experts.z_loc + experts.z_scale * eps  # (M, B, d)
+                z_pos = z_pos.reshape(-1, z_pos.shape[-1]) if present is None else z_pos[present.T]
+            elif present is None:
                 loc, scale = self.aggregation.components(experts.z_loc, experts.z_scale)
                 z_pos = sample_mixture(loc, scale, self.family, 1)[0]
+            else:
+                loc, scale, valid = self.aggregation.masked_components(experts.z_loc, experts.z_scale,
+                                                                       present)
+                z_pos = sample_mixture(loc, scale, self.family, 1, valid=valid)[0]
         f_pos = self.energy(z_pos).float()
         loss, terms, z_neg = self._energy_loss(f_pos, batch_size=experts.z_loc.shape[1])
-        terms["posterior_abs"] = experts.z_loc.abs().mean()
-        terms["posterior_scale"] = experts.z_scale.mean()
+        seen = (slice(None),) if present is None else (present.T,)
+        terms["posterior_abs"] = experts.z_loc[seen].abs().mean()
+        terms["posterior_scale"] = experts.z_scale[seen].mean()
         return {"loss": loss, **terms, "_z_pos": z_pos, "_z_neg": z_neg}
 
     def _energy_loss(self, f_pos: torch.Tensor, *, batch_size: int):

@@ -10,6 +10,9 @@ Joint (PoE/MoPoE): one stratum; z ~ q(z | X) (the aggregation's mixture of produ
 its own w_d ~ q(w_d | x_d), and lw = sum_d [log p(x_d | z, w_d) + beta (log p(w_d) - log q(w_d | x_d))]
 + beta (log p(z) - log q(z | X)).
 
+Incomplete tuples (``present`` [B, M] bool): only present modalities' likelihoods enter lw, q(z | X)
+aggregates the present experts, and the strata of absent modalities get no weight (``stratum_weight``).
+
 Estimators over the K particles of lw [S, K, B], averaged over strata S and batch B:
 ``elbo`` mean_k lw; ``iwae`` log mean_k exp lw; ``dreg`` the doubly-reparameterised IWAE gradient (Tucker et
 al. 2019): the posterior parameters are cut from the log q terms, the surrogate is sum_k w~_k lw_k with
@@ -75,6 +78,15 @@ class LogWeights:
     """Posterior samples of the private latents: [M, K, B, private_dim] (stratified: w_r of stratum r)."""
     w_cross: torch.Tensor | None = None
     """Stratified only: [M(r), M(d), K, B, private_dim] private-prior draws decoding d != r."""
+    stratum_weight: torch.Tensor | None = None
+    """[S, B] weight of each stratum in its tuple's average (incomplete tuples: 1 / #present on the present
+    strata, 0 on the absent); None: every stratum counts alike."""
+
+    def average(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean of a per-stratum, per-tuple figure t [S, B] over strata (weighted) and tuples."""
+        if self.stratum_weight is None:
+            return t.mean()
+        return (t * self.stratum_weight).sum(0).mean()
 
 
 def _decode_log_lik(x: torch.Tensor, u: torch.Tensor, decoder: Callable,
@@ -90,7 +102,8 @@ def stratified_log_weights(x: list[torch.Tensor], experts: Experts, *, decoders:
                            likelihoods: list[Likelihood], family: LocScaleFamily,
                            log_prior_z: Callable[[torch.Tensor], torch.Tensor],
                            private_prior_scale: torch.Tensor | None, particles: int, beta: float,
-                           stop_q_grad: bool = False, generator: torch.Generator | None = None) -> LogWeights:
+                           stop_q_grad: bool = False, generator: torch.Generator | None = None,
+                           present: torch.Tensor | None = None) -> LogWeights:
     """The MMVAE+ stratified log weights, one stratum per modality r: lw [M, K, B] (formula: module doc).
 
     ``private_prior_scale`` [M, private_dim] is the scale of each modality's private prior used for the
@@ -103,7 +116,11 @@ def stratified_log_weights(x: list[torch.Tensor], experts: Experts, *, decoders:
     z = experts.z_loc.unsqueeze(1) + experts.z_scale.unsqueeze(1) * eps  # (M, K, B, dz)
     # log q(z | X) of stratum r's particles under each expert m, mixed: (M(r), M(m), K, B) -> (M, K, B)
     lq_each = family.log_prob(z.unsqueeze(1), q.z_loc[None, :, None], q.z_scale[None, :, None])
-    log_q_z = torch.logsumexp(lq_each, dim=1) - math.log(m)
+    if present is None:
+        log_q_z = torch.logsumexp(lq_each, dim=1) - math.log(m)
+    else:  # the mixture of the present experts only
+        lq_each = lq_each.masked_fill(~present.T[None, :, None, :], -math.inf)
+        log_q_z = torch.logsumexp(lq_each, dim=1) - present.sum(1).to(lq_each.dtype).log()
     log_prior = log_prior_z(z)
 
     w = w_cross = None
@@ -129,20 +146,30 @@ def stratified_log_weights(x: list[torch.Tensor], experts: Experts, *, decoders:
             u = torch.cat([w_for_d, z], dim=-1)
         log_lik.append(_decode_log_lik(x[d], u, decoders[d], likelihoods[d]))
     log_lik = torch.stack(log_lik)  # (M(d), M(r), K, B)
+    stratum_weight = None
+    if present is not None:
+        log_lik = torch.where(present.T[:, None, None, :], log_lik, 0.0)
+        dtype = log_lik.dtype
+        stratum_weight = present.T.to(dtype) / present.sum(1).to(dtype)
     lw = log_lik.sum(0) + beta * (log_prior + log_prior_w - log_q_z - log_q_w)
-    return LogWeights(lw, log_lik, log_prior, log_q_z, log_prior_w, log_q_w, z, w, w_cross)
+    return LogWeights(lw, log_lik, log_prior, log_q_z, log_prior_w, log_q_w, z, w, w_cross, stratum_weight)
 
 
 def joint_log_weights(x: list[torch.Tensor], experts: Experts, *, aggregation: Aggregation,
                       decoders: list[Callable], likelihoods: list[Likelihood], family: LocScaleFamily,
                       log_prior_z: Callable[[torch.Tensor], torch.Tensor], particles: int, beta: float,
-                      stop_q_grad: bool = False, generator: torch.Generator | None = None) -> LogWeights:
+                      stop_q_grad: bool = False, generator: torch.Generator | None = None,
+                      present: torch.Tensor | None = None) -> LogWeights:
     """The standard (non-stratified) log weights with q(z | X) of the aggregation: lw [1, K, B]."""
-    loc, scale = aggregation.components(experts.z_loc, experts.z_scale)  # (C, B, dz)
-    z = sample_mixture(loc, scale, family, particles, generator=generator).unsqueeze(0)  # (1, K, B, dz)
+    valid = None
+    if present is None:
+        loc, scale = aggregation.components(experts.z_loc, experts.z_scale)  # (C, B, dz)
+    else:
+        loc, scale, valid = aggregation.masked_components(experts.z_loc, experts.z_scale, present)
+    z = sample_mixture(loc, scale, family, particles, generator=generator, valid=valid).unsqueeze(0)
     if stop_q_grad:
         loc, scale = loc.detach(), scale.detach()
-    log_q_z = mixture_log_prob(z, loc, scale, family)  # (1, K, B)
+    log_q_z = mixture_log_prob(z, loc, scale, family, valid=valid)  # (1, K, B)
     log_prior = log_prior_z(z)
 
     w = None
@@ -151,14 +178,20 @@ def joint_log_weights(x: list[torch.Tensor], experts: Experts, *, aggregation: A
     if experts.w_loc is not None:
         q = experts.detached() if stop_q_grad else experts
         w = family.rsample(experts.w_loc, experts.w_scale, (particles,), generator=generator).transpose(0, 1)
-        log_q_w = family.log_prob(w, q.w_loc.unsqueeze(1), q.w_scale.unsqueeze(1)).sum(0, keepdim=True)
-        log_prior_w = family.log_prob(w, 0.0, 1.0).sum(0, keepdim=True)  # (1, K, B)
+        log_q_w = family.log_prob(w, q.w_loc.unsqueeze(1), q.w_scale.unsqueeze(1))  # (M, K, B)
+        log_prior_w = family.log_prob(w, 0.0, 1.0)
+        if present is not None:  # absent modalities' private latents are not part of the model of x_present
+            log_q_w = torch.where(present.T[:, None, :], log_q_w, 0.0)
+            log_prior_w = torch.where(present.T[:, None, :], log_prior_w, 0.0)
+        log_q_w, log_prior_w = log_q_w.sum(0, keepdim=True), log_prior_w.sum(0, keepdim=True)  # (1, K, B)
 
     log_lik = []
     for d in range(len(x)):
         u = z if w is None else torch.cat([w[d].unsqueeze(0), z], dim=-1)
         log_lik.append(_decode_log_lik(x[d], u, decoders[d], likelihoods[d]))
     log_lik = torch.stack(log_lik)  # (M, 1, K, B)
+    if present is not None:
+        log_lik = torch.where(present.T[:, None, None, :], log_lik, 0.0)
     lw = log_lik.sum(0) + beta * (log_prior + log_prior_w - log_q_z - log_q_w)
     return LogWeights(lw, log_lik, log_prior, log_q_z, log_prior_w, log_q_w, z, w)
 
@@ -175,9 +208,9 @@ def estimate(weights: LogWeights, objective: str) -> tuple[torch.Tensor, torch.T
     """
     lw = weights.lw
     if objective == "elbo":
-        value = lw.mean(1).mean()
+        value = weights.average(lw.mean(1))
         return value, value
-    value = log_mean_exp(lw, 1).mean()
+    value = weights.average(log_mean_exp(lw, 1))
     if objective == "iwae":
         return value, value
     if objective == "dreg":
@@ -185,5 +218,5 @@ def estimate(weights: LogWeights, objective: str) -> tuple[torch.Tensor, torch.T
         for sample in (weights.z, weights.w):
             if sample is not None and sample.requires_grad:
                 sample.register_hook(lambda grad: grad * wt.unsqueeze(-1))
-        return (wt * lw).sum(1).mean(), value.detach()
+        return weights.average((wt * lw).sum(1)), value.detach()
     raise ValueError(f"unknown objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
