@@ -83,6 +83,10 @@ class _Encoder(nn.Module):
         return EncoderOutput(z_loc, z_raw, w_loc, w_raw)
 
 
+TrunkEncoder = _Encoder
+"""Public name of the trunk + heads encoder, for families registered outside this module (see the README)."""
+
+
 # ------------------------------------------------------------------------------------------------ conv
 @register_family("conv")
 def conv_family(mod: ModalityConfig, cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
