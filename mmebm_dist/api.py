@@ -13,6 +13,7 @@ import torch
 from mmebm_dist.config import (
     Config,
     DataConfig,
+    LangevinConfig,
     ModalityConfig,
     ModelConfig,
     OptimConfig,
@@ -35,6 +36,7 @@ __all__ = [
     "Config",
     "DataConfig",
     "EncoderOutput",
+    "LangevinConfig",
     "LocScaleHead",
     "ModalityConfig",
     "ModelConfig",

@@ -39,7 +39,8 @@ def samples(directory: Path, split: str) -> list[dict[str, bytes]]:
 
 
 def run_import(*args: str) -> int:
-    return main(["data", "import", *map(str, args), "--workers", "1"])
+    args = tuple(map(str, args))
+    return main(["data", "import", *args, *(() if "--workers" in args else ("--workers", "1"))])
 
 
 def assert_nothing_written(out: Path) -> None:
@@ -245,9 +246,9 @@ def test_duplicate_keys(tmp_path, capsys):
 
     src = polymnist_folders(tmp_path / "p", train=6, test=2)
     first = next((src / "train/m0").glob("3.*.png"))
-    (first.parent / "3.9.png").write_bytes(first.read_bytes())
+    (first.parent / f"0{first.name}").write_bytes(first.read_bytes())  # 03.L.png: the same key as 3.L.png
     err = _error(capsys, "polymnist-folders", src, "--out", out)
-    assert "duplicate key 3" in err
+    assert f"duplicate key 3.{first.name.split('.')[1]}" in err
     assert_nothing_written(out)
 
     wds_dir = webdataset_source(tmp_path / "wds")
@@ -320,3 +321,38 @@ def test_importer_errors_are_import_data_errors(tmp_path):
     with pytest.raises(ImportDataError, match="unknown table type"):
         (tmp_path / "t.xlsx").write_text("x")
         import_table(tmp_path / "t.xlsx", tmp_path / "o", modalities=[("a", "image")])
+
+
+def test_polymnist_authors_naming_numbers_files_per_class(tmp_path):
+    """The authors' generator restarts the index for every digit (0.0.png, 0.1.png, ...): a tuple is one file
+    name across the modality folders, whatever order a listing gives."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "MMNIST"
+    per_class = {0: 3, 1: 2, 7: 4}
+    for split in ("train", "test"):
+        for m in ("m0", "m1", "m2"):
+            for digit, count in per_class.items():
+                for i in range(count):
+                    pixels = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+                    pixels[0, 0] = (i, digit, int(m[1]))  # which file this is, readable after the import
+                    write_png(src / split / m / f"{i}.{digit}.png", pixels)
+    out = tmp_path / "out"
+    assert run_import("polymnist-folders", src, "--out", out, "--workers", "2", "--shard-size", "4") == 0
+    train = samples(out, "train")
+    assert len(train) == 9 and shards.read_manifest(out)["splits"]["test"]["count"] == 9
+    keys = []
+    for sample in train:
+        tags = [tuple(decode_png(sample[f"m{k}.png"])[0, 0]) for k in range(3)]
+        assert [t[2] for t in tags] == [0, 1, 2] and len({t[:2] for t in tags}) == 1  # one name per tuple
+        assert tags[0][1] == int(sample["cls"])
+        keys.append(tags[0][:2])
+    assert keys == sorted((i, d) for d, n in per_class.items() for i in range(n))
+
+
+def test_errors_from_worker_processes_name_the_file(tmp_path, capsys):
+    table = table_source(tmp_path / "t", rows=12)
+    (tmp_path / "t/img/9.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    err = _error(capsys, "table", table, "--out", out, "--modality", "photo=image", "--workers", "2")
+    assert "img/9.png" in err and "cannot decode" in err and "line 10" in err
+    assert_nothing_written(out)

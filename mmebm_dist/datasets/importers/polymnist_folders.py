@@ -1,9 +1,11 @@
 """PolyMNIST as its authors distribute it (and as ``mmebm data polymnist --format folders`` writes it).
 
-Layout: ``SRC/{train,test}/m{k}/{i}.{label}.png``. As in the authors' loader, tuple i is file i of every
-modality folder and its label is the one in the file name; here files are matched by the index in their
-names (not by position in a sorted listing), and every modality must hold the same indices with the same
-labels, so a missing or mislabelled file is an error instead of a silent shift.
+Layout: ``SRC/{train,test}/m{k}/{i}.{label}.png``. The authors' generator (epalu/mmvaeplus,
+src/datasets_PolyMNIST.py) numbers files per class, so ``0.3.png`` and ``0.5.png`` are different tuples, and
+every modality folder holds the same file names; their loader pairs the k-th file of each folder's (unsorted)
+listing and reads the label from the name. Here a tuple is the files of one name (index, label) across the
+modality folders, in (index, label) order: the pairing their loader relies on, checked (a name missing from
+one modality is an error instead of a silent shift).
 """
 
 from __future__ import annotations
@@ -28,19 +30,21 @@ SPLITS = ("train", "test")
 _FOLDER = re.compile(r"m(\d+)")
 
 
-def scan_modality(folder: Path) -> dict[int, tuple[Path, int]]:
-    """index -> (file, label) of one modality folder; errors name duplicate indices and bad names."""
-    found: dict[int, tuple[Path, int]] = {}
+def scan_modality(folder: Path) -> dict[tuple[int, int], Path]:
+    """(index, label) -> file of one modality folder; errors name bad names and duplicate keys."""
+    found: dict[tuple[int, int], Path] = {}
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_file():
             continue
         parts = path.name.split(".")
         if len(parts) != 3 or parts[2].lower() != "png" or not parts[0].isdigit():
             raise ImportDataError(f"{path}: expected a file named INDEX.LABEL.png (e.g. 0.7.png)")
-        index, label = int(parts[0]), parse_label(parts[1], str(path))
-        if index in found:
-            raise ImportDataError(f"{path}: duplicate key {index} (also {found[index][0].name}) in {folder}")
-        found[index] = (path, label)
+        key = (int(parts[0]), parse_label(parts[1], str(path)))
+        if key in found:
+            raise ImportDataError(
+                f"{path}: duplicate key {key[0]}.{key[1]} (also {found[key].name}) in {folder}"
+            )
+        found[key] = path
     return found
 
 
@@ -66,20 +70,16 @@ def scan(src: Path) -> tuple[list[str], dict[str, list[tuple[list[Path], int]]]]
             raise ImportDataError(f"{root}: modality folders {split_names}, train has {names}")
         names = split_names
         scanned = [scan_modality(p) for p in folders]
-        first = scanned[0]
         for folder, files in zip(folders, scanned, strict=True):
-            for index in sorted(set(first) ^ set(files)):
-                where = folder if index not in files else folders[0]
-                raise ImportDataError(
-                    f"{where}: no file for index {index} (it exists in another modality); "
-                    "every modality needs the same indices"
+            for key in sorted(set(scanned[0]) ^ set(files)):
+                missing, present = (
+                    (folder, scanned[0][key]) if key in scanned[0] else (folders[0], files[key])
                 )
-            for index, (path, label) in files.items():
-                if label != first[index][1]:
-                    raise ImportDataError(
-                        f"{path}: label {label}, but {first[index][0]} has {first[index][1]}"
-                    )
-        tuples[split] = [([files[i][0] for files in scanned], first[i][1]) for i in sorted(first)]
+                raise ImportDataError(
+                    f"{missing}: no file {key[0]}.{key[1]}.png, but {present} exists; every modality "
+                    "folder needs the same file names"
+                )
+        tuples[split] = [([files[key] for files in scanned], key[1]) for key in sorted(scanned[0])]
     assert names is not None
     return names, tuples
 
