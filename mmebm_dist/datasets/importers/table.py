@@ -186,9 +186,14 @@ def import_table(
     rows = split_rows(kept, test_fraction, seed, src)
     if not rows["train"]:
         raise ImportDataError(f"{src}: no train rows with every modality ({skipped} skipped)")
-    base, first = src.parent, rows["train"][0][1]
-    images = {n: first_image_spec(_resolve(base, first[n]), resize) for n, k in modalities if k == "image"}
-    arrays = {n: read_npy(_resolve(base, first[n])).shape for n, k in modalities if k == "npy"}
+    base, (line, first) = src.parent, rows["train"][0]
+    try:  # the first train row fixes each image modality's mode and size and each array's shape
+        images = {
+            n: first_image_spec(_resolve(base, first[n]), resize) for n, k in modalities if k == "image"
+        }
+        arrays = {n: read_npy(_resolve(base, first[n])).shape for n, k in modalities if k == "npy"}
+    except ImportDataError as exc:
+        raise ImportDataError(f"{exc} (table {src}, line {line})") from exc
     texts = [n for n, k in modalities if k == "text"]
     vocab, ids, cut = None, {}, 0
     if texts:  # one vocabulary for every text column (vocab.json beside the manifest)
