@@ -22,7 +22,11 @@ from mmebm_dist.config import (
     config_from_dict,
     load_config,
 )
+from mmebm_dist.datasets.importers.cub_captions import import_cub_captions
+from mmebm_dist.datasets.importers.mnist_svhn import import_mnist_svhn
+from mmebm_dist.datasets.importers.polymnist_folders import import_polymnist_folders
 from mmebm_dist.datasets.importers.table import import_table
+from mmebm_dist.datasets.importers.webdataset import import_webdataset
 from mmebm_dist.datasets.starter import starter_config
 from mmebm_dist.models import MultimodalVAE, build_model
 from mmebm_dist.models.blocks import LocScaleHead
@@ -47,7 +51,11 @@ __all__ = [
     "TrunkEncoder",
     "build_model",
     "config_from_dict",
+    "import_cub_captions",
+    "import_mnist_svhn",
+    "import_polymnist_folders",
     "import_table",
+    "import_webdataset",
     "load_config",
     "load_trained",
     "register_family",

@@ -86,6 +86,9 @@ def test_mnist_svhn_pairs_by_class_as_mmvae_and_trains(tmp_path):
         np.testing.assert_array_equal(decode_png(sample["svhn.png"]), svhn["X"][:, :, :, b])
     assert shards.verify(out, progress=False)["samples"] == sum(train_n) + 20
     tiny_train(out, tmp_path / "run")
+    (src / "test_32x32.mat").unlink()
+    assert run_import("mnist-svhn", src, "--out", tmp_path / "again") == 1
+    assert_nothing_written(tmp_path / "again")
 
 
 def test_cub_captions_one_tuple_per_caption_and_trains(tmp_path):

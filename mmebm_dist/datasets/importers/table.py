@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from mmebm_dist.data.text import Vocabulary
 from mmebm_dist.datasets.importers.common import (
     ImportDataError,
     check_shape,
@@ -159,6 +160,37 @@ def _sample(st: dict[str, Any], split: str, i: int) -> tuple[list[tuple[str, byt
     return entries, label
 
 
+def _first_row_shapes(
+    src: Path, first_row: tuple[int, dict], modalities: list[tuple[str, str]], resize: tuple[int, int] | None
+) -> tuple[dict[str, tuple[str, tuple[int, int, int]]], dict[str, tuple[int, ...]]]:
+    """(mode, shape) of each image column and the shape of each ``.npy`` column, from the first train row:
+    every other row must match them."""
+    line, row = first_row
+    try:
+        images = {
+            n: first_image_spec(_resolve(src.parent, row[n]), resize) for n, k in modalities if k == "image"
+        }
+        arrays = {n: read_npy(_resolve(src.parent, row[n])).shape for n, k in modalities if k == "npy"}
+    except ImportDataError as exc:
+        raise ImportDataError(f"{exc} (table {src}, line {line})") from exc
+    return images, arrays
+
+
+def _encode_text_columns(
+    rows: dict[str, list[tuple[int, dict]]], texts: list[str], max_tokens: int
+) -> tuple[Vocabulary | None, dict[str, dict[str, np.ndarray]], int]:
+    """One vocabulary for every text column (``vocab.json``), the ids per column and split, captions cut."""
+    if not texts:
+        return None, {}, 0
+    all_text = {s: [str(r[n]) for n in texts for _, r in rows[s]] for s in SPLITS}
+    vocab, encoded, cut = encode_captions(all_text, max_len=max_tokens)
+    ids = {
+        n: {s: encoded[s][j * len(rows[s]) : (j + 1) * len(rows[s])] for s in SPLITS}
+        for j, n in enumerate(texts)
+    }
+    return vocab, ids, cut
+
+
 def import_table(
     src: str | Path,
     out: str | Path,
@@ -186,37 +218,20 @@ def import_table(
     rows = split_rows(kept, test_fraction, seed, src)
     if not rows["train"]:
         raise ImportDataError(f"{src}: no train rows with every modality ({skipped} skipped)")
-    base, (line, first) = src.parent, rows["train"][0]
-    try:  # the first train row fixes each image modality's mode and size and each array's shape
-        images = {
-            n: first_image_spec(_resolve(base, first[n]), resize) for n, k in modalities if k == "image"
-        }
-        arrays = {n: read_npy(_resolve(base, first[n])).shape for n, k in modalities if k == "npy"}
-    except ImportDataError as exc:
-        raise ImportDataError(f"{exc} (table {src}, line {line})") from exc
-    texts = [n for n, k in modalities if k == "text"]
-    vocab, ids, cut = None, {}, 0
-    if texts:  # one vocabulary for every text column (vocab.json beside the manifest)
-        all_text = {s: [str(r[n]) for n in texts for _, r in rows[s]] for s in SPLITS}
-        vocab, encoded, cut = encode_captions(all_text, max_len=max_tokens)
-        for j, n in enumerate(texts):
-            ids[n] = {s: encoded[s][j * len(rows[s]) : (j + 1) * len(rows[s])] for s in SPLITS}
+    base = src.parent
+    images, arrays = _first_row_shapes(src, rows["train"][0], modalities, resize)
+    vocab, ids, cut = _encode_text_columns(rows, [n for n, k in modalities if k == "text"], max_tokens)
     specs = []
     for n, k in modalities:
+        origin = f"{src}: column {n}"
         if k == "image":
-            specs.append(image_modality(n, images[n][1], f"{src}: column {n}"))
+            specs.append(image_modality(n, images[n][1], origin))
         elif k == "npy":
             specs.append(
-                {
-                    "name": n,
-                    "shape": list(arrays[n]),
-                    "dtype": "float32",
-                    "encoding": "npy",
-                    "origin": f"{src}: column {n}",
-                }
+                {"name": n, "shape": list(arrays[n]), "dtype": "float32", "encoding": "npy", "origin": origin}
             )
         else:
-            specs.append(text_modality(n, vocab, f"{src}: column {n}"))
+            specs.append(text_modality(n, vocab, origin))
     labels = [parse_label(r[label], "") for s in SPLITS for _, r in rows[s]] if label else []
     counts = {s: len(rows[s]) for s in SPLITS}
     with staging_dir(Path(out), overwrite) as stage:
