@@ -215,6 +215,16 @@ def test_image_sizes_differ_unless_resized(tmp_path, capsys):
     assert shards.read_manifest(out)["splits"]["train"]["count"] == 10
 
 
+def test_colour_image_in_a_grey_modality(tmp_path, capsys):
+    table = table_source(tmp_path / "t", rows=6)
+    rows = [json.loads(line) for line in table.read_text().splitlines()]
+    write_png(tmp_path / "t" / rows[1]["photo"], np.zeros((12, 16), np.uint8))  # the first train row: grey
+    out = tmp_path / "out"
+    err = _error(capsys, "table", table, "--out", out, "--modality", "photo=image")
+    assert "colour image (RGB) in a modality whose first image is grey" in err and "line 3" in err
+    assert_nothing_written(out)
+
+
 def test_undecodable_image(tmp_path, capsys):
     src = polymnist_folders(tmp_path, train=10, test=4)
     bad = next((src / "test/m0").glob("2.*.png"))

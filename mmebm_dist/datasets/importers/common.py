@@ -63,10 +63,16 @@ def _opened_image(path: Path) -> Iterator[Any]:
 
 def read_image(path: Path, mode: str, resize: tuple[int, int] | None) -> np.ndarray:
     """uint8 [H, W, C] of an image file in ``mode`` (C = 1 for ``L``, 3 for ``RGB``), resized to ``resize``
-    (H, W) with PIL's antialiased bilinear filter when given."""
+    (H, W) with PIL's antialiased bilinear filter when given. Grey images become RGB in a colour modality
+    (an alpha channel is dropped); a colour image in a grey modality is an error."""
     from PIL import Image
 
     with _opened_image(path) as img:
+        if mode == "L" and img.mode not in GREY_MODES:  # converting would drop the colour silently
+            raise ImportDataError(
+                f"{path}: colour image ({img.mode}) in a modality whose first image is grey; "
+                "store every image of a modality in one mode"
+            )
         img = img.convert(mode)
         if resize is not None and img.size != (resize[1], resize[0]):
             img = img.resize((resize[1], resize[0]), Image.Resampling.BILINEAR)
