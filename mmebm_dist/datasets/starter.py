@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ def modality_choice(spec: dict[str, Any], biggest: int) -> tuple[dict[str, Any],
         )
         return entry, (
             f"caption: text family (embedding + 1D convs), categorical over the {spec['vocab_size']}"
-            f"-word vocab.json; likelihood_scale {weight} weighs {shape[0]} tokens against "
+            f"-entry vocab.json; likelihood_scale {weight} weighs {shape[0]} tokens against "
             f"{biggest} values (MMVAE's llik_scaling)"
         )
     if not spec.get("dtype", "float32").startswith("float"):
@@ -91,8 +92,8 @@ def starter_config(
     lines = [
         f"# Starter config for {data} (`mmebm config init`): {len(mods)} modalities, "
         f"{train_count} train tuples.",
-        f"# Prior: {'EBM exp(f(z)) Laplace(z; 0, 1) / Z, f an MLP' if prior == 'ebm' else 'Laplace(0, 1)'};"
-        " shared z + private w per modality, stratified mixture of experts (MMVAE+).",
+        f"# Prior: {'EBM exp(f(z)) Laplace(z; 0, 1) / Z, f an MLP' if prior == 'ebm' else 'Laplace(0, 1)'}.",
+        "# Shared z + private w per modality, stratified mixture of experts (MMVAE+).",
         "data:",
         f"  path: {json.dumps(str(data))}",
         f"  batch_size: {batch}{'  # the whole train split' if batch < batch_size else ''}",
@@ -103,7 +104,10 @@ def starter_config(
     ]
     for entry, why in choices:
         flow = ", ".join(f"{k}: {json.dumps(v)}" for k, v in entry.items())
-        lines += [f"    # {why}", f"    - {{{flow}}}"]
+        lines += [
+            *textwrap.wrap(why, 108, initial_indent="    # ", subsequent_indent="    #   "),
+            f"    - {{{flow}}}",
+        ]
     lines += [
         "  latent_dim: 32",
         "  private_dim: 16",
