@@ -24,7 +24,9 @@ class ConfigError(ValueError):
 
 
 # Choice fields. Each name set equals the registry of the code that implements it (tests/test_config.py).
-Family = Literal["conv", "mlp", "mmvaeplus", "text"]
+FAMILY_NAMES: set[str] = {"conv", "mlp", "mmvaeplus", "text"}
+"""Encoder/decoder families a modality may name: the built-in ones plus any added by
+``mmebm_dist.models.modality.register_family`` (the registry keeps this set in step with itself)."""
 Likelihood = Literal["laplace", "gaussian", "bernoulli", "categorical"]
 OnError = Literal["raise", "skip"]
 LangevinBackend = Literal["auto", "autograd", "torch", "triton"]
@@ -53,7 +55,7 @@ class ModalityConfig:
     """Key of the modality in every batch dict (e.g. ``m0``)."""
     shape: tuple[int, ...] = (3, 28, 28)
     """Shape of one sample: (C, H, W) for images, (D,) for vectors."""
-    family: Family = "conv"
+    family: str = "conv"
     """Encoder/decoder family in ``mmebm_dist.models.modality.FAMILIES``: ``conv``, ``mlp``, ``mmvaeplus``,
     ``text``."""
     likelihood: Likelihood = "laplace"
@@ -554,7 +556,13 @@ def _check_model_rules(cfg: ModelConfig) -> None:
     if len(set(names)) != len(names) or any(not n or "." in n or n == "label" for n in names):
         raise ConfigError(f"model.modalities names must be unique, non-empty, without '.', not 'label': "
                           f"{names}")
-    for mod in cfg.modalities:
+    for i, mod in enumerate(cfg.modalities):
+        if mod.family not in FAMILY_NAMES:
+            close = difflib.get_close_matches(mod.family, sorted(FAMILY_NAMES), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"config key 'model.modalities[{i}].family' must be one of "
+                              f"{', '.join(sorted(FAMILY_NAMES))} (or a family registered with "
+                              f"register_family), got {mod.family!r}{hint}")
         if mod.family in IMAGE_FAMILIES and (len(mod.shape) != 3 or mod.shape[1] % 4 or mod.shape[2] % 4):
             raise ConfigError(
                 f"model.modalities '{mod.name}': family '{mod.family}' needs shape (C, H, W) with H and W "

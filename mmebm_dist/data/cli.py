@@ -59,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p = sub.add_parser(name, help=help_text)
         if name == wanted or wanted not in BUILDERS:  # skip importing the builders that are not run
             importlib.import_module(module).add_build_arguments(p)
+    p = sub.add_parser("import", help="import data in another layout (PolyMNIST folders, MNIST-SVHN, CUB, "
+                       "a table, webdataset shards)")
+    if wanted not in BUILDERS:
+        importlib.import_module("mmebm_dist.datasets.importers.cli").add_arguments(p)
     p = sub.add_parser("verify", help="check every shard against the manifest (sha256, counts, decoding)")
     p.add_argument("dir", help="data set directory holding manifest.json")
     p = sub.add_parser("info", help="summary of a built data set")
@@ -70,9 +74,13 @@ def run(args: argparse.Namespace) -> int:
     from mmebm_dist.data.sources import SourceError
 
     try:
-        if args.data_command in BUILDERS:
+        if args.data_command in BUILDERS or args.data_command == "import":
             start = time.perf_counter()
-            manifest = importlib.import_module(BUILDERS[args.data_command][0]).build_from_args(args)
+            if args.data_command == "import":
+                manifest = importlib.import_module("mmebm_dist.datasets.importers.cli").run_import(args)
+                args.out = args.out or args.src
+            else:
+                manifest = importlib.import_module(BUILDERS[args.data_command][0]).build_from_args(args)
             seconds = time.perf_counter() - start
             size = sum((Path(args.out) / s["name"]).stat().st_size for s in manifest["shards"])
             counts = ", ".join(f"{split} {info['count']}" for split, info in manifest["splits"].items())

@@ -2,7 +2,7 @@
 
 An encoder maps x [B, *shape] to :class:`EncoderOutput` (location and unconstrained scale of q(z | x)
 and, when ``private_dim`` > 0, of q(w | x)). A decoder maps u = cat(w, z) [N, private_dim + latent_dim] to the
-likelihood parameters [N, *shape]. A new family is named in ``config.Family`` and registered with
+likelihood parameters [N, *shape]. A new family is registered with
 :func:`register_family`.
 """
 
@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from mmebm_dist.config import ModalityConfig, ModelConfig
+from mmebm_dist.config import FAMILY_NAMES, ModalityConfig, ModelConfig
 from mmebm_dist.models.blocks import LEAKY_SLOPE, LocScaleHead, ResidualBlock, leaky
 
 
@@ -44,6 +44,7 @@ def register_family(name: str) -> Callable[[FamilyBuilder], FamilyBuilder]:
         if name in FAMILIES:
             raise ValueError(f"modality family '{name}' is already registered")
         FAMILIES[name] = builder
+        FAMILY_NAMES.add(name)  # a config may now name it
         return builder
 
     return add
@@ -70,6 +71,10 @@ class _Encoder(nn.Module):
             return EncoderOutput(z_loc, z_raw, None, None)
         w_loc, w_raw = self.w_head(h)
         return EncoderOutput(z_loc, z_raw, w_loc, w_raw)
+
+
+TrunkEncoder = _Encoder
+"""Public name of the trunk + heads encoder, for families registered outside this module (see the README)."""
 
 
 # ------------------------------------------------------------------------------------------------ conv

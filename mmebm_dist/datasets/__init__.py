@@ -1,0 +1,1 @@
+"""Data sets: importers of other layouts (``mmebm data import``) and starter configs from a manifest."""
