@@ -50,7 +50,8 @@ class DataConfig:
     """Where the webdataset shards are and how they are streamed."""
 
     path: str = "data/polymnist"
-    """Directory holding ``manifest.json`` and the shards written by ``mmebm data``."""
+    """Directory holding ``manifest.json`` and the shards written by ``mmebm data``, or the http(s) URL of
+    one; shard URLs given explicitly (brace pattern, ``pipe:`` commands) are streamed as given."""
     batch_size: int = 128
     """Per-process micro-batch size."""
     num_workers: int = 1
@@ -59,6 +60,8 @@ class DataConfig:
     """Samples held in the webdataset shuffle buffer (0 disables shuffling)."""
     on_error: str = "raise"
     """``raise`` on a corrupt shard or sample; ``skip`` logs each skip and reports the count."""
+    check_sha256: bool = False
+    """Check each shard's sha256 against the manifest as it is streamed (sizes are always checked)."""
 
 
 @dataclass(kw_only=True)

@@ -514,8 +514,9 @@ def info(directory: str | os.PathLike) -> str:
         f"seed {manifest['seed']}",
         "  modalities: "
         + ", ".join(
-            f"{m['name']} {m['dtype']}{m['shape']} {m.get('encoding', 'png')}"
+            f"{m['name']} {m['dtype']}{m['shape']}"
             + (f" on {m['background']}" if "background" in m else "")
+            + f" ({m.get('encoding', 'png')})"
             for m in manifest["modalities"]
         ),
     ]

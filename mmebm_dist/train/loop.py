@@ -25,6 +25,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from mmebm_dist.config import Config, config_to_dict, save_config
+from mmebm_dist.data.stream import SkipTally, prefetch_to_device
 from mmebm_dist.train.checkpoint import (
     TrainState,
     latest_checkpoint,
@@ -119,24 +120,35 @@ def train_loader(cfg: Config, *, rank: int, world_size: int, **options: Any):
 
 
 def micro_batches(
-    cfg: Config, *, rank: int, world_size: int, per_epoch: int, epoch: int, start: int, device: torch.device
+    cfg: Config,
+    *,
+    rank: int,
+    world_size: int,
+    per_epoch: int,
+    epoch: int,
+    start: int,
+    device: torch.device,
+    skips: SkipTally | None = None,
 ) -> Iterator[tuple[int, int, dict]]:
     """Yield ``(epoch, index, batch)`` forever: ``per_epoch`` batches per epoch on every rank, then reshuffle.
 
-    Starts at batch ``start`` of ``epoch`` (exact resume through ``make_loader(skip_batches=...)``).
+    Starts at batch ``start`` of ``epoch`` (exact resume through ``make_loader(skip_batches=...)``); ``skips``
+    counts what ``data.on_error=skip`` skipped.
     """
     while True:
         with isolated_rng(device):
-            loader = iter(
-                train_loader(
-                    cfg,
-                    rank=rank,
-                    world_size=world_size,
-                    epoch=epoch,
-                    on_error=cfg.data.on_error,
-                    skip_batches=start,
-                )
+            loader = train_loader(
+                cfg,
+                rank=rank,
+                world_size=world_size,
+                epoch=epoch,
+                on_error=cfg.data.on_error,
+                skip_batches=start,
+                epoch_length=per_epoch,
+                check_sha256=cfg.data.check_sha256,
+                pin_memory=device.type == "cuda",
             )
+            loader = iter(skips.track(loader) if skips is not None else loader)
         for index in range(start, per_epoch):
             with isolated_rng(device):
                 batch = next(loader, None)
@@ -253,6 +265,7 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
     if trace_samples:
         trace = SampleTrace(run_dir, rank, start_step=state.step, modalities=modalities)
         trace.write({"event": "start", "start_step": state.step, **info})
+    skips = SkipTally()  # data.on_error=skip: samples/shards this process skipped (logged as data_skipped)
     batches = micro_batches(
         cfg,
         rank=rank,
@@ -261,7 +274,9 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
         epoch=state.epoch,
         start=state.epoch_batch,
         device=device,
+        skips=skips,
     )
+    batches = prefetch_to_device(batches, device)  # CUDA: the next batch's copy overlaps this step
     every_rank_samples = zero_stage(accelerator) == 3  # ZeRO-3 gathers partitioned weights collectively
     samples_per_step = cfg.data.batch_size * cfg.optim.grad_accum * world
     group_names = [g.get("name", f"group{i}") for i, g in enumerate(optimizer.param_groups)]
@@ -317,6 +332,8 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
             )
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
+            skipped = torch.tensor(float(skips.total), device=device)
+            record["data_skipped"] = int(accelerator.reduce(skipped, reduction="sum").item())
             metrics.log(record)
             bar.set_postfix(loss=f"{reduced['loss']:.4g}", refresh=False)
             window_start, window_steps, data_wait = now, 0, 0.0
@@ -343,6 +360,7 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
     return {
         "step": state.step,
         "terms": reduced,
+        "data_skipped": record["data_skipped"] if reduced else 0,
         "world_size": world,
         "run_dir": str(run_dir),
         "is_main_process": main,
