@@ -60,6 +60,9 @@ class DataConfig:
     """Samples held in the webdataset shuffle buffer (0 disables shuffling)."""
     on_error: str = "raise"
     """``raise`` on a corrupt shard or sample; ``skip`` logs each skip and reports the count."""
+    shard_url: str = ""
+    """Where to read each shard of the manifest instead: a URL with ``{name}`` for the shard's name, e.g.
+    ``pipe:aws s3 cp s3://bucket/polymnist/{name} -``; any scheme (you wrote it, not the manifest)."""
     check_sha256: bool = False
     """Check each shard's sha256 against the manifest as it is streamed (sizes are always checked)."""
 

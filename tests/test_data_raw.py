@@ -216,3 +216,12 @@ def test_cli_convert_and_verify(png, tmp_path, capsys):
     assert main(["data", "verify", str(tmp_path / "r")]) == 0
     assert main(["data", "convert", str(png), "--encoding", "raw", "--out", str(tmp_path / "r")]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_shard_url_template_reads_the_manifest_shards_through_a_command(png):
+    via_pipe = batches(png, shard_url=f"pipe:cat {png}/{{name}}", shuffle_buffer=4, rank=1, world_size=2)
+    assert_same_batches(via_pipe, batches(png, shuffle_buffer=4, rank=1, world_size=2))
+    with pytest.raises(ValueError, match="lacks '{name}'"):
+        batches(png, shard_url="pipe:cat x.tar")
+    with pytest.raises(shards.ShardError, match="shard_url needs a manifest"):
+        batches(str(png / "train-000000.tar"), shard_url="pipe:cat {name}")

@@ -541,13 +541,14 @@ class Resolved(NamedTuple):
     sha256s: tuple[str, ...] | None
 
 
-def _resolve(path: str | Path | Sequence[str], split: str) -> Resolved:
+def _resolve(path: str | Path | Sequence[str], split: str, shard_url: str | None = None) -> Resolved:
     """Shards of ``split`` from a data set directory / manifest file / http(s) manifest URL, or bare URLs.
 
     An http(s) ``path`` not ending in a shard suffix and without braces is a data set URL (its manifest is
     ``path/manifest.json`` or ``path`` itself when it ends in ``.json``). Shard names from a manifest are
     plain relative paths (``read_manifest`` checks), placed under the manifest's directory or URL; only URLs
-    the user passes directly (``pipe:``, brace patterns, a list) are opened as given."""
+    the user passes directly (``pipe:``, brace patterns, a list, or ``shard_url``: a template in which
+    ``{name}`` stands for each manifest shard's name) are opened as given."""
     remote = isinstance(path, str) and is_http(path) and "{" not in path and not path.endswith(SHARD_SUFFIXES)
     if remote or (isinstance(path, (str, Path)) and manifest_path(path).is_file()):
         manifest = read_manifest(path)
@@ -559,13 +560,22 @@ def _resolve(path: str | Path | Sequence[str], split: str) -> Resolved:
         entries = split_shards(manifest, split)
         if not entries:
             raise ShardError(f"{path}: split {split!r} has no shards")
+        if shard_url is not None and "{name}" not in shard_url:
+            raise ValueError(f"shard_url {shard_url!r} lacks '{{name}}' (where each shard's name goes)")
         return Resolved(
-            urls=tuple(shard_location(str(path) if remote else path, e["name"]) for e in entries),
+            urls=tuple(
+                shard_url.replace("{name}", e["name"])
+                if shard_url is not None
+                else shard_location(str(path) if remote else path, e["name"])
+                for e in entries
+            ),
             counts=tuple(int(e["count"]) for e in entries),
             specs=tuple(modality_specs(manifest)),
             sizes=tuple(e.get("bytes") for e in entries),
             sha256s=tuple(e["sha256"] for e in entries),
         )
+    if shard_url is not None:
+        raise ShardError(f"shard_url needs a manifest, and {path} has none")
     if isinstance(path, Path) or (isinstance(path, str) and Path(path).is_dir()):
         raise ShardError(
             f"no manifest at {manifest_path(path)}: build the data with `mmebm data polymnist`, "
@@ -595,6 +605,7 @@ def make_loader(
     epoch_length: int | None = None,
     check_sha256: bool = False,
     pin_memory: bool = False,
+    shard_url: str | None = None,
 ) -> ShardLoader:
     """Batches ``{name: float32 [B, C, H, W] in [0, 1], 'label': int64 [B]}`` streamed from webdataset shards.
 
@@ -603,6 +614,8 @@ def make_loader(
     train split only) drops each worker's final partial batch. ``skip_batches=k`` yields exactly what the
     loader yields after its first k batches. ``resampled`` draws shards with replacement forever.
     ``on_error='skip'`` logs and counts bad shards/samples (``loader.skipped``) instead of raising.
+    ``shard_url``: read each manifest shard from this template instead (``{name}`` = the shard's name; any
+    scheme, e.g. ``pipe:`` for an object store's CLI).
     ``epoch_length``: yield exactly that many batches (see the module docstring). Shard byte sizes from the
     manifest are always checked, sha256 with ``check_sha256``. ``pin_memory``: batches in page-locked memory.
     """
@@ -616,7 +629,7 @@ def make_loader(
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r}: choose one of {ON_ERROR}")
     rank, world_size = _default_rank(rank, world_size)
-    where = _resolve(path, split)
+    where = _resolve(path, split, shard_url)
     plan = StreamPlan(
         urls=where.urls,
         counts=where.counts,

@@ -147,6 +147,7 @@ def micro_batches(
                 epoch_length=per_epoch,
                 check_sha256=cfg.data.check_sha256,
                 pin_memory=device.type == "cuda",
+                shard_url=cfg.data.shard_url or None,
             )
             loader = iter(skips.track(loader) if skips is not None else loader)
         for index in range(start, per_epoch):
