@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="train", help="split to stream (default: train)")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     parser.add_argument("--out", default=None, help="also write the JSON lines to this file")
+    parser.add_argument("--markdown", default=None, metavar="MD",
+                        help="also write the table, the command line and the CPU model to this file")
 
 
 def measure(
@@ -154,4 +156,32 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         with open(args.out, "a") as f:
             f.write("\n".join(lines) + "\n")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown_table(rows, args))
     return 0
+
+
+def markdown_table(rows: list[dict], args: argparse.Namespace) -> str:
+    """The rows as a Markdown table headed by the command that made them, the CPU and the machine's load."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    out = [
+        f"`mmebm {' '.join(sys.argv[1:])}`" if sys.argv[1:] else "`mmebm bench data`",
+        "",
+        f"CPU: {cpu_model()} ({os.cpu_count()} CPUs; load average {load} when written, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Batch {args.batch_size}, {args.batches} "
+        f"timed batches, shuffle buffer {args.shuffle_buffer}. samples/s is wall clock; per CPU-s divides by "
+        "the decoding process's CPU time (workers=0).",
+        "",
+        "| data | samples | shards | encoding | workers | samples/s | per CPU-s | peak RSS MiB "
+        "| worker peak RSS MiB |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        per_cpu = f"{r['samples_per_cpu_s']:.0f}" if "samples_per_cpu_s" in r else "-"
+        out.append(
+            f"| {r['data']} | {r['split_samples']} | {r['shards']} | {','.join(r['encoding'])} "
+            f"| {r['workers']} | {r['samples_per_s']:.0f} | {per_cpu} | {r['peak_rss_mib']:.0f} "
+            f"| {r['worker_peak_rss_mib']:.0f} |"
+        )
+    return "\n".join(out) + "\n"
