@@ -76,7 +76,8 @@ class DataConfig:
     """Where the webdataset shards are and how they are streamed."""
 
     path: str = "data/polymnist"
-    """Directory holding ``manifest.json`` and the shards written by ``mmebm data``."""
+    """Directory holding ``manifest.json`` and the shards written by ``mmebm data``, or the http(s) URL of
+    one; shard URLs given explicitly (brace pattern, ``pipe:`` commands) are streamed as given."""
     batch_size: int = 128
     """Per-process micro-batch size."""
     num_workers: int = 1
@@ -85,6 +86,11 @@ class DataConfig:
     """Samples held in the webdataset shuffle buffer (0 disables shuffling)."""
     on_error: OnError = "raise"
     """``raise`` on a corrupt shard or sample; ``skip`` logs each skip and reports the count."""
+    shard_url: str = ""
+    """Where to read each shard of the manifest instead: a URL with ``{name}`` for the shard's name, e.g.
+    ``pipe:aws s3 cp s3://bucket/polymnist/{name} -``; any scheme (you wrote it, not the manifest)."""
+    check_sha256: bool = False
+    """Check each shard's sha256 against the manifest as it is streamed (sizes are always checked)."""
 
 
 @dataclass(kw_only=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -158,6 +159,16 @@ def broken(data, tmp_path) -> Path:
     return copy
 
 
+def restamp(directory: Path, name: str) -> None:
+    """Record a rewritten shard's size and sha256 in the manifest (so only its content is wrong)."""
+    manifest = json.loads((directory / shards.MANIFEST).read_text())
+    for entry in manifest["shards"]:
+        if entry["name"] == name:
+            entry["bytes"] = (directory / name).stat().st_size
+            entry["sha256"] = shards.sha256_file(directory / name)
+    shards.write_manifest(directory, manifest)
+
+
 def test_missing_shard_raises_or_is_skipped_and_counted(broken, caplog):
     (broken / "train-000002.tar").unlink()
     with pytest.raises(shards.ShardError, match="train-000002.tar"):
@@ -172,6 +183,10 @@ def test_missing_shard_raises_or_is_skipped_and_counted(broken, caplog):
 def test_truncated_shard_names_shard_and_last_key(broken):
     path = broken / "train-000001.tar"
     path.write_bytes(path.read_bytes()[:9000])
+    # The manifest's byte size catches it before reading; without sizes (older manifests) the tar reader does.
+    with pytest.raises(shards.ShardError, match=r"train-000001.tar: 9000 bytes, the manifest says \d+"):
+        list(make_loader(broken, batch_size=4, num_workers=0))
+    restamp(broken, "train-000001.tar")
     with pytest.raises(shards.ShardError, match=r"train-000001.tar: .*after member '00000008.m2.png'"):
         list(make_loader(broken, batch_size=4, num_workers=0))
 
@@ -181,6 +196,7 @@ def test_sample_lacking_a_modality(broken):
     members = [(f"{key}.{ext}", blob) for key, sample in shards.iter_tar_samples(path)
                for ext, blob in sample.items() if f"{key}.{ext}" != "00000027.m2.png"]
     shards.write_tar(path, members)
+    restamp(broken, "train-000003.tar")
     with pytest.raises(shards.ShardError, match=
         r"train-000003.tar: sample '00000027' lacks modality 'm2'"):
         list(make_loader(broken, batch_size=4, num_workers=0))

@@ -1,17 +1,28 @@
-"""``mmebm bench data``: loader samples/s with 0, 1 and 2 workers on built shards (table, or JSON lines)."""
+"""``mmebm bench data``: loader samples/s for each data set and worker count (table, or JSON lines).
+
+Each setting runs in a fresh process, so its peak RSS (the loader process and its DataLoader workers) is its
+own. ``samples_per_cpu_s`` divides by the CPU time of the process that decodes (workers=0 only): on a shared
+machine it is what one worker would deliver on an idle core, where wall-clock samples/s also measures the
+other tenants. Pass several data sets (``--data a,b``) for a scale table or a png/raw comparison in one run.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
+import resource
+import subprocess
+import sys
 import time
 
 import torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="data/polymnist", help="data set directory (default: %(default)s)")
+    parser.add_argument("--data", default="data/polymnist",
+                        help="comma-separated data set directories (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=128, help="samples per batch (default: 128)")
     parser.add_argument("--batches", type=int, default=100, help="timed batches per setting (default: 100)")
     parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts (default: 0,1,2)")
@@ -19,14 +30,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="train", help="split to stream (default: train)")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     parser.add_argument("--out", default=None, help="also write the JSON lines to this file")
+    parser.add_argument("--markdown", default=None, metavar="MD",
+                        help="also write the table, the command line and the CPU model to this file")
 
 
 def measure(
     data: str, *, batch_size: int, batches: int, num_workers: int, shuffle_buffer: int, split: str
 ) -> dict:
-    """Time ``batches`` batches after the first one (start-up, incl. worker launch, is reported apart)."""
+    """Time ``batches`` batches after the first one (start-up, incl. worker launch, is reported apart).
+
+    Reads the split's epoch stream as training does (shards split and shuffled), cycling shards with
+    replacement only when the split holds fewer samples than the timed batches need."""
+    from mmebm_dist.data.shards import read_manifest
     from mmebm_dist.data.stream import make_loader
 
+    manifest = read_manifest(data)
+    count = manifest["splits"][split]["count"]
+    resampled = count < (batches + 1) * batch_size * max(1, num_workers)
     loader = make_loader(
         data,
         batch_size=batch_size,
@@ -35,63 +55,133 @@ def measure(
         rank=0,
         world_size=1,
         split=split,
-        resampled=True,
+        resampled=resampled,
     )
     start = time.perf_counter()
     it = iter(loader)
     first = next(it)
-    ready = time.perf_counter()
+    ready, cpu = time.perf_counter(), time.process_time()
     samples = 0
     for _ in range(batches):
         samples += len(next(it)["label"])
-    end = time.perf_counter()
-    del it
-    return {
+    end, cpu_end = time.perf_counter(), time.process_time()
+    it.close()  # shuts the DataLoader workers down: their peak RSS is then in RUSAGE_CHILDREN
+    row = {
         "bench": "data",
         "data": data,
         "split": split,
+        "split_samples": count,
+        "shards": len(manifest["shards"]),
+        "encoding": sorted({m.get("encoding", "png") for m in manifest["modalities"]}),
         "workers": num_workers,
         "batch_size": batch_size,
         "batches": batches,
         "samples": samples,
+        "resampled": resampled,
         "seconds": end - ready,
         "samples_per_s": samples / (end - ready),
         "startup_s": ready - start,
         "modalities": [k for k in first if k != "label"],
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "torch_threads": torch.get_num_threads(),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
+    if num_workers == 0:
+        row["samples_per_cpu_s"] = samples / max(cpu_end - cpu, 1e-9)
+    return row
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``lscpu``'s "Model name"), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _measure_in_child() -> None:
+    """Entry point of the per-setting subprocess: JSON arguments on stdin, one JSON row on stdout."""
+    print(json.dumps(measure(**json.loads(sys.stdin.read()))))
+
+
+def measure_isolated(**kwargs) -> dict:
+    """:func:`measure` in a fresh interpreter, so peak RSS belongs to this setting alone."""
+    code = "from mmebm_dist.bench.data import _measure_in_child; _measure_in_child()"
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(kwargs), capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench data on {kwargs['data']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run(args: argparse.Namespace) -> int:
     rows = []
-    for w in (int(x) for x in args.workers.split(",")):
-        rows.append(
-            measure(
-                args.data,
-                batch_size=args.batch_size,
-                batches=args.batches,
-                num_workers=w,
-                shuffle_buffer=args.shuffle_buffer,
-                split=args.split,
+    for data in args.data.split(","):
+        for w in (int(x) for x in args.workers.split(",")):
+            rows.append(
+                measure_isolated(
+                    data=data,
+                    batch_size=args.batch_size,
+                    batches=args.batches,
+                    num_workers=w,
+                    shuffle_buffer=args.shuffle_buffer,
+                    split=args.split,
+                )
             )
-        )
-        rows[-1]["ratio_to_first"] = rows[-1]["samples_per_s"] / rows[0]["samples_per_s"]
+            rows[-1]["ratio_to_first"] = rows[-1]["samples_per_s"] / rows[0]["samples_per_s"]
     lines = [json.dumps(r) for r in rows]
     if args.json:
         print("\n".join(lines))
     else:
         print(
-            f"loader on {args.data} ({args.split}, batch {args.batch_size}, {args.batches} timed batches, "
-            f"{os.cpu_count()} CPUs)"
+            f"loader ({args.split}, batch {args.batch_size}, {args.batches} timed batches, shuffle buffer "
+            f"{args.shuffle_buffer}; {os.cpu_count()} CPUs: {cpu_model()})"
         )
-        print(f"{'workers':>8} {'samples/s':>10} {'ms/batch':>9} {'startup s':>10} {'ratio':>6}")
+        print(f"{'data':<28} {'samples':>8} {'enc':>4} {'workers':>7} {'samples/s':>10} {'per CPU-s':>10} "
+              f"{'ratio':>6} {'RSS MiB':>8} {'worker RSS':>10}")
         for r in rows:
+            per_cpu = f"{r['samples_per_cpu_s']:.0f}" if "samples_per_cpu_s" in r else "-"
             print(
-                f"{r['workers']:>8} {r['samples_per_s']:>10.0f} {1e3 * r['seconds'] / r['batches']:>9.1f} "
-                f"{r['startup_s']:>10.2f} {r['ratio_to_first']:>6.2f}"
+                f"{r['data'][-28:]:<28} {r['split_samples']:>8} {','.join(r['encoding']):>4} "
+                f"{r['workers']:>7} "
+                f"{r['samples_per_s']:>10.0f} {per_cpu:>10} {r['ratio_to_first']:>6.2f} "
+                f"{r['peak_rss_mib']:>8.0f} {r['worker_peak_rss_mib']:>10.0f}"
             )
     if args.out:
         with open(args.out, "a") as f:
             f.write("\n".join(lines) + "\n")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown_table(rows, args))
     return 0
+
+
+def markdown_table(rows: list[dict], args: argparse.Namespace) -> str:
+    """The rows as a Markdown table headed by the command that made them, the CPU and the machine's load."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    out = [
+        f"`mmebm {' '.join(sys.argv[1:])}`" if sys.argv[1:] else "`mmebm bench data`",
+        "",
+        f"CPU: {cpu_model()} ({os.cpu_count()} CPUs; load average {load} when written, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Batch {args.batch_size}, {args.batches} "
+        f"timed batches, shuffle buffer {args.shuffle_buffer}. samples/s is wall clock; per CPU-s divides by "
+        "the decoding process's CPU time (workers=0).",
+        "",
+        "| data | samples | shards | encoding | workers | samples/s | per CPU-s | peak RSS MiB "
+        "| worker peak RSS MiB |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        per_cpu = f"{r['samples_per_cpu_s']:.0f}" if "samples_per_cpu_s" in r else "-"
+        out.append(
+            f"| {r['data']} | {r['split_samples']} | {r['shards']} | {','.join(r['encoding'])} "
+            f"| {r['workers']} | {r['samples_per_s']:.0f} | {per_cpu} | {r['peak_rss_mib']:.0f} "
+            f"| {r['worker_peak_rss_mib']:.0f} |"
+        )
+    return "\n".join(out) + "\n"

@@ -1,4 +1,5 @@
-"""``mmebm data``: build a data set (``polymnist``), ``verify`` its shards against the manifest, ``info``."""
+"""``mmebm data``: build a data set (``polymnist``), ``verify`` its shards against the manifest, ``info``,
+``convert`` it to another image encoding."""
 
 from __future__ import annotations
 
@@ -67,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="data set directory holding manifest.json")
     p = sub.add_parser("info", help="summary of a built data set")
     p.add_argument("dir", help="data set directory holding manifest.json")
+    p = sub.add_parser("convert", help="copy a data set with another image encoding")
+    p.add_argument("src", help="data set directory holding manifest.json")
+    p.add_argument("--encoding", required=True, choices=("png", "raw"), help="image encoding of the copy")
+    p.add_argument("--out", required=True, help="new directory (must not exist; written atomically)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,6 +98,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"{args.dir}: OK ({', '.join(f'{v} {k}' for k, v in checked.items())} checked)")
         elif args.data_command == "info":
             print(shards.info(args.dir))
+        elif args.data_command == "convert":
+            start = time.perf_counter()
+            manifest = shards.convert(args.src, args.out, args.encoding)
+            size = sum(s["bytes"] for s in manifest["shards"])
+            print(
+                f"wrote {args.out}: {len(manifest['shards'])} shards, {size / 2**20:.1f} MiB, images "
+                f"{args.encoding}, in {time.perf_counter() - start:.1f} s"
+            )
     except (shards.ShardError, SourceError, FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"mmebm data {args.data_command}: {exc}", file=sys.stderr)
         return 1

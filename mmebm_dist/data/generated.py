@@ -238,6 +238,7 @@ def write_shard(
         "split": split,
         "index": index,
         "count": count,
+        "bytes": path.stat().st_size,
         "sha256": shards.sha256_file(path),
     }
 
@@ -263,7 +264,7 @@ def manifest_base(
             split: {"count": counts[split], "shards": sum(1 for e in entries if e["split"] == split)}
             for split in shards.SPLITS
         },
-        "shards": [{k: e[k] for k in ("name", "split", "count", "sha256")} for e in entries],
+        "shards": [{k: e[k] for k in ("name", "split", "count", "bytes", "sha256")} for e in entries],
         "source": source,
         "seed": seed,
         "builder": builder,

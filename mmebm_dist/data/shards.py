@@ -1,8 +1,12 @@
 """The on-disk dataset format: deterministic webdataset tar shards plus ``manifest.json``; verify and info.
 
-A shard ``{split}-{index:06d}.tar`` holds, per sample key, one PNG per modality (``{key}.{name}.png``) and the
-class label (``{key}.cls``, ASCII). The manifest declares the modalities, counts per split and every shard's
-sample count and sha256, so loaders can plan an epoch without reading data and ``verify`` can check it all.
+A shard ``{split}-{index:06d}.tar`` holds, per sample key, the class label (``{key}.cls``, ASCII) and its
+modalities, each stored as the manifest says: ``png`` (``{key}.{name}.png``), ``npy`` (``{key}.{name}.npy``,
+e.g. token ids) or ``raw``: the uint8 [C, H, W] bytes of every raw modality, concatenated in manifest order,
+in ONE record ``{key}.raw`` per sample (no header: the manifest gives the shapes). One record per tuple, not
+per modality, because the loader's cost is per tar member (header, grouping) and not per byte: 2 members per
+PolyMNIST tuple instead of 6. The manifest declares the modalities, counts per split and every shard's sample
+count, byte size and sha256, so loaders can plan an epoch without reading data and ``verify`` can check all.
 """
 
 from __future__ import annotations
@@ -10,7 +14,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
+import re
+import shutil
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,7 +28,9 @@ import numpy as np
 from mmebm_dist.data.codec import (
     FormatError,
     decode_png,
+    fetch_url,
     group_samples,
+    is_http,
     iter_tar_members,
 )
 from mmebm_dist.data.codec import (
@@ -33,7 +42,12 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "test")
 LABEL_EXT = "cls"
-ENCODINGS = ("png", "npy")
+ENCODINGS = ("png", "raw", "npy")
+IMAGE_ENCODINGS = ("png", "raw")
+"""Encodings of uint8 [C, H, W] images (batched as float32 in [0, 1]); ``npy`` arrays are batched as is."""
+# A shard name in a manifest: a plain relative path (no scheme, no absolute path, no ``..``), so a hostile
+# manifest cannot make the loader run a ``pipe:`` command or read outside the data set directory.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
 # Fixed tar member metadata so that the same content always gives the same bytes.
 TAR_MTIME = 0
 TAR_MODE = 0o644
@@ -88,37 +102,70 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
 
 
 def manifest_path(path: str | os.PathLike) -> Path:
-    """``path`` itself if it is a manifest file, else ``path/manifest.json``."""
+    """``path`` itself if it is a manifest file, else ``path/manifest.json`` (local paths)."""
     p = Path(path)
     return p if p.suffix == ".json" else p / MANIFEST
 
 
+def manifest_url(url: str) -> str:
+    """The manifest of an http(s) data set: ``url`` if it ends in ``.json``, else ``url/manifest.json``."""
+    return url if url.endswith(".json") else url.rstrip("/") + "/" + MANIFEST
+
+
+def shard_location(path: str | os.PathLike, name: str) -> str:
+    """Where shard ``name`` of the data set at ``path`` (directory, manifest file or http(s) URL) lives."""
+    if isinstance(path, str) and is_http(path):
+        return manifest_url(path).rpartition("/")[0] + "/" + name
+    return str(manifest_path(path).parent / name)
+
+
+def check_shard_name(name: Any, where: str) -> None:
+    """A manifest's shard name must be a plain relative path: ShardError otherwise (no ``scheme:``, no
+    absolute path, no ``..``), so a manifest can never make the loader run a command or leave its folder."""
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
+        raise ShardError(
+            f"{where}: shard name {name!r} is not a plain relative path (letters, digits, '_', '-', '.', "
+            "'/'; no scheme, no absolute path, no '..'); to stream from URLs, pass them as data.path"
+        )
+
+
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and check a manifest (a directory holding ``manifest.json``, or the file itself)."""
-    mpath = manifest_path(path)
-    if not mpath.is_file():
-        raise ShardError(f"no manifest at {mpath}: build the data with `mmebm data polymnist --out DIR`")
+    """Load and check a manifest (a directory holding ``manifest.json``, the file, or an http(s) URL)."""
+    if isinstance(path, str) and is_http(path):
+        where: Any = manifest_url(path)
+        try:
+            text = fetch_url(where).decode("utf-8")
+        except OSError as exc:
+            raise ShardError(f"no manifest at {where}: {exc}") from exc
+    else:
+        where = manifest_path(path)
+        if not where.is_file():
+            raise ShardError(f"no manifest at {where}: build the data with `mmebm data polymnist --out DIR`")
+        text = where.read_text()
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ShardError(f"{mpath}: not valid JSON ({exc})") from exc
+        raise ShardError(f"{where}: not valid JSON ({exc})") from exc
     for key in ("format", "format_version", "layout", "modalities", "splits", "shards", "source", "seed"):
         if key not in manifest:
-            raise ShardError(f"{mpath}: missing key {key!r}")
+            raise ShardError(f"{where}: missing key {key!r}")
     if manifest["format"] != FORMAT_NAME or manifest["format_version"] != FORMAT_VERSION:
         raise ShardError(
-            f"{mpath}: format {manifest['format']!r} v{manifest['format_version']}, this code reads "
+            f"{where}: format {manifest['format']!r} v{manifest['format_version']}, this code reads "
             f"{FORMAT_NAME!r} v{FORMAT_VERSION}; rebuild the data"
         )
     for spec in manifest["modalities"]:
         if not {"name", "shape", "dtype"} <= set(spec):
-            raise ShardError(f"{mpath}: bad modality spec {spec}: needs name, shape and dtype")
+            raise ShardError(f"{where}: bad modality spec {spec}: needs name, shape and dtype")
         encoding = spec.get("encoding", "png")
-        if encoding not in ENCODINGS or (encoding == "png" and len(spec["shape"]) != 3):
+        image = len(spec["shape"]) == 3 and spec["dtype"] == "uint8"
+        if encoding not in ENCODINGS or (encoding in IMAGE_ENCODINGS and not image):
             raise ShardError(
-                f"{mpath}: modality {spec['name']!r}: encoding {encoding!r} with shape {spec['shape']}; "
-                f"encodings are {ENCODINGS} and png needs [C, H, W]"
+                f"{where}: modality {spec['name']!r}: encoding {encoding!r} with {spec['dtype']} "
+                f"{spec['shape']}; encodings are {ENCODINGS} and png/raw need uint8 [C, H, W]"
             )
+    for entry in manifest["shards"]:
+        check_shard_name(entry.get("name"), str(where))
     return manifest
 
 
@@ -135,30 +182,51 @@ def split_shards(manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:
     return [s for s in manifest["shards"] if s["split"] == split]
 
 
+RAW_EXT = "raw"
+"""Suffix of a sample's raw record: all its ``raw`` modalities' bytes, in manifest order."""
+
+
 class ModalitySpec(NamedTuple):
     """One modality as stored: tar entry ``{key}.{name}.{encoding}``, decoded ``shape`` and stored ``dtype``.
 
-    ``png``: an image, shape [C, H, W], uint8 on disk, float32 in [0, 1] in batches. ``npy``: any array (e.g.
-    token ids), kept as stored.
+    ``png`` / ``raw``: an image, shape [C, H, W], uint8 on disk (raw: its C-order bytes), float32 in [0, 1] in
+    batches. ``npy``: any array (e.g. token ids), kept as stored.
     """
 
     name: str
     encoding: str
     shape: tuple[int, ...]
     dtype: str
+    offset: int = 0
+    """``raw``: where this modality's bytes start in the sample's raw record."""
+    record: int = 0
+    """``raw``: bytes of the whole raw record (all raw modalities of the sample)."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one stored ``raw`` entry (uint8 of ``shape``)."""
+        return math.prod(self.shape)
 
     @property
     def entry(self) -> str:
-        """The sample's entry name for this modality (the tar member suffix)."""
-        return f"{self.name}.{self.encoding}"
+        """The sample entry (tar member suffix) holding this modality: ``{name}.{encoding}`` or ``raw``."""
+        return RAW_EXT if self.encoding == "raw" else f"{self.name}.{self.encoding}"
 
 
 def modality_specs(manifest: dict[str, Any]) -> list[ModalitySpec]:
-    """The manifest's modalities, in order."""
-    return [
+    """The manifest's modalities, in order (raw ones with their place in the sample's raw record)."""
+    specs = [
         ModalitySpec(m["name"], m.get("encoding", "png"), tuple(int(d) for d in m["shape"]), m["dtype"])
         for m in manifest["modalities"]
     ]
+    record = sum(s.nbytes for s in specs if s.encoding == "raw")
+    offset, out = 0, []
+    for spec in specs:
+        if spec.encoding == "raw":
+            spec = spec._replace(offset=offset, record=record)
+            offset += spec.nbytes
+        out.append(spec)
+    return out
 
 
 def modality_names(manifest: dict[str, Any]) -> list[str]:
@@ -166,11 +234,25 @@ def modality_names(manifest: dict[str, Any]) -> list[str]:
     return [m["name"] for m in manifest["modalities"]]
 
 
+def check_raw(spec: ModalitySpec, data: bytes) -> bytes:
+    """A sample's raw record, after checking its byte count against the manifest's shapes (ValueError)."""
+    if len(data) != spec.record:
+        raise ValueError(
+            f"raw record is {len(data)} bytes, the manifest's raw modalities (uint8 {list(spec.shape)} "
+            f"for {spec.name!r}) need {spec.record}"
+        )
+    return data
+
+
 def decode_entry(spec: ModalitySpec, data: bytes) -> np.ndarray:
     """Decode one stored modality and check it against its spec; ValueError naming the mismatch.
 
-    ``png`` gives uint8 [H, W, C] (layout change to [C, H, W] happens batched); ``npy`` gives the array.
+    ``png`` gives uint8 [H, W, C] (layout change to [C, H, W] happens batched), ``raw`` uint8 [C, H, W] (a
+    view of ``data``), ``npy`` the array.
     """
+    if spec.encoding == "raw":
+        check_raw(spec, data)
+        return np.frombuffer(data, dtype=np.uint8, count=spec.nbytes, offset=spec.offset).reshape(spec.shape)
     if spec.encoding == "png":
         arr = decode_png(data)
         c, h, w = spec.shape
@@ -186,6 +268,23 @@ def decode_entry(spec: ModalitySpec, data: bytes) -> np.ndarray:
             f"decoded to {arr.dtype} {list(arr.shape)}, declared {spec.dtype} {list(spec.shape)}"
         )
     return arr
+
+
+def decode_image(spec: ModalitySpec, data: bytes) -> np.ndarray:
+    """uint8 [H, W, C] of a ``png`` or ``raw`` image entry (what the builders draw and pictures show)."""
+    arr = decode_entry(spec, data)
+    return np.ascontiguousarray(arr.transpose(1, 2, 0)) if spec.encoding == "raw" else arr
+
+
+def image_entries(images: dict[str, np.ndarray], encoding: str) -> list[tuple[str, bytes]]:
+    """A sample's tar entries (suffix, bytes) for uint8 [H, W, C] images by modality name: one PNG each, or
+    one raw record of all their [C, H, W] bytes in the given order (the manifest's)."""
+    if encoding == "png":
+        return [(f"{name}.png", encode_png(image)) for name, image in images.items()]
+    if encoding == "raw":
+        chw = [(im[:, :, None] if im.ndim == 2 else im).transpose(2, 0, 1) for im in images.values()]
+        return [(RAW_EXT, b"".join(np.ascontiguousarray(x, dtype=np.uint8).tobytes() for x in chw))]
+    raise ValueError(f"image encoding {encoding!r}: choose one of {IMAGE_ENCODINGS}")
 
 
 def encode_npy(array: np.ndarray) -> bytes:
@@ -244,6 +343,8 @@ def verify(directory: str | os.PathLike, *, progress: bool = True) -> dict[str, 
         path = directory / entry["name"]
         if not path.is_file():
             raise ShardError(f"{path}: shard listed in the manifest is missing")
+        if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+            raise ShardError(f"{path}: {path.stat().st_size} bytes, the manifest says {entry['bytes']}")
         digest = sha256_file(path)
         if digest != entry["sha256"]:
             raise ShardError(f"{path}: sha256 {digest} differs from the manifest's {entry['sha256']}")
@@ -337,6 +438,71 @@ def _verify_folders(
     return checked
 
 
+def convert(
+    src: str | os.PathLike, dst: str | os.PathLike, encoding: str, *, progress: bool = True
+) -> dict[str, Any]:
+    """Rewrite the data set ``src`` into the new directory ``dst`` with every image modality in ``encoding``.
+
+    Atomic: shards and manifest are written into a hidden sibling of ``dst`` that is renamed to ``dst`` only
+    when complete, so a failed or interrupted convert leaves no ``dst``. Returns the new manifest.
+    """
+    from tqdm import tqdm
+
+    src, dst = Path(src), Path(dst)
+    if encoding not in IMAGE_ENCODINGS:
+        raise ValueError(f"--encoding {encoding!r}: choose one of {IMAGE_ENCODINGS}")
+    manifest = read_manifest(src)
+    if manifest["layout"] != "shards":
+        raise ShardError(f"{src}: layout {manifest['layout']!r}; convert reads webdataset shards")
+    if dst.exists():
+        raise FileExistsError(f"{dst} already exists: choose another --out or remove it")
+    specs = modality_specs(manifest)
+    tmp = dst.with_name(f".{dst.name}.converting-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True)
+        entries = []
+        shards = manifest["shards"]
+        for entry in tqdm(shards, desc=f"convert to {encoding}", unit="shard", disable=not progress):
+            out = tmp / entry["name"]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_tar(out, _converted_members(src / entry["name"], specs, encoding))
+            entries.append({**entry, "bytes": out.stat().st_size, "sha256": sha256_file(out)})
+        converted = {
+            **manifest,
+            "modalities": [
+                {**m, "encoding": encoding} if m.get("encoding", "png") in IMAGE_ENCODINGS else m
+                for m in manifest["modalities"]
+            ],
+            "shards": entries,
+            "converted_from": {"path": str(src), "manifest_sha256": manifest_hash(src)},
+        }
+        write_manifest(tmp, converted)
+        os.rename(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return converted
+
+
+def _converted_members(
+    path: Path, specs: list[ModalitySpec], encoding: str
+) -> Iterator[tuple[str, bytes]]:
+    """The tar members of shard ``path`` with its image modalities re-encoded (labels, npy unchanged)."""
+    images = [s for s in specs if s.encoding in IMAGE_ENCODINGS]
+    stored = {s.entry for s in images}
+    key = None
+    try:
+        for key, sample in iter_tar_samples(path):
+            try:
+                decoded = {s.name: decode_image(s, sample[s.entry]) for s in images}
+            except (KeyError, ValueError) as exc:
+                raise ShardError(f"{path}: sample {key!r}: {type(exc).__name__}: {exc}") from exc
+            yield from ((f"{key}.{suffix}", data) for suffix, data in image_entries(decoded, encoding))
+            yield from ((f"{key}.{suffix}", data) for suffix, data in sample.items() if suffix not in stored)
+    except (FormatError, OSError) as exc:
+        raise ShardError(f"{path}: unreadable tar after sample {key!r} ({exc})") from exc
+
+
 def info(directory: str | os.PathLike) -> str:
     """A short human-readable summary of a built dataset."""
     directory = Path(directory)
@@ -348,7 +514,9 @@ def info(directory: str | os.PathLike) -> str:
         f"seed {manifest['seed']}",
         "  modalities: "
         + ", ".join(
-            f"{m['name']} {m['dtype']}{m['shape']}" + (f" on {m['background']}" if "background" in m else "")
+            f"{m['name']} {m['dtype']}{m['shape']}"
+            + (f" on {m['background']}" if "background" in m else "")
+            + f" ({m.get('encoding', 'png')})"
             for m in manifest["modalities"]
         ),
     ]

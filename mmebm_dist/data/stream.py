@@ -2,14 +2,19 @@
 
 Plan of one epoch (all of it follows from the manifest and (seed, epoch, rank, world_size, num_workers)):
 - Shards are split as webdataset's ``split_by_node`` then ``split_by_worker`` do, from the real rank: rank r
-  takes shards r, r + W, ... of the split (manifest order); its worker w takes every num_workers-th of those.
-  Ranks therefore read disjoint shards. webdataset splits shards, not samples: for balance, make the shard
-  count a multiple of ranks x workers (the builder's default 500-sample shards give 120 train shards).
+  takes shards r, r + W, ... of the epoch's shard order; its worker w takes every num_workers-th of those.
+  Ranks therefore read disjoint shards. The epoch's shard order is the manifest's when not shuffling; with
+  ``shuffle_buffer > 0`` it is a permutation seeded by (seed, epoch), the same on every rank, so shards move
+  between ranks from epoch to epoch. webdataset splits shards, not samples: for balance, make the shard count
+  a multiple of ranks x workers (the builder's default 500-sample shards give 120 train shards).
 - With ``shuffle_buffer > 0`` each worker permutes its shards per epoch and shuffles samples in a buffer of
   that size, seeded by (seed, epoch, rank, worker); with 0 the order is the manifest's.
 - Each worker batches its own samples; the DataLoader interleaves workers round-robin. With ``drop_last`` (the
   default for the train split) each worker drops its final partial batch, so ``epoch_batches`` can compute,
-  from the manifest alone, how many full batches every rank yields; other splits keep partial batches.
+  from the manifest alone, how many full batches every rank yields in any epoch; other splits keep partial
+  batches. ``epoch_length`` makes a loader yield exactly that many: under ``on_error='skip'`` a rank whose
+  stream came up short (skipped samples) starts its epoch's stream again to fill the gap, so ranks stay in
+  step. A resume into an epoch is exact when nothing was skipped before the resume point in that epoch.
 - ``skip_batches=k`` replays the round-robin to find how many samples each worker had consumed after k
   batches, drops them before decoding (whole shards unread when not shuffling), and pads the first round
   with placeholders so that the interleaving continues exactly where it stopped.
@@ -24,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,23 +37,27 @@ import webdataset as wds
 from einops import rearrange
 from PIL import Image
 
-from mmebm_dist.data.codec import read_shard
+from mmebm_dist.data.codec import is_http, read_shard
 from mmebm_dist.data.shards import (
     ENCODINGS,
+    IMAGE_ENCODINGS,
     LABEL_EXT,
     ModalitySpec,
     ShardError,
+    check_raw,
     decode_entry,
     manifest_path,
     modality_specs,
     parse_label,
     read_manifest,
+    shard_location,
     split_shards,
 )
 
 logger = logging.getLogger("mmebm_dist.data")
 
 ON_ERROR = ("raise", "skip")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 Batch = dict[str, torch.Tensor]
 
 
@@ -63,6 +72,10 @@ class StreamPlan:
     """Shard URLs of the split, in manifest (or given) order."""
     counts: tuple[int, ...] | None
     """Samples per shard from the manifest; None for bare URLs."""
+    sizes: tuple[int | None, ...] | None = None
+    """Bytes per shard from the manifest (checked before or while reading); None for bare URLs."""
+    sha256s: tuple[str, ...] | None = None
+    """sha256 per shard to check while reading (``check_sha256``); None: not checked."""
     modalities: tuple[ModalitySpec, ...] | None
     """The manifest's modalities; None for bare URLs (then read off the first sample)."""
     batch_size: int
@@ -75,6 +88,8 @@ class StreamPlan:
     resampled: bool
     on_error: str
     drop_last: bool
+    epoch_length: int | None = None
+    """Batches the loader yields in this epoch, refilling short streams under on_error='skip'."""
     skip: tuple[int, ...] = ()
     """Samples each worker drops before decoding (exact resume)."""
     pad: tuple[bool, ...] = ()
@@ -103,9 +118,19 @@ def _rng(plan: StreamPlan, worker: int, purpose: int) -> random.Random:
     return random.Random(int(seq.generate_state(2, dtype=np.uint64)[0]))
 
 
+def epoch_shards(plan: StreamPlan) -> list[int]:
+    """The epoch's shard order that ranks split: the manifest's, or with shuffling a permutation seeded by
+    (seed, epoch) alone, identical on every rank, so each shard still goes to exactly one rank."""
+    order = list(range(len(plan.urls)))
+    if plan.shuffle_buffer > 0:
+        seq = np.random.SeedSequence([plan.seed, plan.epoch, len(order), 3])
+        random.Random(int(seq.generate_state(2, dtype=np.uint64)[0])).shuffle(order)
+    return order
+
+
 def worker_shards(plan: StreamPlan, worker: int) -> list[int]:
     """Shard indices worker ``worker`` of this rank reads in this epoch, in reading order (finite plans)."""
-    mine = worker_split(node_split(range(len(plan.urls)), plan.rank, plan.world_size), worker, plan.workers)
+    mine = worker_split(node_split(epoch_shards(plan), plan.rank, plan.world_size), worker, plan.workers)
     if plan.shuffle_buffer > 0:
         _rng(plan, worker, 0).shuffle(mine)
     return mine
@@ -168,13 +193,18 @@ class _WorkerState:
         logger.warning("rank %d worker %d: skipping: %s", self.plan.rank, self.worker, message)
 
 
-def _shard_samples(
-    state: _WorkerState, url: str, expected: int | None, drop: int
-) -> Iterator[dict[str, Any]]:
-    """Raw (undecoded) samples of one shard after dropping the first ``drop``; errors name shard and key."""
+def _shard_samples(state: _WorkerState, index: int, drop: int) -> Iterator[dict[str, Any]]:
+    """Raw (undecoded) samples of shard ``index`` minus the first ``drop``; errors name shard and key.
+
+    The manifest's byte size (and sha256 when asked) are checked as the shard is read."""
+    plan = state.plan
+    url = plan.urls[index]
+    expected = plan.counts[index] if plan.counts is not None else None
+    size = plan.sizes[index] if plan.sizes is not None else None
+    sha256 = plan.sha256s[index] if plan.sha256s is not None else None
     n, key = 0, None
     try:
-        for sample in read_shard(url):
+        for sample in read_shard(url, size=size, sha256=sha256):
             key = sample["__key__"]
             n += 1
             if n > drop:
@@ -216,7 +246,7 @@ def _chain(state: _WorkerState, shard_ids: Iterator[int], drop: int) -> Iterator
     """
     plan = state.plan
     if plan.counts is None:
-        samples = (s for i in shard_ids for s in _shard_samples(state, plan.urls[i], None, 0))
+        samples = (s for i in shard_ids for s in _shard_samples(state, i, 0))
         yield from islice(samples, drop, None)
         return
     for i in shard_ids:
@@ -224,7 +254,7 @@ def _chain(state: _WorkerState, shard_ids: Iterator[int], drop: int) -> Iterator
         if drop >= expected:
             drop -= expected
             continue
-        yield from _shard_samples(state, plan.urls[i], expected, drop)
+        yield from _shard_samples(state, i, drop)
         drop = 0
 
 
@@ -233,6 +263,11 @@ def _infer_specs(sample: dict[str, Any]) -> tuple[ModalitySpec, ...]:
     specs = []
     for entry in sorted(k for k in sample if k.rpartition(".")[2] in ENCODINGS and not k.startswith("__")):
         name, _, encoding = entry.rpartition(".")
+        if encoding == "raw":
+            raise ShardError(
+                f"shard {sample.get('__url__')}: entry {entry!r} is raw bytes, whose shape only a manifest "
+                "gives: pass the data set directory or manifest URL instead of shard URLs"
+            )
         if encoding == "png":
             with Image.open(io.BytesIO(sample[entry])) as img:
                 spec = ModalitySpec(name, encoding, (len(img.getbands()), img.height, img.width), "uint8")
@@ -260,7 +295,10 @@ def _decode(state: _WorkerState, sample: dict[str, Any]) -> tuple[list[np.ndarra
             state.fail(f"{where} lacks modality {spec.name!r} (entry {spec.entry!r}; has {present})")
             return None
         try:
-            arrays.append(decode_entry(spec, data))
+            if spec.encoding == "raw":  # the record itself: its length checked here, decoded per batch
+                arrays.append(data if len(data) == spec.record else check_raw(spec, data))
+            else:
+                arrays.append(decode_entry(spec, data))
         except (OSError, ValueError) as exc:
             state.fail(f"{where} modality {spec.name!r}: {exc}", exc)
             return None
@@ -274,12 +312,21 @@ def _decode(state: _WorkerState, sample: dict[str, Any]) -> tuple[list[np.ndarra
 def _collate(specs: tuple[ModalitySpec, ...], rows: list[tuple[list[np.ndarray], int]]) -> Batch:
     """{name: [B, *shape], 'label': int64 [B]}; images become float32 [B, C, H, W] in [0, 1]."""
     batch: Batch = {}
+    records = None  # (B, record bytes) uint8: the raw records of the batch, joined once
     for m, spec in enumerate(specs):
-        stacked = np.stack([arrays[m] for arrays, _ in rows])
-        if spec.encoding == "png":
-            chw = np.ascontiguousarray(rearrange(stacked, "b h w c -> b c h w"))  # from (B, H, W, C) uint8
+        if spec.encoding == "raw":
+            if records is None:
+                joined = b"".join([arrays[m] for arrays, _ in rows])
+                records = np.frombuffer(joined, dtype=np.uint8).reshape(len(rows), spec.record)
+            stacked = records[:, spec.offset : spec.offset + spec.nbytes].reshape(len(rows), *spec.shape)
+        else:
+            stacked = np.stack([arrays[m] for arrays, _ in rows])
+        if spec.encoding in IMAGE_ENCODINGS:
+            # png decodes to (B, H, W, C), raw is stored (B, C, H, W): both uint8.
+            chw = rearrange(stacked, "b h w c -> b c h w") if spec.encoding == "png" else stacked
             # numpy, not torch: torch's intra-op threads slowed this 50x on a busy 2-core machine (measured).
-            batch[spec.name] = torch.from_numpy(np.divide(chw, np.float32(255.0), dtype=np.float32))
+            out = np.empty(chw.shape, dtype=np.float32)
+            batch[spec.name] = torch.from_numpy(np.divide(chw, np.float32(255.0), out=out))
         else:
             batch[spec.name] = torch.from_numpy(stacked)
     batch["label"] = torch.tensor([label for _, label in rows], dtype=torch.int64)
@@ -323,14 +370,20 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
 
 
 class ShardLoader:
-    """Iterable of batches for one rank; ``skipped`` counts samples/shards skipped under on_error='skip'."""
+    """Iterable of batches for one rank; ``skipped`` counts samples/shards skipped under on_error='skip'.
 
-    def __init__(self, plan: StreamPlan) -> None:
+    With ``pin_memory`` the batches land in page-locked memory (for non-blocking host-to-device copies)."""
+
+    def __init__(self, plan: StreamPlan, *, pin_memory: bool = False) -> None:
         self.plan = plan
+        self.pin_memory = pin_memory
         self.skipped = 0
 
     def __len__(self) -> int:
         """Batches this rank yields in the epoch (finite plans with a manifest only)."""
+        consumed = sum(self.plan.skip) // self.plan.batch_size if self.plan.skip else 0
+        if self.plan.epoch_length is not None:
+            return max(0, self.plan.epoch_length - consumed)
         counts = [_worker_batches(self.plan, w) for w in range(self.plan.workers)]
         if any(c is None for c in counts):
             raise TypeError("length unknown: resampled stream or shard URLs without a manifest")
@@ -341,23 +394,129 @@ class ShardLoader:
         )
         return sum(counts) - consumed
 
-    def __iter__(self) -> Iterator[Batch]:
-        self.skipped = 0
-        per_worker = [0] * self.plan.workers
-        if self.plan.num_workers == 0:
-            items: Any = worker_stream(self.plan, 0)
+    def _pass(self, plan: StreamPlan, before: int) -> Iterator[Batch]:
+        """One pass over ``plan``'s stream; ``self.skipped`` = ``before`` + the skips of this pass so far."""
+        per_worker = [0] * plan.workers
+        if plan.num_workers == 0:
+            items: Any = worker_stream(plan, 0)
         else:
             items = torch.utils.data.DataLoader(
-                _WorkerDataset(self.plan),
+                _WorkerDataset(plan),
                 batch_size=None,
-                num_workers=self.plan.num_workers,
+                num_workers=plan.num_workers,
                 prefetch_factor=4,
+                pin_memory=self.pin_memory,
             )
         for worker, batch, skipped in items:
             per_worker[int(worker)] = int(skipped)
-            self.skipped = sum(per_worker)
+            self.skipped = before + sum(per_worker)
             if batch is not None:
+                if self.pin_memory and plan.num_workers == 0:
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
                 yield batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.skipped = 0
+        plan, wanted = self.plan, None
+        if plan.epoch_length is not None:
+            wanted = len(self)
+        yielded = 0
+        for batch in self._pass(plan, 0):
+            if yielded == wanted:
+                return
+            yield batch
+            yielded += 1
+        if wanted is None or yielded == wanted:
+            return
+        where = f"rank {plan.rank}, epoch {plan.epoch}"
+        if plan.on_error == "raise":
+            raise ShardError(
+                f"{where}: the stream ended after {yielded} of the {wanted} batches its manifest promises; "
+                "check the shards (`mmebm data verify`)"
+            )
+        refill = replace(plan, skip=(), pad=())  # the epoch's stream again, from its start
+        while yielded < wanted:
+            logger.warning(
+                "%s: %d samples skipped so far, the stream ended %d batches short: refilling from the "
+                "start of the epoch's stream", where, self.skipped, wanted - yielded,
+            )
+            before, got = self.skipped, 0
+            for batch in self._pass(refill, before):
+                if yielded == wanted:
+                    return
+                yield batch
+                yielded, got = yielded + 1, got + 1
+            if got == 0:
+                raise ShardError(f"{where}: every sample of this rank's shards was skipped; see the log")
+
+
+class SkipTally:
+    """Samples/shards skipped under on_error='skip' by one rank's successive loaders (one per epoch), summed:
+    what the training loop logs as ``data_skipped``."""
+
+    def __init__(self) -> None:
+        self.finished = 0
+        self.loader: ShardLoader | None = None
+
+    def track(self, loader: ShardLoader) -> ShardLoader:
+        """Count ``loader``'s skips from now on (the previous loader's count is kept)."""
+        if self.loader is not None:
+            self.finished += self.loader.skipped
+        self.loader = loader
+        return loader
+
+    @property
+    def total(self) -> int:
+        """Skips so far, the current loader's included."""
+        return self.finished + (self.loader.skipped if self.loader is not None else 0)
+
+
+def to_device(item: Any, device: torch.device, *, non_blocking: bool = True) -> Any:
+    """``item`` (tensors, nested in dicts, tuples and lists) with every tensor moved to ``device``."""
+    if torch.is_tensor(item):
+        return item.to(device, non_blocking=non_blocking)
+    if isinstance(item, dict):
+        return {k: to_device(v, device, non_blocking=non_blocking) for k, v in item.items()}
+    if isinstance(item, (tuple, list)):
+        return type(item)(to_device(v, device, non_blocking=non_blocking) for v in item)
+    return item
+
+
+def _tensors(item: Any) -> Iterator[torch.Tensor]:
+    if torch.is_tensor(item):
+        yield item
+    elif isinstance(item, dict):
+        for v in item.values():
+            yield from _tensors(v)
+    elif isinstance(item, (tuple, list)):
+        for v in item:
+            yield from _tensors(v)
+
+
+def prefetch_to_device(items: Iterator[Any], device: torch.device) -> Iterator[Any]:
+    """``items`` with their tensors on ``device``. On CUDA the copy of the next item is issued on a side
+    stream (non-blocking, from pinned memory) before the current item is handed out, so the host-to-device
+    copy overlaps the step; on other devices the items pass through unchanged (no copy on CPU)."""
+    if device.type != "cuda":
+        yield from items
+        return
+    copy_stream = torch.cuda.Stream(device)
+
+    def issue(item: Any) -> Any:
+        with torch.cuda.stream(copy_stream):
+            return to_device(item, device)
+
+    pending = next(items, None)
+    pending = None if pending is None else issue(pending)
+    while pending is not None:
+        compute = torch.cuda.current_stream(device)
+        compute.wait_stream(copy_stream)
+        for t in _tensors(pending):
+            t.record_stream(compute)  # the caching allocator must not reuse them before the step ends
+        current = pending
+        following = next(items, None)
+        pending = None if following is None else issue(following)
+        yield current
 
 
 def _default_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -372,23 +531,51 @@ def _default_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-def _resolve(
-    path: str | Path | Sequence[str], split: str
-) -> tuple[tuple[str, ...], tuple[int, ...] | None, tuple[ModalitySpec, ...] | None]:
-    """(urls, counts, modality specs) from a dataset directory/manifest, or bare webdataset URLs."""
-    if isinstance(path, (str, Path)) and manifest_path(path).is_file():
+class Resolved(NamedTuple):
+    """Where a split's shards are and what the manifest says of them (None fields: bare URLs)."""
+
+    urls: tuple[str, ...]
+    counts: tuple[int, ...] | None
+    specs: tuple[ModalitySpec, ...] | None
+    sizes: tuple[int | None, ...] | None
+    sha256s: tuple[str, ...] | None
+
+
+def _resolve(path: str | Path | Sequence[str], split: str, shard_url: str | None = None) -> Resolved:
+    """Shards of ``split`` from a data set directory / manifest file / http(s) manifest URL, or bare URLs.
+
+    An http(s) ``path`` not ending in a shard suffix and without braces is a data set URL (its manifest is
+    ``path/manifest.json`` or ``path`` itself when it ends in ``.json``). Shard names from a manifest are
+    plain relative paths (``read_manifest`` checks), placed under the manifest's directory or URL; only URLs
+    the user passes directly (``pipe:``, brace patterns, a list, or ``shard_url``: a template in which
+    ``{name}`` stands for each manifest shard's name) are opened as given."""
+    remote = isinstance(path, str) and is_http(path) and "{" not in path and not path.endswith(SHARD_SUFFIXES)
+    if remote or (isinstance(path, (str, Path)) and manifest_path(path).is_file()):
         manifest = read_manifest(path)
         if manifest["layout"] != "shards":
             raise ShardError(
                 f"{path}: layout {manifest['layout']!r}; the loader reads webdataset shards "
                 "(rebuild with --format shards)"
             )
-        root = manifest_path(path).parent
         entries = split_shards(manifest, split)
         if not entries:
             raise ShardError(f"{path}: split {split!r} has no shards")
-        specs = tuple(modality_specs(manifest))
-        return tuple(str(root / e["name"]) for e in entries), tuple(int(e["count"]) for e in entries), specs
+        if shard_url is not None and "{name}" not in shard_url:
+            raise ValueError(f"shard_url {shard_url!r} lacks '{{name}}' (where each shard's name goes)")
+        return Resolved(
+            urls=tuple(
+                shard_url.replace("{name}", e["name"])
+                if shard_url is not None
+                else shard_location(str(path) if remote else path, e["name"])
+                for e in entries
+            ),
+            counts=tuple(int(e["count"]) for e in entries),
+            specs=tuple(modality_specs(manifest)),
+            sizes=tuple(e.get("bytes") for e in entries),
+            sha256s=tuple(e["sha256"] for e in entries),
+        )
+    if shard_url is not None:
+        raise ShardError(f"shard_url needs a manifest, and {path} has none")
     if isinstance(path, Path) or (isinstance(path, str) and Path(path).is_dir()):
         raise ShardError(
             f"no manifest at {manifest_path(path)}: build the data with `mmebm data polymnist`, "
@@ -397,7 +584,7 @@ def _resolve(
     urls = tuple(wds.shardlists.expand_urls(path)) if isinstance(path, str) else tuple(str(u) for u in path)
     if not urls:
         raise ShardError(f"no shard URLs in {path!r}")
-    return urls, None, None
+    return Resolved(urls=urls, counts=None, specs=None, sizes=None, sha256s=None)
 
 
 def make_loader(
@@ -415,14 +602,22 @@ def make_loader(
     on_error: str = "raise",
     skip_batches: int = 0,
     drop_last: bool | None = None,
+    epoch_length: int | None = None,
+    check_sha256: bool = False,
+    pin_memory: bool = False,
+    shard_url: str | None = None,
 ) -> ShardLoader:
     """Batches ``{name: float32 [B, C, H, W] in [0, 1], 'label': int64 [B]}`` streamed from webdataset shards.
 
-    ``path``: a directory (or manifest.json) written by ``mmebm data``, or shard URLs webdataset accepts
-    (brace patterns, ``pipe:`` commands, a list). ``drop_last`` (default: True for the train split only)
-    drops each worker's final partial batch. ``skip_batches=k`` yields exactly what the loader yields after
-    its first k batches. ``resampled`` draws shards with replacement forever. ``on_error='skip'`` logs and
-    counts bad shards/samples (``loader.skipped``) instead of raising. See the module docstring for the plan.
+    ``path``: a directory (or manifest.json, or the http(s) URL of one) written by ``mmebm data``, or shard
+    URLs given explicitly (brace patterns, ``pipe:`` commands, a list). ``drop_last`` (default: True for the
+    train split only) drops each worker's final partial batch. ``skip_batches=k`` yields exactly what the
+    loader yields after its first k batches. ``resampled`` draws shards with replacement forever.
+    ``on_error='skip'`` logs and counts bad shards/samples (``loader.skipped``) instead of raising.
+    ``shard_url``: read each manifest shard from this template instead (``{name}`` = the shard's name; any
+    scheme, e.g. ``pipe:`` for an object store's CLI).
+    ``epoch_length``: yield exactly that many batches (see the module docstring). Shard byte sizes from the
+    manifest are always checked, sha256 with ``check_sha256``. ``pin_memory``: batches in page-locked memory.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -434,11 +629,13 @@ def make_loader(
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r}: choose one of {ON_ERROR}")
     rank, world_size = _default_rank(rank, world_size)
-    urls, counts, specs = _resolve(path, split)
+    where = _resolve(path, split, shard_url)
     plan = StreamPlan(
-        urls=urls,
-        counts=counts,
-        modalities=specs,
+        urls=where.urls,
+        counts=where.counts,
+        sizes=where.sizes,
+        sha256s=where.sha256s if check_sha256 else None,
+        modalities=where.specs,
         batch_size=batch_size,
         num_workers=num_workers,
         shuffle_buffer=shuffle_buffer,
@@ -449,6 +646,7 @@ def make_loader(
         resampled=resampled,
         on_error=on_error,
         drop_last=(split == "train") if drop_last is None else drop_last,
+        epoch_length=epoch_length,
     )
     if skip_batches:
         batches = [_worker_batches(plan, w) for w in range(plan.workers)]
@@ -461,21 +659,21 @@ def make_loader(
             batches = [None]
         consumed, pad = replay_round_robin(batches, skip_batches)
         plan = replace(plan, skip=tuple(c * batch_size for c in consumed), pad=tuple(pad))
-    return ShardLoader(plan)
+    return ShardLoader(plan, pin_memory=pin_memory)
 
 
 def rank_batches(
     path: str | Path, *, batch_size: int, world_size: int, num_workers: int, split: str = "train"
 ) -> list[int]:
-    """Full batches each rank yields in one epoch (drop_last semantics), from the manifest alone."""
-    urls, counts, _ = _resolve(path, split)
-    if counts is None:
+    """Full batches each rank yields in an epoch read in manifest order (drop_last), from the manifest."""
+    where = _resolve(path, split)
+    if where.counts is None:
         raise ShardError(f"{path}: batch counts need a manifest (a dataset directory), not bare shard URLs")
     out = []
     for rank in range(world_size):
         plan = StreamPlan(
-            urls=urls,
-            counts=counts,
+            urls=where.urls,
+            counts=where.counts,
             modalities=None,
             batch_size=batch_size,
             num_workers=num_workers,
@@ -495,7 +693,18 @@ def rank_batches(
 def epoch_batches(
     path: str | Path, *, batch_size: int, world_size: int, num_workers: int, split: str = "train"
 ) -> int:
-    """Full batches EVERY rank can produce in one epoch (min over ranks), so DDP ranks stay in step."""
-    return min(
-        rank_batches(path, batch_size=batch_size, world_size=world_size, num_workers=num_workers, split=split)
-    )
+    """Full batches EVERY rank can produce in ANY epoch, so DDP ranks stay in step.
+
+    Shards move between ranks from epoch to epoch (``epoch_shards``), so this is a bound over every shard
+    order: each worker is assumed to draw the smallest shards (exact for equal-size shards)."""
+    where = _resolve(path, split)
+    if where.counts is None:
+        raise ShardError(f"{path}: batch counts need a manifest (a dataset directory), not bare shard URLs")
+    smallest = sorted(where.counts)
+    workers = max(1, num_workers)
+    per_rank = []
+    for rank in range(world_size):
+        shards = len(range(rank, len(smallest), world_size))
+        per_worker = (len(range(w, shards, workers)) for w in range(workers))
+        per_rank.append(sum(sum(smallest[:n]) // batch_size for n in per_worker))
+    return min(per_rank)

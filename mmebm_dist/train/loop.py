@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from mmebm_dist import schedule
 from mmebm_dist.config import Config, config_to_dict, save_config
+from mmebm_dist.data.stream import SkipTally, prefetch_to_device
 from mmebm_dist.rundir import CHECKPOINTS, CONFIG_FILE, TrainState, append_command, latest_checkpoint
 from mmebm_dist.train.checkpoint import load_checkpoint, load_initial_weights, save_checkpoint
 from mmebm_dist.train.distributed import describe, make_accelerator, zero_stage
@@ -115,24 +116,36 @@ def train_loader(cfg: Config, *, rank: int, world_size: int, **options: Any):
 
 
 def micro_batches(
-    cfg: Config, *, rank: int, world_size: int, per_epoch: int, epoch: int, start: int, device: torch.device
+    cfg: Config,
+    *,
+    rank: int,
+    world_size: int,
+    per_epoch: int,
+    epoch: int,
+    start: int,
+    device: torch.device,
+    skips: SkipTally | None = None,
 ) -> Iterator[tuple[int, int, dict]]:
     """Yield ``(epoch, index, batch)`` forever: ``per_epoch`` batches per epoch on every rank, then reshuffle.
 
-    Starts at batch ``start`` of ``epoch`` (exact resume through ``make_loader(skip_batches=...)``).
+    Starts at batch ``start`` of ``epoch`` (exact resume through ``make_loader(skip_batches=...)``); ``skips``
+    counts what ``data.on_error=skip`` skipped.
     """
     while True:
         with isolated_rng(device):
-            loader = iter(
-                train_loader(
-                    cfg,
-                    rank=rank,
-                    world_size=world_size,
-                    epoch=epoch,
-                    on_error=cfg.data.on_error,
-                    skip_batches=start,
-                )
+            loader = train_loader(
+                cfg,
+                rank=rank,
+                world_size=world_size,
+                epoch=epoch,
+                on_error=cfg.data.on_error,
+                skip_batches=start,
+                epoch_length=per_epoch,
+                check_sha256=cfg.data.check_sha256,
+                pin_memory=device.type == "cuda",
+                shard_url=cfg.data.shard_url or None,
             )
+            loader = iter(skips.track(loader) if skips is not None else loader)
         for index in range(start, per_epoch):
             with isolated_rng(device):
                 batch = next(loader, None)
@@ -204,6 +217,10 @@ class TrainSession:
     """Pre-clip global gradient norm of the last synchronised step (``optim.grad_clip > 0``)."""
     data_wait: float = 0.0
     """Seconds spent waiting for micro-batches since the last metrics record."""
+    skips: SkipTally = dataclasses.field(default_factory=SkipTally)
+    """Samples and shards this process skipped under ``data.on_error=skip``."""
+    data_skipped: int = 0
+    """The skips of every rank, summed at the last metrics record."""
     stages: list[schedule.Stage] = dataclasses.field(default_factory=list)
     """``train.schedule`` resolved (:func:`mmebm_dist.schedule.of_config`)."""
 
@@ -331,16 +348,18 @@ def setup(
     if trace_samples:
         trace = SampleTrace(run_dir, rank, start_step=state.step, modalities=list(unwrapped.modalities))
         trace.write({"event": "start", "start_step": state.step, **info})
+    skips = SkipTally()  # data.on_error=skip: samples/shards this process skipped (logged as data_skipped)
     if batches is None:
         batches = micro_batches(
             cfg, rank=rank, world_size=world, per_epoch=per_epoch, epoch=state.epoch,
-            start=state.epoch_batch, device=accelerator.device,
+            start=state.epoch_batch, device=accelerator.device, skips=skips,
         )
+        batches = prefetch_to_device(batches, accelerator.device)  # CUDA: the next copy overlaps this step
     model.train()
     return TrainSession(
         cfg=cfg, accelerator=accelerator, model=model, unwrapped=unwrapped, optimizer=optimizer,
         scheduler=scheduler, state=state, batches=batches, per_epoch=per_epoch, metrics=metrics, trace=trace,
-        run_dir=run_dir, info=info, stages=schedule.of_config(cfg),
+        run_dir=run_dir, info=info, stages=schedule.of_config(cfg), skips=skips,
     )
 
 
@@ -420,6 +439,9 @@ def log_metrics(session: TrainSession, step: int, step_terms: dict[str, torch.Te
     record.update({f"lr/{name}": lr for name, lr in zip(names, session.scheduler.get_last_lr(), strict=True)})
     if session.grad_norm is not None:
         record["grad_norm"] = float(session.grad_norm)
+    skipped = torch.tensor(float(session.skips.total), device=session.accelerator.device)
+    session.data_skipped = int(session.accelerator.reduce(skipped, reduction="sum").item())
+    record["data_skipped"] = session.data_skipped
     session.metrics.log(record)
     clock.window_start, clock.window_steps, session.data_wait = now, 0, 0.0
     return reduced
@@ -487,6 +509,7 @@ def train(
     return {
         "step": state.step,
         "terms": reduced,
+        "data_skipped": session.data_skipped,
         "world_size": session.world,
         "run_dir": str(session.run_dir),
         "is_main_process": session.main,
