@@ -10,7 +10,7 @@ import torch
 from train_helpers import build_tiny_polymnist, tiny_config
 
 from mmebm_dist.config import load_config
-from mmebm_dist.train.metrics import read_jsonl
+from mmebm_dist.rundir import read_jsonl
 
 
 @pytest.fixture
