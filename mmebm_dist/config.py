@@ -189,12 +189,14 @@ class TrainConfig:
     """Steps between periodic coherence evaluations (0: never)."""
     image_every: int = 500
     """Steps between sample grids written to TensorBoard (0: never)."""
-    mixed_precision: str = "no"
-    """``no`` or ``bf16`` (autocast; fp32 master weights)."""
+    mixed_precision: str = "auto"
+    """``auto`` (bf16 where native: Ampere+ GPUs, AMX/AVX512-BF16 CPUs; else fp32), ``no`` or ``bf16``
+    (autocast; fp32 master weights)."""
     threads: int = 0
     """torch intra-op threads per process (0: leave torch's default)."""
-    compile: bool = False
-    """torch.compile the model's forward."""
+    compile: str = "off"
+    """``off``, ``default`` or ``reduce-overhead`` (CUDA graphs; CUDA only): torch.compile mode of the forward
+    and optimizer step (mmebm_dist/train/capture.py); ``true``/``false`` mean default/off."""
     init_from: str = ""
     """A run directory (its newest checkpoint) or checkpoint directory whose weights start a fresh run; only
     the energy MLP's may be missing (it keeps its fresh initialisation). Empty: random initialisation."""
@@ -292,7 +294,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 pass
         raise ConfigError(f"config key '{where}' must be a number, got {value!r}")
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML reads true/false/yes/no as booleans: keep the word
+            return str(value).lower()
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"config key '{where}' must be a string, got {value!r}")
     return value

@@ -25,6 +25,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from mmebm_dist.config import Config, config_to_dict, save_config
+from mmebm_dist.train.capture import capture_step
 from mmebm_dist.train.checkpoint import (
     TrainState,
     latest_checkpoint,
@@ -49,17 +50,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     if cfg.optim.weight_decay > 0:
         return torch.optim.AdamW(groups, weight_decay=cfg.optim.weight_decay, **kwargs)
     return torch.optim.Adam(groups, **kwargs)
-
-
-def compile_forward(model: torch.nn.Module, cfg: Config) -> None:
-    """``torch.compile`` the model's forward in place when ``train.compile`` asks for it.
-
-    Static shapes: a training step's shapes do not change, and with dynamic ones the graph of a helper called
-    at several sizes (the per-modality decoders) gets a symbolic batch that the reparameterisation draws
-    (``torch.rand(shape, generator=...)``) refuse.
-    """
-    if cfg.train.compile:
-        model.forward = torch.compile(model.forward, dynamic=False)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LRScheduler:
@@ -197,7 +187,7 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
         log.info("initial weights from %s", source)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    compile_forward(model, cfg)
+    capture_step(model, optimizer, cfg, device)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
     modalities = list(unwrapped.modalities)
