@@ -1,4 +1,4 @@
-"""``train.mixed_precision=auto``: bf16 only where the CPU flags or the GPU's compute capability say native."""
+"""``train.mixed_precision=auto``: bf16 only where the CPU flags or the GPU's compute capability say so."""
 
 from __future__ import annotations
 

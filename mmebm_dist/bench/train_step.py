@@ -126,8 +126,8 @@ def worker(cfg, *, steps: int, warmup: int, synthetic: bool) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from mmebm_dist.models import build_model
-    from mmebm_dist.train.distributed import describe, make_accelerator
     from mmebm_dist.train.capture import capture_step
+    from mmebm_dist.train.distributed import describe, make_accelerator
     from mmebm_dist.train.loop import build_optimizer
 
     accelerator = make_accelerator(cfg)

@@ -25,8 +25,8 @@ _ALIASES = {"false": "off", "no": "off", "0": "off", "true": "default", "yes": "
 def compile_mode(value: str, device: torch.device) -> str:
     """``train.compile`` as a torch.compile mode or ``off``; ``true``/``false`` are ``default``/``off``.
 
-    ``reduce-overhead`` captures CUDA graphs, which exist only on CUDA: on another device it raises rather than
-    silently running something else.
+    ``reduce-overhead`` captures CUDA graphs, which exist only on CUDA: on another device it raises rather
+    than silently running something else.
     """
     mode = _ALIASES.get(str(value).lower(), str(value).lower())
     if mode not in COMPILE_MODES:
