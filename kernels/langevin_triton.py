@@ -23,10 +23,12 @@ is written and read back by its own threads with a barrier between phases (no cr
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ._utils import (
     ACTIVATIONS,
@@ -330,6 +332,15 @@ RESIDENT_MAX_LAYERS, RESIDENT_MAX_HIDDEN, RESIDENT_MAX_LATENT = 2, 256, 64
 H200_SMS = 132
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def resident_unsupported_reason(hidden: int, latent: int, layers: int) -> str | None:
     """None when the resident kernel holds this MLP on chip (<= 2 hidden layers of <= 256, d <= 64)."""
     if layers > RESIDENT_MAX_LAYERS:
@@ -401,7 +412,8 @@ def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got '{kernel}'")
     too_big = resident_unsupported_reason(hidden, d, layers)
-    if kernel == "auto":
+    auto = kernel == "auto"
+    if auto:
         kernel = "resident" if too_big is None and block_sizes is None else "streaming"
     if kernel == "resident" and too_big is not None:
         raise ValueError(f"kernel='resident' does not fit {too_big}; use kernel='streaming' or 'auto'")
@@ -440,13 +452,21 @@ def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size
         programs = triton.cdiv(batch, block_b)
         energy = torch.empty(max(steps, 1), programs, device=device, dtype=torch.float32)
         first_bad = torch.empty(programs, device=device, dtype=torch.int32)
-        _langevin_resident_kernel[(programs,)](
-            z, w_in, w_hid, b_hid, w_out, noise_arg, energy, first_bad,
-            batch, steps, seed, b_out, drift, step_size, score_scale,
-            BLOCK_B=block_b, H_PAD=max(16, triton.next_power_of_2(hidden)),
-            D_PAD=max(16, triton.next_power_of_2(d)), **common,
-        )
-    else:
+        try:
+            _langevin_resident_kernel[(programs,)](
+                z, w_in, w_hid, b_hid, w_out, noise_arg, energy, first_bad,
+                batch, steps, seed, b_out, drift, step_size, score_scale,
+                BLOCK_B=block_b, H_PAD=max(16, triton.next_power_of_2(hidden)),
+                D_PAD=max(16, triton.next_power_of_2(d)), **common,
+            )
+        except OutOfResources as exc:  # the layers' tiles exceed this GPU's shared memory / registers
+            if not auto:
+                raise ValueError(f"kernel='resident' does not fit this GPU ({exc}); "
+                                 "use kernel='streaming'") from exc
+            _warn_once(f"the resident Langevin kernel does not fit this GPU for {d}-{hidden}x{layers} "
+                       f"{precision} ({exc}); running the streaming kernel")
+            kernel = "streaming"
+    if kernel == "streaming":
         block_b, block_h, block_d = block_sizes or _block_sizes(hidden, d, mat_dtype)
         if any(b < 16 or b & (b - 1) for b in (block_b, block_h, block_d)):
             raise ValueError(f"block sizes must be powers of two >= 16, got {(block_b, block_h, block_d)}")

@@ -330,6 +330,30 @@ def test_triton_tf32_and_bf16_precisions():
     torch.testing.assert_close(streaming.z, tf32.z, rtol=0, atol=1e-3)
 
 
+@needs_triton
+def test_resident_kernel_out_of_resources_falls_back(monkeypatch):
+    """A GPU whose shared memory cannot hold the layers: auto warns and runs the streaming kernel (same
+    chain); an explicit kernel='resident' raises."""
+    from triton.runtime.errors import OutOfResources
+
+    class TooBig:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(300_000, 232_448, "shared memory")
+            return launch
+
+    weights = make_weights(5, 24, 2)
+    z0, noise = chain_inputs(9, 5, 2)
+    kwargs = dict(steps=2, step_size=STEP_SIZE, activation="gelu", noise=noise)
+    streaming = run_triton(weights, z0, kernel="streaming", **kwargs)
+    monkeypatch.setattr(triton_kernels, "_langevin_resident_kernel", TooBig())
+    with pytest.warns(RuntimeWarning, match="does not fit this GPU .* running the streaming kernel"):
+        out = run_triton(weights, z0, **kwargs)
+    torch.testing.assert_close(out.z, streaming.z, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="kernel='resident' does not fit this GPU .*shared memory"):
+        run_triton(weights, z0, kernel="resident", **kwargs)
+
+
 def test_rows_per_program_heuristic():
     """16 rows while the batch leaves SMs idle, then about one program per SM, capped at 64 rows."""
     rows = triton_kernels.rows_per_program
