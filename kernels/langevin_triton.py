@@ -4,13 +4,20 @@
     a_1 = W_1 z + b_1,  a_l = W_l act(a_{l-1}) + b_l,  f = w_out . act(a_L) + b_out
     g_L = w_out * act'(a_L),  g_{l-1} = (W_l^T g_l) * act'(a_{l-1}),  grad_z f = W_1^T g_1
 
-Each program owns BLOCK_B rows of z for the whole chain; per step it runs the MLP forward, the analytic
-backward, the score and the update, with eps read from a [K, B, d] tensor or drawn in-kernel by Philox
+Two kernels, one launch per chain. The resident kernel (MLPs of <= 2 hidden layers of <= 256, d <= 64) loads
+W_1, W_2, the biases and its rows of z once and keeps them, and every a_l and g_l, on chip for the K steps:
+per step it reads only the given noise (4 BLOCK_B d bytes) and writes nothing but the energies ("on chip":
+register tiles the compiler stages through shared memory for the dots; where they exceed the GPU, launch
+raises OutOfResources and ``kernel='auto'`` falls back, with a warning). The streaming
+kernel (any supported MLP) tiles the layers as described next. Each program owns BLOCK_B rows of z for the
+whole chain; per step it runs the MLP forward, the analytic backward, the score and the update, with eps
+read from a [K, B, d] tensor or drawn in-kernel by Philox
 (key = seed, counter = (row * d + col, step)). Per step, per row: matmul FLOPs 4(dH + (L-1)H^2) (+2H for
 the energy). Per step, per program: weight bytes 8(dH + (L-1)H^2) in fp32, half in bf16 (every program reads
 the same weights: L2-resident); row scratch a_l, g_l: written once, read H / BLOCK_H times (L1-resident);
 z: 8 BLOCK_B d, plus 4 BLOCK_B d of given noise.
 
+Dots: exact fp32 (``precision='ieee'``), TF32 or bf16 operands, fp32 accumulation in every case.
 Layouts (all contiguous): z [B, d] fp32 (z_0 in, z_K out); w_in [H, d]; w_hid [max(L-1, 1), H, H] (W_2..W_L
 stacked, a dummy when L = 1); w_in/w_hid fp32 or bf16 (bf16: dot operands in bf16, fp32 accumulation);
 b_hid [L, H] fp32; w_out [H] fp32; scratch pre [B, L, H] fp32 (pre-activations), grad [2, B, H] fp32
