@@ -4,13 +4,20 @@
     a_1 = W_1 z + b_1,  a_l = W_l act(a_{l-1}) + b_l,  f = w_out . act(a_L) + b_out
     g_L = w_out * act'(a_L),  g_{l-1} = (W_l^T g_l) * act'(a_{l-1}),  grad_z f = W_1^T g_1
 
-Each program owns BLOCK_B rows of z for the whole chain; per step it runs the MLP forward, the analytic
-backward, the score and the update, with eps read from a [K, B, d] tensor or drawn in-kernel by Philox
+Two kernels, one launch per chain. The resident kernel (MLPs of <= 2 hidden layers of <= 256, d <= 64) loads
+W_1, W_2, the biases and its rows of z once and keeps them, and every a_l and g_l, on chip for the K steps:
+per step it reads only the given noise (4 BLOCK_B d bytes) and writes nothing but the energies ("on chip":
+register tiles the compiler stages through shared memory for the dots; where they exceed the GPU, launch
+raises OutOfResources and ``kernel='auto'`` falls back, with a warning). The streaming
+kernel (any supported MLP) tiles the layers as described next. Each program owns BLOCK_B rows of z for the
+whole chain; per step it runs the MLP forward, the analytic backward, the score and the update, with eps
+read from a [K, B, d] tensor or drawn in-kernel by Philox
 (key = seed, counter = (row * d + col, step)). Per step, per row: matmul FLOPs 4(dH + (L-1)H^2) (+2H for
 the energy). Per step, per program: weight bytes 8(dH + (L-1)H^2) in fp32, half in bf16 (every program reads
 the same weights: L2-resident); row scratch a_l, g_l: written once, read H / BLOCK_H times (L1-resident);
 z: 8 BLOCK_B d, plus 4 BLOCK_B d of given noise.
 
+Dots: exact fp32 (``precision='ieee'``), TF32 or bf16 operands, fp32 accumulation in every case.
 Layouts (all contiguous): z [B, d] fp32 (z_0 in, z_K out); w_in [H, d]; w_hid [max(L-1, 1), H, H] (W_2..W_L
 stacked, a dummy when L = 1); w_in/w_hid fp32 or bf16 (bf16: dot operands in bf16, fp32 accumulation);
 b_hid [L, H] fp32; w_out [H] fp32; scratch pre [B, L, H] fp32 (pre-activations), grad [2, B, H] fp32
@@ -23,10 +30,12 @@ is written and read back by its own threads with a barrier between phases (no cr
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ._utils import (
     ACTIVATIONS,
@@ -37,7 +46,8 @@ from ._utils import (
     langevin_reference,
 )
 
-__all__ = ["langevin_reference", "langevin_triton", "triton_can_launch", "triton_unsupported_reason"]
+__all__ = ["langevin_reference", "langevin_triton", "rows_per_program", "triton_can_launch",
+           "triton_unsupported_reason"]
 
 # TRITON_INTERPRET is read when @triton.jit decorates, i.e. when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -78,15 +88,28 @@ def _act_grad(a, ACTIVATION: tl.constexpr, LEAKY_SLOPE: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, BF16_DOT: tl.constexpr):
-    """a @ b with fp32 accumulation: exact fp32 (no TF32), or bf16 operands (1; 2 emulates them in fp32)."""
-    if BF16_DOT == 1:
+def _round_tf32(x):
+    """x rounded to TF32 (10-bit mantissa, round half away from zero): what a TF32 tensor core multiplies."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, DOT: tl.constexpr):
+    """a @ b with fp32 accumulation; DOT (see _DOT_CODES): 0 exact fp32 (IEEE), 1 TF32 operands, 2 bf16
+    operands; 3 and 4 emulate 2 and 1 in the interpreter (operands rounded, then multiplied exactly)."""
+    if DOT == 1:
+        out = tl.dot(a, b, input_precision="tf32")
+    elif DOT == 2:
         out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
-    elif BF16_DOT == 2:
+    elif DOT == 3:
         # The Triton 3.9 interpreter multiplies bf16 dot operands as their raw uint16 bits (garbage); round
         # the operands to bf16 and multiply them exactly in fp32 instead, which is what tensor cores compute.
         a16, b16 = a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32)
         out = tl.dot(a16, b16, input_precision="ieee")
+    elif DOT == 4:
+        # The interpreter ignores input_precision (numpy fp32 matmul): round the operands to TF32 here.
+        out = tl.dot(_round_tf32(a.to(tl.float32)), _round_tf32(b.to(tl.float32)), input_precision="ieee")
     else:
         out = tl.dot(a, b, input_precision="ieee")
     return out
@@ -98,7 +121,7 @@ def _langevin_chain_kernel(
     first_bad_ptr, batch, steps, seed, b_out, drift, noise_std, score_scale,
     LATENT: tl.constexpr, HIDDEN: tl.constexpr, NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr,
     LEAKY_SLOPE: tl.constexpr, LAPLACE: tl.constexpr, NOISE_FROM_TENSOR: tl.constexpr,
-    RETURN_ENERGIES: tl.constexpr, BF16_DOT: tl.constexpr,
+    RETURN_ENERGIES: tl.constexpr, DOT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -124,7 +147,7 @@ def _langevin_chain_kernel(
                 zt = tl.load(z_rows + c[None, :], mask=row_m & (c < LATENT)[None, :], other=0.0)
                 wt = tl.load(w_in_ptr + n[:, None] * LATENT + c[None, :],
                              mask=(n < HIDDEN)[:, None] & (c < LATENT)[None, :], other=0.0)
-                acc += _dot(zt, tl.trans(wt), BF16_DOT)
+                acc += _dot(zt, tl.trans(wt), DOT)
             acc += tl.load(b_hid_ptr + n, mask=n < HIDDEN, other=0.0)[None, :]
             tl.store(pre_rows + n[None, :], acc, mask=row_m & (n < HIDDEN)[None, :])
         tl.debug_barrier()
@@ -140,7 +163,7 @@ def _langevin_chain_kernel(
                                 mask=row_m & (c < HIDDEN)[None, :], other=0.0)
                     wt = tl.load(w_l + n[:, None] * HIDDEN + c[None, :],
                                  mask=(n < HIDDEN)[:, None] & (c < HIDDEN)[None, :], other=0.0)
-                    acc += _dot(_act(a, ACTIVATION, LEAKY_SLOPE), tl.trans(wt), BF16_DOT)
+                    acc += _dot(_act(a, ACTIVATION, LEAKY_SLOPE), tl.trans(wt), DOT)
                 acc += tl.load(b_hid_ptr + layer * HIDDEN + n, mask=n < HIDDEN, other=0.0)[None, :]
                 tl.store(pre_rows + layer * HIDDEN + n[None, :], acc, mask=row_m & (n < HIDDEN)[None, :])
             tl.debug_barrier()
@@ -172,7 +195,7 @@ def _langevin_chain_kernel(
                                 mask=row_m & (c < HIDDEN)[None, :], other=0.0)
                     w = tl.load(w_l + c[:, None] * HIDDEN + n[None, :],
                                 mask=(c < HIDDEN)[:, None] & (n < HIDDEN)[None, :], other=0.0)
-                    acc += _dot(g, w, BF16_DOT)
+                    acc += _dot(g, w, DOT)
                 a = tl.load(pre_rows + (layer - 1) * HIDDEN + n[None, :], mask=mask, other=0.0)
                 g_prev = acc * _act_grad(a, ACTIVATION, LEAKY_SLOPE)
                 tl.store(grad_rows + ((layer - 1) % 2) * slot + n[None, :], g_prev, mask=mask)
@@ -188,7 +211,7 @@ def _langevin_chain_kernel(
                 g = tl.load(grad_rows + n[None, :], mask=row_m & (n < HIDDEN)[None, :], other=0.0)
                 w = tl.load(w_in_ptr + n[:, None] * LATENT + c[None, :],
                             mask=(n < HIDDEN)[:, None] & (c < LATENT)[None, :], other=0.0)
-                acc += _dot(g, w, BF16_DOT)
+                acc += _dot(g, w, DOT)
             zt = tl.load(z_rows + c[None, :], mask=mask, other=0.0)
             if LAPLACE:
                 score = tl.where(zt > 0, -1.0, tl.where(zt < 0, 1.0, 0.0))  # -sign(z), 0 at exactly 0
@@ -207,6 +230,73 @@ def _langevin_chain_kernel(
         if NOISE_FROM_TENSOR:
             noise_step_ptr += batch * LATENT
         tl.debug_barrier()
+    tl.store(first_bad_ptr + pid, first_bad)
+
+
+@triton.jit
+def _langevin_resident_kernel(
+    z_ptr, w_in_ptr, w_hid_ptr, b_hid_ptr, w_out_ptr, noise_ptr, energy_ptr, first_bad_ptr,
+    batch, steps, seed, b_out, drift, noise_std, score_scale,
+    LATENT: tl.constexpr, HIDDEN: tl.constexpr, NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr,
+    LEAKY_SLOPE: tl.constexpr, LAPLACE: tl.constexpr, NOISE_FROM_TENSOR: tl.constexpr,
+    RETURN_ENERGIES: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_B: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr,
+):
+    """The chain with the weights, z and every a_l, g_l on chip: weights loaded once, K steps in the program.
+
+    Whole layers as single tiles (H_PAD x D_PAD, H_PAD x H_PAD; zero-padded, so padded units stay 0), at
+    most two hidden layers; no scratch memory and no barriers. z goes back to memory once, after step K.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < batch
+    rows64 = rows.to(tl.int64)[:, None]
+    offs_h = tl.arange(0, H_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    h_ok, d_ok = offs_h < HIDDEN, offs_d < LATENT
+    z_mask = row_ok[:, None] & d_ok[None, :]
+    idx = rows64 * LATENT + offs_d[None, :]  # element index in [B, d]: z, given noise, Philox counter
+
+    w1 = tl.load(w_in_ptr + offs_h[:, None] * LATENT + offs_d[None, :],
+                 mask=h_ok[:, None] & d_ok[None, :], other=0.0)  # W_1 [H, d]
+    w1_t = tl.trans(w1)
+    b1 = tl.load(b_hid_ptr + offs_h, mask=h_ok, other=0.0)[None, :]
+    if NUM_LAYERS == 2:
+        w2 = tl.load(w_hid_ptr + offs_h[:, None] * HIDDEN + offs_h[None, :],
+                     mask=h_ok[:, None] & h_ok[None, :], other=0.0)  # W_2 [H, H]
+        w2_t = tl.trans(w2)
+        b2 = tl.load(b_hid_ptr + HIDDEN + offs_h, mask=h_ok, other=0.0)[None, :]
+    w_out = tl.load(w_out_ptr + offs_h, mask=h_ok, other=0.0)[None, :]
+    z = tl.load(z_ptr + idx, mask=z_mask, other=0.0)
+    first_bad = steps
+    noise_step_ptr = noise_ptr
+
+    for k in range(steps):
+        a1 = _dot(z, w1_t, DOT) + b1
+        if NUM_LAYERS == 2:
+            a_last = _dot(_act(a1, ACTIVATION, LEAKY_SLOPE), w2_t, DOT) + b2
+        else:
+            a_last = a1
+        g = w_out * _act_grad(a_last, ACTIVATION, LEAKY_SLOPE)  # g_L
+        if RETURN_ENERGIES:
+            f_rows = tl.sum(w_out * _act(a_last, ACTIVATION, LEAKY_SLOPE), axis=1) + b_out
+            tl.store(energy_ptr + k * tl.num_programs(0) + pid, tl.sum(tl.where(row_ok, f_rows, 0.0), axis=0))
+        if NUM_LAYERS == 2:
+            g = _dot(g, w2, DOT) * _act_grad(a1, ACTIVATION, LEAKY_SLOPE)  # g_1
+        grad_f = _dot(g, w1, DOT)  # [BLOCK_B, D_PAD]
+        if LAPLACE:
+            score = tl.where(z > 0, -1.0, tl.where(z < 0, 1.0, 0.0))  # -sign(z), 0 at exactly 0
+        else:
+            score = -z
+        if NOISE_FROM_TENSOR:
+            eps = tl.load(noise_step_ptr + idx, mask=z_mask, other=0.0)
+            noise_step_ptr += batch * LATENT
+        else:
+            eps = tl.randn(seed, ((tl.zeros_like(idx) + k) << 32) + idx)  # the streaming kernel's counters
+        z = tl.where(z_mask, z + drift * grad_f + score_scale * score + noise_std * eps, 0.0)
+        bad = tl.sum(tl.where((z != z) | (tl.abs(z) == float("inf")), 1, 0))
+        first_bad = tl.minimum(first_bad, tl.where(bad > 0, k, steps))
+    tl.store(z_ptr + idx, z, mask=z_mask)
     tl.store(first_bad_ptr + pid, first_bad)
 
 
@@ -240,6 +330,48 @@ def triton_unsupported_reason(weights: Weights, z0: torch.Tensor, activation: st
     return None
 
 
+PRECISIONS = ("ieee", "tf32", "bf16")
+"""Dot operands: exact fp32 (no TF32), TF32 (10-bit mantissa) or bf16 (8-bit); fp32 accumulation in all."""
+_DOT_CODES = {("ieee", False): 0, ("tf32", False): 1, ("bf16", False): 2, ("bf16", True): 3,
+              ("tf32", True): 4, ("ieee", True): 0}
+KERNELS = ("auto", "resident", "streaming")
+RESIDENT_MAX_LAYERS, RESIDENT_MAX_HIDDEN, RESIDENT_MAX_LATENT = 2, 256, 64
+H200_SMS = 132
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def resident_unsupported_reason(hidden: int, latent: int, layers: int) -> str | None:
+    """None when the resident kernel holds this MLP on chip (<= 2 hidden layers of <= 256, d <= 64)."""
+    if layers > RESIDENT_MAX_LAYERS:
+        return f"{layers} hidden layers (the resident kernel holds at most {RESIDENT_MAX_LAYERS})"
+    if hidden > RESIDENT_MAX_HIDDEN or latent > RESIDENT_MAX_LATENT:
+        return (f"widths {latent}-{hidden} (the resident kernel holds hidden <= {RESIDENT_MAX_HIDDEN}, "
+                f"latent <= {RESIDENT_MAX_LATENT})")
+    return None
+
+
+def rows_per_program(batch: int, sms: int) -> int:
+    """BLOCK_B of the resident kernel: 16 rows (tl.dot's minimum) until the batch gives every SM a program,
+    then more rows per program so that there is about one program per SM (at most 64 rows).
+
+    Why (H200, 132 SMs, docs/bench/h200_run1_tiles.log, h200_run2_tiles_small.log, the streaming kernel with
+    16-row programs, 32-200x2 GELU, K 60): a chain took the same 5.5-6.4 ms at batch 16, 256 and 1,024 (1, 16
+    and 64 programs: one program's step latency, ~98 us, is the time) and 8.5-11 ms at 4,096 (256 programs,
+    two waves). So programs beyond the SM count cost a wave while rows within a program cost little; 32 or
+    64-row programs were slower only while SMs sat idle.
+    """
+    want = triton.cdiv(batch, max(sms, 1))
+    return min(64, max(16, triton.next_power_of_2(want)))
+
+
 def _block_sizes(hidden: int, latent: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, int]:
     """(BLOCK_B, BLOCK_H, BLOCK_D): 16 rows x 64 (fp32) or 128 (bf16) hidden x 32 latent, narrower for
     narrower layers (16: tl.dot's minimum); 4 warps.
@@ -256,14 +388,19 @@ def _block_sizes(hidden: int, latent: int, dtype: torch.dtype = torch.float32) -
 def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
                     reference: str = "laplace", reference_scale: float = 1.0,
                     noise: torch.Tensor | None = None, seed: int = 0, return_energies: bool = False,
-                    leaky_slope: float = DEFAULT_LEAKY_SLOPE,
-                    block_sizes: tuple[int, int, int] | None = None, num_warps: int = 4) -> ChainResult:
+                    leaky_slope: float = DEFAULT_LEAKY_SLOPE, precision: str | None = None,
+                    kernel: str = "auto", block_sizes: tuple[int, int, int] | None = None,
+                    rows: int | None = None, num_warps: int | None = None) -> ChainResult:
     """Run the K-step chain in one kernel launch, noise from ``noise`` [K, B, d] or Philox keyed by ``seed``.
 
-    ``block_sizes`` (BLOCK_B, BLOCK_H, BLOCK_D), powers of two >= 16, overrides the default tiles (tests use
-    it to cross tile edges at small widths; ``mmebm bench kernel-tiles`` times the choices on a GPU) and
-    ``num_warps`` the warps per program. Raises ValueError when the configuration is unsupported or the
-    kernel cannot launch on z0's device.
+    ``precision`` (PRECISIONS) sets the dot operands; None: bf16 for bf16 weights, else ieee (exact fp32).
+    ``kernel``: ``resident`` (weights on chip, see _langevin_resident_kernel; <= 2 hidden layers of
+    <= 256, d <= 64), ``streaming`` (any supported MLP, tiled, weights re-read from L2 every step) or
+    ``auto`` (resident where it fits and no ``block_sizes`` were given). ``block_sizes`` (BLOCK_B, BLOCK_H,
+    BLOCK_D), powers of two >= 16, override the streaming kernel's tiles and ``rows`` the resident kernel's
+    rows per program (default:
+    :func:`rows_per_program`); ``num_warps`` the warps per program (default 4). Raises ValueError when the
+    configuration is unsupported or the kernel cannot launch on z0's device.
     """
     d, hidden, layers = check_chain_args(weights, z0, steps=steps, step_size=step_size, activation=activation,
                                          reference=reference, reference_scale=reference_scale, noise=noise)
@@ -275,45 +412,81 @@ def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size
         raise ValueError(f"the Triton Langevin kernel does not support {reason}; use backend='torch'")
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2^63), got {seed}")
+    if precision is None:
+        precision = "bf16" if weights[0][0].dtype == torch.bfloat16 else "ieee"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got '{kernel}'")
+    too_big = resident_unsupported_reason(hidden, d, layers)
+    auto = kernel == "auto"
+    if auto:
+        kernel = "resident" if too_big is None and block_sizes is None else "streaming"
+    if kernel == "resident" and too_big is not None:
+        raise ValueError(f"kernel='resident' does not fit {too_big}; use kernel='streaming' or 'auto'")
+    if num_warps is None:
+        num_warps = 4
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
     device, batch = z0.device, z0.shape[0]
     if steps == 0:
         energies = z0.new_zeros(0, dtype=torch.float32) if return_energies else None
         return ChainResult(z0.detach().clone(), energies, None)
-    mat_dtype = weights[0][0].dtype
-    w_in = weights[0][0].detach().contiguous()
+    # Dot operands in the precision's storage: bf16 weights for bf16 dots, fp32 (exact bf16 values) otherwise.
+    mat_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    w_in = weights[0][0].detach().to(mat_dtype).contiguous()
     if layers > 1:
-        w_hid = torch.stack([w.detach() for w, _ in weights[1:-1]]).contiguous()  # (L-1, H, H)
+        w_hid = torch.stack([w.detach().to(mat_dtype) for w, _ in weights[1:-1]]).contiguous()  # (L-1, H, H)
     else:
         w_hid = torch.zeros(1, 1, 1, device=device, dtype=mat_dtype)  # never read when L = 1
     b_hid = torch.stack([b.detach().float() for _, b in weights[:-1]]).contiguous()  # (L, H)
     w_out = weights[-1][0].detach().float().reshape(hidden).contiguous()
     b_out = float(weights[-1][1].detach().float().item())
-
-    block_b, block_h, block_d = block_sizes or _block_sizes(hidden, d, weights[0][0].dtype)
-    if any(b < 16 or b & (b - 1) for b in (block_b, block_h, block_d)):
-        raise ValueError(f"block sizes must be powers of two >= 16, got {(block_b, block_h, block_d)}")
-    if num_warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
-    programs = triton.cdiv(batch, block_b)
     z = z0.detach().to(torch.float32, copy=True).contiguous()
-    pre = torch.empty(batch, layers, hidden, device=device, dtype=torch.float32)
-    grad = torch.empty(2, batch, hidden, device=device, dtype=torch.float32)
-    energy = torch.empty(max(steps, 1), programs, device=device, dtype=torch.float32)
-    first_bad = torch.empty(programs, device=device, dtype=torch.int32)
     noise_arg = noise.detach().to(torch.float32).contiguous() if noise is not None else z  # z: never read
     drift = 0.5 * step_size**2
     score_scale = drift / reference_scale if reference == "laplace" else drift / reference_scale**2
+    common = dict(LATENT=d, HIDDEN=hidden, NUM_LAYERS=layers, ACTIVATION=_ACTIVATION_IDS[activation],
+                  LEAKY_SLOPE=float(leaky_slope), LAPLACE=reference == "laplace",
+                  NOISE_FROM_TENSOR=noise is not None, RETURN_ENERGIES=return_energies,
+                  DOT=_DOT_CODES[(precision, INTERPRETED)], num_warps=num_warps)
 
-    bf16_dot = (2 if INTERPRETED else 1) if mat_dtype == torch.bfloat16 else 0
-
-    _langevin_chain_kernel[(programs,)](
-        z, w_in, w_hid, b_hid, w_out, noise_arg, pre, grad, energy, first_bad,
-        batch, steps, seed, b_out, drift, step_size, score_scale,
-        LATENT=d, HIDDEN=hidden, NUM_LAYERS=layers, ACTIVATION=_ACTIVATION_IDS[activation],
-        LEAKY_SLOPE=float(leaky_slope), LAPLACE=reference == "laplace", NOISE_FROM_TENSOR=noise is not None,
-        RETURN_ENERGIES=return_energies, BF16_DOT=bf16_dot,
-        BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
-    )
+    if kernel == "resident":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        block_b = rows or rows_per_program(batch, sms)
+        if block_b < 16 or block_b & (block_b - 1):
+            raise ValueError(f"rows must be a power of two >= 16, got {block_b}")
+        programs = triton.cdiv(batch, block_b)
+        energy = torch.empty(max(steps, 1), programs, device=device, dtype=torch.float32)
+        first_bad = torch.empty(programs, device=device, dtype=torch.int32)
+        try:
+            _langevin_resident_kernel[(programs,)](
+                z, w_in, w_hid, b_hid, w_out, noise_arg, energy, first_bad,
+                batch, steps, seed, b_out, drift, step_size, score_scale,
+                BLOCK_B=block_b, H_PAD=max(16, triton.next_power_of_2(hidden)),
+                D_PAD=max(16, triton.next_power_of_2(d)), **common,
+            )
+        except OutOfResources as exc:  # the layers' tiles exceed this GPU's shared memory / registers
+            if not auto:
+                raise ValueError(f"kernel='resident' does not fit this GPU ({exc}); "
+                                 "use kernel='streaming'") from exc
+            _warn_once(f"the resident Langevin kernel does not fit this GPU for {d}-{hidden}x{layers} "
+                       f"{precision} ({exc}); running the streaming kernel")
+            kernel = "streaming"
+    if kernel == "streaming":
+        block_b, block_h, block_d = block_sizes or _block_sizes(hidden, d, mat_dtype)
+        if any(b < 16 or b & (b - 1) for b in (block_b, block_h, block_d)):
+            raise ValueError(f"block sizes must be powers of two >= 16, got {(block_b, block_h, block_d)}")
+        programs = triton.cdiv(batch, block_b)
+        pre = torch.empty(batch, layers, hidden, device=device, dtype=torch.float32)
+        grad = torch.empty(2, batch, hidden, device=device, dtype=torch.float32)
+        energy = torch.empty(max(steps, 1), programs, device=device, dtype=torch.float32)
+        first_bad = torch.empty(programs, device=device, dtype=torch.int32)
+        _langevin_chain_kernel[(programs,)](
+            z, w_in, w_hid, b_hid, w_out, noise_arg, pre, grad, energy, first_bad,
+            batch, steps, seed, b_out, drift, step_size, score_scale,
+            BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_D=block_d, **common,
+        )
     energies = energy[:steps].sum(1) / batch if return_energies else None
     bad = int(first_bad.min())
     return ChainResult(z.to(z0.dtype), energies, bad if bad < steps else None)

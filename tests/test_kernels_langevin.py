@@ -278,6 +278,90 @@ def test_triton_bf16_weights():
 
 
 @needs_triton
+@pytest.mark.parametrize("layers,batch,latent,hidden,rows", [(2, 37, 20, 40, 16), (1, 17, 7, 24, None),
+                                                             (2, 70, 33, 17, 32)])
+def test_resident_and_streaming_kernels_agree(layers, batch, latent, hidden, rows):
+    """The resident kernel (weights, z, a_l, g_l on chip) and the streaming one (tiles through scratch)
+    compute the same chain: both within the fp32 tolerance of the reference; several programs and masked tails
+    (37 rows in 16-row programs, widths 33 -> 64 and 17 -> 32 padded)."""
+    weights = make_weights(latent, hidden, layers)
+    z0, noise = chain_inputs(batch, latent, 3)
+    kwargs = dict(steps=3, step_size=STEP_SIZE, activation="gelu_tanh", reference="gaussian",
+                  reference_scale=SCALE, noise=noise, return_energies=True)
+    z_ref, f_ref = langevin_reference(weights, z0, **{k: v for k, v in kwargs.items()
+                                                      if k != "return_energies"})
+    for kernel in ("resident", "streaming"):
+        out = run_triton(weights, z0, kernel=kernel, rows=rows if kernel == "resident" else None, **kwargs)
+        torch.testing.assert_close(out.z, z_ref, **FP32_TOL, msg=kernel)
+        torch.testing.assert_close(out.energies, f_ref, **FP32_TOL, msg=kernel)
+
+
+@needs_triton
+def test_triton_tf32_and_bf16_precisions():
+    """``precision``: TF32 and bf16 dot operands of fp32 weights, fp32 accumulation, against the exact chain.
+
+    TF32 keeps 10 mantissa bits (operand rounding <= 2^-11 relative, 2^-10 if the hardware truncates), bf16
+    keeps 7 (2^-8): grad f is off by at most ~2^-9 (TF32) and ~2^-6 (bf16) relative over the few-term dots
+    here, and z by drift (0.045) times that per step: atol 1e-3 (TF32) and 5e-3 (bf16) after 3 steps; the
+    energies f = O(1) within 5e-3 and 3e-2. TF32 must also be closer than bf16 (it has 3 more bits) and
+    differ from the exact chain (the rounding happened). Under the interpreter both are emulated by
+    rounding the operands (tl.dot there ignores input_precision and misreads bf16).
+    """
+    weights = make_weights(20, 40, 2)
+    z0, noise = chain_inputs(37, 20, 3)
+    kwargs = dict(steps=3, step_size=STEP_SIZE, activation="silu", reference="gaussian", noise=noise,
+                  return_energies=True)
+    exact = run_triton(weights, z0, precision="ieee", **kwargs)
+    tf32 = run_triton(weights, z0, precision="tf32", **kwargs)
+    bf16 = run_triton(weights, z0, precision="bf16", **kwargs)
+    torch.testing.assert_close(tf32.z, exact.z, rtol=0, atol=1e-3)
+    torch.testing.assert_close(tf32.energies, exact.energies, rtol=0, atol=5e-3)
+    torch.testing.assert_close(bf16.z, exact.z, rtol=0, atol=5e-3)
+    torch.testing.assert_close(bf16.energies, exact.energies, rtol=0, atol=3e-2)
+    tf32_error, bf16_error = (tf32.z - exact.z).abs().max(), (bf16.z - exact.z).abs().max()
+    assert 0 < tf32_error < bf16_error
+    # bf16 weights take the same path as precision='bf16' of fp32 weights holding the same values.
+    w16 = [(w.bfloat16(), b.bfloat16()) for w, b in weights]
+    w16_as_fp32 = [(w.float(), b.float()) for w, b in w16]
+    torch.testing.assert_close(run_triton(w16, z0, **kwargs).z,
+                               run_triton(w16_as_fp32, z0, precision="bf16", **kwargs).z, rtol=0, atol=0)
+    # Both kernels implement the precisions alike (different summation order: bf16-sized tolerance).
+    streaming = run_triton(weights, z0, precision="tf32", kernel="streaming", **kwargs)
+    torch.testing.assert_close(streaming.z, tf32.z, rtol=0, atol=1e-3)
+
+
+@needs_triton
+def test_resident_kernel_out_of_resources_falls_back(monkeypatch):
+    """A GPU whose shared memory cannot hold the layers: auto warns and runs the streaming kernel (same
+    chain); an explicit kernel='resident' raises."""
+    from triton.runtime.errors import OutOfResources
+
+    class TooBig:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(300_000, 232_448, "shared memory")
+            return launch
+
+    weights = make_weights(5, 24, 2)
+    z0, noise = chain_inputs(9, 5, 2)
+    kwargs = dict(steps=2, step_size=STEP_SIZE, activation="gelu", noise=noise)
+    streaming = run_triton(weights, z0, kernel="streaming", **kwargs)
+    monkeypatch.setattr(triton_kernels, "_langevin_resident_kernel", TooBig())
+    with pytest.warns(RuntimeWarning, match="does not fit this GPU .* running the streaming kernel"):
+        out = run_triton(weights, z0, **kwargs)
+    torch.testing.assert_close(out.z, streaming.z, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="kernel='resident' does not fit this GPU .*shared memory"):
+        run_triton(weights, z0, kernel="resident", **kwargs)
+
+
+def test_rows_per_program_heuristic():
+    """16 rows while the batch leaves SMs idle, then about one program per SM, capped at 64 rows."""
+    rows = triton_kernels.rows_per_program
+    assert [rows(b, 132) for b in (1, 16, 1024, 2112)] == [16, 16, 16, 16]
+    assert [rows(b, 132) for b in (2113, 4096, 8448, 100_000)] == [32, 32, 64, 64]
+
+
+@needs_triton
 def test_triton_laplace_sign_at_zero():
     weights = make_weights(4, 8, 2, zero=True)
     z0 = torch.tensor([[0.0, 1.0, -1.0, 0.0], [0.0, 0.0, 2.0, -0.5]])
@@ -352,6 +436,14 @@ def test_triton_full_size_on_gpu(activation, latent, hidden, layers, batch, refe
 
 def test_triton_unsupported_reasons():
     z0 = torch.zeros(4, 8)
+    assert "4 hidden layers" in triton_kernels.resident_unsupported_reason(200, 32, 4)
+    assert "widths 32-300" in triton_kernels.resident_unsupported_reason(300, 32, 2)
+    assert triton_kernels.resident_unsupported_reason(200, 32, 2) is None
+    kwargs = dict(steps=1, step_size=0.1, activation="gelu")
+    with pytest.raises(ValueError, match="precision must be one of ieee, tf32, bf16, got 'fp16'"):
+        run_triton(make_weights(8, 16, 2), z0, precision="fp16", **kwargs)
+    with pytest.raises(ValueError, match="kernel='resident' does not fit 3 hidden layers"):
+        run_triton(make_weights(8, 16, 3), z0, kernel="resident", **kwargs)
     assert triton_kernels.triton_unsupported_reason(make_weights(8, 16, 2), z0, "gelu") is None
     assert "hidden width 600" in triton_kernels.triton_unsupported_reason(make_weights(8, 600, 1), z0, "gelu")
     assert "latent width 300" in triton_kernels.triton_unsupported_reason(make_weights(300, 8, 1),
@@ -363,7 +455,8 @@ def test_triton_unsupported_reasons():
 
 @pytest.mark.slow
 def test_triton_kernel_compiles_for_h100():
-    """The real (non-interpreted) code path: compile to PTX and cubin for sm_90 (no GPU needed), fp32 + bf16.
+    """The real (non-interpreted) code path: both kernels compiled to PTX and cubin for sm_90 (no GPU needed),
+    IEEE fp32, TF32 and bf16 dots.
 
     The interpreter checks the arithmetic but not Triton's compiler (layouts, loop-carried types, barriers).
     """
@@ -374,19 +467,26 @@ def test_triton_kernel_compiles_for_h100():
         from mmebm_dist.kernels import langevin_triton as lt
 
         assert not lt.INTERPRETED
-        for mat, bf16, noise, energies, act in [("fp32", 0, False, True, 0), ("bf16", 1, True, False, 3)]:
-            sig = {n: "*fp32" for n in ["z_ptr", "b_hid_ptr", "w_out_ptr", "noise_ptr", "pre_ptr", "grad_ptr",
-                                        "energy_ptr"]}
-            sig.update(w_in_ptr="*" + mat, w_hid_ptr="*" + mat, first_bad_ptr="*i32", batch="i32",
-                       steps="i32", seed="i64", b_out="fp32", drift="fp32", noise_std="fp32",
-                       score_scale="fp32")
-            consts = dict(LATENT=20, HIDDEN=200, NUM_LAYERS=2, ACTIVATION=act, LEAKY_SLOPE=0.2, LAPLACE=True,
-                          NOISE_FROM_TENSOR=noise, RETURN_ENERGIES=energies, BF16_DOT=bf16, BLOCK_B=16,
-                          BLOCK_H=32, BLOCK_D=32)
-            sig.update({k: "constexpr" for k in consts})
-            src = ASTSource(fn=lt._langevin_chain_kernel, signature=sig, constexprs=consts)
-            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-            assert len(kernel.asm["cubin"]) > 1000
+        common = dict(b_hid_ptr="*fp32", w_out_ptr="*fp32", noise_ptr="*fp32", energy_ptr="*fp32",
+                      first_bad_ptr="*i32", batch="i32", steps="i32", seed="i64", b_out="fp32", drift="fp32",
+                      noise_std="fp32", score_scale="fp32")
+        cases = [("fp32", 0, False, True, 0), ("fp32", 1, False, True, 2), ("bf16", 2, True, False, 3)]
+        for mat, dot, noise, energies, act in cases:
+            flags = dict(LATENT=20, HIDDEN=200, NUM_LAYERS=2, ACTIVATION=act, LEAKY_SLOPE=0.2, LAPLACE=True,
+                         NOISE_FROM_TENSOR=noise, RETURN_ENERGIES=energies, DOT=dot)
+            streaming = (lt._langevin_chain_kernel, dict(pre_ptr="*fp32", grad_ptr="*fp32"),
+                         dict(BLOCK_B=16, BLOCK_H=32, BLOCK_D=32))
+            # Hidden 64 for the resident kernel: its whole-layer tiles at 200 (padded to 256) take ptxas
+            # minutes; launch/gpu_check.sh times that size on a GPU.
+            resident = (lt._langevin_resident_kernel, {}, dict(BLOCK_B=16, H_PAD=64, D_PAD=32, HIDDEN=64))
+            for fn, pointers, blocks in (streaming, resident):
+                consts = {**flags, **blocks}
+                sig = dict(z_ptr="*fp32", w_in_ptr="*" + mat, w_hid_ptr="*" + mat, **pointers, **common)
+                sig.update({k: "constexpr" for k in consts})
+                src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+                kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+                assert len(kernel.asm["cubin"]) > 1000
+                print(fn.__name__, mat, dot, "registers", kernel.n_regs, "spills", kernel.n_spills)
         print("compiled")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

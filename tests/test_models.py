@@ -358,14 +358,14 @@ def test_compiled_forward_gives_the_eager_loss_and_gradients():
     import torch._inductor.config as inductor_config
 
     from mmebm_dist.config import Config, TrainConfig
-    from mmebm_dist.train.loop import compile_forward
+    from mmebm_dist.train.capture import capture_step
 
     cfg = tiny(aggregation="moe", prior="ebm")
     torch.manual_seed(0)
     eager = build_model(cfg)
     compiled = build_model(cfg)
     compiled.load_state_dict(eager.state_dict())
-    compile_forward(compiled, Config(model=cfg, train=TrainConfig(compile=True)))
+    capture_step(compiled, None, Config(model=cfg, train=TrainConfig(compile="true")), torch.device("cpu"))
     batch = batch_for(cfg)
     results = []
     for model in (eager, compiled):

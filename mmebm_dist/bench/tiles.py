@@ -1,10 +1,11 @@
-"""``mmebm bench kernel-tiles``: the Triton Langevin kernel's tiles and warps, timed and checked on a GPU.
+"""``mmebm bench kernel-tiles``: the Triton Langevin kernels' tiles, precisions and warps, timed and checked.
 
-For each (batch, weight dtype, BLOCK_B x BLOCK_H x BLOCK_D, num_warps): the median time of one K-step chain
-(CUDA events, after one warm-up launch that also compiles), and the largest deviation of z_K from the
-plain-torch reference chain run with the same given noise (fp32 weights: exact fp32 dots, so this is
-summation order only; bf16 weights: bf16 dot operands, so it is larger). The row the kernel's default tiles
-would pick is marked. Under TRITON_INTERPRET=1 it runs on CPU too (slow: use tiny shapes); times are never
+For each (batch, dot precision, kernel and its tile, num_warps): the median time of one K-step chain (CUDA
+events, after one warm-up launch that also compiles), and the largest deviation of z_K from the plain-torch
+fp32 reference chain run with the same given noise (ieee: summation order only; tf32 / bf16: the operand
+rounding too). Kernels: ``resident`` (weights on chip; its tile is the rows per program, BLOCK_B) and
+``streaming`` (BLOCK_B x BLOCK_H x BLOCK_D tiles through scratch). The rows the launcher's defaults would
+pick are marked. Under TRITON_INTERPRET=1 it runs on CPU too (slow: use tiny shapes); times are never
 asserted.
 """
 
@@ -42,13 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", default="laplace", choices=("laplace", "gaussian"),
                         help="p0; under laplace the error includes rare sign flips of -sign(z) at z = 0 "
                              "(a jump of s^2), so gaussian shows the arithmetic error alone")
+    parser.add_argument("--kernels", nargs="+", default=["resident", "streaming"],
+                        choices=("resident", "streaming"), help="which Triton kernels to time")
     parser.add_argument("--tiles", type=_tile, nargs="+",
-                        default=[(16, 32, 32), (32, 32, 32), (16, 64, 32), (64, 32, 32), (32, 64, 64)],
-                        metavar="BxHxD", help="tile sizes BLOCK_B x BLOCK_H x BLOCK_D (powers of two >= 16)")
+                        default=[(16, 32, 32), (16, 64, 32), (16, 128, 32), (32, 64, 64)],
+                        metavar="BxHxD",
+                        help="streaming kernel: BLOCK_B x BLOCK_H x BLOCK_D (powers of two >= 16)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[16, 32, 64],
+                        help="resident kernel: rows per program BLOCK_B (powers of two >= 16)")
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8], help="num_warps values")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
-                        choices=("float32", "bfloat16"),
-                        help="weight dtypes (the chain state is fp32 either way)")
+    parser.add_argument("--precisions", nargs="+", default=["ieee", "tf32", "bf16"],
+                        choices=("ieee", "tf32", "bf16"),
+                        help="dot operands (fp32 accumulation, fp32 chain state in every case)")
     parser.add_argument("--repeats", type=int, default=10, help="timed chains per row (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
@@ -64,34 +70,46 @@ def run(args) -> int:
     torch.manual_seed(0)
     energy = EnergyMLP(args.latent, args.hidden, args.layers, args.activation).to(device)
     energy.requires_grad_(False)
-    plan = [(batch, dtype, tile, warps) for batch in args.batch for dtype in args.dtypes
-            for tile in args.tiles for warps in args.warps]
+    tiles = {"resident": [(rows,) for rows in args.rows], "streaming": args.tiles}
+    plan = [(batch, precision, kernel, tile, warps) for batch in args.batch for precision in args.precisions
+            for kernel in args.kernels for tile in tiles[kernel] for warps in args.warps]
     rows, references = [], {}
+    weights = energy.weights()
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     progress = tqdm(plan, desc="bench kernel-tiles", disable=args.json, file=sys.stderr)
-    for batch, dtype, tile, warps in progress:
-        weights = [(w.to(getattr(torch, dtype)), b) for w, b in energy.weights()]
+    for batch, precision, kernel, tile, warps in progress:
         gen = torch.Generator(device=device).manual_seed(batch)
         z0 = torch.randn(batch, args.latent, device=device, generator=gen)
         noise = torch.randn(args.steps, batch, args.latent, device=device, generator=gen)
         kwargs = dict(steps=args.steps, step_size=args.step_size, activation=args.activation,
-                      reference=args.reference)
-        if (batch, dtype) not in references:
-            ref_weights = [(w.float(), b.float()) for w, b in weights]  # bf16-rounded weights, fp32 math
-            references[(batch, dtype)] = langevin_reference(ref_weights, z0, noise=noise, **kwargs)[0]
+                      reference=args.reference, precision=precision, kernel=kernel, num_warps=warps)
+        if kernel == "resident":
+            kwargs["rows"] = tile[0]
+        else:
+            kwargs["block_sizes"] = tile
+        if batch not in references:
+            references[batch] = langevin_reference(weights, z0, noise=noise, steps=args.steps,
+                                                   step_size=args.step_size, activation=args.activation,
+                                                   reference=args.reference)[0]
         try:
-            out = lt.langevin_triton(weights, z0, noise=noise, block_sizes=tile, num_warps=warps, **kwargs)
-            error = (out.z - references[(batch, dtype)]).abs().max().item()
-            def chain(_run, weights=weights, z0=z0, tile=tile, warps=warps, kwargs=kwargs):
-                lt.langevin_triton(weights, z0, block_sizes=tile, num_warps=warps, **kwargs)
+            out = lt.langevin_triton(weights, z0, noise=noise, **kwargs)
+            error = (out.z - references[batch]).abs().max().item()
+            def chain(_run, z0=z0, kwargs=kwargs):
+                lt.langevin_triton(weights, z0, **kwargs)
 
             seconds = statistics.median(time_runs(chain, device, args.repeats, cuda_events=True)[0])
             failure = None
         except Exception as exc:  # a tile the compiler rejects (out of shared memory) is a row, not a crash
             error, seconds, failure = None, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
         flops = langevin_flops_per_step(batch, args.latent, args.hidden, args.layers) * args.steps
-        default_tile = lt._block_sizes(args.hidden, args.latent, getattr(torch, dtype))
-        rows.append(dict(batch=batch, dtype=dtype, tile="x".join(map(str, tile)), num_warps=warps,
-                         default=tile == default_tile and warps == 4,
+        if kernel == "resident":
+            default = tile[0] == lt.rows_per_program(batch, sms) and warps == 4
+        else:
+            default = tile == lt._block_sizes(args.hidden, args.latent,
+                                              torch.bfloat16 if precision == "bf16" else torch.float32)
+            default = default and warps == 4 and "resident" not in args.kernels
+        rows.append(dict(batch=batch, precision=precision, kernel=kernel, tile="x".join(map(str, tile)),
+                         num_warps=warps, default=default,
                          ms_per_chain=None if seconds is None else 1e3 * seconds,
                          gflops=None if seconds is None else flops / seconds / 1e9,
                          max_abs_error=error, failure=failure, steps=args.steps, latent=args.latent,
@@ -105,10 +123,11 @@ def run(args) -> int:
     print(f"Triton Langevin kernel on {device} ({name}): "
           f"d={args.latent}, {args.hidden}x{args.layers} {args.activation}, {args.reference} p0, "
           f"K={args.steps}; "
-          "error = max |z_K - reference| with the same noise; * = default tiles")
-    header = ("batch", "weights", "tile BxHxD", "warps", "ms/chain", "GFLOP/s", "max abs error", "")
+          "error = max |z_K - fp32 reference| with the same noise; * = the launcher's default")
+    header = ("batch", "dots", "kernel", "tile", "warps", "ms/chain", "GFLOP/s", "max abs error", "")
     print(format_table(header, [
-        (str(r["batch"]), r["dtype"], r["tile"] + ("*" if r["default"] else ""), str(r["num_warps"]),
+        (str(r["batch"]), r["precision"], r["kernel"], r["tile"] + ("*" if r["default"] else ""),
+         str(r["num_warps"]),
          "-" if r["ms_per_chain"] is None else f"{r['ms_per_chain']:.3f}",
          "-" if r["gflops"] is None else f"{r['gflops']:.0f}",
          "-" if r["max_abs_error"] is None else f"{r['max_abs_error']:.2e}",

@@ -120,16 +120,19 @@ def _synthetic_batches(cfg):
 def worker(cfg, *, steps: int, warmup: int, synthetic: bool) -> dict[str, Any]:
     """Time ``steps`` calls of the loop's ``train_step`` on this rank (after ``warmup``), built by the loop's
     ``setup`` (nothing written to the run directory); returns this rank's figures."""
+    from mmebm_dist.train.capture import compile_mode
     from mmebm_dist.train.loop import setup, train_step
 
     session = setup(cfg, record=False, batches=_synthetic_batches(cfg) if synthetic else None)
     accelerator, unwrapped = session.accelerator, session.unwrapped
     world, info = session.world, session.info
 
+    captured = compile_mode(cfg.train.compile, accelerator.device) != "off"
     timer = PhaseTimer(accelerator.device)
-    timer.time_modules(list(unwrapped.encoders.values()), "encode")
-    timer.time_modules(list(unwrapped.decoders.values()), "decode")
-    timer.time_method(unwrapped, "sample_prior", "langevin")
+    if not captured:  # hooks inside a compiled forward would split its graph (and its CUDA graph) per module
+        timer.time_modules(list(unwrapped.encoders.values()), "encode")
+        timer.time_modules(list(unwrapped.decoders.values()), "decode")
+        timer.time_method(unwrapped, "sample_prior", "langevin")
     timer.time_method(session.model, "forward", "forward")
     timer.time_method(accelerator, "backward", "backward")
     counter = iter(range(1, warmup + 2 * steps + 1))
@@ -169,7 +172,9 @@ def worker(cfg, *, steps: int, warmup: int, synthetic: bool) -> dict[str, Any]:
     phases = {k: mean[k] for k in ("data", "encode", "langevin", "decode", "objective", "optimizer")}
     phases["backward"] = min(backward_local, mean["backward"])
     phases["communication"] = max(0.0, mean["backward"] - backward_local) if separable or world == 1 else None
-    if unwrapped.energy is not None and cfg.model.prior.langevin.steps > 0 and phases["langevin"] == 0.0:
+    if captured:  # the forward is one compiled unit: its phases are not separated (s/step still is)
+        phases.update(encode=None, langevin=None, decode=None, objective=None)
+    elif unwrapped.energy is not None and cfg.model.prior.langevin.steps > 0 and phases["langevin"] == 0.0:
         raise RuntimeError(
             "no time was spent in model.sample_prior during the forward: the model no longer "
             "samples its prior there; update the Langevin timer in mmebm_dist/bench/train_step.py"

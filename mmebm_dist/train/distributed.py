@@ -16,6 +16,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType
 
 from mmebm_dist.config import Config
+from mmebm_dist.hardware import resolve_mixed_precision
 
 log = logging.getLogger(__name__)
 
@@ -64,24 +65,35 @@ def _cpu_workarounds() -> dict:
     return {"cpu": True}
 
 
+def _local_device() -> torch.device:
+    """The device this process will train on, known before the Accelerator exists (LOCAL_RANK's GPU)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
     """Build the Accelerator for ``cfg``: mixed precision, gradient accumulation, manual scheduler stepping.
 
     ``step_scheduler_with_optimizer=False``: accelerate would otherwise step a prepared scheduler once per
     *process* at every optimizer step, so the lr decay would depend on the world size. The loop steps it once.
-    The config's ``train.mixed_precision`` wins over the launcher's (it is what the run directory records).
+    The config's ``train.mixed_precision`` wins over the launcher's (it is what the run directory records);
+    ``auto`` is resolved here (:func:`mmebm_dist.hardware.resolve_mixed_precision`, logged on rank 0).
     """
+    precision = resolve_mixed_precision(cfg.train.mixed_precision, _local_device(),
+                                        announce=int(os.environ.get("RANK", "0")) == 0)
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if launcher_precision not in (None, "no", cfg.train.mixed_precision):
+    if launcher_precision not in (None, "no", precision):
         log.warning(
-            "the launcher asked for mixed precision '%s' but train.mixed_precision=%s is used; "
+            "the launcher asked for mixed precision '%s' but train.mixed_precision=%s (%s) is used; "
             "pass train.mixed_precision=%s to change it",
             launcher_precision,
             cfg.train.mixed_precision,
+            precision,
             launcher_precision,
         )
     accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=precision,
         gradient_accumulation_steps=cfg.optim.grad_accum,
         step_scheduler_with_optimizer=False,
         **_cpu_workarounds(),

@@ -28,6 +28,7 @@ from mmebm_dist import schedule
 from mmebm_dist.config import Config, config_to_dict, save_config
 from mmebm_dist.data.stream import SkipTally, prefetch_to_device
 from mmebm_dist.rundir import CHECKPOINTS, CONFIG_FILE, TrainState, append_command, latest_checkpoint
+from mmebm_dist.train.capture import capture_step
 from mmebm_dist.train.checkpoint import load_checkpoint, load_initial_weights, save_checkpoint
 from mmebm_dist.train.distributed import describe, make_accelerator, zero_stage
 from mmebm_dist.train.metrics import MetricsWriter, SampleTrace
@@ -45,17 +46,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     if cfg.optim.weight_decay > 0:
         return torch.optim.AdamW(groups, weight_decay=cfg.optim.weight_decay, **kwargs)
     return torch.optim.Adam(groups, **kwargs)
-
-
-def compile_forward(model: torch.nn.Module, cfg: Config) -> None:
-    """``torch.compile`` the model's forward in place when ``train.compile`` asks for it.
-
-    Static shapes: a training step's shapes do not change, and with dynamic ones the graph of a helper called
-    at several sizes (the per-modality decoders) gets a symbolic batch that the reparameterisation draws
-    (``torch.rand(shape, generator=...)``) refuse.
-    """
-    if cfg.train.compile:
-        model.forward = torch.compile(model.forward, dynamic=False)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LRScheduler:
@@ -255,7 +245,7 @@ def _build_model(cfg: Config, accelerator: Accelerator, *, from_checkpoint: bool
         log.info("initial weights from %s", source)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    compile_forward(model, cfg)
+    capture_step(model, optimizer, cfg, accelerator.device)
     return accelerator.prepare(model, optimizer, scheduler)
 
 
