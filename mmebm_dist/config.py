@@ -198,6 +198,9 @@ class TrainConfig:
     init_from: str = ""
     """A run directory (its newest checkpoint) or checkpoint directory whose weights start a fresh run; only
     the energy MLP's may be missing (it keeps its fresh initialisation). Empty: random initialisation."""
+    dist_timeout_s: float = 1800.0
+    """Seconds a collective waits for the other ranks before the run fails naming the rank that stopped
+    answering (torch's process-group timeout; a watchdog logs the laggard after half of it)."""
 
 
 @dataclass(kw_only=True)

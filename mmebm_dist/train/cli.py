@@ -2,6 +2,7 @@
 
 mmebm train --config configs/tiny.yaml train.out_dir=runs/tiny train.steps=100
 mmebm train --resume runs/tiny train.steps=200
+mmebm train --resume runs/tiny --checkpoint step-0000100 model.prior.lr=1e-5
 accelerate launch --config_file launch/accelerate/cpu_ddp_2proc.yaml -m mmebm_dist.train --config ...
 """
 
@@ -20,7 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue RUN_DIR from its newest complete checkpoint, with its saved config.json",
+        help="continue RUN_DIR from its newest checkpoint that loads, with its saved config.json; overrides "
+        "of lrs, betas, the lr schedule, loss weights, guards and logging apply, others are refused",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="NAME",
+        help="with --resume: continue from checkpoints/NAME (e.g. step-0000100) instead of the newest; "
+        "newer checkpoints are renamed NAME.abandoned",
     )
     parser.add_argument(
         "--trace-samples",
@@ -34,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     """The config to train and whether it resumes; a resumed run keeps its directory."""
     if args.config:
+        if getattr(args, "checkpoint", None):
+            raise ConfigError("--checkpoint NAME picks the checkpoint of --resume RUN_DIR; use it with --resume")
         return load_config(args.config, args.overrides), False
     run_dir = Path(args.resume)
     saved = run_dir / "config.json"
@@ -50,10 +60,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train; exit status 0 when done, EXIT_PREEMPTED (75) when SIGTERM/SIGUSR1 stopped it after a
+    checkpoint (resume it)."""
     from mmebm_dist.train.loop import train
+    from mmebm_dist.train.signals import EXIT_PREEMPTED
 
     cfg, resume = resolve_config(args)
-    summary = train(cfg, resume=resume, trace_samples=args.trace_samples)
+    summary = train(cfg, resume=resume, trace_samples=args.trace_samples, checkpoint=getattr(args, "checkpoint", None))
     if summary["is_main_process"]:
         print(json.dumps({k: v for k, v in summary.items() if k != "is_main_process"}))
-    return 0
+    return EXIT_PREEMPTED if summary["stopped_by"] else 0

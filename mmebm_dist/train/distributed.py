@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from mmebm_dist.config import Config
 
@@ -30,7 +31,7 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _cpu_workarounds() -> dict:
+def _cpu_workarounds(timeout: timedelta) -> dict:
     """The CPU-only workarounds, all here. Returns extra ``Accelerator`` kwargs; may create the process state.
 
     Measured with accelerate 1.15 / torch 2.13 CPU / deepspeed 0.19 on a machine without a GPU:
@@ -59,7 +60,7 @@ def _cpu_workarounds() -> dict:
 
             # DeepSpeed caches this dict on purpose so that edits persist (deepspeed/ops/__init__.py).
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        PartialState(backend="gloo")
+        PartialState(backend="gloo", timeout=timeout)
         return {}
     return {"cpu": True}
 
@@ -70,9 +71,13 @@ def make_accelerator(cfg: Config) -> Accelerator:
     ``step_scheduler_with_optimizer=False``: accelerate would otherwise step a prepared scheduler once per
     *process* at every optimizer step, so the lr decay would depend on the world size. The loop steps it once.
     The config's ``train.mixed_precision`` wins over the launcher's (it is what the run directory records).
+    ``train.dist_timeout_s`` is the process group's collective timeout.
     """
     if cfg.train.mixed_precision not in ("no", "bf16"):
         raise ValueError(f"train.mixed_precision must be 'no' or 'bf16', got '{cfg.train.mixed_precision}'")
+    if not cfg.train.dist_timeout_s > 0:
+        raise ValueError(f"train.dist_timeout_s must be positive, got {cfg.train.dist_timeout_s}")
+    timeout = timedelta(seconds=cfg.train.dist_timeout_s)
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if launcher_precision not in (None, "no", cfg.train.mixed_precision):
         log.warning(
@@ -86,7 +91,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.optim.grad_accum,
         step_scheduler_with_optimizer=False,
-        **_cpu_workarounds(),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
+        **_cpu_workarounds(timeout),
     )
     if accelerator.num_processes != launched_processes():
         raise RuntimeError(

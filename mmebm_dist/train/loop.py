@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import random
 import shlex
 import sys
@@ -28,12 +29,17 @@ from mmebm_dist.config import Config, config_to_dict, save_config
 from mmebm_dist.train.checkpoint import (
     TrainState,
     latest_checkpoint,
-    load_checkpoint,
     load_initial_weights,
+    load_resumable,
     save_checkpoint,
+    set_aside,
 )
 from mmebm_dist.train.distributed import describe, make_accelerator, zero_stage
+from mmebm_dist.train.heartbeat import Heartbeat, is_timeout
 from mmebm_dist.train.metrics import MetricsWriter, SampleTrace
+from mmebm_dist.train.resume import apply_optimizer_changes, optimizer_hyperparameters, resume_changes
+from mmebm_dist.train.runlock import RunLock
+from mmebm_dist.train.signals import StopRequest, run_step_hooks
 
 COMMANDS_LOG = "commands.log"
 log = logging.getLogger("mmebm_dist.train")
@@ -163,11 +169,39 @@ def _parameter_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` into ``cfg.train.out_dir`` (resuming from its newest checkpoint when ``resume``).
+def train(
+    cfg: Config, *, resume: bool = False, trace_samples: bool = False, checkpoint: str | None = None
+) -> dict[str, Any]:
+    """Train ``cfg`` into ``cfg.train.out_dir`` (resuming from its newest checkpoint that loads, or from
+    ``checkpoint``, when ``resume``).
 
-    Returns a summary (final step, last reduced loss terms, world size, run directory).
+    Returns a summary (final step, last reduced loss terms, world size, run directory, and ``stopped_by``:
+    the signal's name when SIGTERM/SIGUSR1 stopped the run after a checkpoint). Rank 0 holds the run
+    directory's lock throughout; a collective that times out is reported naming the rank that stopped.
     """
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    run_dir = Path(cfg.train.out_dir)
+    lock = RunLock(run_dir) if rank == 0 else contextlib.nullcontext()
+    with lock, StopRequest() as stop, Heartbeat(run_dir, rank, world, cfg.train.dist_timeout_s) as heartbeat:
+        try:
+            return _train(cfg, stop, heartbeat, resume=resume, trace_samples=trace_samples,
+                          checkpoint=checkpoint)
+        except RuntimeError as exc:
+            if world > 1 and is_timeout(exc):
+                raise heartbeat.explain_timeout(exc) from exc
+            raise
+
+
+def _train(
+    cfg: Config,
+    stop: StopRequest,
+    heartbeat: Heartbeat,
+    *,
+    resume: bool,
+    trace_samples: bool,
+    checkpoint: str | None,
+) -> dict[str, Any]:
+    """The body of :func:`train`, inside the run lock, the stop-signal handlers and the heartbeat."""
     from mmebm_dist.data.shards import manifest_hash
     from mmebm_dist.data.stream import epoch_batches
     from mmebm_dist.models import build_model
@@ -222,8 +256,12 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
     if resume and ckpt is None:
         log.warning("no complete checkpoint in %s/checkpoints: starting from step 0", run_dir)
     if ckpt is not None:
-        state = load_checkpoint(accelerator, ckpt)
+        fresh = optimizer_hyperparameters(optimizer)
+        ckpt, state, newer = load_resumable(accelerator, run_dir, checkpoint)
+        changes = resume_changes(state.config, cfg, str(ckpt))
         _check_data_order(state, order, ckpt)
+        apply_optimizer_changes(optimizer, scheduler, fresh, changes)
+        set_aside(accelerator, newer)
         state.data_order, state.config = order, config_to_dict(cfg)
         log.info(
             "resumed from %s: step %d, epoch %d, batch %d", ckpt, state.step, state.epoch, state.epoch_batch
@@ -238,6 +276,7 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
         save_config(cfg, run_dir / "config.json")
         _append_command(run_dir, world)
     accelerator.wait_for_everyone()
+    heartbeat.start(state.step)
 
     info = describe(accelerator)
     log.info(
@@ -269,7 +308,7 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
     model.train()
     bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
     segment_start, window_start, window_steps, data_wait = time.time(), time.time(), 0, 0.0
-    base_wall, reduced, grad_norm = state.wall_time, {}, None
+    base_wall, reduced, grad_norm, stopped_by = state.wall_time, {}, None, None
     for step in range(state.step + 1, cfg.train.steps + 1):
         step_terms: dict[str, torch.Tensor] = {}
         for _ in range(cfg.optim.grad_accum):
@@ -287,7 +326,7 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             terms = {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0}
-            unwrapped.check_runaway(terms, step)
+            _check_runaway(unwrapped, terms, step, run_dir)
             for key, value in terms.items():
                 step_terms[key] = step_terms.get(key, 0.0) + value / cfg.optim.grad_accum
         scheduler.step()
@@ -295,6 +334,9 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
         state.epoch, state.epoch_batch = (epoch + 1, 0) if index + 1 == per_epoch else (epoch, index + 1)
         window_steps += 1
         bar.update(1)
+        run_step_hooks(step, unwrapped)
+        heartbeat.beat(step)
+        stopped_by = stop.agreed(device)
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             keys = sorted(step_terms)  # same order on every rank for the all-reduce
@@ -327,10 +369,16 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
             _periodic_eval(unwrapped, cfg, step, device, metrics, run_here=main or every_rank_samples)
             accelerator.wait_for_everyone()
         periodic = cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0
-        if periodic or step == cfg.train.steps:
+        if periodic or step == cfg.train.steps or stopped_by:
+            guarded = model if every_rank_samples else unwrapped  # ZeRO-3 gathers weights in its forward
+            _guard_weights(guarded, unwrapped, batch, step, device, run_dir)
             state.wall_time = base_wall + time.time() - segment_start
             metrics.flush()
             save_checkpoint(accelerator, model, run_dir, state, keep=cfg.train.keep_checkpoints)
+        if stopped_by:
+            log.warning("%s: stopped after step %d with checkpoint %s; continue with "
+                        "`mmebm train --resume %s`", stopped_by, step, latest_checkpoint(run_dir), run_dir)
+            break
     bar.close()
 
     if trace is not None:
@@ -346,6 +394,7 @@ def train(cfg: Config, *, resume: bool = False, trace_samples: bool = False) -> 
         "world_size": world,
         "run_dir": str(run_dir),
         "is_main_process": main,
+        "stopped_by": stopped_by,
     }
 
 
@@ -405,3 +454,32 @@ def _periodic_eval(
     metrics.log(
         {"step": step, **{f"eval/{k}": float(v) for k, v in results.items() if isinstance(v, (int, float))}}
     )
+
+
+def _check_runaway(model: torch.nn.Module, terms: dict, step: int, run_dir: Path) -> None:
+    """``model.check_runaway`` with the last good checkpoint (the newest, all of which passed the guard)
+    named in the error."""
+    from mmebm_dist.models.multimodal_vae import RunawayError
+
+    try:
+        model.check_runaway(terms, step)
+    except RunawayError as exc:
+        last = latest_checkpoint(run_dir)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
+        raise RunawayError(f"{exc}; {where}") from None
+
+
+def _guard_weights(
+    model: torch.nn.Module, unwrapped: torch.nn.Module, batch: dict, step: int, device: torch.device,
+    run_dir: Path,
+) -> None:
+    """Run the runaway guard on the weights about to be checkpointed: the step's own guard saw the loss of
+    the weights before its optimizer step. One forward of the step's last batch, off the training RNG."""
+    buffers = {name: b.clone() for name, b in unwrapped.named_buffers()}  # e.g. spectral-norm vectors
+    with isolated_rng(device):
+        out = model(batch)
+    with torch.no_grad():
+        for name, b in unwrapped.named_buffers():
+            b.copy_(buffers[name])
+    terms = {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0}
+    _check_runaway(unwrapped, terms, step, run_dir)
