@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -310,9 +311,11 @@ def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
     return bool(value.item())
 
 
-def _try_load(accelerator: Accelerator, ckpt: Path) -> tuple[TrainState | None, str | None]:
-    """Check this rank's share of ``ckpt``'s files, agree across ranks, then load; (state, None) or
-    (None, why) on every rank alike. A rank that found the problem logs it."""
+def _try_load(
+    accelerator: Accelerator, ckpt: Path, check: Callable[[TrainState, Path], object] | None
+) -> tuple[TrainState | None, str | None]:
+    """Check this rank's share of ``ckpt``'s files, agree across ranks, run ``check`` on its train state (it
+    raises to refuse the resume), then load; (state, None) or (None, why) on every rank alike."""
     files = sorted(p for p in ckpt.rglob("*") if p.is_file())
     mine = files[accelerator.process_index :: accelerator.num_processes]
     problem = next((f"{p}: {why}" for p in mine if (why := checkpoint_problem(p))), None)
@@ -320,6 +323,8 @@ def _try_load(accelerator: Accelerator, ckpt: Path) -> tuple[TrainState | None, 
         problem = f"{ckpt / STATE_FILE} is missing"
     if _any_rank(accelerator, problem is not None):
         return None, problem or "a file another rank checked is corrupt (see its log line)"
+    if check is not None:
+        check(read_train_state(ckpt), ckpt)
     state = None
     try:
         state = load_checkpoint(accelerator, ckpt)
@@ -331,11 +336,15 @@ def _try_load(accelerator: Accelerator, ckpt: Path) -> tuple[TrainState | None, 
 
 
 def load_resumable(
-    accelerator: Accelerator, run_dir: Path, name: str | None = None
+    accelerator: Accelerator,
+    run_dir: Path,
+    name: str | None = None,
+    check: Callable[[TrainState, Path], object] | None = None,
 ) -> tuple[Path, TrainState, list[Path]]:
     """Load checkpoint ``name`` (a ``step-NNNNNNN`` of the run) or else the newest one that loads, warning
-    about each newer one that does not. Returns the checkpoint, its state and the complete checkpoints newer
-    than it (for :func:`set_aside` once the resume is accepted)."""
+    about each newer one that does not; ``check(state, ckpt)`` may refuse a checkpoint before its state is
+    loaded. Returns the checkpoint, its state and the complete checkpoints newer than it (for
+    :func:`set_aside` once the resume is accepted)."""
     found = complete_checkpoints(run_dir)
     if name is not None:
         chosen = Path(run_dir) / CHECKPOINTS / Path(name).name
@@ -347,7 +356,7 @@ def load_resumable(
     else:
         candidates = list(reversed(found))
     for ckpt in candidates:
-        state, problem = _try_load(accelerator, ckpt)
+        state, problem = _try_load(accelerator, ckpt, check)
         if state is not None:
             if ckpt != found[-1]:
                 log.warning("resuming from %s, not the newest checkpoint %s", ckpt, found[-1].name)
@@ -364,8 +373,13 @@ def set_aside(accelerator: Accelerator, newer: list[Path]) -> None:
     resumed nor counted by ``train.keep_checkpoints``, and stay for inspection."""
     if accelerator.is_main_process:
         for path in newer:
-            path.rename(path.with_name(path.name + ".abandoned"))
-            log.warning("moved %s aside to %s.abandoned (newer than the resumed checkpoint)", path, path.name)
+            target = path.with_name(path.name + ".abandoned")
+            for n in range(1, 1000):
+                if not target.exists():
+                    break
+                target = path.with_name(f"{path.name}.abandoned.{n}")
+            path.rename(target)
+            log.warning("moved %s aside to %s (newer than the resumed checkpoint)", path, target.name)
     accelerator.wait_for_everyone()
 
 

@@ -43,7 +43,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     """The config to train and whether it resumes; a resumed run keeps its directory."""
     if args.config:
         if getattr(args, "checkpoint", None):
-            raise ConfigError("--checkpoint NAME picks the checkpoint of --resume RUN_DIR; use it with --resume")
+            raise ConfigError("--checkpoint NAME picks a checkpoint of --resume RUN_DIR; add --resume")
         return load_config(args.config, args.overrides), False
     run_dir = Path(args.resume)
     saved = run_dir / "config.json"
@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from mmebm_dist.train.signals import EXIT_PREEMPTED
 
     cfg, resume = resolve_config(args)
-    summary = train(cfg, resume=resume, trace_samples=args.trace_samples, checkpoint=getattr(args, "checkpoint", None))
+    checkpoint = getattr(args, "checkpoint", None)
+    summary = train(cfg, resume=resume, trace_samples=args.trace_samples, checkpoint=checkpoint)
     if summary["is_main_process"]:
         print(json.dumps({k: v for k, v in summary.items() if k != "is_main_process"}))
     return EXIT_PREEMPTED if summary["stopped_by"] else 0

@@ -257,8 +257,11 @@ def _train(
         log.warning("no complete checkpoint in %s/checkpoints: starting from step 0", run_dir)
     if ckpt is not None:
         fresh = optimizer_hyperparameters(optimizer)
-        ckpt, state, newer = load_resumable(accelerator, run_dir, checkpoint)
-        changes = resume_changes(state.config, cfg, str(ckpt))
+        def refuse(saved: TrainState, path: Path) -> None:  # before loading: a changed model would not fit
+            resume_changes(saved.config, cfg, path)
+
+        ckpt, state, newer = load_resumable(accelerator, run_dir, checkpoint, check=refuse)
+        changes = resume_changes(state.config, cfg, ckpt)
         _check_data_order(state, order, ckpt)
         apply_optimizer_changes(optimizer, scheduler, fresh, changes)
         set_aside(accelerator, newer)
@@ -457,29 +460,38 @@ def _periodic_eval(
 
 
 def _check_runaway(model: torch.nn.Module, terms: dict, step: int, run_dir: Path) -> None:
-    """``model.check_runaway`` with the last good checkpoint (the newest, all of which passed the guard)
-    named in the error."""
-    from mmebm_dist.models.multimodal_vae import RunawayError
-
+    """``model.check_runaway`` with the last good checkpoint (the newest: all passed the guard) named."""
     try:
         model.check_runaway(terms, step)
-    except RunawayError as exc:
-        last = latest_checkpoint(run_dir)
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
-        raise RunawayError(f"{exc}; {where}") from None
+    except FloatingPointError as exc:
+        raise _with_last_checkpoint(exc, run_dir, "") from None
+
+
+def _with_last_checkpoint(exc: FloatingPointError, run_dir: Path, prefix: str) -> FloatingPointError:
+    from mmebm_dist.models.multimodal_vae import RunawayError
+
+    last = latest_checkpoint(run_dir)
+    where = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
+    return RunawayError(f"{prefix}{exc}; {where}")
 
 
 def _guard_weights(
     model: torch.nn.Module, unwrapped: torch.nn.Module, batch: dict, step: int, device: torch.device,
     run_dir: Path,
 ) -> None:
-    """Run the runaway guard on the weights about to be checkpointed: the step's own guard saw the loss of
-    the weights before its optimizer step. One forward of the step's last batch, off the training RNG."""
-    buffers = {name: b.clone() for name, b in unwrapped.named_buffers()}  # e.g. spectral-norm vectors
-    with isolated_rng(device):
-        out = model(batch)
-    with torch.no_grad():
-        for name, b in unwrapped.named_buffers():
-            b.copy_(buffers[name])
-    terms = {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0}
-    _check_runaway(unwrapped, terms, step, run_dir)
+    """Run the runaway guard on the weights about to be checkpointed (the step's own guard saw the loss of
+    the weights before its optimizer step): one forward of the step's last batch, off the training RNG, with
+    the buffers it may update (spectral-norm vectors) restored."""
+    buffers = {name: b.clone() for name, b in unwrapped.named_buffers()}
+    try:
+        with isolated_rng(device):
+            out = model(batch)
+        terms = {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0}
+        unwrapped.check_runaway(terms, step)
+    except FloatingPointError as exc:
+        prefix = f"step {step}: the weights due to be checkpointed fail the runaway guard: "
+        raise _with_last_checkpoint(exc, run_dir, prefix) from None
+    finally:
+        with torch.no_grad():
+            for name, b in unwrapped.named_buffers():
+                b.copy_(buffers[name])

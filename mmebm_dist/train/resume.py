@@ -43,7 +43,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def resume_changes(saved: dict, cfg: Config, source: str) -> dict[str, tuple[Any, Any]]:
+def resume_changes(saved: dict, cfg: Config, source: object) -> dict[str, tuple[Any, Any]]:
     """``key -> (saved, new)`` for every field of ``cfg`` that differs from the checkpoint's config ``saved``;
     raises ConfigError naming the first key a resume cannot change (``source`` names the checkpoint)."""
     old = _flatten(saved)
