@@ -264,3 +264,55 @@ def test_deepspeed_checkpoint_reader_refuses_pickled_code(tmp_path):
     torch.save({"module": {"w": torch.ones(2)}}, planted)
     with safe_deepspeed_loads():
         assert torch.equal(TorchCheckpointEngine().load(str(planted))["module"]["w"], torch.ones(2))
+
+
+def _fake_slurm(bin_dir: Path) -> None:
+    """``srun`` that records its arguments, says it started and exits 75 on SIGUSR1 (as the training does),
+    and ``scontrol`` that records a requeue."""
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        '#!/bin/bash\necho "$@" > "$FAKE_SLURM/srun.args"\n'
+        '[ -n "$FAKE_SRUN_EXIT" ] && exit "$FAKE_SRUN_EXIT"\n'
+        'sleep 60 > /dev/null 2>&1 &\ntrap "kill $!; exit 75" USR1\ntouch "$FAKE_SLURM/started"\nwait\n'
+    )
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/bash\nif [ "$1" = show ]; then echo node0; else echo "$@" >> "$FAKE_SLURM/scontrol.log"; fi\n'
+    )
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+
+
+def test_slurm_script_forwards_the_signal_requeues_and_resumes(tmp_path):
+    """launch/slurm_multinode.sh: SIGUSR1 to the batch shell reaches srun, the job requeues itself, and the
+    requeued job (SLURM_RESTART_COUNT=1) resumes the run directory instead of starting over."""
+    import time
+
+    fake = tmp_path / "fake"
+    _fake_slurm(tmp_path / "bin")
+    fake.mkdir()
+    run = tmp_path / "run"
+    path = f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    environment = {**env(), "PATH": path, "FAKE_SLURM": str(fake), "SLURM_SUBMIT_DIR": str(REPO),
+                   "SLURM_JOB_NODELIST": "node0", "SLURM_NNODES": "1", "SLURM_JOB_ID": "42",
+                   "GPUS_PER_NODE": "1", "PYTHON": sys.executable}
+    args = ["--config", "configs/tiny.yaml", f"train.out_dir={run}"]
+    shell = subprocess.Popen(["bash", str(REPO / "launch/slurm_multinode.sh"), *args], cwd=REPO,
+                             env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not (fake / "started").exists() and shell.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # waits for the fake srun to start; the signal's effect is not timed
+    shell.send_signal(signal.SIGUSR1)
+    output = shell.communicate(timeout=60)[0]
+    assert shell.returncode == EXIT_PREEMPTED, output
+    assert (fake / "scontrol.log").read_text().split() == ["requeue", "42"]
+    assert "--config configs/tiny.yaml" in (fake / "srun.args").read_text()
+
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    requeued = subprocess.run(["bash", str(REPO / "launch/slurm_multinode.sh"), *args], cwd=REPO,
+                              env={**environment, "SLURM_RESTART_COUNT": "1", "FAKE_SRUN_EXIT": "0"},
+                              capture_output=True, text=True, timeout=120)
+    assert requeued.returncode == 0, requeued.stdout + requeued.stderr
+    assert (fake / "scontrol.log").read_text().split() == ["requeue", "42"]  # no second requeue
+    recorded = (fake / "srun.args").read_text().split()
+    assert recorded[-2:] == ["--resume", str(run)], recorded

@@ -59,6 +59,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     return cfg, True
 
 
+def run_dir_of(argv: list[str]) -> str:
+    """The run directory ``mmebm train ARGV`` writes (launch/slurm_multinode.sh resumes it after a requeue)."""
+    parser = argparse.ArgumentParser(prog="mmebm train")
+    add_arguments(parser)
+    return resolve_config(parser.parse_args(argv))[0].train.out_dir
+
+
 def run(args: argparse.Namespace) -> int:
     """Train; exit status 0 when done, EXIT_PREEMPTED (75) when SIGTERM/SIGUSR1 stopped it after a
     checkpoint (resume it)."""
