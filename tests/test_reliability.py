@@ -316,3 +316,20 @@ def test_slurm_script_forwards_the_signal_requeues_and_resumes(tmp_path):
     assert (fake / "scontrol.log").read_text().split() == ["requeue", "42"]  # no second requeue
     recorded = (fake / "srun.args").read_text().split()
     assert recorded[-2:] == ["--resume", str(run)], recorded
+
+
+def test_resume_changes_classifies_keys():
+    """Allowed changes are returned, a field missing from an older run's config is no change, and a model
+    key is refused by name."""
+    from mmebm_dist.config import Config, config_to_dict
+    from mmebm_dist.train.resume import resume_changes
+
+    saved = json.loads(json.dumps(config_to_dict(Config())))
+    del saved["train"]["dist_timeout_s"]  # a run started before the field existed
+    cfg = Config()
+    cfg.train.steps, cfg.model.prior.lr, cfg.model.prior.langevin.step_size = 5000, 1e-5, 0.2
+    assert set(resume_changes(saved, cfg, "ckpt")) == {"train.steps", "model.prior.lr",
+                                                        "model.prior.langevin.step_size"}
+    cfg.train.seed = 3
+    with pytest.raises(ConfigError, match=r"^train\.seed cannot change on resume \(ckpt has 0, asked 3\)"):
+        resume_changes(saved, cfg, "ckpt")

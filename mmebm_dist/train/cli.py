@@ -60,7 +60,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
 
 
 def run_dir_of(argv: list[str]) -> str:
-    """The run directory ``mmebm train ARGV`` writes (launch/slurm_multinode.sh resumes it after a requeue)."""
+    """The run directory of ``mmebm train ARGV`` (launch/slurm_multinode.sh resumes it after a requeue)."""
     parser = argparse.ArgumentParser(prog="mmebm train")
     add_arguments(parser)
     return resolve_config(parser.parse_args(argv))[0].train.out_dir

@@ -48,7 +48,8 @@ def resume_changes(saved: dict, cfg: Config, source: object) -> dict[str, tuple[
     raises ConfigError naming the first key a resume cannot change (``source`` names the checkpoint)."""
     old = _flatten(saved)
     new = _flatten(json.loads(json.dumps(config_to_dict(cfg))))  # tuples -> lists, as in the saved JSON
-    changes = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+    # A key the saved config lacks is a field added since the run started: its default stands, not a change.
+    changes = {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v}
     for key, (before, after) in changes.items():
         if key in OPTIMIZER_KEYS or key.startswith(RESUMABLE_PREFIXES):
             continue
