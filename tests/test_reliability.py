@@ -333,3 +333,21 @@ def test_resume_changes_classifies_keys():
     cfg.train.seed = 3
     with pytest.raises(ConfigError, match=r"^train\.seed cannot change on resume \(ckpt has 0, asked 3\)"):
         resume_changes(saved, cfg, "ckpt")
+
+
+def test_laggard_description_names_the_rank_behind(tmp_path):
+    """Heartbeats of 3 ranks: the waiting rank names the one behind; the stuck rank says it is behind."""
+    from mmebm_dist.train.heartbeat import Heartbeat, describe_laggards
+
+    beats = [Heartbeat(tmp_path, rank, 3, timeout_s=60) for rank in range(3)]
+    for hb, step in zip(beats, (5, 4, 5), strict=True):
+        hb.start(step)
+    try:
+        assert describe_laggards(tmp_path / "heartbeat", 3, 0, 5).startswith("rank 1 (host ")
+        assert "stopped answering: last step 4" in describe_laggards(tmp_path / "heartbeat", 3, 0, 5)
+        assert "rank 1 (this process" in describe_laggards(tmp_path / "heartbeat", 3, 1, 4)
+        (tmp_path / "heartbeat/rank-2").unlink()
+        assert "rank 2 never wrote" in describe_laggards(tmp_path / "heartbeat", 3, 0, 5)
+    finally:
+        for hb in beats:
+            hb.__exit__()

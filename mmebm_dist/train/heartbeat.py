@@ -68,14 +68,14 @@ class Heartbeat:
             if waited > self.timeout_s / 2 and reported != self.step:
                 reported = self.step
                 log.error("rank %d has waited %.0f s after step %d: %s", self.rank, waited, self.step,
-                          describe_laggards(self.dir, self.world, self.step))
+                          describe_laggards(self.dir, self.world, self.rank, self.step))
 
     def explain_timeout(self, exc: BaseException) -> RuntimeError:
         """A RuntimeError naming the rank(s) that stopped answering, chained to the backend's ``exc``."""
         return RuntimeError(
             f"rank {self.rank}: a collective after step {self.step} timed out (train.dist_timeout_s="
-            f"{self.timeout_s:g}): {describe_laggards(self.dir, self.world, self.step)}; backend error: "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            f"{self.timeout_s:g}): {describe_laggards(self.dir, self.world, self.rank, self.step)}; "
+            f"backend error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         )
 
 
@@ -91,19 +91,24 @@ def read_heartbeats(directory: Path, world_size: int) -> dict[int, tuple[int, fl
     return out
 
 
-def describe_laggards(directory: Path, world_size: int, my_step: int) -> str:
-    """'rank 1 (host h, PID p) stopped answering: last step 3, 12 s ago' for each rank behind ``my_step``
-    (or, if none is behind, the one whose heartbeat is oldest)."""
+def describe_laggards(directory: Path, world_size: int, my_rank: int, my_step: int) -> str:
+    """'rank 1 (host h, PID p) stopped answering: last step 3, 12 s ago' for each other rank behind
+    ``my_step``; if none is behind but some are ahead, this rank is the one behind; else the oldest."""
     beats = read_heartbeats(directory, world_size)
     now = time.time()
+    others = {r: b for r, b in beats.items() if r != my_rank and b is not None}
     missing = [r for r, b in beats.items() if b is None]
-    behind = [r for r, b in beats.items() if b is not None and b[0] < my_step]
-    if not behind and not missing:
-        behind = [min(beats, key=lambda r: beats[r][1])]
-    parts = [f"rank {r} (host {beats[r][2]}, PID {beats[r][3]}) stopped answering: last step {beats[r][0]}, "
-             f"{now - beats[r][1]:.0f} s ago" for r in behind]
+    behind = [r for r, b in others.items() if b[0] < my_step]
+    ahead = [r for r, b in others.items() if b[0] > my_step]
+    if not behind and ahead:
+        return (f"rank {my_rank} (this process, PID {os.getpid()}) is the one behind: it has not finished "
+                f"step {my_step + 1} while rank(s) {ahead[:8]} did")
+    if not behind and not missing and others:
+        behind = [min(others, key=lambda r: others[r][1])]
+    parts = [f"rank {r} (host {others[r][2]}, PID {others[r][3]}) stopped answering: last step "
+             f"{others[r][0]}, {now - others[r][1]:.0f} s ago" for r in behind]
     parts += [f"rank {r} never wrote {directory}/rank-{r}" for r in missing]
-    return "; ".join(parts)
+    return "; ".join(parts) or "no other rank's heartbeat is behind this one"
 
 
 def is_timeout(exc: BaseException) -> bool:

@@ -46,7 +46,9 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.received = signal.Signals(signum)  # only a flag here: the step in progress completes
+        # Only a flag: the step in progress completes. Repeats are ignored on purpose: on preemption SLURM
+        # signals every process and the launcher forwards its own copy, so a worker often gets two.
+        self.received = self.received or signal.Signals(signum)
 
     def agreed(self, device: torch.device) -> str | None:
         """The signal's name if any rank received one, on every rank (a collective); None otherwise."""
