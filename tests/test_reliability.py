@@ -217,10 +217,16 @@ def test_runaway_weights_are_never_checkpointed(data2, tmp_path, in_process):  #
     assert not list((tmp_path / "run/checkpoints").glob(".tmp-*"))
 
 
-def test_full_disk_is_named_and_the_previous_checkpoint_kept(data2, tmp_path, in_process, monkeypatch):  # noqa: F811
-    """The writer raising ENOSPC at step 4: the error names the checkpoint and gives a hint; step 2 is
-    byte-identical and no temp directory is left."""
-    real_save, before = torch.save, {}
+@pytest.mark.parametrize("writer", ["torch", "safetensors"])
+def test_full_disk_is_named_and_the_previous_checkpoint_kept(data2, tmp_path, in_process, monkeypatch,  # noqa: F811
+                                                             writer):
+    """The writer (torch.save, or accelerate's safetensors writer of the model) failing for lack of space at
+    step 4: the error names the checkpoint and gives a hint; step 2 is byte-identical, no temp directory."""
+    import accelerate.utils.other as accelerate_io
+    from safetensors import SafetensorError
+
+    module, name = (torch, "save") if writer == "torch" else (accelerate_io, "safe_save_file")
+    real_save, before = getattr(module, name), {}
     cfg = _config(tmp_path, data2, "train.steps=4", "train.checkpoint_every=2")
     run = tmp_path / "run"
     previous = run / "checkpoints/step-0000002"
@@ -228,17 +234,19 @@ def test_full_disk_is_named_and_the_previous_checkpoint_kept(data2, tmp_path, in
     def full_disk(obj, f, *args, **kwargs):
         if ".tmp-step-0000004" in str(f):
             before.update({p.name: p.read_bytes() for p in previous.iterdir()})
-            raise OSError(errno.ENOSPC, "No space left on device")
+            if writer == "torch":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(module, name, full_disk)
     with pytest.raises(OSError, match=r"No space left on device while writing .*step-0000004 \(the previous "
                        r"checkpoint .*step-0000002 is untouched\); free space .*keep_checkpoints"):
         _train(cfg)
     assert [p.name for p in complete_checkpoints(run)] == ["step-0000002"]
     assert not list((run / "checkpoints").glob(".tmp-*"))
     assert before and before == {p.name: p.read_bytes() for p in previous.iterdir()}
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(module, name, real_save)
     assert _train(cfg, resume=True)["step"] == 4  # and it resumes from there
 
 
@@ -298,9 +306,10 @@ def test_slurm_script_forwards_the_signal_requeues_and_resumes(tmp_path):
     args = ["--config", "configs/tiny.yaml", f"train.out_dir={run}"]
     shell = subprocess.Popen(["bash", str(REPO / "launch/slurm_multinode.sh"), *args], cwd=REPO,
                              env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
+    deadline = time.time() + 300  # the script first imports the package to find RUN_DIR
     while not (fake / "started").exists() and shell.poll() is None and time.time() < deadline:
         time.sleep(0.05)  # waits for the fake srun to start; the signal's effect is not timed
+    assert (fake / "started").exists(), shell.communicate(timeout=60)[0] if shell.poll() is not None else ""
     shell.send_signal(signal.SIGUSR1)
     output = shell.communicate(timeout=60)[0]
     assert shell.returncode == EXIT_PREEMPTED, output

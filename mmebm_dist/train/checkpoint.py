@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from safetensors import SafetensorError
 
 from mmebm_dist.train.metrics import atomic_write_text
 
@@ -148,7 +149,7 @@ def save_checkpoint(
             torch.save(weights, tmp / MODEL_FILE)
             atomic_write_text(tmp / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=2) + "\n")
             fsync_tree(tmp)
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, SafetensorError) as exc:
         if isinstance(exc, torch.distributed.DistError):  # a collective failed, not the write
             raise
         raise _write_error(exc, final, tmp, run_dir) from exc
@@ -192,6 +193,8 @@ def _looks_like_no_space(exc: BaseException, where: Path) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(exc)
+    if "StorageFull" in text or "os error 28" in text:  # safetensors' writer wraps the OS error
+        return True
     if "unexpected pos" in text or "file write failed" in text:
         probe = where if where.exists() else where.parent
         return shutil.disk_usage(probe).free < 2**20

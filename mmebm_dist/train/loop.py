@@ -257,6 +257,7 @@ def _train(
         log.warning("no complete checkpoint in %s/checkpoints: starting from step 0", run_dir)
     if ckpt is not None:
         fresh = optimizer_hyperparameters(optimizer)
+
         def refuse(saved: TrainState, path: Path) -> None:  # before loading: a changed model would not fit
             resume_changes(saved.config, cfg, path)
 
@@ -484,7 +485,7 @@ def _guard_weights(
     the buffers it may update (spectral-norm vectors) restored."""
     buffers = {name: b.clone() for name, b in unwrapped.named_buffers()}
     try:
-        with isolated_rng(device):
+        with isolated_rng(device), torch.no_grad():  # Langevin enables autograd where it needs it
             out = model(batch)
         terms = {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0}
         unwrapped.check_runaway(terms, step)
