@@ -2,7 +2,12 @@
 # Multi-node training under SLURM: one `accelerate launch` per node, ranks from SLURM's environment.
 # Submit from the repository root (the run directory must be on a filesystem all nodes share):
 #   sbatch --nodes=4 launch/slurm_multinode.sh --config configs/polymnist_ebm.yaml train.out_dir=runs/ebm4x8
-#   sbatch --nodes=4 launch/slurm_multinode.sh --resume runs/ebm4x8          # continue after preemption
+#   sbatch --nodes=4 launch/slurm_multinode.sh --resume runs/ebm4x8          # continue by hand
+# Preemption and time limit: SLURM signals the batch shell (USR1) 120 s before the limit and SIGTERM before a
+# preemption; the shell forwards SIGUSR1 to every training process, which finish their step, write one
+# checkpoint and exit 75; the job then requeues itself and the requeued run resumes RUN_DIR (computed from
+# the arguments once, before the first start). CHECKPOINT_GRACE_S (default 110): how long the launcher lets
+# the workers finish before killing them; keep it below the --signal lead time.
 # Environment: GPUS_PER_NODE (default: SLURM_GPUS_ON_NODE or 8), LAUNCH_YAML (default
 # launch/accelerate/multinode_template.yaml; its machine/IP/port/process values are overridden by the flags
 # below, so the template's placeholders need no editing), MAIN_PROCESS_PORT (default 29500), PYTHON.
@@ -13,6 +18,9 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=32
 #SBATCH --output=%x-%j.out
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 
@@ -22,13 +30,35 @@ export MAIN_PROCESS_IP GPUS_PER_NODE
 export MAIN_PROCESS_PORT=${MAIN_PROCESS_PORT:-29500}
 export LAUNCH_YAML=${LAUNCH_YAML:-launch/accelerate/multinode_template.yaml}
 export PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+# The launcher forwards SIGUSR1 too (torch elastic handles only TERM/INT/HUP/QUIT by default) and waits
+# this long for the workers' checkpoint before killing them.
+export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${CHECKPOINT_GRACE_S:-110}
+# A requeued job continues its run directory instead of starting over.
+RUN_DIR=$("$PYTHON" -c 'import sys; from mmebm_dist.train_cli import run_dir_of; print(run_dir_of(sys.argv[1:]))' "$@")
+if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && [ -f "$RUN_DIR/config.json" ]; then
+  set -- --resume "$RUN_DIR"
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-8} / GPUS_PER_NODE > 0 ? ${SLURM_CPUS_PER_TASK:-8} / GPUS_PER_NODE : 1 ))}
 echo "nodes=$SLURM_NNODES gpus/node=$GPUS_PER_NODE main=$MAIN_PROCESS_IP:$MAIN_PROCESS_PORT yaml=$LAUNCH_YAML"
 
 # One task per node; SLURM_NODEID is read inside each task (single quotes), giving machine ranks 0..N-1.
+# srun runs in the background so that the shell can take SLURM's signal and forward it to the tasks.
+stop_requested=0
+trap 'stop_requested=1; echo "signal received: asking every rank to checkpoint"; kill -USR1 "$srun_pid"' USR1 TERM
 srun --kill-on-bad-exit=1 bash -c '
   exec "$PYTHON" -m accelerate.commands.launch --config_file "$LAUNCH_YAML" \
     --num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID" \
     --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$MAIN_PROCESS_PORT" \
     --num_processes $(( SLURM_NNODES * GPUS_PER_NODE )) \
-    -m mmebm_dist.train "$@"' bash "$@"
+    -m mmebm_dist.train "$@"' bash "$@" &
+srun_pid=$!
+while true; do
+  wait "$srun_pid" && status=0 || status=$?
+  kill -0 "$srun_pid" 2>/dev/null || break  # still running: the wait was cut short by a trapped signal
+done
+if [ "$stop_requested" = 1 ]; then
+  echo "stopped for preemption/time limit (status $status); requeueing job $SLURM_JOB_ID to resume $RUN_DIR"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$status"

@@ -253,6 +253,9 @@ class TrainConfig:
     init_from: str = ""
     """A run directory (its newest checkpoint) or checkpoint directory whose weights start a fresh run; only
     the energy MLP's may be missing (it keeps its fresh initialisation). Empty: random initialisation."""
+    dist_timeout_s: float = 1800.0
+    """Seconds a collective waits for the other ranks before the run fails naming the rank that stopped
+    answering (torch's process-group timeout; a watchdog logs the laggard after half of it)."""
 
 
 @dataclass(kw_only=True)
@@ -529,7 +532,7 @@ RANGES: dict[type, dict[str, Range]] = {
     TrainConfig: {
         "steps": AT_LEAST_ONE, "seed": Range(0, 2**32 - 1), "log_every": AT_LEAST_ONE,
         "checkpoint_every": NON_NEGATIVE, "keep_checkpoints": AT_LEAST_ONE, "eval_every": NON_NEGATIVE,
-        "image_every": NON_NEGATIVE, "threads": NON_NEGATIVE,
+        "image_every": NON_NEGATIVE, "threads": NON_NEGATIVE, "dist_timeout_s": POSITIVE,
     },
     StageConfig: {"steps": AT_LEAST_ONE, "lr": POSITIVE, "prior_lr": POSITIVE},
     EvalConfig: {"num_samples": AT_LEAST_ONE, "langevin_sweep": NON_NEGATIVE},

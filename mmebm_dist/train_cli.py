@@ -3,6 +3,7 @@
 mmebm train --config configs/tiny.yaml train.out_dir=runs/tiny train.steps=100
 mmebm train --resume runs/tiny train.steps=200
 mmebm train --config configs/tiny.yaml --dry-run
+mmebm train --resume runs/tiny --checkpoint step-0000100 model.prior.lr=1e-5
 accelerate launch --config_file launch/accelerate/cpu_ddp_2proc.yaml -m mmebm_dist.train --config ...
 
 This command sits above ``train`` and ``evaluate``: it hands the training loop the periodic evaluation
@@ -25,7 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue RUN_DIR from its newest complete checkpoint, with its saved config.json",
+        help="continue RUN_DIR from its newest checkpoint that loads, with its saved config.json; overrides "
+        "of lrs, betas, the lr schedule, loss weights, guards and logging apply, others are refused",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="NAME",
+        help="with --resume: continue from checkpoints/NAME (e.g. step-0000100) instead of the newest; "
+        "newer checkpoints are renamed NAME.abandoned",
     )
     parser.add_argument(
         "--trace-samples",
@@ -45,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_config(args: argparse.Namespace) -> tuple[Config, bool]:
     """The config to train and whether it resumes; a resumed run keeps its directory."""
     if args.config:
+        if getattr(args, "checkpoint", None):
+            raise ConfigError("--checkpoint NAME picks a checkpoint of --resume RUN_DIR; add --resume")
         return load_config(args.config, args.overrides), False
     run_dir = Path(args.resume)
     saved = run_dir / CONFIG_FILE
@@ -80,8 +90,18 @@ def dry_run(cfg: Config, *, resume: bool) -> dict:
     return summary
 
 
+def run_dir_of(argv: list[str]) -> str:
+    """The run directory of ``mmebm train ARGV`` (launch/slurm_multinode.sh resumes it after a requeue)."""
+    parser = argparse.ArgumentParser(prog="mmebm train")
+    add_arguments(parser)
+    return resolve_config(parser.parse_args(argv))[0].train.out_dir
+
+
 def run(args: argparse.Namespace) -> int:
+    """Train; exit status 0 when done, EXIT_PREEMPTED (75) when SIGTERM/SIGUSR1 stopped it after a
+    checkpoint (resume it)."""
     from mmebm_dist.train.loop import train
+    from mmebm_dist.train.signals import EXIT_PREEMPTED
 
     cfg, resume = resolve_config(args)
     if args.dry_run:
@@ -93,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
     evaluate = None
     if cfg.train.eval_every > 0:
         from mmebm_dist.evaluate.periodic import periodic_eval as evaluate
-    summary = train(cfg, resume=resume, trace_samples=args.trace_samples, evaluate=evaluate)
+    checkpoint = getattr(args, "checkpoint", None)
+    summary = train(cfg, resume=resume, trace_samples=args.trace_samples, evaluate=evaluate,
+                    checkpoint=checkpoint)
     if summary["is_main_process"]:
         print(json.dumps({k: v for k, v in summary.items() if k != "is_main_process"}))
-    return 0
+    return EXIT_PREEMPTED if summary["stopped_by"] else 0

@@ -6,21 +6,28 @@ model, optimizer -- sharded under ZeRO --, scheduler, RNG states of every rank),
 state dict of the unwrapped model, for single-process evaluation), renamed to ``step-NNNNNNN`` and only then
 pointed to by ``checkpoints/latest`` (a temp file ``os.replace``d). A directory is complete if and only if its
 name has no ``.tmp-`` prefix, so a run killed at any moment never leaves a checkpoint that loads half-written.
-Atomic against process death on one shared filesystem; not a guarantee against power loss (no fsync).
+Every file is fsynced before the rename, and the directory after it, so the rename never publishes data
+still in the page cache. A resume checks the files it is about to load (JSON parses, zip CRCs, safetensors
+headers) and falls back to an older checkpoint, saying which file is corrupt, when the newest does not load.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
 import shutil
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from safetensors import SafetensorError
 
 from mmebm_dist.rundir import (
     CHECKPOINTS,
@@ -34,6 +41,9 @@ from mmebm_dist.rundir import (
     read_train_state,
     step_dir_name,
 )
+
+NO_SPACE_HINT = ("free space on that filesystem or lower train.keep_checkpoints, then continue with "
+                 "`mmebm train --resume RUN_DIR`")
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +75,10 @@ def consolidated_state_dict(accelerator: Accelerator, model: torch.nn.Module, ck
 def save_checkpoint(
     accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, state: TrainState, *, keep: int
 ) -> Path:
-    """Write checkpoint ``step-<state.step>`` atomically, keep the newest ``keep``. Call on every rank."""
+    """Write checkpoint ``step-<state.step>`` atomically, keep the newest ``keep``. Call on every rank.
+
+    A failed write (a full disk) removes the partial temp directory and raises naming the checkpoint; the
+    previous checkpoints are untouched."""
     root = run_dir / CHECKPOINTS
     final = root / step_dir_name(state.step)
     tmp = root / f".tmp-{final.name}"
@@ -75,19 +88,75 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    weights = consolidated_state_dict(accelerator, model, tmp)
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        weights = consolidated_state_dict(accelerator, model, tmp)
+        if accelerator.is_main_process:
+            torch.save(weights, tmp / MODEL_FILE)
+            atomic_write_text(tmp / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=2) + "\n")
+            fsync_tree(tmp)
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        if isinstance(exc, torch.distributed.DistError):  # a collective failed, not the write
+            raise
+        raise _write_error(exc, final, tmp, run_dir) from exc
     if accelerator.is_main_process:
-        torch.save(weights, tmp / MODEL_FILE)
-        atomic_write_text(tmp / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=2) + "\n")
         if final.exists():  # an older run reached this step before being resumed from an earlier checkpoint
             shutil.rmtree(final)
         os.replace(tmp, final)
         atomic_write_text(root / LATEST, final.name + "\n")
+        _fsync_dir(root)
         _prune(root, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file under ``directory`` and every directory in it (so a later rename publishes data that
+    is on disk, not in the page cache)."""
+    for path in sorted(directory.rglob("*"), reverse=True):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _looks_like_no_space(exc: BaseException, where: Path) -> bool:
+    """ENOSPC, or torch's zip writer failing ("unexpected pos", "file write failed") on a filesystem with
+    less than 1 MiB free (that writer reports a full disk without the errno)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    if "StorageFull" in text or "os error 28" in text:  # safetensors' writer wraps the OS error
+        return True
+    if "unexpected pos" in text or "file write failed" in text:
+        probe = where if where.exists() else where.parent
+        return shutil.disk_usage(probe).free < 2**20
+    return False
+
+
+def _write_error(exc: BaseException, final: Path, tmp: Path, run_dir: Path) -> OSError:
+    """The error to raise for a failed checkpoint write, after removing its partial temp directory."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    previous = complete_checkpoints(run_dir)
+    kept = f"the previous checkpoint {previous[-1]} is untouched" if previous else "no earlier checkpoint"
+    if _looks_like_no_space(exc, final.parent):
+        return OSError(errno.ENOSPC, f"No space left on device while writing {final} ({kept}); "
+                                     f"{NO_SPACE_HINT}")
+    return OSError(getattr(exc, "errno", None) or errno.EIO, f"writing {final} failed: {exc} ({kept})")
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -102,8 +171,175 @@ def _prune(root: Path, keep: int) -> None:
 def load_checkpoint(accelerator: Accelerator, ckpt_dir: Path) -> TrainState:
     """Restore model, optimizer, scheduler and every rank's RNG states from ``ckpt_dir``; return its state."""
     state = read_train_state(ckpt_dir)
-    accelerator.load_state(str(ckpt_dir))
+    with safe_deepspeed_loads():
+        accelerator.load_state(str(ckpt_dir))
     return state
+
+
+@contextlib.contextmanager
+def safe_deepspeed_loads():
+    """Make DeepSpeed's checkpoint reader unpickle with ``weights_only=True`` (it passes ``False``, which lets
+    a planted checkpoint run code), allowing only the DeepSpeed classes its checkpoints hold. No-op without
+    DeepSpeed."""
+    try:
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    except ImportError:
+        yield
+        return
+    original = TorchCheckpointEngine.load
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    TorchCheckpointEngine.load = load
+    try:
+        yield
+    finally:
+        TorchCheckpointEngine.load = original
+
+
+def _deepspeed_safe_globals() -> list:
+    """The non-tensor types found in DeepSpeed ZeRO checkpoints (loss scalers, the ZeRO stage enum)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum]
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of the run (or not the one asked for) loads."""
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` (a checkpoint file) cannot load, or None: unparsable JSON, a torch zip archive that is
+    not one or fails its CRCs, a safetensors file whose header or size is wrong. Unpickles nothing."""
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".safetensors":
+            return _safetensors_problem(path)
+        elif path.suffix in (".bin", ".pt", ".pth", ".pkl"):
+            with open(path, "rb") as f:
+                magic = f.read(2)
+            if magic[:1] == b"\x80":  # torch's legacy (pickle) format, which DeepSpeed writes: no checksum
+                return None
+            if magic != b"PK" or not zipfile.is_zipfile(path):
+                return "not a torch zip archive (truncated or overwritten)"
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                return f"CRC mismatch in its member {bad}"
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header, then exactly the bytes it describes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return "shorter than a safetensors header"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return f"header length {length} exceeds the file size {size}"
+        header = json.loads(f.read(length))
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end != size:
+        return f"size {size} bytes, but its header describes {8 + length + end}"
+    return None
+
+
+def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any rank (a collective)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=accelerator.device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _try_load(
+    accelerator: Accelerator, ckpt: Path, check: Callable[[TrainState, Path], object] | None
+) -> tuple[TrainState | None, str | None]:
+    """Check this rank's share of ``ckpt``'s files, agree across ranks, run ``check`` on its train state (it
+    raises to refuse the resume), then load; (state, None) or (None, why) on every rank alike."""
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file())
+    mine = files[accelerator.process_index :: accelerator.num_processes]
+    problem = next((f"{p}: {why}" for p in mine if (why := checkpoint_problem(p))), None)
+    if problem is None and not (ckpt / STATE_FILE).is_file():
+        problem = f"{ckpt / STATE_FILE} is missing"
+    if _any_rank(accelerator, problem is not None):
+        return None, problem or "a file another rank checked is corrupt (see its log line)"
+    if check is not None:
+        check(read_train_state(ckpt), ckpt)
+    state = None
+    try:
+        state = load_checkpoint(accelerator, ckpt)
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as exc:
+        problem = f"loading {ckpt} failed: {type(exc).__name__}: {exc}"
+    if _any_rank(accelerator, problem is not None):
+        return None, problem or f"loading {ckpt} failed on another rank (see its log line)"
+    return state, None
+
+
+def load_resumable(
+    accelerator: Accelerator,
+    run_dir: Path,
+    name: str | None = None,
+    check: Callable[[TrainState, Path], object] | None = None,
+) -> tuple[Path, TrainState, list[Path]]:
+    """Load checkpoint ``name`` (a ``step-NNNNNNN`` of the run) or else the newest one that loads, warning
+    about each newer one that does not; ``check(state, ckpt)`` may refuse a checkpoint before its state is
+    loaded. Returns the checkpoint, its state and the complete checkpoints newer than it (for
+    :func:`set_aside` once the resume is accepted)."""
+    found = complete_checkpoints(run_dir)
+    if name is not None:
+        chosen = Path(run_dir) / CHECKPOINTS / Path(name).name
+        if chosen not in found:
+            names = ", ".join(p.name for p in found) or "none"
+            raise CheckpointError(f"--checkpoint {name}: no complete checkpoint {chosen}; "
+                                  f"complete ones: {names}")
+        candidates = [chosen]
+    else:
+        candidates = list(reversed(found))
+    for ckpt in candidates:
+        state, problem = _try_load(accelerator, ckpt, check)
+        if state is not None:
+            if ckpt != found[-1]:
+                log.warning("resuming from %s, not the newest checkpoint %s", ckpt, found[-1].name)
+            return ckpt, state, found[found.index(ckpt) + 1 :]
+        log.warning("checkpoint %s does not load: %s", ckpt, problem)
+        if name is not None:
+            raise CheckpointError(f"--checkpoint {name} does not load: {problem}")
+    raise CheckpointError(f"no checkpoint in {Path(run_dir) / CHECKPOINTS} loads ({len(candidates)} tried); "
+                          "see the warnings above for each file, or start a fresh run")
+
+
+def set_aside(accelerator: Accelerator, newer: list[Path]) -> None:
+    """Rename checkpoints newer than the one resumed from to ``*.abandoned`` (rank 0): they are then neither
+    resumed nor counted by ``train.keep_checkpoints``, and stay for inspection."""
+    if accelerator.is_main_process:
+        for path in newer:
+            target = path.with_name(path.name + ".abandoned")
+            for n in range(1, 1000):
+                if not target.exists():
+                    break
+                target = path.with_name(f"{path.name}.abandoned.{n}")
+            path.rename(target)
+            log.warning("moved %s aside to %s (newer than the resumed checkpoint)", path, target.name)
+    accelerator.wait_for_everyone()
+
+
+def load_model_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> torch.nn.Module:
+    """Load a checkpoint's consolidated ``model.pt`` into a plain single-process model."""
+    path = Path(ckpt_dir) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; is '{ckpt_dir}' a complete checkpoint directory?")
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model
 
 
 def load_initial_weights(model: torch.nn.Module, source: str | Path) -> Path:

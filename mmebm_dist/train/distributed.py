@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from mmebm_dist.config import Config
 from mmebm_dist.hardware import resolve_mixed_precision
@@ -31,7 +32,7 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _cpu_workarounds() -> dict:
+def _cpu_workarounds(timeout: timedelta) -> dict:
     """The CPU-only workarounds, all here. Returns extra ``Accelerator`` kwargs; may create the process state.
 
     Measured with accelerate 1.15 / torch 2.13 CPU / deepspeed 0.19 on a machine without a GPU:
@@ -60,7 +61,7 @@ def _cpu_workarounds() -> dict:
 
             # DeepSpeed caches this dict on purpose so that edits persist (deepspeed/ops/__init__.py).
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        PartialState(backend="gloo")
+        PartialState(backend="gloo", timeout=timeout)
         return {}
     return {"cpu": True}
 
@@ -79,9 +80,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
     *process* at every optimizer step, so the lr decay would depend on the world size. The loop steps it once.
     The config's ``train.mixed_precision`` wins over the launcher's (it is what the run directory records);
     ``auto`` is resolved here (:func:`mmebm_dist.hardware.resolve_mixed_precision`, logged on rank 0).
+    ``train.dist_timeout_s`` is the process group's collective timeout.
     """
     precision = resolve_mixed_precision(cfg.train.mixed_precision, _local_device(),
                                         announce=int(os.environ.get("RANK", "0")) == 0)
+    timeout = timedelta(seconds=cfg.train.dist_timeout_s)
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if launcher_precision not in (None, "no", precision):
         log.warning(
@@ -96,7 +99,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.optim.grad_accum,
         step_scheduler_with_optimizer=False,
-        **_cpu_workarounds(),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
+        **_cpu_workarounds(timeout),
     )
     if accelerator.num_processes != launched_processes():
         raise RuntimeError(

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -29,9 +30,13 @@ from mmebm_dist.config import Config, config_to_dict, save_config
 from mmebm_dist.data.stream import SkipTally, prefetch_to_device
 from mmebm_dist.rundir import CHECKPOINTS, CONFIG_FILE, TrainState, append_command, latest_checkpoint
 from mmebm_dist.train.capture import capture_step
-from mmebm_dist.train.checkpoint import load_checkpoint, load_initial_weights, save_checkpoint
+from mmebm_dist.train.checkpoint import load_initial_weights, load_resumable, save_checkpoint, set_aside
 from mmebm_dist.train.distributed import describe, make_accelerator, zero_stage
+from mmebm_dist.train.heartbeat import Heartbeat, is_timeout
 from mmebm_dist.train.metrics import MetricsWriter, SampleTrace
+from mmebm_dist.train.resume import apply_optimizer_changes, optimizer_hyperparameters, resume_changes
+from mmebm_dist.train.runlock import RunLock
+from mmebm_dist.train.signals import StopRequest, run_step_hooks
 
 log = logging.getLogger("mmebm_dist.train")
 
@@ -207,6 +212,8 @@ class TrainSession:
     """Pre-clip global gradient norm of the last synchronised step (``optim.grad_clip > 0``)."""
     data_wait: float = 0.0
     """Seconds spent waiting for micro-batches since the last metrics record."""
+    last_batch: dict | None = None
+    """The step's last micro-batch (the runaway guard re-runs it on the weights due to be checkpointed)."""
     skips: SkipTally = dataclasses.field(default_factory=SkipTally)
     """Samples and shards this process skipped under ``data.on_error=skip``."""
     data_skipped: int = 0
@@ -267,16 +274,26 @@ def _epoch_batches(cfg: Config, world: int) -> int:
     return per_epoch
 
 
-def _initial_state(cfg: Config, accelerator: Accelerator, ckpt: Path | None, order: dict, resume: bool,
-                   record: bool) -> TrainState:
-    """Step 0, or the state restored from ``ckpt`` (model, optimizer, scheduler, RNG of every rank)."""
+def _initial_state(cfg: Config, accelerator: Accelerator, optimizer, scheduler, ckpt: Path | None,
+                   order: dict, resume: bool, record: bool, checkpoint: str | None) -> TrainState:
+    """Step 0, or the state restored from the newest checkpoint that loads (or ``checkpoint``): model,
+    optimizer, scheduler, RNG of every rank, then the optimizer overrides of a resume applied."""
     run_dir = Path(cfg.train.out_dir)
     state = TrainState(step=0, epoch=0, epoch_batch=0, data_order=order, config=config_to_dict(cfg))
     if resume and ckpt is None:
         log.warning("no complete checkpoint in %s/%s: starting from step 0", run_dir, CHECKPOINTS)
     if ckpt is not None:
-        state = load_checkpoint(accelerator, ckpt)
+        fresh = optimizer_hyperparameters(optimizer)
+
+        def refuse(saved: TrainState, path: Path) -> None:  # before loading: a changed model would not fit
+            resume_changes(saved.config, cfg, path)
+
+        ckpt, state, newer = load_resumable(accelerator, run_dir, checkpoint, check=refuse)
+        changes = resume_changes(state.config, cfg, ckpt)
         _check_data_order(state, order, ckpt)
+        apply_optimizer_changes(optimizer, scheduler, fresh, changes)
+        if record:
+            set_aside(accelerator, newer)
         state.data_order, state.config = order, config_to_dict(cfg)
         log.info(
             "resumed from %s: step %d, epoch %d, batch %d", ckpt, state.step, state.epoch, state.epoch_batch
@@ -296,6 +313,7 @@ def setup(
     trace_samples: bool = False,
     record: bool = True,
     batches: Iterator[tuple[int, int, dict]] | None = None,
+    checkpoint: str | None = None,
 ) -> TrainSession:
     """Build the accelerator, model, optimizer, scheduler, state (restored when ``resume``) and data stream.
 
@@ -321,7 +339,7 @@ def setup(
     synthetic = batches is not None
     order = data_order(cfg, world, "synthetic" if synthetic else manifest_hash(cfg.data.path))
     per_epoch = 0 if synthetic else _epoch_batches(cfg, world)
-    state = _initial_state(cfg, accelerator, ckpt, order, resume, record)
+    state = _initial_state(cfg, accelerator, optimizer, scheduler, ckpt, order, resume, record, checkpoint)
     if record and main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG_FILE)
@@ -372,6 +390,7 @@ def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
         if session.trace is not None:
             session.trace.batch(step, epoch, index, batch)
         batch = _to_device(batch, accelerator.device)
+        session.last_batch = batch
         with accelerator.accumulate(model):
             out = model(batch)
             accelerator.backward(out["loss"])
@@ -382,9 +401,9 @@ def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
         terms = {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0}
         try:
             session.unwrapped.check_runaway(terms, step)
-        except FloatingPointError as exc:  # models.RunawayError: say which stage ran away
-            where = f"stage '{stage.name}' ({stage.index + 1} of {len(session.stages)})"
-            raise type(exc)(f"{where}, {exc}") from exc
+        except FloatingPointError as exc:  # models.RunawayError: name the stage and the last good checkpoint
+            where = f"stage '{stage.name}' ({stage.index + 1} of {len(session.stages)}), "
+            raise _with_last_checkpoint(exc, session.run_dir, where) from None
         for key, value in terms.items():
             step_terms[key] = step_terms.get(key, 0.0) + value / accum
     session.scheduler.step()
@@ -437,8 +456,10 @@ def log_metrics(session: TrainSession, step: int, step_terms: dict[str, torch.Te
     return reduced
 
 
-def after_step(session: TrainSession, step: int, clock: Clock, evaluate: Evaluator | None) -> None:
-    """Sample grids, periodic evaluation and checkpoint, each when its ``train.*_every`` says so."""
+def after_step(session: TrainSession, step: int, clock: Clock, evaluate: Evaluator | None,
+               stopped_by: str | None = None) -> None:
+    """Sample grids, periodic evaluation and checkpoint, each when its ``train.*_every`` says so (and a
+    checkpoint when a stop signal arrived); the weights pass the runaway guard before they are saved."""
     cfg, accelerator = session.cfg, session.accelerator
     device = accelerator.device
     run_here = session.main or zero_stage(accelerator) == 3  # ZeRO-3 gathers partitioned weights collectively
@@ -449,7 +470,9 @@ def after_step(session: TrainSession, step: int, clock: Clock, evaluate: Evaluat
             _periodic_eval(session, step, evaluate)
         accelerator.wait_for_everyone()
     periodic = cfg.train.checkpoint_every > 0 and step % cfg.train.checkpoint_every == 0
-    if periodic or step == cfg.train.steps:
+    if periodic or step == cfg.train.steps or stopped_by:
+        guarded = session.model if zero_stage(accelerator) == 3 else session.unwrapped  # ZeRO-3 gathers
+        _guard_weights(guarded, session.unwrapped, session.last_batch, step, device, session.run_dir)
         session.state.wall_time = clock.wall_time(time.time())
         session.metrics.flush()
         keep = cfg.train.keep_checkpoints
@@ -470,18 +493,39 @@ def finish(session: TrainSession) -> None:
 
 
 def train(
-    cfg: Config, *, resume: bool = False, trace_samples: bool = False, evaluate: Evaluator | None = None
+    cfg: Config, *, resume: bool = False, trace_samples: bool = False, evaluate: Evaluator | None = None,
+    checkpoint: str | None = None,
 ) -> dict[str, Any]:
-    """Train ``cfg`` into ``cfg.train.out_dir`` (resuming from its newest checkpoint when ``resume``);
-    ``evaluate`` runs every ``train.eval_every`` steps.
+    """Train ``cfg`` into ``cfg.train.out_dir`` (resuming from its newest checkpoint that loads, or from
+    ``checkpoint``, when ``resume``); ``evaluate`` runs every ``train.eval_every`` steps.
 
-    Returns a summary (final step, last reduced loss terms, world size, run directory).
+    Returns a summary (final step, last reduced loss terms, world size, run directory, and ``stopped_by``:
+    the signal's name when SIGTERM/SIGUSR1 stopped the run after a checkpoint). Rank 0 holds the run
+    directory's lock throughout; a collective that times out is reported naming the rank that stopped.
     """
     if cfg.train.eval_every > 0 and evaluate is None:
         raise ValueError("train.eval_every > 0 needs an evaluation: pass evaluate= (`mmebm train` passes "
                          "mmebm_dist.evaluate.periodic.periodic_eval) or set train.eval_every=0")
-    session = setup(cfg, resume=resume, trace_samples=trace_samples)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    run_dir = Path(cfg.train.out_dir)
+    lock = RunLock(run_dir) if rank == 0 else contextlib.nullcontext()
+    with lock, StopRequest() as stop, Heartbeat(run_dir, rank, world, cfg.train.dist_timeout_s) as heartbeat:
+        try:
+            return _train(cfg, stop, heartbeat, resume=resume, trace_samples=trace_samples, evaluate=evaluate,
+                          checkpoint=checkpoint)
+        except RuntimeError as exc:
+            if world > 1 and is_timeout(exc):
+                raise heartbeat.explain_timeout(exc) from exc
+            raise
+
+
+def _train(cfg: Config, stop: StopRequest, heartbeat: Heartbeat, *, resume: bool, trace_samples: bool,
+           evaluate: Evaluator | None, checkpoint: str | None) -> dict[str, Any]:
+    """The body of :func:`train`, inside the run lock, the stop-signal handlers and the heartbeat."""
+    session = setup(cfg, resume=resume, trace_samples=trace_samples, checkpoint=checkpoint)
     state = session.state
+    heartbeat.start(state.step)
+    stopped_by = None
     bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not session.main, desc="train",
                dynamic_ncols=True)
     clock = Clock(base_wall=state.wall_time)
@@ -490,10 +534,18 @@ def train(
         step_terms = train_step(session, step)
         clock.window_steps += 1
         bar.update(1)
+        run_step_hooks(step, session.unwrapped)
+        heartbeat.beat(step)
+        stopped_by = stop.agreed(session.accelerator.device)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             reduced = log_metrics(session, step, step_terms, clock)
             bar.set_postfix(loss=f"{reduced['loss']:.4g}", refresh=False)
-        after_step(session, step, clock, evaluate)
+        after_step(session, step, clock, evaluate, stopped_by)
+        if stopped_by:
+            log.warning("%s: stopped after step %d with checkpoint %s; continue with "
+                        "`mmebm train --resume %s`", stopped_by, step, latest_checkpoint(session.run_dir),
+                        session.run_dir)
+            break
     bar.close()
     finish(session)
     return {
@@ -503,6 +555,7 @@ def train(
         "world_size": session.world,
         "run_dir": str(session.run_dir),
         "is_main_process": session.main,
+        "stopped_by": stopped_by,
     }
 
 
@@ -544,3 +597,33 @@ def _periodic_eval(session: TrainSession, step: int, evaluate: Evaluator) -> Non
     session.metrics.log(
         {"step": step, **{f"eval/{k}": float(v) for k, v in results.items() if isinstance(v, (int, float))}}
     )
+
+
+def _with_last_checkpoint(exc: FloatingPointError, run_dir: Path, prefix: str) -> FloatingPointError:
+    from mmebm_dist.models.multimodal_vae import RunawayError
+
+    last = latest_checkpoint(run_dir)
+    where = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
+    return RunawayError(f"{prefix}{exc}; {where}")
+
+
+def _guard_weights(
+    model: torch.nn.Module, unwrapped: torch.nn.Module, batch: dict, step: int, device: torch.device,
+    run_dir: Path,
+) -> None:
+    """Run the runaway guard on the weights about to be checkpointed (the step's own guard saw the loss of
+    the weights before its optimizer step): one forward of the step's last batch, off the training RNG, with
+    the buffers it may update (spectral-norm vectors) restored."""
+    buffers = {name: b.clone() for name, b in unwrapped.named_buffers()}
+    try:
+        with isolated_rng(device), torch.no_grad():  # Langevin enables autograd where it needs it
+            out = model(batch)
+        terms = {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0}
+        unwrapped.check_runaway(terms, step)
+    except FloatingPointError as exc:
+        prefix = f"step {step}: the weights due to be checkpointed fail the runaway guard: "
+        raise _with_last_checkpoint(exc, run_dir, prefix) from None
+    finally:
+        with torch.no_grad():
+            for name, b in unwrapped.named_buffers():
+                b.copy_(buffers[name])
