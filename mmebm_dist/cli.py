@@ -12,7 +12,7 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "data": ("mmebm_dist.data.cli", "build, verify and inspect webdataset shards"),
+    "data": ("mmebm_dist.datasets.cli", "build, verify and inspect webdataset shards"),
     "train": ("mmebm_dist.train.cli", "train a model from a config (single process, DDP or DeepSpeed)"),
     "sample": ("mmebm_dist.evaluate.sample_cli", "write joint and cross-generation sample grids of a run"),
     "eval": ("mmebm_dist.evaluate.cli", "coherence, ELBO and report of a trained run"),

@@ -324,7 +324,7 @@ def attribute_chunks(num: int, batch: int, seed: int = 0) -> list[dict[str, torc
 
 
 def test_attribute_agreement_compares_only_what_two_readings_state():
-    from mmebm_dist.data.birds import UNMENTIONED
+    from mmebm_dist.datasets.birds import UNMENTIONED
     from mmebm_dist.evaluate.coherence import UNSTATED, attribute_agreement
 
     assert UNSTATED == UNMENTIONED  # the birds reader's "not mentioned" is the judge's "not stated"

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from mmebm_dist.data import birds, generated, shards, stream
-from mmebm_dist.data.birds import (
+from mmebm_dist.data import shards, stream
+from mmebm_dist.data.text import EOS_ID, UNK_ID, Vocabulary, tokenize
+from mmebm_dist.datasets import birds, generated
+from mmebm_dist.datasets.birds import (
     ATTRIBUTE_NAMES,
     ATTRIBUTES,
     MAX_TOKENS,
@@ -22,7 +24,6 @@ from mmebm_dist.data.birds import (
     render_bird,
     sample_attributes,
 )
-from mmebm_dist.data.text import EOS_ID, UNK_ID, Vocabulary, tokenize
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,7 @@ def test_build_is_deterministic_across_workers(built, tmp_path):
 
 
 def test_shards_verify_load_and_keep_all_captions(built):
-    from mmebm_dist.data.birds_coherence import load_split
+    from mmebm_dist.evaluate.judges.birds import load_split
 
     out, manifest = built
     assert shards.verify(out, progress=False) == {"shards": 5, "samples": 34}
@@ -182,7 +183,7 @@ def test_shards_verify_load_and_keep_all_captions(built):
 
 
 def test_attribute_classifier_trains_saves_and_loads(built):
-    from mmebm_dist.data.birds_coherence import load_classifier, save_classifier, train_attribute_classifier
+    from mmebm_dist.evaluate.judges.birds import load_classifier, save_classifier, train_attribute_classifier
 
     out, _ = built
     torch.manual_seed(0)
@@ -222,7 +223,7 @@ class _OracleClassifier:
 
 
 def test_cross_coherence_functions_score_an_oracle_perfectly(built):
-    from mmebm_dist.data import birds_coherence as bc
+    from mmebm_dist.evaluate.judges import birds as bc
 
     out, _ = built
     data, vocab = bc.load_split(out, "test"), Vocabulary.load(out)

@@ -1,4 +1,4 @@
-"""mmebm_dist.langevin.sample: backend choice, forced-backend errors, divergence, backends against autograd.
+"""prior.langevin.sample: backend choice, forced-backend errors, divergence, backends against autograd.
 
 fp32 tolerance rtol = atol = 1e-5: backends differ from autograd only in matmul summation order (~1e-7/step).
 """
@@ -15,9 +15,9 @@ import warnings
 import pytest
 import torch
 
-from mmebm_dist import langevin
-from mmebm_dist.langevin import LangevinDivergenceError, resolve_backend, sample
-from mmebm_dist.models.energy import ACTIVATIONS, EnergyMLP
+from mmebm_dist.prior import langevin
+from mmebm_dist.prior.energy import ACTIVATIONS, EnergyMLP
+from mmebm_dist.prior.langevin import LangevinDivergenceError, resolve_backend, sample
 
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
 TRITON_OK = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
@@ -115,8 +115,8 @@ def test_forced_triton_on_cpu_raises_in_a_process_without_interpreter():
     """The real condition: a fresh process without TRITON_INTERPRET; auto must still run (torch)."""
     script = textwrap.dedent("""
         import torch
-        from mmebm_dist.langevin import resolve_backend, sample
-        from mmebm_dist.models.energy import EnergyMLP
+        from mmebm_dist.prior.langevin import resolve_backend, sample
+        from mmebm_dist.prior.energy import EnergyMLP
         energy = EnergyMLP(4, 8, 2, "gelu")
         z0 = torch.zeros(2, 4)
         assert resolve_backend(energy, z0) == "torch"

@@ -1,7 +1,7 @@
 """``mmebm classifiers train --data DIR``: train the classifiers that judge coherence on the real shards.
 
 Digit data sets (PolyMNIST, MNIST-SVHN; any shapes): one digit classifier per modality. The generated birds:
-the image attribute classifier of :mod:`mmebm_dist.data.birds_coherence` (captions are read exactly, so they
+the image attribute classifier of :mod:`mmebm_dist.evaluate.judges.birds` (captions are read exactly, so they
 need none). Reports test accuracy and saves with the data's manifest hash (evaluation refuses classifiers
 trained on other data).
 """
@@ -49,7 +49,7 @@ def _setting(args: argparse.Namespace, name: str, defaults: dict) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmebm_dist.data.birds_coherence import is_birds
+    from mmebm_dist.evaluate.judges.birds import is_birds
 
     if is_birds(args.data):
         return train_birds(args)
@@ -110,10 +110,10 @@ def train_digits(args: argparse.Namespace) -> int:
 
 def train_birds(args: argparse.Namespace) -> int:
     """The image attribute classifier of the generated birds, cached as OUT/attribute_classifier.pt."""
-    from mmebm_dist.data import birds_coherence as bc
     from mmebm_dist.data.shards import manifest_hash
     from mmebm_dist.data.text import VOCAB_FILE, Vocabulary
     from mmebm_dist.evaluate.generate import resolve_device
+    from mmebm_dist.evaluate.judges import birds as bc
 
     start = time.perf_counter()
     data = Path(args.data)

@@ -2,7 +2,7 @@
 Langevin sweep), test-set objective terms and a linear probe; writes eval.json, report.md and PNGs.
 
 Digit data sets are judged by one classifier per modality (``mmebm classifiers train``); the generated birds
-by their known attributes (``mmebm_dist.data.birds_coherence``: exact caption reader, image attribute
+by their known attributes (``mmebm_dist.evaluate.judges.birds``: exact caption reader, image attribute
 classifier), in the same layout. Generated captions are drawn into the grids and listed in report.md.
 
 Under torchrun / ``accelerate launch`` (WORLD_SIZE > 1) the samples and test tuples are split over the
@@ -87,10 +87,10 @@ def run(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
     """Every figure of ``mmebm eval``; this process is ``rank`` of ``world`` (rank 0 writes the files)."""
-    from mmebm_dist.data import birds_coherence
     from mmebm_dist.evaluate import generate, latent, report
     from mmebm_dist.evaluate.classifiers import load_classifiers
     from mmebm_dist.evaluate.coherence import measure_attribute_coherence, measure_coherence
+    from mmebm_dist.evaluate.judges import birds as birds_coherence
 
     start = time.perf_counter()
     device = generate.resolve_device(args.device)
@@ -122,7 +122,7 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
                   "test_accuracy": judge.test_accuracy,
                   "note": "Images are read by the attribute classifier (its test accuracy per attribute "
                           "below); captions by the exact rule-based reader "
-                          "(mmebm_dist.data.birds.read_caption_attributes)."}
+                          "(mmebm_dist.datasets.birds.read_caption_attributes)."}
     else:
         classifiers = load_classifiers(clf_dir, manifest_hash=data_hash, data_path=data_path,
                                        modalities=model.modalities, device=device)

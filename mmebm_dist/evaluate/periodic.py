@@ -3,7 +3,7 @@
 Called by the training loop every ``train.eval_every`` steps (on rank 0, or on every rank under ZeRO-3 where
 weights are gathered collectively); it runs as a single process (no all_reduce) on the unwrapped model. The
 classifiers, manifest hash and test tuples are read once per process and cached. The generated birds are
-judged by their attributes (``mmebm_dist.data.birds_coherence``), with the same figure names.
+judged by their attributes (``mmebm_dist.evaluate.judges.birds``), with the same figure names.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def _cached_classifiers(cfg: Config, modalities: list[str], device: torch.device
 
 
 def _cached_judge(cfg: Config, device: torch.device):
-    from mmebm_dist.data.birds_coherence import load_judge
     from mmebm_dist.data.shards import manifest_hash
+    from mmebm_dist.evaluate.judges.birds import load_judge
 
     data = str(cfg.data.path)
     if data not in _hashes:
@@ -73,8 +73,8 @@ def periodic_eval(model: torch.nn.Module, cfg: Config, step: int, *, num_samples
     and ``classifier_min_accuracy`` (the loop logs ``step`` itself). Seeded by ``train.seed`` so that steps
     are compared on the same test tuples and noise.
     """
-    from mmebm_dist.data.birds_coherence import is_birds, read_attribute_chunks
     from mmebm_dist.evaluate.generate import read_chunks
+    from mmebm_dist.evaluate.judges.birds import is_birds, read_attribute_chunks
 
     model = getattr(model, "module", model)  # tolerate a DDP wrapper
     device = next(model.parameters()).device

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmebm_dist.data import generated, shards
-from mmebm_dist.data.generated import LUMA, ring_contrast
+from mmebm_dist.data import shards
 from mmebm_dist.data.text import VOCAB_FILE, Vocabulary, normalize, tokenize
+from mmebm_dist.datasets import generated
+from mmebm_dist.datasets.generated import LUMA, ring_contrast
 
 COLOURS = ("black", "white", "grey", "brown", "red", "orange", "yellow", "green", "blue", "purple")
 COLOUR_RGB = {
@@ -549,7 +550,7 @@ def build_birds(spec: BirdsSpec, *, progress: bool = True) -> dict[str, Any]:
     ``captions.npy`` (int64 [10, 32], all captions), ``attrs.npy`` (int64 [8], in ATTRIBUTE_NAMES order)
     and ``cls`` (the body colour).
     """
-    from mmebm_dist.data.mnist_svhn import params_to_dict
+    from mmebm_dist.datasets.mnist_svhn import params_to_dict
 
     for name, n in (("--num-train", spec.num_train), ("--num-test", spec.num_test)):
         if n < 1:
@@ -632,7 +633,7 @@ def build_birds(spec: BirdsSpec, *, progress: bool = True) -> dict[str, Any]:
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``mmebm data birds``."""
-    from mmebm_dist.data.cli import add_generated_build_arguments
+    from mmebm_dist.datasets.cli import add_generated_build_arguments
 
     add_generated_build_arguments(
         parser,

@@ -50,8 +50,8 @@ import torch
 from torch import nn
 
 from mmebm_dist.kernels.langevin_torch import auto_workers, langevin_torch
-from mmebm_dist.models.densities import reference_density
-from mmebm_dist.models.energy import LEAKY_SLOPE, EnergyMLP
+from mmebm_dist.prior.densities import reference_density
+from mmebm_dist.prior.energy import LEAKY_SLOPE, EnergyMLP
 
 BACKENDS = ("auto", "autograd", "torch", "triton")
 

@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from mmebm_dist.data import generated, shards
+from mmebm_dist.data import shards
 from mmebm_dist.data.codec import encode_png
-from mmebm_dist.data.generated import BACKGROUNDS as BACKGROUNDS  # re-exported: PolyMNIST's backgrounds
-from mmebm_dist.data.generated import SPLIT_IDS, load_backgrounds
 from mmebm_dist.data.sources import IMAGE_SIZE, SourceData, load_source
+from mmebm_dist.datasets import generated
+from mmebm_dist.datasets.generated import BACKGROUNDS as BACKGROUNDS  # re-exported: PolyMNIST's backgrounds
+from mmebm_dist.datasets.generated import SPLIT_IDS, load_backgrounds
 
 BINARISE_THRESHOLD = 128
 FORMATS = ("shards", "folders")

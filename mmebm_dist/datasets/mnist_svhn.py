@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from mmebm_dist.data import generated, shards
-from mmebm_dist.data.generated import LUMA, SPLIT_IDS, dilate, ring_contrast
+from mmebm_dist.data import shards
 from mmebm_dist.data.sources import DIGIT_CLASSES, load_source
+from mmebm_dist.datasets import generated
+from mmebm_dist.datasets.generated import LUMA, SPLIT_IDS, dilate, ring_contrast
 
 # SVHN's published per-class counts (digit 0..9; SVHN stores 0 as label 10): 73,257 train, 26,032 test.
 SVHN_CLASS_COUNTS = {
@@ -157,7 +158,7 @@ def glyph_contrast(image: np.ndarray, alpha: np.ndarray, ring: int = 2) -> float
 
     ``image`` uint8 [H, W, 3]; ``alpha`` [G, H, W] per-glyph coverage. Core = coverage >= 0.5, ring = pixels
     within ``ring`` px of the core that no glyph covers; measured on the final uint8 image, so blur, noise
-    and anti-aliasing count (see :func:`mmebm_dist.data.generated.ring_contrast`).
+    and anti-aliasing count (see :func:`mmebm_dist.datasets.generated.ring_contrast`).
     """
     ink = alpha.sum(axis=0)
     return min(ring_contrast(image, glyph, ink, ring=ring, luminance=True) for glyph in alpha)
@@ -552,7 +553,7 @@ def build_mnist_svhn(spec: MnistSvhnSpec, *, progress: bool = True) -> dict[str,
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``mmebm data mnist-svhn``."""
-    from mmebm_dist.data.cli import add_generated_build_arguments, positive_int
+    from mmebm_dist.datasets.cli import add_generated_build_arguments, positive_int
 
     d = MnistSvhnSpec()
     add_generated_build_arguments(

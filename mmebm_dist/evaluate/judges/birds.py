@@ -1,6 +1,6 @@
 """Exact attribute coherence on the generated birds: an image attribute classifier and the three coherences.
 
-The captions are read back by the rule-based :func:`mmebm_dist.data.birds.read_caption_attributes`; images
+The captions are read back by the rule-based :func:`mmebm_dist.datasets.birds.read_caption_attributes`; images
 are read by :class:`AttributeClassifier` (one head per attribute, trained on the real training images; its
 test accuracy bounds every image-side figure, report it beside them). With a trained multimodal model:
 
@@ -8,7 +8,8 @@ test accuracy bounds every image-side figure, report it beside them). With a tra
 - text -> image: the classifier on images generated from captions, against what the source caption states;
 - joint: the classifier on jointly generated images, against what the jointly generated captions state.
 
-Each returns :func:`mmebm_dist.data.birds.attribute_coherence`'s dict (``acc``, ``stated``, per attribute).
+Each returns :func:`mmebm_dist.datasets.birds.attribute_coherence`'s dict (``acc``, ``stated``, per
+attribute).
 ``mmebm eval`` uses :class:`BirdsJudge` (the same readers, as
 :class:`mmebm_dist.evaluate.coherence.AttributeJudge`) with :func:`read_attribute_chunks`; the classifier is
 trained by ``mmebm classifiers train --data DIR`` and cached as ``DIR/classifiers/attribute_classifier.pt``.
@@ -29,7 +30,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmebm_dist.data import shards
-from mmebm_dist.data.birds import (
+from mmebm_dist.data.text import VOCAB_FILE, Vocabulary
+from mmebm_dist.datasets.birds import (
     ATTRIBUTE_NAMES,
     ATTRIBUTES,
     IMAGE_MODALITY,
@@ -38,7 +40,6 @@ from mmebm_dist.data.birds import (
     attribute_coherence,
     read_caption_attributes,
 )
-from mmebm_dist.data.text import VOCAB_FILE, Vocabulary
 
 CLASSIFIER_FILE = "attribute_classifier.pt"
 SUMMARY_FILE = "attribute_classifier.json"
@@ -201,7 +202,7 @@ def load_classifier(path: str | os.PathLike, *, manifest_hash: str | None = None
     if manifest_hash is not None and blob["manifest_hash"] != manifest_hash:
         raise ValueError(
             f"{path} was trained on data with manifest hash {blob['manifest_hash']}, not "
-            f"{manifest_hash}; retrain it (python -m mmebm_dist.data.birds_coherence DIR)"
+            f"{manifest_hash}; retrain it (python -m mmebm_dist.evaluate.judges.birds DIR)"
         )
     model = AttributeClassifier(blob["width"])
     model.load_state_dict(blob["state_dict"])
@@ -400,7 +401,7 @@ def read_attribute_chunks(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mmebm_dist.data.birds_coherence DIR``: train the attribute classifier, save it in
+    """``python -m mmebm_dist.evaluate.judges.birds DIR``: train the attribute classifier, save it in
     DIR/classifiers (what ``mmebm classifiers train --data DIR`` does for a birds data set)."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("dir", help="birds data set (mmebm data birds --out DIR)")

@@ -1,0 +1,1 @@
+"""Judges of generated samples, one per kind of data set: digit classifiers, bird attributes."""
