@@ -16,7 +16,6 @@ from mmebm_dist.datasets.birds import (
     UNMENTIONED,
     BirdParams,
     BirdsSpec,
-    attribute_coherence,
     build_birds,
     caption_vocabulary,
     make_caption,
@@ -24,6 +23,7 @@ from mmebm_dist.datasets.birds import (
     render_bird,
     sample_attributes,
 )
+from mmebm_dist.evaluate.judges.birds import attribute_coherence
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,15 @@
-"""Exact attribute coherence on the generated birds: an image attribute classifier and the three coherences.
+"""The judge of the generated birds: an image attribute classifier and the exact caption reader.
 
 The captions are read back by the rule-based :func:`mmebm_dist.datasets.birds.read_caption_attributes`; images
 are read by :class:`AttributeClassifier` (one head per attribute, trained on the real training images; its
-test accuracy bounds every image-side figure, report it beside them). With a trained multimodal model:
+test accuracy bounds every image-side figure, report it beside them). ``mmebm eval`` uses :class:`BirdsJudge`
+with :func:`read_test_chunks`; the classifier is trained by ``mmebm classifiers train --data DIR``
+(:func:`train_from_args`) and cached as ``DIR/classifiers/attribute_classifier.pt``.
 
-- image -> text: attributes read from captions generated from images, against the images' true attributes;
-- text -> image: the classifier on images generated from captions, against what the source caption states;
-- joint: the classifier on jointly generated images, against what the jointly generated captions state.
-
-Each returns :func:`mmebm_dist.datasets.birds.attribute_coherence`'s dict (``acc``, ``stated``, per
-attribute).
-``mmebm eval`` uses :class:`BirdsJudge` (the same readers, as
-:class:`mmebm_dist.evaluate.coherence.AttributeJudge`) with :func:`read_attribute_chunks`; the classifier is
-trained by ``mmebm classifiers train --data DIR`` and cached as ``DIR/classifiers/attribute_classifier.pt``.
+Offline, for a trained model: :func:`image_to_text` (captions generated from images against the images' true
+attributes), :func:`text_to_image` (the classifier on images generated from captions against what the caption
+states) and :func:`joint` (joint samples' captions against the classifier's reading of their images), each
+returning :func:`attribute_coherence`'s dict (``acc``, ``stated``, per attribute).
 """
 
 from __future__ import annotations
@@ -20,7 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from mmebm_dist.datasets.birds import (
     IMAGE_MODALITY,
     LABEL_ATTRIBUTE,
     TEXT_MODALITY,
-    attribute_coherence,
+    UNMENTIONED,
     read_caption_attributes,
 )
 
@@ -45,11 +43,8 @@ CLASSIFIER_FILE = "attribute_classifier.pt"
 SUMMARY_FILE = "attribute_classifier.json"
 CLASSIFIER_DIR = "classifiers"
 """Default place of the classifier: DIR/classifiers/, as the digit classifiers of the other data sets."""
-
-
-def is_birds(directory: str | os.PathLike) -> bool:
-    """Whether ``directory`` holds a data set written by ``mmebm data birds`` (attributes known)."""
-    return shards.read_manifest(directory).get("builder", {}).get("command") == "birds"
+DEFAULTS = {"batch_size": 64, "lr": 1e-3, "width": 32, "steps": 1500}
+"""``mmebm classifiers train`` settings left unset on the command line."""
 
 
 def load_split(directory: str | os.PathLike, split: str, limit: int | None = None) -> dict[str, np.ndarray]:
@@ -202,7 +197,7 @@ def load_classifier(path: str | os.PathLike, *, manifest_hash: str | None = None
     if manifest_hash is not None and blob["manifest_hash"] != manifest_hash:
         raise ValueError(
             f"{path} was trained on data with manifest hash {blob['manifest_hash']}, not "
-            f"{manifest_hash}; retrain it (python -m mmebm_dist.evaluate.judges.birds DIR)"
+            f"{manifest_hash}; retrain it (mmebm classifiers train --data DIR)"
         )
     model = AttributeClassifier(blob["width"])
     model.load_state_dict(blob["state_dict"])
@@ -225,6 +220,44 @@ def save_summary(path: str | os.PathLike, summary: dict[str, Any]) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------- coherence
+
+
+def attribute_coherence(
+    predicted: Mapping[str, Sequence[int] | np.ndarray], target: Mapping[str, Sequence[int] | np.ndarray]
+) -> dict[str, float]:
+    """Share of correct attributes, counting only those the prediction states (value != UNMENTIONED).
+
+    ``predicted`` and ``target`` map attribute names to int arrays [N]. Returns per attribute
+    ``acc/<name>`` (accuracy over stated values, NaN when none stated) and ``stated/<name>`` (share stated),
+    plus ``acc`` (mean over attributes with a stated value) and ``stated`` (mean share stated). For
+    image->text coherence pass the attributes read from generated captions and the source image's true
+    attributes; for text->image pass the image attribute classifiers' predictions on generated images and
+    the attributes read from the source caption as ``target`` (unstated targets are then skipped too).
+    """
+    out: dict[str, float] = {}
+    accs, stated = [], []
+    for name in ATTRIBUTE_NAMES:
+        if name not in predicted or name not in target:
+            continue
+        p = np.asarray(predicted[name]).reshape(-1)
+        t = np.asarray(target[name]).reshape(-1)
+        if p.shape != t.shape:
+            raise ValueError(f"attribute '{name}': predicted has {p.shape[0]} values, target {t.shape[0]}")
+        valid = (p != UNMENTIONED) & (t != UNMENTIONED)
+        share = float(valid.mean()) if valid.size else 0.0
+        acc = float((p[valid] == t[valid]).mean()) if valid.any() else float("nan")
+        out[f"acc/{name}"], out[f"stated/{name}"] = acc, share
+        stated.append(share)
+        if valid.any():
+            accs.append(acc)
+    if not stated:
+        raise ValueError(
+            f"no attribute in common: predicted {sorted(predicted)}, target {sorted(target)}; "
+            f"expected names from {ATTRIBUTE_NAMES}"
+        )
+    out["acc"] = float(np.mean(accs)) if accs else float("nan")
+    out["stated"] = float(np.mean(stated))
+    return out
 
 
 def caption_attributes(ids: np.ndarray | torch.Tensor, vocab: Vocabulary) -> dict[str, np.ndarray]:
@@ -308,10 +341,9 @@ def joint(
 
 
 class BirdsJudge:
-    """Attribute readings for ``mmebm eval`` (``mmebm_dist.evaluate.coherence.AttributeJudge``): the exact
-    reader for captions, the trained classifier for images; a test tuple's image fixes its true attributes,
-    its caption fixes what the caption states. Values are indices into ATTRIBUTES; UNMENTIONED (-1) where a
-    caption says nothing."""
+    """Attribute readings (``mmebm_dist.evaluate.judges.Judge``): the exact reader for captions, the trained
+    classifier for images; a test tuple's image fixes its true attributes, its caption what the caption
+    states. Values are indices into ATTRIBUTES; UNMENTIONED (-1) where a caption says nothing."""
 
     attributes = ATTRIBUTE_NAMES
 
@@ -346,16 +378,30 @@ class BirdsJudge:
             return batch["attributes"].long().cpu()
         return self.read(name, batch[name])
 
+    def describe(self) -> dict:
+        return {"dir": str(Path(self.path).parent), "manifest_hash": self.manifest_hash, "file": self.path,
+                "test_accuracy": self.test_accuracy,
+                "note": "Images are read by the attribute classifier (its test accuracy per attribute "
+                        "below); captions by the exact rule-based reader "
+                        "(mmebm_dist.datasets.birds.read_caption_attributes)."}
+
 
 def load_judge(
     classifier_dir: str | os.PathLike,
     data_dir: str | os.PathLike,
     *,
     manifest_hash: str | None,
+    modalities: Sequence[str] | None = None,
     device: torch.device | str = "cpu",
 ) -> BirdsJudge:
     """The judge of a birds data set: its vocabulary and the attribute classifier cached in ``classifier_dir``
-    (refused when trained on other data)."""
+    (refused when trained on other data, or when ``modalities`` are not the birds' image and caption)."""
+    unknown = sorted(set(modalities or ()) - {IMAGE_MODALITY, TEXT_MODALITY})
+    if unknown:
+        raise KeyError(
+            f"modalities {unknown} are not birds modalities ({IMAGE_MODALITY!r}, {TEXT_MODALITY!r}); "
+            "evaluate birds runs with the modality names of configs/birds_*.yaml"
+        )
     path = classifier_path(classifier_dir)
     if not path.is_file():
         raise FileNotFoundError(
@@ -366,21 +412,20 @@ def load_judge(
     return BirdsJudge(classifier, Vocabulary.load(Path(data_dir) / VOCAB_FILE), path=path)
 
 
-def read_attribute_chunks(
+def read_test_chunks(
     directory: str | os.PathLike,
     *,
     num: int,
     batch_size: int,
-    split: str = "test",
     rank: int = 0,
     world_size: int = 1,
 ) -> list[dict[str, torch.Tensor] | None]:
-    """The first ``num`` samples of ``split`` (manifest order, as ``evaluate.generate.read_chunks``) as model
-    batches plus ``attributes`` int64 [B, A], cut into chunks of ``batch_size``; chunks another rank handles
+    """The first ``num`` test samples (manifest order, as ``evaluate.generate.read_chunks``) as model batches
+    plus ``attributes`` int64 [B, A], cut into chunks of ``batch_size``; chunks another rank handles
     (i % world_size != rank) are None."""
     if num <= 0 or batch_size <= 0:
         raise ValueError(f"number of samples ({num}) and batch size ({batch_size}) must be positive")
-    data = load_split(directory, split, limit=num)
+    data = load_split(directory, "test", limit=num)
     label = ATTRIBUTE_NAMES.index(LABEL_ATTRIBUTE)
     chunks: list[dict[str, torch.Tensor] | None] = []
     for k, start in enumerate(range(0, len(data["images"]), batch_size)):
@@ -400,26 +445,31 @@ def read_attribute_chunks(
     return chunks
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m mmebm_dist.evaluate.judges.birds DIR``: train the attribute classifier, save it in
-    DIR/classifiers (what ``mmebm classifiers train --data DIR`` does for a birds data set)."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("dir", help="birds data set (mmebm data birds --out DIR)")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    Vocabulary.load(Path(args.dir) / VOCAB_FILE)  # fail early on a data set without captions
-    model, report = train_attribute_classifier(
-        args.dir, steps=args.steps, batch_size=args.batch_size, width=args.width, seed=args.seed
-    )
-    path = classifier_path(Path(args.dir) / CLASSIFIER_DIR)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_classifier(model, report, path, shards.manifest_hash(args.dir))
-    print(json.dumps({"classifier": str(path), "test_accuracy": report}, indent=1))
+def train_from_args(args: argparse.Namespace) -> int:
+    """``mmebm classifiers train`` on a birds data set: the image attribute classifier, cached as
+    OUT/attribute_classifier.pt (captions are read exactly, so they need none)."""
+    from mmebm_dist.evaluate.generate import resolve_device
+
+    start = time.perf_counter()
+    data = Path(args.data)
+    Vocabulary.load(data / VOCAB_FILE)  # fail early on a damaged data set
+    out = Path(args.out) if args.out else data / CLASSIFIER_DIR
+    settings = {name: DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)
+                for name in ("steps", "batch_size", "lr", "width")}
+    model, accuracy = train_attribute_classifier(
+        data, steps=int(settings["steps"]), batch_size=int(settings["batch_size"]), lr=float(settings["lr"]),
+        width=int(settings["width"]), seed=args.seed, device=resolve_device(args.device))
+    data_hash = shards.manifest_hash(data)
+    out.mkdir(parents=True, exist_ok=True)
+    path = classifier_path(out)
+    save_classifier(model.cpu(), accuracy, path, data_hash)
+    seconds = time.perf_counter() - start
+    save_summary(out / SUMMARY_FILE, {"data_path": str(data), "manifest_hash": data_hash,
+                                      "test_accuracy": accuracy, "seed": args.seed, "seconds": seconds,
+                                      **settings})
+    print(f"attribute classifier for birds data {data} (manifest hash {data_hash[:12]}...), "
+          f"{settings['steps']} steps, {seconds:.0f} s; captions are read exactly (no classifier):")
+    for name, acc in accuracy.items():
+        print(f"  {name}: test accuracy {acc:.4f}")
+    print(f"saved to {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
