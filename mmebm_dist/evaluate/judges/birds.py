@@ -4,12 +4,8 @@ The captions are read back by the rule-based :func:`mmebm_dist.datasets.birds.re
 are read by :class:`AttributeClassifier` (one head per attribute, trained on the real training images; its
 test accuracy bounds every image-side figure, report it beside them). ``mmebm eval`` uses :class:`BirdsJudge`
 with :func:`read_test_chunks`; the classifier is trained by ``mmebm classifiers train --data DIR``
-(:func:`train_from_args`) and cached as ``DIR/classifiers/attribute_classifier.pt``.
-
-Offline, for a trained model: :func:`image_to_text` (captions generated from images against the images' true
-attributes), :func:`text_to_image` (the classifier on images generated from captions against what the caption
-states) and :func:`joint` (joint samples' captions against the classifier's reading of their images), each
-returning :func:`attribute_coherence`'s dict (``acc``, ``stated``, per attribute).
+(:func:`train_from_args`) and cached as ``DIR/classifiers/attribute_classifier.pt``. The figures are
+:func:`mmebm_dist.evaluate.coherence.measure_coherence`'s, as for every judge.
 """
 
 from __future__ import annotations
@@ -18,7 +14,7 @@ import argparse
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +31,6 @@ from mmebm_dist.datasets.birds import (
     IMAGE_MODALITY,
     LABEL_ATTRIBUTE,
     TEXT_MODALITY,
-    UNMENTIONED,
     read_caption_attributes,
 )
 
@@ -132,10 +127,6 @@ def _as_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float() / 255.0
 
 
-def _targets(attributes: np.ndarray) -> dict[str, np.ndarray]:
-    return {name: attributes[:, k] for k, name in enumerate(ATTRIBUTE_NAMES)}
-
-
 def train_attribute_classifier(
     directory: str | os.PathLike,
     *,
@@ -222,122 +213,10 @@ def save_summary(path: str | os.PathLike, summary: dict[str, Any]) -> Path:
 # ------------------------------------------------------------------------------------------------- coherence
 
 
-def attribute_coherence(
-    predicted: Mapping[str, Sequence[int] | np.ndarray], target: Mapping[str, Sequence[int] | np.ndarray]
-) -> dict[str, float]:
-    """Share of correct attributes, counting only those the prediction states (value != UNMENTIONED).
-
-    ``predicted`` and ``target`` map attribute names to int arrays [N]. Returns per attribute
-    ``acc/<name>`` (accuracy over stated values, NaN when none stated) and ``stated/<name>`` (share stated),
-    plus ``acc`` (mean over attributes with a stated value) and ``stated`` (mean share stated). For
-    image->text coherence pass the attributes read from generated captions and the source image's true
-    attributes; for text->image pass the image attribute classifiers' predictions on generated images and
-    the attributes read from the source caption as ``target`` (unstated targets are then skipped too).
-    """
-    out: dict[str, float] = {}
-    accs, stated = [], []
-    for name in ATTRIBUTE_NAMES:
-        if name not in predicted or name not in target:
-            continue
-        p = np.asarray(predicted[name]).reshape(-1)
-        t = np.asarray(target[name]).reshape(-1)
-        if p.shape != t.shape:
-            raise ValueError(f"attribute '{name}': predicted has {p.shape[0]} values, target {t.shape[0]}")
-        valid = (p != UNMENTIONED) & (t != UNMENTIONED)
-        share = float(valid.mean()) if valid.size else 0.0
-        acc = float((p[valid] == t[valid]).mean()) if valid.any() else float("nan")
-        out[f"acc/{name}"], out[f"stated/{name}"] = acc, share
-        stated.append(share)
-        if valid.any():
-            accs.append(acc)
-    if not stated:
-        raise ValueError(
-            f"no attribute in common: predicted {sorted(predicted)}, target {sorted(target)}; "
-            f"expected names from {ATTRIBUTE_NAMES}"
-        )
-    out["acc"] = float(np.mean(accs)) if accs else float("nan")
-    out["stated"] = float(np.mean(stated))
-    return out
-
-
 def caption_attributes(ids: np.ndarray | torch.Tensor, vocab: Vocabulary) -> dict[str, np.ndarray]:
     """Attributes stated by captions given as ids [N, L] (UNMENTIONED where a caption says nothing)."""
     read = [read_caption_attributes(text) for text in vocab.decode_batch(np.asarray(ids))]
     return {name: np.array([r[name] for r in read], dtype=np.int64) for name in ATTRIBUTE_NAMES}
-
-
-def _model_batch(images: np.ndarray, captions: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-    return {
-        IMAGE_MODALITY: _as_tensor(images).to(device),
-        TEXT_MODALITY: torch.from_numpy(captions).to(device),
-    }
-
-
-@torch.no_grad()
-def image_to_text(
-    model: Any,
-    data: dict[str, np.ndarray],
-    vocab: Vocabulary,
-    *,
-    batch_size: int = 128,
-    generator: torch.Generator | None = None,
-) -> dict[str, float]:
-    """Captions generated from images (z ~ q(z | image)) against the images' true attributes."""
-    read: dict[str, list] = {name: [] for name in ATTRIBUTE_NAMES}
-    for start in range(0, len(data["images"]), batch_size):
-        sl = slice(start, start + batch_size)
-        batch = _model_batch(data["images"][sl], data["captions"][sl], model.device)
-        ids = model.generate_conditional(batch, [IMAGE_MODALITY], generator=generator)[TEXT_MODALITY]
-        for name, values in caption_attributes(ids.cpu(), vocab).items():
-            read[name].append(values)
-    predicted = {name: np.concatenate(v) for name, v in read.items()}
-    return attribute_coherence(predicted, _targets(data["attributes"]))
-
-
-@torch.no_grad()
-def text_to_image(
-    model: Any,
-    data: dict[str, np.ndarray],
-    vocab: Vocabulary,
-    classifier: AttributeClassifier,
-    *,
-    batch_size: int = 128,
-    generator: torch.Generator | None = None,
-) -> dict[str, float]:
-    """The classifier on images generated from captions (z ~ q(z | caption)) against what captions state."""
-    preds: dict[str, list] = {name: [] for name in ATTRIBUTE_NAMES}
-    for start in range(0, len(data["images"]), batch_size):
-        sl = slice(start, start + batch_size)
-        batch = _model_batch(data["images"][sl], data["captions"][sl], model.device)
-        images = model.generate_conditional(batch, [TEXT_MODALITY], generator=generator)[IMAGE_MODALITY]
-        for name, values in classifier.predict(images.cpu()).items():
-            preds[name].append(values)
-    predicted = {name: np.concatenate(v) for name, v in preds.items()}
-    return attribute_coherence(predicted, caption_attributes(data["captions"], vocab))
-
-
-@torch.no_grad()
-def joint(
-    model: Any,
-    vocab: Vocabulary,
-    classifier: AttributeClassifier,
-    num_samples: int,
-    *,
-    batch_size: int = 128,
-    generator: torch.Generator | None = None,
-) -> dict[str, float]:
-    """Jointly generated pairs: what the caption states against the classifier's reading of the image."""
-    stated: dict[str, list] = {name: [] for name in ATTRIBUTE_NAMES}
-    seen: dict[str, list] = {name: [] for name in ATTRIBUTE_NAMES}
-    for start in range(0, num_samples, batch_size):
-        out = model.generate_joint(min(batch_size, num_samples - start), generator=generator)
-        for name, values in caption_attributes(out[TEXT_MODALITY].cpu(), vocab).items():
-            stated[name].append(values)
-        for name, values in classifier.predict(out[IMAGE_MODALITY].cpu()).items():
-            seen[name].append(values)
-    return attribute_coherence(
-        {n: np.concatenate(v) for n, v in stated.items()}, {n: np.concatenate(v) for n, v in seen.items()}
-    )
 
 
 class BirdsJudge:
