@@ -61,10 +61,3 @@ def judge_module(data_dir: str | os.PathLike) -> ModuleType:
     """The module of the judge that fits the data set in ``data_dir``."""
     return importlib.import_module(JUDGE_MODULES[data_kind(data_dir)])
 
-
-def load_judge(classifier_dir: str | os.PathLike, data_dir: str | os.PathLike, *, manifest_hash: str | None,
-               modalities: Sequence[str], device: torch.device | str = "cpu") -> Judge:
-    """The judge of the data set in ``data_dir``, its learned readers loaded from ``classifier_dir`` (refused
-    when trained on data with another manifest hash)."""
-    return judge_module(data_dir).load_judge(classifier_dir, data_dir, manifest_hash=manifest_hash,
-                                             modalities=modalities, device=device)
