@@ -310,7 +310,7 @@ def triton_can_launch(device: torch.device) -> str | None:
 
 
 def triton_unsupported_reason(weights: Weights, z0: torch.Tensor, activation: str) -> str | None:
-    """None when the kernel supports this MLP and input, else a one-line reason (dispatcher falls back)."""
+    """None when the kernel supports this MLP and input, else a one-line reason (forced triton raises it)."""
     layers, hidden, latent = len(weights) - 1, weights[0][0].shape[0], z0.shape[1]
     dtypes = {w.dtype for w, _ in weights}
     if activation not in _ACTIVATION_IDS:

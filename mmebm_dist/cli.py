@@ -16,7 +16,7 @@ from pathlib import Path
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "data": ("mmebm_dist.data.cli", "build, verify and inspect webdataset shards"),
+    "data": ("mmebm_dist.datasets.cli", "build, verify and inspect webdataset shards"),
     "config": ("mmebm_dist.datasets.starter", "write a starter config from a data set's manifest"),
     "train": ("mmebm_dist.train_cli", "train a model from a config (single process, DDP or DeepSpeed)"),
     "sample": ("mmebm_dist.evaluate.sample_cli", "write joint and cross-generation sample grids of a run"),

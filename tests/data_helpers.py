@@ -41,7 +41,7 @@ def write_idx(directory: Path, *, train: int = 60, test: int = 20, seed: int = 0
 def build_tiny(root: Path, *, modalities: int = 3, train: int = 40, test: int = 12, shard_size: int = 8,
                seed: int = 0, workers: int = 1, fmt: str = "shards", out_name: str = "data") -> Path:
     """A tiny PolyMNIST-style data set built by the real builder from tiny IDX files."""
-    from mmebm_dist.data.polymnist import BuildSpec, build_polymnist
+    from mmebm_dist.datasets.polymnist import BuildSpec, build_polymnist
 
     idx = root / "idx"
     if not idx.exists():

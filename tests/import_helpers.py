@@ -24,7 +24,7 @@ def write_png(path: Path, array: np.ndarray) -> Path:
 
 def polymnist_folders(root: Path, *, train: int = 24, test: int = 8, modalities: int = 2) -> Path:
     """``mmebm data polymnist --format folders`` output built from tiny IDX files."""
-    from mmebm_dist.data.polymnist import BuildSpec, build_polymnist
+    from mmebm_dist.datasets.polymnist import BuildSpec, build_polymnist
 
     idx = write_idx(root / "idx", train=train, test=test)
     out = root / "folders"

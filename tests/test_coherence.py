@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mmebm_dist.evaluate.coherence import (
     Counts,
-    all_agree,
+    attribute_agreement,
     binomial_stderr,
     conditioning_subsets,
     cross_coherence,
@@ -19,6 +19,7 @@ from mmebm_dist.evaluate.coherence import (
     measure_coherence,
     subset_coherence,
 )
+from mmebm_dist.evaluate.judges.digits import DigitJudge
 
 C = 10
 
@@ -32,6 +33,9 @@ class ArgmaxClassifiers:
 
     def predict(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return x.argmax(-1)
+
+
+PERFECT = DigitJudge(ArgmaxClassifiers())
 
 
 class FakeModel:
@@ -97,10 +101,10 @@ def test_expected_uniform_joint_coherence_matches_enumeration():
     assert expected_joint_coherence_uniform(5) == pytest.approx(1e-4)
 
 
-def test_all_agree_and_stderr():
-    a = torch.tensor([1, 2, 3, 4])
-    b = torch.tensor([1, 2, 0, 4])
-    assert all_agree([a, b, a]).tolist() == [True, True, False, True]
+def test_labels_agree_where_all_equal_and_stderr():
+    a = torch.tensor([[1], [2], [3], [4]])  # a class label is one attribute that is always stated
+    b = torch.tensor([[1], [2], [0], [4]])
+    assert attribute_agreement([a, b, a])[0].tolist() == [True, True, False, True]
     assert binomial_stderr(0.5, 100) == pytest.approx(0.05)
     assert binomial_stderr(1.0, 10) == 0.0
     assert math.isnan(binomial_stderr(0.3, 0))
@@ -108,7 +112,7 @@ def test_all_agree_and_stderr():
 
 def test_perfect_copy_generator_has_coherence_one():
     mods = names(4)
-    out = measure_coherence(FakeModel("copy", mods), ArgmaxClassifiers(), make_chunks(50, 16, mods),
+    out = measure_coherence(FakeModel("copy", mods), PERFECT, make_chunks(50, 16, mods),
                             num_samples=40, batch_size=16, seed=0, subset_sizes=(2, 3))
     assert out["joint"]["coherence"] == 1.0 and out["joint"]["n"] == 40
     assert out["joint"]["stderr"] == 0.0
@@ -123,7 +127,7 @@ def test_perfect_copy_generator_has_coherence_one():
 def test_random_generator_matches_exact_expectation(m):
     mods = names(m)
     n = 6000
-    out = measure_coherence(FakeModel("random", mods), ArgmaxClassifiers(), make_chunks(2000, 500, mods),
+    out = measure_coherence(FakeModel("random", mods), PERFECT, make_chunks(2000, 500, mods),
                             num_samples=n, batch_size=500, seed=1)
     expected = expected_joint_coherence_uniform(m)  # 0.1 for M=2, 0.01 for M=3
     joint = out["joint"]
@@ -137,7 +141,7 @@ def test_random_generator_matches_exact_expectation(m):
 def test_right_for_exactly_one_target_gives_cross_coherence_one_over_m():
     for m in (2, 3, 5):
         mods = names(m)
-        out = measure_coherence(FakeModel("one_target", mods), ArgmaxClassifiers(), make_chunks(30, 8, mods),
+        out = measure_coherence(FakeModel("one_target", mods), PERFECT, make_chunks(30, 8, mods),
                                 num_samples=8, batch_size=8, seed=0, aggregate=False)
         matrix = out["cross"]["matrix"]
         assert out["cross"]["coherence"] == pytest.approx(1 / m, abs=1e-12)
@@ -183,13 +187,13 @@ def test_cross_coherence_ignores_diagonal_and_weights_targets_equally():
 def test_measure_rejects_out_of_range_subset_sizes():
     mods = names(3)
     with pytest.raises(ValueError, match="2..2"):
-        measure_coherence(FakeModel("copy", mods), ArgmaxClassifiers(), make_chunks(4, 4, mods),
+        measure_coherence(FakeModel("copy", mods), PERFECT, make_chunks(4, 4, mods),
                           num_samples=4, batch_size=4, seed=0, subset_sizes=(3,))
 
 
 def _run_rank(rank: int, world: int, all_reduce):
     mods = names(3)
-    return measure_coherence(FakeModel("random", mods), ArgmaxClassifiers(), make_chunks(90, 16, mods),
+    return measure_coherence(FakeModel("random", mods), PERFECT, make_chunks(90, 16, mods),
                              num_samples=100, batch_size=16, seed=3, subset_sizes=(2,), langevin_sweep=(0, 5),
                              rank=rank, world_size=world, all_reduce=all_reduce)
 
@@ -324,8 +328,8 @@ def attribute_chunks(num: int, batch: int, seed: int = 0) -> list[dict[str, torc
 
 
 def test_attribute_agreement_compares_only_what_two_readings_state():
-    from mmebm_dist.data.birds import UNMENTIONED
-    from mmebm_dist.evaluate.coherence import UNSTATED, attribute_agreement
+    from mmebm_dist.datasets.birds import UNMENTIONED
+    from mmebm_dist.evaluate.coherence import UNSTATED
 
     assert UNSTATED == UNMENTIONED  # the birds reader's "not mentioned" is the judge's "not stated"
     image = torch.tensor([[1, 2, 3], [1, 2, 3], [1, 2, 3], [1, 2, 3]])
@@ -339,9 +343,7 @@ def test_attribute_agreement_compares_only_what_two_readings_state():
 
 
 def test_attribute_coherence_of_a_copying_model_is_one_and_keeps_the_layout():
-    from mmebm_dist.evaluate.coherence import measure_attribute_coherence
-
-    out = measure_attribute_coherence(FakeAttributeModel("copy"), FakeJudge(), attribute_chunks(30, 8),
+    out = measure_coherence(FakeAttributeModel("copy"), FakeJudge(), attribute_chunks(30, 8),
                                       num_samples=20, batch_size=8, seed=0, langevin_sweep=(0, 3))
     assert out["measure"] == "attributes" and out["attributes"] == ["p", "q", "r"]
     for key in ("modalities", "num_samples", "num_test", "seed", "joint", "langevin_sweep", "cross",
@@ -361,9 +363,7 @@ def test_attribute_coherence_of_a_copying_model_is_one_and_keeps_the_layout():
 
 
 def test_a_model_whose_captions_state_nothing_is_not_coherent():
-    from mmebm_dist.evaluate.coherence import measure_attribute_coherence
-
-    out = measure_attribute_coherence(FakeAttributeModel("silent"), FakeJudge(), attribute_chunks(24, 8),
+    out = measure_coherence(FakeAttributeModel("silent"), FakeJudge(), attribute_chunks(24, 8),
                                       num_samples=16, batch_size=8, seed=0)
     assert out["joint"]["coherence"] == 0.0
     cells = {k: v["coherence"] for k, v in out["cross"]["cells"].items()}
@@ -374,9 +374,7 @@ def test_a_model_whose_captions_state_nothing_is_not_coherent():
 
 
 def test_random_attributes_match_the_exact_expectation_with_binomial_errors():
-    from mmebm_dist.evaluate.coherence import measure_attribute_coherence
-
-    out = measure_attribute_coherence(FakeAttributeModel("random"), FakeJudge(), attribute_chunks(400, 100),
+    out = measure_coherence(FakeAttributeModel("random"), FakeJudge(), attribute_chunks(400, 100),
                                       num_samples=4000, batch_size=500, seed=2)
     joint = out["joint"]
     expected = (1 / V) ** 2  # the two attributes both state must agree
@@ -389,10 +387,8 @@ def test_random_attributes_match_the_exact_expectation_with_binomial_errors():
 
 
 def test_attribute_coherence_split_over_ranks_equals_single_process():
-    from mmebm_dist.evaluate.coherence import measure_attribute_coherence
-
     def run(rank, world, all_reduce):
-        return measure_attribute_coherence(FakeAttributeModel("random"), FakeJudge(), attribute_chunks(40, 8),
+        return measure_coherence(FakeAttributeModel("random"), FakeJudge(), attribute_chunks(40, 8),
                                            num_samples=30, batch_size=8, seed=3, langevin_sweep=(0,),
                                            rank=rank, world_size=world, all_reduce=all_reduce)
 

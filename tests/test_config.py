@@ -208,13 +208,13 @@ def test_every_numeric_field_has_a_range():
 
 
 def test_choices_are_checked_with_a_suggestion_and_match_the_code_registries():
-    from mmebm_dist import langevin
     from mmebm_dist.models.aggregation import AGGREGATIONS
-    from mmebm_dist.models.densities import POSTERIOR_FAMILIES, REFERENCES
-    from mmebm_dist.models.energy import ACTIVATIONS
     from mmebm_dist.models.likelihoods import LIKELIHOODS
     from mmebm_dist.models.modality import FAMILIES
     from mmebm_dist.models.objectives import OBJECTIVES
+    from mmebm_dist.prior import langevin
+    from mmebm_dist.prior.densities import POSTERIOR_FAMILIES, REFERENCES
+    from mmebm_dist.prior.energy import ACTIVATIONS
 
     with pytest.raises(ConfigError, match=r"'model.aggregation' must be one of moe, poe, mopoe, got 'pooe'; "
                                           r"did you mean 'poe'\?"):

@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from mmebm_dist.data import birds, generated, shards, stream
-from mmebm_dist.data.birds import (
+from mmebm_dist.data import shards, stream
+from mmebm_dist.data.text import EOS_ID, UNK_ID, Vocabulary, tokenize
+from mmebm_dist.datasets import birds, generated
+from mmebm_dist.datasets.birds import (
     ATTRIBUTE_NAMES,
     ATTRIBUTES,
     MAX_TOKENS,
     UNMENTIONED,
     BirdParams,
     BirdsSpec,
-    attribute_coherence,
     build_birds,
     caption_vocabulary,
     make_caption,
@@ -22,7 +23,6 @@ from mmebm_dist.data.birds import (
     render_bird,
     sample_attributes,
 )
-from mmebm_dist.data.text import EOS_ID, UNK_ID, Vocabulary, tokenize
 
 
 @pytest.fixture(scope="module")
@@ -97,18 +97,6 @@ def test_reader_on_free_text():
     assert all(v == UNMENTIONED for v in read_caption_attributes("<unk> <unk> .").values())
 
 
-def test_attribute_coherence_counts_only_stated_values():
-    target = {"size": np.array([0, 1, 2, 0]), "wingbars": np.array([1, 1, 0, 0])}
-    predicted = {"size": np.array([0, 1, 1, UNMENTIONED]), "wingbars": np.array([1, 1, 0, 0])}
-    out = attribute_coherence(predicted, target)
-    assert out["acc/size"] == pytest.approx(2 / 3) and out["stated/size"] == pytest.approx(0.75)
-    assert out["acc/wingbars"] == 1.0 and out["acc"] == pytest.approx((2 / 3 + 1) / 2)
-    with pytest.raises(ValueError, match="'size'"):
-        attribute_coherence({"size": np.zeros(3)}, {"size": np.zeros(4)})
-    with pytest.raises(ValueError, match="no attribute in common"):
-        attribute_coherence({"colour": np.zeros(3)}, {"size": np.zeros(3)})
-
-
 def test_drawing_is_deterministic_inside_the_frame_and_stands_out(photos):
     p = BirdParams()
     for i, attrs in enumerate(_attribute_sets(12)):
@@ -158,7 +146,7 @@ def test_build_is_deterministic_across_workers(built, tmp_path):
 
 
 def test_shards_verify_load_and_keep_all_captions(built):
-    from mmebm_dist.data.birds_coherence import load_split
+    from mmebm_dist.evaluate.judges.birds import load_split
 
     out, manifest = built
     assert shards.verify(out, progress=False) == {"shards": 5, "samples": 34}
@@ -182,7 +170,7 @@ def test_shards_verify_load_and_keep_all_captions(built):
 
 
 def test_attribute_classifier_trains_saves_and_loads(built):
-    from mmebm_dist.data.birds_coherence import load_classifier, save_classifier, train_attribute_classifier
+    from mmebm_dist.evaluate.judges.birds import load_classifier, save_classifier, train_attribute_classifier
 
     out, _ = built
     torch.manual_seed(0)
@@ -198,43 +186,54 @@ def test_attribute_classifier_trains_saves_and_loads(built):
         load_classifier(path, manifest_hash="0" * 64)
 
 
-class _OracleModel:
-    """Stands in for a trained model: 'generates' the source's own other modality (or a shuffled one)."""
+class _CopyModel:
+    """Stands in for a trained model: 'generates' real test tuples (joint) and the source tuple itself
+    (conditional), or the tuples in reverse order (shuffle)."""
 
-    device = torch.device("cpu")
+    modalities = ["image", "caption"]
 
-    def __init__(self, shuffle: bool = False):
+    def __init__(self, chunks, shuffle: bool = False):
+        self.tuples = {k: torch.cat([c[k] for c in chunks]) for k in self.modalities}
         self.shuffle = shuffle
 
-    def generate_conditional(self, batch, sources, generator=None):
+    def parameters(self):
+        return iter(())
+
+    def generate_joint(self, n, *, langevin_steps=None, generator=None):
+        return {k: v[:n] for k, v in self.tuples.items()}
+
+    def generate_conditional(self, batch, sources, *, generator=None):
         order = torch.arange(len(batch["caption"])).flip(0) if self.shuffle else slice(None)
         return {"image": batch["image"][order], "caption": batch["caption"][order]}
 
 
-class _OracleClassifier:
-    def __init__(self, attributes):
-        self.attributes, self.seen = attributes, 0
+class _LookupClassifier:
+    """A perfect image attribute classifier: looks each image up among the data set's own."""
+
+    def __init__(self, chunks):
+        self.known = {c["image"][i].numpy().tobytes(): c["attributes"][i] for c in chunks
+                      for i in range(len(c["image"]))}
 
     def predict(self, images):
-        rows = self.attributes[self.seen : self.seen + len(images)]
-        self.seen += len(images)
+        rows = torch.stack([self.known[x.numpy().tobytes()] for x in images]).numpy()
         return {name: rows[:, k] for k, name in enumerate(ATTRIBUTE_NAMES)}
 
 
-def test_cross_coherence_functions_score_an_oracle_perfectly(built):
-    from mmebm_dist.data import birds_coherence as bc
+def test_the_birds_judge_scores_a_copying_model_perfectly(built):
+    from mmebm_dist.evaluate.coherence import measure_coherence
+    from mmebm_dist.evaluate.judges.birds import BirdsJudge, read_test_chunks
 
     out, _ = built
-    data, vocab = bc.load_split(out, "test"), Vocabulary.load(out)
-    perfect = bc.image_to_text(_OracleModel(), data, vocab, batch_size=4)
-    assert perfect["acc"] == 1.0 and 0.0 < perfect["stated"] < 1.0  # a caption states some attributes
-    assert bc.image_to_text(_OracleModel(shuffle=True), data, vocab, batch_size=16)["acc"] < 0.9
-    assert (
-        bc.text_to_image(_OracleModel(), data, vocab, _OracleClassifier(data["attributes"]), batch_size=4)[
-            "acc"
-        ]
-        == 1.0
-    )
+    chunks = read_test_chunks(out, num=10, batch_size=4)
+    judge = BirdsJudge(_LookupClassifier(chunks), Vocabulary.load(out))
+    common = {"num_samples": 10, "batch_size": 4, "seed": 0, "aggregate": False}
+    perfect = measure_coherence(_CopyModel(chunks), judge, chunks, **common)
+    assert perfect["joint"]["coherence"] == 1.0 and perfect["real_data"]["coherence"] == 1.0
+    assert perfect["cross"]["matrix"] == [[1.0, 1.0], [1.0, 1.0]]
+    stated = perfect["cross"]["cells"]["image->caption"]["attributes"]
+    assert 0 < sum(v["n"] for v in stated.values()) < 10 * len(ATTRIBUTE_NAMES)  # captions state some
+    shuffled = measure_coherence(_CopyModel(chunks, shuffle=True), judge, chunks, **common)
+    assert shuffled["cross"]["coherence"] < 0.9
 
 
 def test_existing_output_is_refused(built):

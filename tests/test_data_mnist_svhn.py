@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from data_helpers import write_idx
 
-from mmebm_dist.data import generated, mnist_svhn, shards, stream
-from mmebm_dist.data.mnist_svhn import (
+from mmebm_dist.data import shards, stream
+from mmebm_dist.datasets import generated, mnist_svhn
+from mmebm_dist.datasets.mnist_svhn import (
     HouseNumberParams,
     MnistSvhnSpec,
     build_mnist_svhn,
@@ -166,7 +167,7 @@ def test_both_generated_builders_share_the_common_flags():
     helper, with their own defaults, types and help; the mnist-svhn default factor is the modest one."""
     import argparse
 
-    from mmebm_dist.data import birds
+    from mmebm_dist.datasets import birds
 
     parsers = {}
     for name, module in (("mnist-svhn", mnist_svhn), ("birds", birds)):

@@ -12,7 +12,8 @@ from data_helpers import build_tiny, write_idx
 from mmebm_dist.cli import main
 from mmebm_dist.data import shards
 from mmebm_dist.data.codec import decode_png
-from mmebm_dist.data.polymnist import (
+from mmebm_dist.data.sources import SourceError, load_source
+from mmebm_dist.datasets.polymnist import (
     BACKGROUNDS,
     BuildSpec,
     assign_images,
@@ -20,7 +21,6 @@ from mmebm_dist.data.polymnist import (
     composite,
     load_backgrounds,
 )
-from mmebm_dist.data.sources import SourceError, load_source
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import torch
 from data_helpers import sample_ids, write_idx
 
 from mmebm_dist.data import shards
-from mmebm_dist.data.polymnist import BuildSpec, build_polymnist
 from mmebm_dist.data.stream import SkipTally, epoch_batches, make_loader, prefetch_to_device
+from mmebm_dist.datasets.polymnist import BuildSpec, build_polymnist
 
 
 def build(root: Path, encoding: str, *, train: int = 40, shard_size: int = 8) -> Path:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import distributions as D
 
-from mmebm_dist.models.densities import ETA, posterior_family, reference_density
+from mmebm_dist.prior.densities import ETA, posterior_family, reference_density
 
 
 def _torch_dist(name, loc, scale):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from mmebm_dist.models.energy import ACTIVATIONS, EnergyMLP
+from mmebm_dist.prior.energy import ACTIVATIONS, EnergyMLP
 
 
 def _manual_forward(energy: EnergyMLP, z: torch.Tensor) -> torch.Tensor:

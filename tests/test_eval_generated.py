@@ -15,9 +15,9 @@ from PIL import Image
 from train_helpers import run_train
 
 from mmebm_dist.cli import main
-from mmebm_dist.data.birds import ATTRIBUTE_NAMES, BirdsSpec, build_birds
 from mmebm_dist.data.shards import manifest_hash
 from mmebm_dist.data.text import Vocabulary
+from mmebm_dist.datasets.birds import ATTRIBUTE_NAMES, BirdsSpec, build_birds
 from mmebm_dist.evaluate.coherence import binomial_stderr
 from mmebm_dist.evaluate.report import fmt
 
@@ -67,7 +67,7 @@ def birds_run(tmp_path_factory):
 
 
 def test_birds_attribute_classifier_is_cached_next_to_the_data(birds_run):
-    from mmebm_dist.data.birds_coherence import load_judge
+    from mmebm_dist.evaluate.judges.birds import load_judge
 
     data, _ = birds_run
     summary = json.loads((data / "classifiers" / "attribute_classifier.json").read_text())
@@ -117,7 +117,7 @@ def test_birds_eval_judges_by_attributes_and_lists_captions(birds_run, capsys):
 
 
 def _test_captions(data):
-    from mmebm_dist.data.birds_coherence import load_split
+    from mmebm_dist.evaluate.judges.birds import load_split
 
     yield load_split(data, "test", limit=8)["captions"]
 
@@ -174,7 +174,7 @@ def test_birds_periodic_eval_uses_the_attribute_judge(birds_run):
 
 
 def test_mnist_svhn_classifiers_eval_and_sample_take_both_shapes(tmp_path):
-    from mmebm_dist.data.mnist_svhn import MnistSvhnSpec, build_mnist_svhn
+    from mmebm_dist.datasets.mnist_svhn import MnistSvhnSpec, build_mnist_svhn
 
     idx = write_idx(tmp_path / "idx", train=60, test=20)
     data = tmp_path / "mnist_svhn"

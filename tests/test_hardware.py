@@ -90,8 +90,8 @@ def test_bf16_autocast_does_not_reach_the_langevin_chain(backend):
     """
     from test_models import tiny
 
-    from mmebm_dist import langevin
     from mmebm_dist.models import build_model
+    from mmebm_dist.prior import langevin
 
     torch.manual_seed(0)
     cfg = tiny(prior="ebm")

@@ -9,7 +9,7 @@ import torch
 from beyond_helpers import tiny_batch, tiny_model
 
 from mmebm_dist.models.aggregation import build_aggregation, mixture_log_prob, sample_mixture
-from mmebm_dist.models.densities import posterior_family
+from mmebm_dist.prior.densities import posterior_family
 
 CASES = [("ebm", "moe", "laplace"), ("laplace", "moe", "laplace"), ("ebm", "poe", "gaussian"),
          ("gaussian", "mopoe", "gaussian")]

@@ -1,4 +1,4 @@
-"""mmebm_dist.langevin.sample: backend choice, forced-backend errors, divergence, backends against autograd.
+"""prior.langevin.sample: backend choice, forced-backend errors, divergence, backends against autograd.
 
 fp32 tolerance rtol = atol = 1e-5: backends differ from autograd only in matmul summation order (~1e-7/step).
 """
@@ -10,14 +10,13 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch
 
-from mmebm_dist import langevin
-from mmebm_dist.langevin import LangevinDivergenceError, resolve_backend, sample
-from mmebm_dist.models.energy import ACTIVATIONS, EnergyMLP
+from mmebm_dist.prior import langevin
+from mmebm_dist.prior.energy import ACTIVATIONS, EnergyMLP
+from mmebm_dist.prior.langevin import LangevinDivergenceError, resolve_backend, sample
 
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
 TRITON_OK = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
@@ -115,8 +114,8 @@ def test_forced_triton_on_cpu_raises_in_a_process_without_interpreter():
     """The real condition: a fresh process without TRITON_INTERPRET; auto must still run (torch)."""
     script = textwrap.dedent("""
         import torch
-        from mmebm_dist.langevin import resolve_backend, sample
-        from mmebm_dist.models.energy import EnergyMLP
+        from mmebm_dist.prior.langevin import resolve_backend, sample
+        from mmebm_dist.prior.energy import EnergyMLP
         energy = EnergyMLP(4, 8, 2, "gelu")
         z0 = torch.zeros(2, 4)
         assert resolve_backend(energy, z0) == "torch"
@@ -183,19 +182,26 @@ def test_torch_backend_follows_the_generator_like_autograd():
 
 
 @needs_triton
-def test_unsupported_triton_config_falls_back_to_torch_with_one_warning(monkeypatch):
-    monkeypatch.setattr(langevin, "_warned", set())
+def test_forced_triton_on_an_unsupported_config_raises_naming_it():
     # hidden 520 > 512, the kernel's tested envelope
     energy, z0, noise = place("triton", make_energy(4, 520, 1), *chain_inputs(3, 4, 2))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        z = sample(energy, z0, steps=2, step_size=0.3, noise=noise, backend="triton")
+    reason = r"backend='triton': the Triton kernel does not support hidden width 520 \(supported: up to 512\)"
+    with pytest.raises(ValueError, match=reason):
         sample(energy, z0, steps=2, step_size=0.3, noise=noise, backend="triton")
-    messages = [str(w.message) for w in caught if "Triton kernel does not support" in str(w.message)]
-    assert messages == ["Langevin: the Triton kernel does not support hidden width 520 "
-                        "(supported: up to 512); using backend='torch'"]
-    torch.testing.assert_close(z, sample(energy, z0, steps=2, step_size=0.3, noise=noise, backend="autograd"),
-                               **FP32_TOL)
+    if z0.device.type == "cuda":  # auto takes torch where triton cannot run (it never picks triton on CPU)
+        assert resolve_backend(energy, z0) == "torch"
+
+
+def test_forced_triton_without_triton_installed_raises_and_auto_still_chooses(monkeypatch):
+    def missing():
+        raise ImportError("No module named 'triton'")
+
+    monkeypatch.setattr(langevin, "_triton_module", missing)
+    energy, z0 = make_energy(), torch.zeros(2, 6)
+    with pytest.raises(ValueError, match="backend='triton': triton cannot be imported .*pip install triton"):
+        sample(energy, z0, steps=1, step_size=0.1, backend="triton")
+    assert resolve_backend(energy, z0) == "torch"
+    sample(energy, z0, steps=1, step_size=0.1)  # auto runs
 
 
 BACKENDS_HERE = ["autograd", "torch"] + (["triton"] if TRITON_OK else [])

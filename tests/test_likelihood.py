@@ -17,7 +17,7 @@ from mmebm_dist.evaluate.likelihood import (
     log_normalizer_mc,
     measure_likelihood,
 )
-from mmebm_dist.models.densities import reference_density
+from mmebm_dist.prior.densities import reference_density
 
 
 def quadratic(a: float):

@@ -20,9 +20,9 @@ from mmebm_dist.config import (
 )
 from mmebm_dist.models import RunawayError, build_model
 from mmebm_dist.models.aggregation import gaussian_product, mixture_log_prob, sample_mixture, subset_mask
-from mmebm_dist.models.densities import posterior_family
 from mmebm_dist.models.likelihoods import build_likelihood
 from mmebm_dist.models.modality import FAMILIES, EncoderOutput, build_modality, register_family
+from mmebm_dist.prior.densities import posterior_family
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

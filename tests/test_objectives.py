@@ -272,7 +272,7 @@ def test_energy_gradient_is_exactly_the_ebm_update(objective, particles):
 
 
 def test_negatives_come_from_the_configured_langevin_chain(monkeypatch):
-    from mmebm_dist import langevin
+    from mmebm_dist.prior import langevin
 
     calls = []
 

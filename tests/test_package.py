@@ -22,3 +22,15 @@ def test_cli_lists_every_command(capsys):
     out = capsys.readouterr().out
     for name in COMMANDS:
         assert name in out
+
+
+def test_pyproject_lists_every_package():
+    """The packages are listed explicitly (kernels/ is remapped), so a new folder must be added there too or a
+    non-editable install silently lacks it."""
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "mmebm_dist").rglob("__init__.py")}
+    found.add("mmebm_dist.kernels")
+    assert listed == found

@@ -102,15 +102,6 @@ def test_pictures_are_valid_pngs(tmp_path):
     _valid_png(report.save_sweep_plot(tmp_path / "sweep.png", results()["coherence"]["langevin_sweep"], 0.6))
 
 
-def test_tile_places_images_exactly():
-    images = torch.zeros(3, 3, 2, 2)
-    images[1] = 1.0
-    grid = report.tile(report.to_uint8(images), ncol=2, pad=1, fill=7)
-    assert grid.shape == (2 * 3 + 1, 2 * 3 + 1, 3)
-    assert (grid[1:3, 1:3] == 0).all() and (grid[1:3, 4:6] == 255).all() and (grid[4:6, 1:3] == 0).all()
-    assert (grid[4:6, 4:6] == 7).all() and grid[0, 0, 0] == 7
-
-
 def _attribute_results() -> dict:
     """An attribute-judged results dict (the birds) with distinct values per figure."""
     attrs = ["size", "beak_colour"]

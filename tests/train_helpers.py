@@ -34,7 +34,7 @@ def build_tiny_polymnist(
     root: Path, *, modalities: int = 2, train: int = 64, test: int = 16, shard_size: int = 16
 ) -> Path:
     """PolyMNIST-style shards (3x28x28 per modality) built by the data package from tiny IDX files."""
-    from mmebm_dist.data.polymnist import BuildSpec, build_polymnist
+    from mmebm_dist.datasets.polymnist import BuildSpec, build_polymnist
 
     idx = write_idx(root / "idx", train=train, test=test)
     out = root / "polymnist"

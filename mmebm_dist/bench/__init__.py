@@ -1,1 +1,1 @@
-"""bench."""
+"""Benchmarks printing tables and writing JSON: Langevin sampler, training step, loader, Triton tiles."""

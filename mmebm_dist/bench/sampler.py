@@ -24,8 +24,8 @@ from tqdm import tqdm
 from mmebm_dist.bench.common import format_table, matmul_roof_gflops, num_threads, time_runs
 from mmebm_dist.kernels._utils import langevin_flops_per_step
 from mmebm_dist.kernels.langevin_torch import NOISE_CHUNK, WORKERS_ENV, auto_workers
-from mmebm_dist.langevin import resolve_backend, sample
-from mmebm_dist.models.energy import ACTIVATIONS, EnergyMLP
+from mmebm_dist.prior.energy import ACTIVATIONS, EnergyMLP
+from mmebm_dist.prior.langevin import resolve_backend, sample
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from mmebm_dist.bench.common import format_table, time_runs
 from mmebm_dist.kernels._utils import langevin_flops_per_step, langevin_reference
-from mmebm_dist.models.energy import ACTIVATIONS, EnergyMLP
+from mmebm_dist.prior.energy import ACTIVATIONS, EnergyMLP
 
 
 def _tile(text: str) -> tuple[int, int, int]:

@@ -11,7 +11,6 @@ A bundle refuses to judge data whose manifest hash differs from the one it was t
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,7 +234,3 @@ def evaluate_accuracy(bundle: ClassifierBundle, batches: Iterable[Batch],
         raise ValueError("no batches to measure classifier accuracy on; is the split empty?")
     return {name: correct[name] / total for name in bundle.modalities}
 
-
-def accuracy_floor(accuracy: dict[str, float]) -> float:
-    """The lowest per-modality accuracy (nan if none)."""
-    return min(accuracy.values()) if accuracy else math.nan

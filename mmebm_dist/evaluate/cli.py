@@ -2,7 +2,7 @@
 Langevin sweep), test-set objective terms and a linear probe; writes eval.json, report.md and PNGs.
 
 Digit data sets are judged by one classifier per modality (``mmebm classifiers train``); the generated birds
-by their known attributes (``mmebm_dist.data.birds_coherence``: exact caption reader, image attribute
+by their known attributes (``mmebm_dist.evaluate.judges.birds``: exact caption reader, image attribute
 classifier), in the same layout. Generated captions are drawn into the grids and listed in report.md.
 
 Under torchrun / ``accelerate launch`` (WORLD_SIZE > 1) the samples and test tuples are split over the
@@ -90,10 +90,10 @@ def run(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
     """Every figure of ``mmebm eval``; this process is ``rank`` of ``world`` (rank 0 writes the files)."""
-    from mmebm_dist.data import birds_coherence
     from mmebm_dist.evaluate import generate, latent, report
-    from mmebm_dist.evaluate.classifiers import load_classifiers
-    from mmebm_dist.evaluate.coherence import measure_attribute_coherence, measure_coherence
+    from mmebm_dist.evaluate.coherence import measure_coherence
+    from mmebm_dist.evaluate.judges import judge_module
+    from mmebm_dist.evaluate.judges.digits import DigitJudge
 
     start = time.perf_counter()
     device = generate.resolve_device(args.device)
@@ -113,31 +113,19 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
               "joint_langevin_steps": joint_steps, "langevin_sweep": sweep if is_ebm else (), "rank": rank,
               "world_size": world, "show_progress": rank == 0}
 
-    if birds_coherence.is_birds(data_path):
-        if subset_sizes:
-            raise SystemExit(f"--subset-sizes {list(subset_sizes)}: the birds have two modalities, so "
-                             "there is no k of M with 2 <= k < M")
-        judge = birds_coherence.load_judge(clf_dir, data_path, manifest_hash=data_hash, device=device)
-        chunks = birds_coherence.read_attribute_chunks(data_path, num=num, batch_size=args.batch_size,
-                                                       rank=rank, world_size=world)
-        coherence = measure_attribute_coherence(model, judge, chunks, **common)
-        judges = {"dir": str(clf_dir), "manifest_hash": judge.manifest_hash, "file": judge.path,
-                  "test_accuracy": judge.test_accuracy,
-                  "note": "Images are read by the attribute classifier (its test accuracy per attribute "
-                          "below); captions by the exact rule-based reader "
-                          "(mmebm_dist.data.birds.read_caption_attributes)."}
-    else:
-        classifiers = load_classifiers(clf_dir, manifest_hash=data_hash, data_path=data_path,
-                                       modalities=model.modalities, device=device)
-        chunks = generate.read_chunks(data_path, num=num, batch_size=args.batch_size, rank=rank,
-                                      world_size=world)
-        coherence = measure_coherence(model, classifiers, chunks, subset_sizes=subset_sizes, **common)
-        judges = {"dir": str(clf_dir), "manifest_hash": classifiers.manifest_hash,
-                  "test_accuracy": classifiers.test_accuracy}
+    bad = [k for k in subset_sizes if not 2 <= k < m]
+    if bad:
+        raise SystemExit(f"--subset-sizes {bad}: with {m} modalities a subset size k must be in 2..{m - 1}")
+    kind = judge_module(data_path)
+    judge = kind.load_judge(clf_dir, data_path, manifest_hash=data_hash, modalities=model.modalities,
+                            device=device)
+    chunks = kind.read_test_chunks(data_path, num=num, batch_size=args.batch_size, rank=rank,
+                                   world_size=world)
+    coherence = measure_coherence(model, judge, chunks, subset_sizes=subset_sizes, **common)
     from mmebm_dist.evaluate import beyond_coherence
 
     beyond = beyond_coherence.measure(
-        args, model=model, classifiers=None if birds_coherence.is_birds(data_path) else classifiers,
+        args, model=model, classifiers=judge.classifiers if isinstance(judge, DigitJudge) else None,
         chunks=chunks, num_samples=num, joint_langevin_steps=joint_steps, subset_sizes=subset_sizes,
         device=device, rank=rank, world_size=world)
     elbo = None if args.no_elbo else latent.objective_terms(model, chunks, rank=rank, world_size=world,
@@ -184,7 +172,7 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
         "seed": args.seed,
         "world_size": world,
         "device": str(device),
-        "classifiers": judges,
+        "classifiers": judge.describe(),
         "coherence": coherence,
         "elbo": elbo,
         "linear_probe": probe,

@@ -147,11 +147,6 @@ def read_chunks(data_path: str | Path, *, num: int, batch_size: int, split: str 
     return chunks
 
 
-def chunk_count(chunks: list[Batch | None]) -> int:
-    """Tuples held in the non-None chunks."""
-    return sum(int(c["label"].numel()) for c in chunks if c is not None)
-
-
 def init_distributed_from_env() -> tuple[int, int]:
     """(rank, world_size): initialises torch.distributed from torchrun/accelerate environment variables when
     WORLD_SIZE > 1 and it is not initialised yet (gloo on CPU, nccl on CUDA); (0, 1) for a plain launch."""

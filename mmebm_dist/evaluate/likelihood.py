@@ -25,8 +25,8 @@ from mmebm_dist.evaluate.coherence import (
     my_chunks,
     seeded,
 )
-from mmebm_dist.models.densities import ReferenceDensity
 from mmebm_dist.models.objectives import joint_log_weights
+from mmebm_dist.prior.densities import ReferenceDensity
 
 Energy = Callable[[torch.Tensor], torch.Tensor]
 """f: [N, d] -> [N], the log-density correction of the prior (larger is more probable)."""

@@ -16,13 +16,11 @@ from collections.abc import Sequence
 
 import torch
 
-from mmebm_dist import langevin
 from mmebm_dist.evaluate.coherence import (
     CROSS_TUPLE,
     CROSS_TUPLE_SQ,
     AllReduce,
     Batch,
-    Predictor,
     conditioning_subsets,
     count_conditional,
     cross_coherence,
@@ -30,6 +28,8 @@ from mmebm_dist.evaluate.coherence import (
     mean_stderr,
     subset_coherence,
 )
+from mmebm_dist.evaluate.judges.digits import DigitJudge, Predictor
+from mmebm_dist.prior import langevin
 
 
 def refine_posterior(model, batch: Batch, sources: Sequence[str], z0: torch.Tensor, *, steps: int,
@@ -100,14 +100,14 @@ def measure_refinement(model, classifiers: Predictor, chunks: Sequence[Batch | N
     out = []
     for k in steps:
         view = RefinedPosterior(model, steps=k, step_size=step_size)
-        counts = count_conditional(view, classifiers, chunks, subsets, seed=seed, rank=rank,
+        counts = count_conditional(view, DigitJudge(classifiers), chunks, subsets, seed=seed, rank=rank,
                                    world_size=world_size)
         cost = torch.tensor([view.seconds, float(view.tuples)], dtype=torch.float64)
-        keys = [(s, t) for s in subsets for t in names] + [CROSS_TUPLE, CROSS_TUPLE_SQ]
+        keys = [("cell", s, t) for s in subsets for t in names] + [CROSS_TUPLE, CROSS_TUPLE_SQ]
         total = counts.reduce(keys, all_reduce)
         seconds, tuples = all_reduce(cost).tolist()
-        cell = {(s, t): total[((s,), t)].rate for s in names for t in names}
-        rates = {key: total[key].rate for key in keys if isinstance(key[0], tuple)}
+        cell = {(s, t): total[("cell", (s,), t)].rate for s in names for t in names}
+        rates = {key[1:]: total[key].rate for key in keys if key[0] == "cell"}
         tup, sq = total[CROSS_TUPLE], total[CROSS_TUPLE_SQ]
         entry = {"steps": k, "step_size": step_size, "cross": cross_coherence(cell, names),
                  "cross_stderr": mean_stderr(tup.correct, sq.correct, tup.total), "n": int(tup.total),

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen befor
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from mmebm_dist.data.grid import image_grid  # noqa: E402
 from mmebm_dist.data.text import is_token_modality  # noqa: E402
 from mmebm_dist.rundir import EVAL_JSON, JOINT_PNG, atomic_write_text  # noqa: E402
 
@@ -67,18 +68,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
         x = x.repeat(1, 3, 1, 1)
     x = x[:, :3]
     return (x.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
-
-
-def tile(images: np.ndarray, ncol: int, pad: int = 2, fill: int = 255) -> np.ndarray:
-    """Tile uint8 [N, H, W, 3] into a grid of ``ncol`` columns with ``pad`` pixels of ``fill`` between."""
-    n, h, w, c = images.shape
-    nrow = max(1, math.ceil(n / ncol))
-    out = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), fill, dtype=np.uint8)
-    for i in range(n):
-        r, col = divmod(i, ncol)
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
-        out[y:y + h, x:x + w] = images[i]
-    return out
 
 
 def as_pictures(samples: dict[str, torch.Tensor],
@@ -134,9 +123,9 @@ def save_joint_grid(path: str | Path, samples: dict[str, torch.Tensor], per_row:
         stop = min(start + per_row, n)
         block = np.stack([arrays[m][start:stop] for m in names], 0)  # (M, k, H, W, 3)
         k = stop - start
-        band = tile(block.reshape(-1, *block.shape[2:]), ncol=k)
+        band = image_grid(block.reshape(-1, *block.shape[2:]), k)
         if k < per_row:  # pad short last band to the full width
-            full = tile(np.full((per_row, *block.shape[2:]), 255, np.uint8), ncol=per_row)
+            full = image_grid(np.full((per_row, *block.shape[2:]), 255, np.uint8), per_row)
             band = np.concatenate([band, np.full((band.shape[0], full.shape[1] - band.shape[1], 3), 255,
                                                  np.uint8)], axis=1)
         if bands:  # a grey rule between bands of tuples
@@ -168,7 +157,7 @@ def save_cross_grid(path: str | Path, sources: dict[str, torch.Tensor],
     columns = ["input", *names]
     rows = []
     for src in names:
-        strips = [tile(cells[src][col], ncol=k) for col in columns]
+        strips = [image_grid(cells[src][col], k) for col in columns]
         sep = np.full((strips[0].shape[0], 6, 3), 160, np.uint8)
         rows.append(np.concatenate([x for s in strips for x in (s, sep)][:-1], axis=1))
     grid = np.concatenate(rows, axis=0)

@@ -1,7 +1,7 @@
 """Models: the multimodal VAE (encoders/decoders per modality, aggregation, objectives) and the EBM prior."""
 
-from mmebm_dist.models.energy import EnergyMLP
 from mmebm_dist.models.multimodal_vae import MultimodalVAE, RunawayError, build_model
+from mmebm_dist.prior.energy import EnergyMLP
 
 __all__ = ["EnergyMLP", "MultimodalVAE", "RunawayError", "build_model"]
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from mmebm_dist.models.densities import LocScaleFamily
+from mmebm_dist.prior.densities import LocScaleFamily
 
 
 def gaussian_product(loc: torch.Tensor, scale: torch.Tensor,

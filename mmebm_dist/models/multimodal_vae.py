@@ -27,11 +27,8 @@ import typing
 import torch
 from torch import nn
 
-from mmebm_dist import langevin
 from mmebm_dist.config import ModelConfig, OptimConfig, StageName, validate_model
 from mmebm_dist.models.aggregation import build_aggregation, sample_mixture
-from mmebm_dist.models.densities import posterior_family, reference_density
-from mmebm_dist.models.energy import EnergyMLP
 from mmebm_dist.models.likelihoods import build_likelihood
 from mmebm_dist.models.modality import build_modality
 from mmebm_dist.models.objectives import (
@@ -40,6 +37,9 @@ from mmebm_dist.models.objectives import (
     joint_log_weights,
     stratified_log_weights,
 )
+from mmebm_dist.prior import langevin
+from mmebm_dist.prior.densities import posterior_family, reference_density
+from mmebm_dist.prior.energy import EnergyMLP
 
 STAGES = typing.get_args(StageName)
 """What trains in a step (``train.schedule``): encoders/decoders under the reference prior p0 alone; only the

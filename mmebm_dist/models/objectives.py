@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from mmebm_dist.models.aggregation import Aggregation, mixture_log_prob, sample_mixture
-from mmebm_dist.models.densities import LocScaleFamily
 from mmebm_dist.models.likelihoods import Likelihood
+from mmebm_dist.prior.densities import LocScaleFamily
 
 OBJECTIVES = ("elbo", "iwae", "dreg")
 

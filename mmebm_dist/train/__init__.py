@@ -1,1 +1,1 @@
-"""train."""
+"""Training: the Accelerate loop, distributed setup, checkpoints and metrics."""

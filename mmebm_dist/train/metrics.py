@@ -15,18 +15,16 @@ from typing import Any
 import torch
 from einops import rearrange
 
+from mmebm_dist.data import grid
 from mmebm_dist.rundir import CONFIG_FILE, METRICS_FILE, TB_DIR, TRACE_DIR, JsonlAppender
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
-    """Tile ``images`` [N, C, H, W] into one [C, rows*H, nrow*W] image (missing cells are black)."""
-    n = images.shape[0]
-    nrow = nrow or max(1, math.isqrt(n))
-    rows = math.ceil(n / nrow)
-    pad = rows * nrow - n
-    if pad:
-        images = torch.cat([images, images.new_zeros(pad, *images.shape[1:])])
-    return rearrange(images, "(r c) ch h w -> ch (r h) (c w)", r=rows, c=nrow)
+    """TensorBoard's grid: ``images`` [N, C, H, W] as one [C, rows*H, nrow*W] image, no gaps, missing cells
+    black (``mmebm_dist.data.grid.image_grid``)."""
+    nrow = nrow or max(1, math.isqrt(images.shape[0]))
+    tiles = rearrange(images, "n c h w -> n h w c").numpy()
+    return rearrange(torch.from_numpy(grid.image_grid(tiles, nrow, pad=0, fill=0)), "h w c -> c h w")
 
 
 CAPTION_TILE = (64, 128)

@@ -34,7 +34,7 @@ def _modality(text: str) -> tuple[str, str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One sub-parser per format, each with SRC, --out, --workers, --shard-size, --overwrite."""
-    from mmebm_dist.data.cli import positive_int
+    from mmebm_dist.datasets.cli import positive_int
 
     sub = parser.add_subparsers(dest="import_format", metavar="FORMAT", required=True)
     for name, help_text in FORMATS.items():

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from mmebm_dist.data import generated, shards
+from mmebm_dist.data import shards
 from mmebm_dist.data.codec import encode_png
 from mmebm_dist.data.text import VOCAB_FILE, Vocabulary, detokenize, tokenize
+from mmebm_dist.datasets import generated
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")

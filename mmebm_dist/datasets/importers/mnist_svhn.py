@@ -3,8 +3,8 @@
 MMVAE (iffsid/mmvae, bin/make-mnist-svhn-idx.py, ``rand_match_on_idx``): per digit c, n = min(#MNIST of c,
 #SVHN of c, max_d = 10,000); the first n images of c in each set, then ``dm`` = 30 random permutations of both
 lists appended; SVHN's label 10 means digit 0 (``labels % 10``). This importer calls the same procedure
-(:func:`mmebm_dist.data.mnist_svhn.pair_by_class`, ``--factor`` = dm, ``--max-per-class`` = max_d) with two
-differences: "the first n of class c" is in file order (MMVAE takes them in the order of a non-stable
+(:func:`mmebm_dist.datasets.mnist_svhn.pair_by_class`, ``--factor`` = dm, ``--max-per-class`` = max_d) with
+two differences: "the first n of class c" is in file order (MMVAE takes them in the order of a non-stable
 ``torch.sort``, so which n it keeps when n < the class count is not defined), and the permutations come
 from numpy seeded by ``--seed`` rather than torch's global generator; the pairs are then shuffled once so
 shards mix classes (MMVAE's DataLoader shuffles every epoch instead).
@@ -89,7 +89,7 @@ def import_mnist_svhn(
 
     Side files ``pairs-{split}.npy``: int64 [N, 2] (MNIST index, SVHN index) of each tuple in shard order.
     """
-    from mmebm_dist.data.mnist_svhn import pair_by_class
+    from mmebm_dist.datasets.mnist_svhn import pair_by_class
 
     src = Path(src)
     try:

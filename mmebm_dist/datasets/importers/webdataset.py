@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from mmebm_dist.data import generated, shards
+from mmebm_dist.data import shards
 from mmebm_dist.data.codec import FormatError, decode_png
 from mmebm_dist.data.shards import ModalitySpec
 from mmebm_dist.data.text import VOCAB_FILE, Vocabulary
+from mmebm_dist.datasets import generated
 from mmebm_dist.datasets.importers.common import ImportDataError
 
 SPLITS = ("train", "test")

@@ -13,10 +13,10 @@ from typing import Any
 
 # Builder name -> (module exposing add_build_arguments(parser) and build_from_args(args) -> manifest, help).
 BUILDERS = {
-    "polymnist": ("mmebm_dist.data.polymnist", "PolyMNIST-style M-view data from mnist, idx or fashion"),
-    "mnist-svhn": ("mmebm_dist.data.mnist_svhn",
+    "polymnist": ("mmebm_dist.datasets.polymnist", "PolyMNIST-style M-view data from mnist, idx or fashion"),
+    "mnist-svhn": ("mmebm_dist.datasets.mnist_svhn",
                    "MNIST paired per class with GENERATED street-number digits (an MNIST-SVHN stand-in)"),
-    "birds": ("mmebm_dist.data.birds", "GENERATED birds with templated captions (a CUB stand-in)"),
+    "birds": ("mmebm_dist.datasets.birds", "GENERATED birds with templated captions (a CUB stand-in)"),
 }
 
 

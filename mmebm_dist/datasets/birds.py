@@ -3,8 +3,8 @@
 Each sample draws attributes (size, body/wing/crown/beak colour, beak length, wingbars, eye ring), paints a
 simple bird from ellipses and polygons at 64x64x3 (MMVAE+'s CUB size) on a blurred crop of a bundled photo,
 and writes about ten captions from templates that use CUB's vocabulary. Because the attributes are known,
-coherence is exact: :func:`read_caption_attributes` parses a caption back into attributes, and
-:func:`attribute_coherence` scores predicted against true attributes.
+coherence is exact: :func:`read_caption_attributes` parses a caption back into attributes (the birds judge,
+``mmebm_dist.evaluate.judges.birds``, scores generated samples with it).
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmebm_dist.data import generated, shards
-from mmebm_dist.data.generated import LUMA, ring_contrast
+from mmebm_dist.data import shards
 from mmebm_dist.data.text import VOCAB_FILE, Vocabulary, normalize, tokenize
+from mmebm_dist.datasets import generated
+from mmebm_dist.datasets.generated import LUMA, ring_contrast
 
 COLOURS = ("black", "white", "grey", "brown", "red", "orange", "yellow", "green", "blue", "purple")
 COLOUR_RGB = {
@@ -426,49 +427,6 @@ def read_caption_attributes(caption: str) -> dict[str, int]:
     return out
 
 
-def mentioned_attributes(template: int) -> tuple[str, ...]:
-    """The attributes template number ``template`` states."""
-    return TEMPLATES[template][1]
-
-
-def attribute_coherence(
-    predicted: Mapping[str, Sequence[int] | np.ndarray], target: Mapping[str, Sequence[int] | np.ndarray]
-) -> dict[str, float]:
-    """Share of correct attributes, counting only those the prediction states (value != UNMENTIONED).
-
-    ``predicted`` and ``target`` map attribute names to int arrays [N]. Returns per attribute
-    ``acc/<name>`` (accuracy over stated values, NaN when none stated) and ``stated/<name>`` (share stated),
-    plus ``acc`` (mean over attributes with a stated value) and ``stated`` (mean share stated). For
-    image->text coherence pass the attributes read from generated captions and the source image's true
-    attributes; for text->image pass the image attribute classifiers' predictions on generated images and
-    the attributes read from the source caption as ``target`` (unstated targets are then skipped too).
-    """
-    out: dict[str, float] = {}
-    accs, stated = [], []
-    for name in ATTRIBUTE_NAMES:
-        if name not in predicted or name not in target:
-            continue
-        p = np.asarray(predicted[name]).reshape(-1)
-        t = np.asarray(target[name]).reshape(-1)
-        if p.shape != t.shape:
-            raise ValueError(f"attribute '{name}': predicted has {p.shape[0]} values, target {t.shape[0]}")
-        valid = (p != UNMENTIONED) & (t != UNMENTIONED)
-        share = float(valid.mean()) if valid.size else 0.0
-        acc = float((p[valid] == t[valid]).mean()) if valid.any() else float("nan")
-        out[f"acc/{name}"], out[f"stated/{name}"] = acc, share
-        stated.append(share)
-        if valid.any():
-            accs.append(acc)
-    if not stated:
-        raise ValueError(
-            f"no attribute in common: predicted {sorted(predicted)}, target {sorted(target)}; "
-            f"expected names from {ATTRIBUTE_NAMES}"
-        )
-    out["acc"] = float(np.mean(accs)) if accs else float("nan")
-    out["stated"] = float(np.mean(stated))
-    return out
-
-
 # -------------------------------------------------------------------------------------------------- building
 
 TEXT_MODALITY = "caption"
@@ -549,7 +507,7 @@ def build_birds(spec: BirdsSpec, *, progress: bool = True) -> dict[str, Any]:
     ``captions.npy`` (int64 [10, 32], all captions), ``attrs.npy`` (int64 [8], in ATTRIBUTE_NAMES order)
     and ``cls`` (the body colour).
     """
-    from mmebm_dist.data.mnist_svhn import params_to_dict
+    from mmebm_dist.datasets.mnist_svhn import params_to_dict
 
     for name, n in (("--num-train", spec.num_train), ("--num-test", spec.num_test)):
         if n < 1:
@@ -632,7 +590,7 @@ def build_birds(spec: BirdsSpec, *, progress: bool = True) -> dict[str, Any]:
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``mmebm data birds``."""
-    from mmebm_dist.data.cli import add_generated_build_arguments
+    from mmebm_dist.datasets.cli import add_generated_build_arguments
 
     add_generated_build_arguments(
         parser,

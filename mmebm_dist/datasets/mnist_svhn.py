@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from mmebm_dist.data import generated, shards
-from mmebm_dist.data.generated import LUMA, SPLIT_IDS, dilate, ring_contrast
-from mmebm_dist.data.sources import DIGIT_CLASSES, load_source
+from mmebm_dist.data import shards
+from mmebm_dist.data.sources import DIGIT_CLASSES, SourceData, load_source
+from mmebm_dist.datasets import generated
+from mmebm_dist.datasets.generated import LUMA, SPLIT_IDS, dilate, ring_contrast
 
 # SVHN's published per-class counts (digit 0..9; SVHN stores 0 as label 10): 73,257 train, 26,032 test.
 SVHN_CLASS_COUNTS = {
@@ -157,7 +158,7 @@ def glyph_contrast(image: np.ndarray, alpha: np.ndarray, ring: int = 2) -> float
 
     ``image`` uint8 [H, W, 3]; ``alpha`` [G, H, W] per-glyph coverage. Core = coverage >= 0.5, ring = pixels
     within ``ring`` px of the core that no glyph covers; measured on the final uint8 image, so blur, noise
-    and anti-aliasing count (see :func:`mmebm_dist.data.generated.ring_contrast`).
+    and anti-aliasing count (see :func:`mmebm_dist.datasets.generated.ring_contrast`).
     """
     ink = alpha.sum(axis=0)
     return min(ring_contrast(image, glyph, ink, ring=ring, luminance=True) for glyph in alpha)
@@ -417,6 +418,64 @@ def _write_pair_shard(job: tuple[str, int, int, int]) -> dict:
     return generated.write_shard(Path(st["out"]), split, index, samples)
 
 
+def _manifest(
+    spec: MnistSvhnSpec,
+    source: SourceData,
+    fonts: Sequence[Path],
+    labels: dict[str, np.ndarray],
+    pairs: dict[str, np.ndarray],
+    counts: dict[str, int],
+    entries: list[dict],
+) -> dict[str, Any]:
+    """The manifest of a built MNIST-SVHN set: both modalities, the pairing and what the bytes depend on."""
+    return generated.manifest_base(
+        modalities=[
+            {
+                "name": "mnist",
+                "shape": [1, 28, 28],
+                "dtype": "uint8",
+                "encoding": "png",
+                "origin": source.origin,
+            },
+            {
+                "name": "svhn",
+                "shape": [3, spec.params.size, spec.params.size],
+                "dtype": "uint8",
+                "encoding": "png",
+                "origin": "generated street numbers (not SVHN)",
+            },
+        ],
+        class_names=DIGIT_CLASSES,
+        counts=counts,
+        entries=entries,
+        source={
+            "name": "mnist-svhn-generated",
+            "origin": f"MNIST from {source.origin}; street numbers generated",
+            "train": counts["train"],
+            "test": counts["test"],
+            "street_numbers": {split: len(labels[split]) for split in shards.SPLITS},
+        },
+        seed=spec.seed,
+        builder={
+            "command": "mnist-svhn",
+            "source": spec.source,
+            "factor": spec.factor,
+            "max_per_class": spec.max_per_class,
+            "num_train": spec.num_train,
+            "num_test": spec.num_test,
+            "shard_size": spec.shard_size,
+            "fonts": [f.name for f in fonts],
+            "extra_fonts": list(spec.extra_fonts),
+            "renderer": params_to_dict(spec.params),
+            "versions": generated.versions(),
+            "pairs_per_class": {
+                split: np.bincount(source.split(split)[1][pairs[split][:, 0]], minlength=10).tolist()
+                for split in shards.SPLITS
+            },
+        },
+    )
+
+
 def build_mnist_svhn(spec: MnistSvhnSpec, *, progress: bool = True) -> dict[str, Any]:
     """Render the street numbers, pair them with real MNIST per class, write shards + manifest; the manifest.
 
@@ -497,52 +556,7 @@ def build_mnist_svhn(spec: MnistSvhnSpec, *, progress: bool = True) -> dict[str,
         unit="pair",
         progress=progress,
     )
-    manifest = generated.manifest_base(
-        modalities=[
-            {
-                "name": "mnist",
-                "shape": [1, 28, 28],
-                "dtype": "uint8",
-                "encoding": "png",
-                "origin": source.origin,
-            },
-            {
-                "name": "svhn",
-                "shape": [3, spec.params.size, spec.params.size],
-                "dtype": "uint8",
-                "encoding": "png",
-                "origin": "generated street numbers (not SVHN)",
-            },
-        ],
-        class_names=DIGIT_CLASSES,
-        counts=counts,
-        entries=entries,
-        source={
-            "name": "mnist-svhn-generated",
-            "origin": f"MNIST from {source.origin}; street numbers generated",
-            "train": counts["train"],
-            "test": counts["test"],
-            "street_numbers": {split: len(labels[split]) for split in shards.SPLITS},
-        },
-        seed=spec.seed,
-        builder={
-            "command": "mnist-svhn",
-            "source": spec.source,
-            "factor": spec.factor,
-            "max_per_class": spec.max_per_class,
-            "num_train": spec.num_train,
-            "num_test": spec.num_test,
-            "shard_size": spec.shard_size,
-            "fonts": [f.name for f in fonts],
-            "extra_fonts": list(spec.extra_fonts),
-            "renderer": params_to_dict(spec.params),
-            "versions": generated.versions(),
-            "pairs_per_class": {
-                split: np.bincount(source.split(split)[1][pairs[split][:, 0]], minlength=10).tolist()
-                for split in shards.SPLITS
-            },
-        },
-    )
+    manifest = _manifest(spec, source, fonts, labels, pairs, counts, entries)
     shards.write_manifest(out, manifest)
     return manifest
 
@@ -552,7 +566,7 @@ def build_mnist_svhn(spec: MnistSvhnSpec, *, progress: bool = True) -> dict[str,
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``mmebm data mnist-svhn``."""
-    from mmebm_dist.data.cli import add_generated_build_arguments, positive_int
+    from mmebm_dist.datasets.cli import add_generated_build_arguments, positive_int
 
     d = MnistSvhnSpec()
     add_generated_build_arguments(

@@ -15,9 +15,9 @@ analytic gradient, no autograd graph) and ``triton`` (one kernel launch per chai
 - CUDA tensors, a configuration the kernel supports, and an MLP small enough that one kernel walking it
   row-block by row-block beats a few cuBLAS calls per step (:func:`triton_preferred`): triton;
 - otherwise torch. ``auto`` never picks triton for CPU tensors (the interpreter is for tests only).
-A forced fused backend that cannot run raises (arbitrary callable, partitioned weights, triton on CPU without
-TRITON_INTERPRET=1); a forced triton on a configuration the kernel does not support falls back to torch with a
-one-line warning (once), never a wrong answer.
+A forced fused backend that cannot run raises, naming why (arbitrary callable, partitioned weights; triton:
+not installed, CPU tensors without TRITON_INTERPRET=1, or a configuration the kernel does not support);
+``auto`` takes torch wherever triton cannot run.
 
 Divergence: every backend raises :class:`LangevinDivergenceError` naming the first step whose update left a
 non-finite value in z. autograd checks each step. torch checks z_K only (a non-finite value never leaves z,
@@ -43,15 +43,14 @@ is reproducible but not equal to the other two.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from mmebm_dist.kernels.langevin_torch import auto_workers, langevin_torch
-from mmebm_dist.models.densities import reference_density
-from mmebm_dist.models.energy import LEAKY_SLOPE, EnergyMLP
+from mmebm_dist.prior.densities import reference_density
+from mmebm_dist.prior.energy import LEAKY_SLOPE, EnergyMLP
 
 BACKENDS = ("auto", "autograd", "torch", "triton")
 
@@ -120,15 +119,6 @@ def sample_autograd(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Te
     return z
 
 
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
 def _partitioned(energy: EnergyMLP) -> bool:
     """True when some weight of the energy is not readable here (DeepSpeed ZeRO-3 left it partitioned)."""
     return any(p.numel() == 0 for p in energy.parameters())
@@ -168,6 +158,21 @@ def _triton_module():
     return langevin_triton
 
 
+def _triton_refusal(weights: list, z0: torch.Tensor, activation: str) -> str | None:
+    """Why the Triton kernel cannot run this chain here (None when it can)."""
+    try:
+        kernels = _triton_module()
+    except ImportError as exc:
+        return f"triton cannot be imported ({exc}); install it (pip install triton) or use backend='torch'"
+    cannot = kernels.triton_can_launch(z0.device)
+    if cannot is not None:
+        return cannot
+    unsupported = kernels.triton_unsupported_reason(weights, z0, activation)
+    if unsupported is not None:
+        return f"the Triton kernel does not support {unsupported}; use backend='torch' or 'auto'"
+    return None
+
+
 def _triton_seed(generator: torch.Generator | None, device: torch.device) -> int:
     """A Philox seed drawn from ``generator`` (or the default generator of ``device``): reproducible runs."""
     gen_device = generator.device if generator is not None else device
@@ -181,26 +186,24 @@ def _resolve(energy, z0: torch.Tensor, backend: str) -> tuple[str, list | None]:
     if backend == "autograd":
         return backend, None
     refusal = _fused_refusal(energy, backend)
+    chosen = backend
     if backend == "auto":
         if refusal is not None:
             return "autograd", None
         small = triton_preferred(energy.latent_dim, energy.hidden, energy.num_layers)
-        backend = "triton" if z0.device.type == "cuda" and small else "torch"
+        chosen = "triton" if z0.device.type == "cuda" and small else "torch"
     elif refusal is not None:
         raise ValueError(refusal)
     # Read once: a spectral-normalised weight is recomputed (power iteration in train mode) on every read.
     with torch.no_grad():
         weights = energy.weights()
-    if backend == "triton":
-        kernels = _triton_module()
-        cannot = kernels.triton_can_launch(z0.device)
-        if cannot is not None:
-            raise ValueError(f"backend='triton': {cannot}")
-        unsupported = kernels.triton_unsupported_reason(weights, z0, energy.activation)
-        if unsupported is not None:
-            _warn_once(f"Langevin: the Triton kernel does not support {unsupported}; using backend='torch'")
-            return "torch", weights
-    return backend, weights
+    if chosen == "triton":
+        refusal = _triton_refusal(weights, z0, energy.activation)
+        if refusal is not None:
+            if backend == "triton":
+                raise ValueError(f"backend='triton': {refusal}")
+            chosen = "torch"  # auto: triton cannot run this chain here
+    return chosen, weights
 
 
 def resolve_backend(energy, z0: torch.Tensor, backend: str = "auto") -> str:

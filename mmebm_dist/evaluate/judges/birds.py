@@ -1,17 +1,11 @@
-"""Exact attribute coherence on the generated birds: an image attribute classifier and the three coherences.
+"""The judge of the generated birds: an image attribute classifier and the exact caption reader.
 
-The captions are read back by the rule-based :func:`mmebm_dist.data.birds.read_caption_attributes`; images
+The captions are read back by the rule-based :func:`mmebm_dist.datasets.birds.read_caption_attributes`; images
 are read by :class:`AttributeClassifier` (one head per attribute, trained on the real training images; its
-test accuracy bounds every image-side figure, report it beside them). With a trained multimodal model:
-
-- image -> text: attributes read from captions generated from images, against the images' true attributes;
-- text -> image: the classifier on images generated from captions, against what the source caption states;
-- joint: the classifier on jointly generated images, against what the jointly generated captions state.
-
-Each returns :func:`mmebm_dist.data.birds.attribute_coherence`'s dict (``acc``, ``stated``, per attribute).
-``mmebm eval`` uses :class:`BirdsJudge` (the same readers, as
-:class:`mmebm_dist.evaluate.coherence.AttributeJudge`) with :func:`read_attribute_chunks`; the classifier is
-trained by ``mmebm classifiers train --data DIR`` and cached as ``DIR/classifiers/attribute_classifier.pt``.
+test accuracy bounds every image-side figure, report it beside them). ``mmebm eval`` uses :class:`BirdsJudge`
+with :func:`read_test_chunks`; the classifier is trained by ``mmebm classifiers train --data DIR``
+(:func:`train_from_args`) and cached as ``DIR/classifiers/attribute_classifier.pt``. The figures are
+:func:`mmebm_dist.evaluate.coherence.measure_coherence`'s, as for every judge.
 """
 
 from __future__ import annotations
@@ -19,7 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,26 +24,22 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmebm_dist.data import shards
-from mmebm_dist.data.birds import (
+from mmebm_dist.data.text import VOCAB_FILE, Vocabulary
+from mmebm_dist.datasets.birds import (
     ATTRIBUTE_NAMES,
     ATTRIBUTES,
     IMAGE_MODALITY,
     LABEL_ATTRIBUTE,
     TEXT_MODALITY,
-    attribute_coherence,
     read_caption_attributes,
 )
-from mmebm_dist.data.text import VOCAB_FILE, Vocabulary
 
 CLASSIFIER_FILE = "attribute_classifier.pt"
 SUMMARY_FILE = "attribute_classifier.json"
 CLASSIFIER_DIR = "classifiers"
 """Default place of the classifier: DIR/classifiers/, as the digit classifiers of the other data sets."""
-
-
-def is_birds(directory: str | os.PathLike) -> bool:
-    """Whether ``directory`` holds a data set written by ``mmebm data birds`` (attributes known)."""
-    return shards.read_manifest(directory).get("builder", {}).get("command") == "birds"
+DEFAULTS = {"batch_size": 64, "lr": 1e-3, "width": 32, "steps": 1500}
+"""``mmebm classifiers train`` settings left unset on the command line."""
 
 
 def load_split(directory: str | os.PathLike, split: str, limit: int | None = None) -> dict[str, np.ndarray]:
@@ -136,10 +127,6 @@ def _as_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float() / 255.0
 
 
-def _targets(attributes: np.ndarray) -> dict[str, np.ndarray]:
-    return {name: attributes[:, k] for k, name in enumerate(ATTRIBUTE_NAMES)}
-
-
 def train_attribute_classifier(
     directory: str | os.PathLike,
     *,
@@ -201,7 +188,7 @@ def load_classifier(path: str | os.PathLike, *, manifest_hash: str | None = None
     if manifest_hash is not None and blob["manifest_hash"] != manifest_hash:
         raise ValueError(
             f"{path} was trained on data with manifest hash {blob['manifest_hash']}, not "
-            f"{manifest_hash}; retrain it (python -m mmebm_dist.data.birds_coherence DIR)"
+            f"{manifest_hash}; retrain it (mmebm classifiers train --data DIR)"
         )
     model = AttributeClassifier(blob["width"])
     model.load_state_dict(blob["state_dict"])
@@ -232,85 +219,10 @@ def caption_attributes(ids: np.ndarray | torch.Tensor, vocab: Vocabulary) -> dic
     return {name: np.array([r[name] for r in read], dtype=np.int64) for name in ATTRIBUTE_NAMES}
 
 
-def _model_batch(images: np.ndarray, captions: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-    return {
-        IMAGE_MODALITY: _as_tensor(images).to(device),
-        TEXT_MODALITY: torch.from_numpy(captions).to(device),
-    }
-
-
-@torch.no_grad()
-def image_to_text(
-    model: Any,
-    data: dict[str, np.ndarray],
-    vocab: Vocabulary,
-    *,
-    batch_size: int = 128,
-    generator: torch.Generator | None = None,
-) -> dict[str, float]:
-    """Captions generated from images (z ~ q(z | image)) against the images' true attributes."""
-    read: dict[str, list] = {name: [] for name in ATTRIBUTE_NAMES}
-    for start in range(0, len(data["images"]), batch_size):
-        sl = slice(start, start + batch_size)
-        batch = _model_batch(data["images"][sl], data["captions"][sl], model.device)
-        ids = model.generate_conditional(batch, [IMAGE_MODALITY], generator=generator)[TEXT_MODALITY]
-        for name, values in caption_attributes(ids.cpu(), vocab).items():
-            read[name].append(values)
-    predicted = {name: np.concatenate(v) for name, v in read.items()}
-    return attribute_coherence(predicted, _targets(data["attributes"]))
-
-
-@torch.no_grad()
-def text_to_image(
-    model: Any,
-    data: dict[str, np.ndarray],
-    vocab: Vocabulary,
-    classifier: AttributeClassifier,
-    *,
-    batch_size: int = 128,
-    generator: torch.Generator | None = None,
-) -> dict[str, float]:
-    """The classifier on images generated from captions (z ~ q(z | caption)) against what captions state."""
-    preds: dict[str, list] = {name: [] for name in ATTRIBUTE_NAMES}
-    for start in range(0, len(data["images"]), batch_size):
-        sl = slice(start, start + batch_size)
-        batch = _model_batch(data["images"][sl], data["captions"][sl], model.device)
-        images = model.generate_conditional(batch, [TEXT_MODALITY], generator=generator)[IMAGE_MODALITY]
-        for name, values in classifier.predict(images.cpu()).items():
-            preds[name].append(values)
-    predicted = {name: np.concatenate(v) for name, v in preds.items()}
-    return attribute_coherence(predicted, caption_attributes(data["captions"], vocab))
-
-
-@torch.no_grad()
-def joint(
-    model: Any,
-    vocab: Vocabulary,
-    classifier: AttributeClassifier,
-    num_samples: int,
-    *,
-    batch_size: int = 128,
-    generator: torch.Generator | None = None,
-) -> dict[str, float]:
-    """Jointly generated pairs: what the caption states against the classifier's reading of the image."""
-    stated: dict[str, list] = {name: [] for name in ATTRIBUTE_NAMES}
-    seen: dict[str, list] = {name: [] for name in ATTRIBUTE_NAMES}
-    for start in range(0, num_samples, batch_size):
-        out = model.generate_joint(min(batch_size, num_samples - start), generator=generator)
-        for name, values in caption_attributes(out[TEXT_MODALITY].cpu(), vocab).items():
-            stated[name].append(values)
-        for name, values in classifier.predict(out[IMAGE_MODALITY].cpu()).items():
-            seen[name].append(values)
-    return attribute_coherence(
-        {n: np.concatenate(v) for n, v in stated.items()}, {n: np.concatenate(v) for n, v in seen.items()}
-    )
-
-
 class BirdsJudge:
-    """Attribute readings for ``mmebm eval`` (``mmebm_dist.evaluate.coherence.AttributeJudge``): the exact
-    reader for captions, the trained classifier for images; a test tuple's image fixes its true attributes,
-    its caption fixes what the caption states. Values are indices into ATTRIBUTES; UNMENTIONED (-1) where a
-    caption says nothing."""
+    """Attribute readings (``mmebm_dist.evaluate.judges.Judge``): the exact reader for captions, the trained
+    classifier for images; a test tuple's image fixes its true attributes, its caption what the caption
+    states. Values are indices into ATTRIBUTES; UNMENTIONED (-1) where a caption says nothing."""
 
     attributes = ATTRIBUTE_NAMES
 
@@ -345,16 +257,30 @@ class BirdsJudge:
             return batch["attributes"].long().cpu()
         return self.read(name, batch[name])
 
+    def describe(self) -> dict:
+        return {"dir": str(Path(self.path).parent), "manifest_hash": self.manifest_hash, "file": self.path,
+                "test_accuracy": self.test_accuracy,
+                "note": "Images are read by the attribute classifier (its test accuracy per attribute "
+                        "below); captions by the exact rule-based reader "
+                        "(mmebm_dist.datasets.birds.read_caption_attributes)."}
+
 
 def load_judge(
     classifier_dir: str | os.PathLike,
     data_dir: str | os.PathLike,
     *,
     manifest_hash: str | None,
+    modalities: Sequence[str] | None = None,
     device: torch.device | str = "cpu",
 ) -> BirdsJudge:
     """The judge of a birds data set: its vocabulary and the attribute classifier cached in ``classifier_dir``
-    (refused when trained on other data)."""
+    (refused when trained on other data, or when ``modalities`` are not the birds' image and caption)."""
+    unknown = sorted(set(modalities or ()) - {IMAGE_MODALITY, TEXT_MODALITY})
+    if unknown:
+        raise KeyError(
+            f"modalities {unknown} are not birds modalities ({IMAGE_MODALITY!r}, {TEXT_MODALITY!r}); "
+            "evaluate birds runs with the modality names of configs/birds_*.yaml"
+        )
     path = classifier_path(classifier_dir)
     if not path.is_file():
         raise FileNotFoundError(
@@ -365,21 +291,20 @@ def load_judge(
     return BirdsJudge(classifier, Vocabulary.load(Path(data_dir) / VOCAB_FILE), path=path)
 
 
-def read_attribute_chunks(
+def read_test_chunks(
     directory: str | os.PathLike,
     *,
     num: int,
     batch_size: int,
-    split: str = "test",
     rank: int = 0,
     world_size: int = 1,
 ) -> list[dict[str, torch.Tensor] | None]:
-    """The first ``num`` samples of ``split`` (manifest order, as ``evaluate.generate.read_chunks``) as model
-    batches plus ``attributes`` int64 [B, A], cut into chunks of ``batch_size``; chunks another rank handles
+    """The first ``num`` test samples (manifest order, as ``evaluate.generate.read_chunks``) as model batches
+    plus ``attributes`` int64 [B, A], cut into chunks of ``batch_size``; chunks another rank handles
     (i % world_size != rank) are None."""
     if num <= 0 or batch_size <= 0:
         raise ValueError(f"number of samples ({num}) and batch size ({batch_size}) must be positive")
-    data = load_split(directory, split, limit=num)
+    data = load_split(directory, "test", limit=num)
     label = ATTRIBUTE_NAMES.index(LABEL_ATTRIBUTE)
     chunks: list[dict[str, torch.Tensor] | None] = []
     for k, start in enumerate(range(0, len(data["images"]), batch_size)):
@@ -399,26 +324,31 @@ def read_attribute_chunks(
     return chunks
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m mmebm_dist.data.birds_coherence DIR``: train the attribute classifier, save it in
-    DIR/classifiers (what ``mmebm classifiers train --data DIR`` does for a birds data set)."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("dir", help="birds data set (mmebm data birds --out DIR)")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    Vocabulary.load(Path(args.dir) / VOCAB_FILE)  # fail early on a data set without captions
-    model, report = train_attribute_classifier(
-        args.dir, steps=args.steps, batch_size=args.batch_size, width=args.width, seed=args.seed
-    )
-    path = classifier_path(Path(args.dir) / CLASSIFIER_DIR)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_classifier(model, report, path, shards.manifest_hash(args.dir))
-    print(json.dumps({"classifier": str(path), "test_accuracy": report}, indent=1))
+def train_from_args(args: argparse.Namespace) -> int:
+    """``mmebm classifiers train`` on a birds data set: the image attribute classifier, cached as
+    OUT/attribute_classifier.pt (captions are read exactly, so they need none)."""
+    from mmebm_dist.evaluate.generate import resolve_device
+
+    start = time.perf_counter()
+    data = Path(args.data)
+    Vocabulary.load(data / VOCAB_FILE)  # fail early on a damaged data set
+    out = Path(args.out) if args.out else data / CLASSIFIER_DIR
+    settings = {name: DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)
+                for name in ("steps", "batch_size", "lr", "width")}
+    model, accuracy = train_attribute_classifier(
+        data, steps=int(settings["steps"]), batch_size=int(settings["batch_size"]), lr=float(settings["lr"]),
+        width=int(settings["width"]), seed=args.seed, device=resolve_device(args.device))
+    data_hash = shards.manifest_hash(data)
+    out.mkdir(parents=True, exist_ok=True)
+    path = classifier_path(out)
+    save_classifier(model.cpu(), accuracy, path, data_hash)
+    seconds = time.perf_counter() - start
+    save_summary(out / SUMMARY_FILE, {"data_path": str(data), "manifest_hash": data_hash,
+                                      "test_accuracy": accuracy, "seed": args.seed, "seconds": seconds,
+                                      **settings})
+    print(f"attribute classifier for birds data {data} (manifest hash {data_hash[:12]}...), "
+          f"{settings['steps']} steps, {seconds:.0f} s; captions are read exactly (no classifier):")
+    for name, acc in accuracy.items():
+        print(f"  {name}: test accuracy {acc:.4f}")
+    print(f"saved to {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,18 +8,18 @@ stroke. Each shard depends only on (seed, split, shard index), so any worker cou
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmebm_dist.data import generated, shards
+from mmebm_dist.data import shards
 from mmebm_dist.data.codec import encode_png
-from mmebm_dist.data.generated import BACKGROUNDS as BACKGROUNDS  # re-exported: PolyMNIST's backgrounds
-from mmebm_dist.data.generated import SPLIT_IDS, load_backgrounds
 from mmebm_dist.data.sources import IMAGE_SIZE, SourceData, load_source
+from mmebm_dist.datasets import generated
+from mmebm_dist.datasets.generated import BACKGROUNDS as BACKGROUNDS  # re-exported: PolyMNIST's backgrounds
+from mmebm_dist.datasets.generated import SPLIT_IDS, load_backgrounds
 
 BINARISE_THRESHOLD = 128
 FORMATS = ("shards", "folders")
@@ -127,30 +127,6 @@ def _build_shard(job: tuple[str, int, int, int]) -> dict[str, Any]:
     return generated.write_shard(out, split, index, samples)
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse to mix with an existing dataset unless asked; then remove only this builder's own files."""
-    ours = [
-        p
-        for p in out.glob("*")
-        if p.name in (shards.MANIFEST, shards.MANIFEST + ".tmp")
-        or re.fullmatch(r"(train|test)-\d{6}\.tar(\.tmp)?", p.name)
-    ]
-    pngs = [
-        p
-        for split in shards.SPLITS
-        for p in out.glob(f"{split}/m*/*.png")
-        if re.fullmatch(r"\d+\.\d+\.png", p.name)
-    ]
-    if (ours or pngs) and not overwrite:
-        raise FileExistsError(
-            f"{out} already holds a dataset ({len(ours)} shard/manifest files, {len(pngs)} PNG "
-            "files): choose another --out or pass --overwrite"
-        )
-    for p in ours + pngs:
-        p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def build_polymnist(spec: BuildSpec, *, progress: bool = True) -> dict[str, Any]:
     """Build the dataset described by ``spec`` and return its manifest (also written to out/manifest.json)."""
     if spec.format not in FORMATS:
@@ -175,7 +151,8 @@ def build_polymnist(spec: BuildSpec, *, progress: bool = True) -> dict[str, Any]
         if n < 1:
             raise ValueError(f"{split} sample count must be >= 1, got {n}")
     out = Path(spec.out)
-    _prepare_out(out, spec.overwrite)
+    folder_pngs = [f"{split}/m*/[0-9]*.[0-9]*.png" for split in shards.SPLITS]  # the folders layout's images
+    generated.prepare_out(out, spec.overwrite, nested=folder_pngs)
 
     state = {
         "splits": {split: source.split(split) for split in shards.SPLITS},
@@ -220,42 +197,27 @@ def _manifest(
     results: list[dict[str, Any]],
 ) -> dict[str, Any]:
     builder = {k: v for k, v in asdict(spec).items() if k not in ("out", "workers", "overwrite", "cache_dir")}
-    return {
-        "format": shards.FORMAT_NAME,
-        "format_version": shards.FORMAT_VERSION,
-        "layout": spec.format,
-        "modalities": [
-            {
-                "name": name,
-                "shape": [3, IMAGE_SIZE, IMAGE_SIZE],
-                "dtype": "uint8",
-                "encoding": spec.encoding,
-                "background": bg,
-            }
-            for name, (bg, _) in zip(names, backgrounds, strict=True)
-        ],
-        "class_names": list(source.class_names),
-        "splits": {
-            split: {
-                "count": counts[split],
-                "shards": sum(1 for r in results if r["split"] == split and "name" in r),
-            }
-            for split in shards.SPLITS
-        },
-        "shards": [
-            {k: r[k] for k in ("name", "split", "count", "bytes", "sha256")}
-            for r in results
-            if "name" in r
-        ],
-        "source": {
-            "name": source.name,
-            "origin": source.origin,
-            "train": int(len(source.train_labels)),
-            "test": int(len(source.test_labels)),
-        },
-        "seed": spec.seed,
-        "builder": {"command": "polymnist", **builder},
+    modalities = [
+        {"name": name, "shape": [3, IMAGE_SIZE, IMAGE_SIZE], "dtype": "uint8", "encoding": spec.encoding,
+         "background": bg}
+        for name, (bg, _) in zip(names, backgrounds, strict=True)
+    ]
+    source_info = {
+        "name": source.name,
+        "origin": source.origin,
+        "train": int(len(source.train_labels)),
+        "test": int(len(source.test_labels)),
     }
+    return generated.manifest_base(
+        modalities=modalities,
+        class_names=source.class_names,
+        counts=counts,
+        entries=results,
+        source=source_info,
+        seed=spec.seed,
+        builder={"command": "polymnist", **builder},
+        layout=spec.format,
+    )
 
 
 def add_build_arguments(parser) -> None:

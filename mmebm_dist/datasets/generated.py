@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from mmebm_dist.data import shards
+from mmebm_dist.data.grid import image_grid
 
 SPLIT_IDS = {"train": 0, "test": 1}
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -122,10 +123,13 @@ def versions() -> dict[str, str]:
     return out
 
 
-def prepare_out(out: Path, overwrite: bool, extra: Iterable[str] = ()) -> None:
-    """Refuse to write into an existing data set unless ``overwrite``; then remove only files we write."""
+def prepare_out(out: Path, overwrite: bool, extra: Iterable[str] = (), nested: Iterable[str] = ()) -> None:
+    """Refuse to write into an existing data set unless ``overwrite``; then remove only files we write:
+    shards, the manifest, files named by the ``extra`` regexes and files matching the ``nested`` globs
+    (relative to ``out``: a folder layout's images)."""
     patterns = [r"(train|test)-\d{6}\.tar(\.tmp)?", re.escape(shards.MANIFEST) + r"(\.tmp)?", *extra]
     ours = [p for p in out.glob("*") if p.is_file() and any(re.fullmatch(pat, p.name) for pat in patterns)]
+    ours += [p for pattern in nested for p in out.glob(pattern) if p.is_file()]
     if ours and not overwrite:
         raise FileExistsError(
             f"{out} already holds a data set ({len(ours)} shard/manifest/side files): choose "
@@ -252,51 +256,32 @@ def manifest_base(
     source: dict,
     seed: int,
     builder: dict,
+    layout: str = "shards",
 ) -> dict[str, Any]:
-    """A manifest in the format of :mod:`mmebm_dist.data.shards` (layout ``shards``)."""
+    """A manifest in the format of :mod:`mmebm_dist.data.shards`; ``entries`` are what the shard writers
+    returned (those without a ``name`` wrote folder files, not a shard)."""
+    written = [e for e in entries if "name" in e]
     return {
         "format": shards.FORMAT_NAME,
         "format_version": shards.FORMAT_VERSION,
-        "layout": "shards",
+        "layout": layout,
         "modalities": modalities,
         "class_names": list(class_names),
         "splits": {
-            split: {"count": counts[split], "shards": sum(1 for e in entries if e["split"] == split)}
+            split: {"count": counts[split], "shards": sum(1 for e in written if e["split"] == split)}
             for split in shards.SPLITS
         },
-        "shards": [{k: e[k] for k in ("name", "split", "count", "bytes", "sha256")} for e in entries],
+        "shards": [{k: e[k] for k in ("name", "split", "count", "bytes", "sha256") if k in e}
+                   for e in written],
         "source": source,
         "seed": seed,
         "builder": builder,
     }
 
 
-def grid(images: Sequence[np.ndarray], columns: int, *, pad: int = 2, scale: int = 1) -> np.ndarray:
-    """uint8 [H, W, 3] grid of same-height uint8 images ([h, w, 3] or [h, w]); rows are filled in order."""
-    tiles = [np.repeat(t[..., None], 3, axis=2) if t.ndim == 2 else t for t in images]
-    h = max(t.shape[0] for t in tiles)
-    widths = [
-        max(tiles[k].shape[1] for k in range(c, len(tiles), columns)) for c in range(min(columns, len(tiles)))
-    ]
-    rows = -(-len(tiles) // columns)
-    canvas = np.full((rows * (h + pad) + pad, sum(widths) + pad * (len(widths) + 1), 3), 255, np.uint8)
-    for k, t in enumerate(tiles):
-        r, c = divmod(k, columns)
-        x = pad + sum(widths[:c]) + pad * c
-        y = pad + r * (h + pad)
-        canvas[y : y + t.shape[0], x : x + t.shape[1]] = t
-    if scale > 1:
-        canvas = np.asarray(
-            Image.fromarray(canvas).resize(
-                (canvas.shape[1] * scale, canvas.shape[0] * scale), Image.Resampling.NEAREST
-            )
-        )
-    return canvas
-
-
 def save_grid(png: str | os.PathLike, tiles: Sequence[np.ndarray], columns: int, *, scale: int) -> Path:
-    """Write :func:`grid` of ``tiles`` (3 px apart, enlarged ``scale`` times) as a PNG; creates its folder."""
+    """Write the grid of ``tiles`` (3 px apart, enlarged ``scale`` times) as a PNG; creates its folder."""
     out = Path(png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid(tiles, columns, pad=3, scale=scale)).save(out)
+    Image.fromarray(image_grid(tiles, columns, pad=3, scale=scale)).save(out)
     return out

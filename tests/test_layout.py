@@ -1,0 +1,131 @@
+"""The layout tells the architecture: no import cycle between mmebm_dist's subpackages, data below evaluation.
+
+The graph is read from the source (ast over every module, function-level imports included, and module names
+written as strings for importlib, e.g. the command tables), not from what happens to be imported at run time.
+A node is a subpackage (``data``, ``prior``, ...) or a top-level module (``config``, ``cli``); the top-level
+``kernels/`` folder is the subpackage ``kernels`` (installed as ``mmebm_dist.kernels``).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "mmebm_dist"
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of mmebm_dist and of kernels/ (as mmebm_dist.kernels)."""
+    out = {}
+    for root, prefix in ((PACKAGE, "mmebm_dist"), (REPO / "kernels", "mmebm_dist.kernels")):
+        for path in root.rglob("*.py"):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join([prefix, *parts])] = path
+    return out
+
+
+def _imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The mmebm_dist modules that module ``name`` (file ``path``) imports anywhere in its body."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    targets: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            # `from pkg import sub` imports the submodule when there is one, else a name of pkg
+            targets.update(f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in known:
+            targets.add(node.value)  # a module named for importlib (a lazily imported command or judge)
+    return {t for t in targets if t == "mmebm_dist" or t.startswith("mmebm_dist.")}
+
+
+def _node(module: str) -> str:
+    """The subpackage or top-level module of mmebm_dist that ``module`` belongs to."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "mmebm_dist"
+
+
+def module_imports() -> dict[str, set[str]]:
+    known = _modules()
+    return {name: _imported(name, path, known) for name, path in known.items()}
+
+
+def package_graph() -> dict[str, set[str]]:
+    """Subpackage -> the other subpackages its modules import."""
+    graph: dict[str, set[str]] = {}
+    for module, targets in module_imports().items():
+        edges = graph.setdefault(_node(module), set())
+        edges.update(_node(t) for t in targets if _node(t) not in (_node(module), "mmebm_dist"))
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one node (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_graph_sees_every_kind_of_import():
+    imports = module_imports()
+    assert "mmebm_dist.prior.langevin" in imports["mmebm_dist.models.multimodal_vae"]  # module level
+    assert "mmebm_dist.evaluate.periodic" in imports["mmebm_dist.train.loop"]  # inside a function
+    assert "mmebm_dist.datasets.cli" in imports["mmebm_dist.cli"]  # a command table entry for importlib
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_between_subpackages():
+    graph = package_graph()
+    assert {"data", "datasets", "prior", "models", "train", "evaluate", "bench", "kernels"} <= graph.keys()
+    found = cycles(graph)
+    assert not found, f"import cycles between mmebm_dist subpackages: {found}; edges: " + "; ".join(
+        f"{a} -> {sorted(b)}" for a, b in sorted(graph.items()) if any(a in c for c in found))
+
+
+def test_layers_import_only_downwards():
+    graph = package_graph()
+    assert graph["kernels"] == set()  # plain tensors in, plain tensors out
+    assert graph["prior"] <= {"kernels"}  # the energy, p0 and the sampler know no model
+    assert "models" not in graph["data"] | graph["datasets"] | graph["prior"]
+    assert "datasets" not in graph["data"]  # builders sit on the shard writer, not under it
+
+
+def test_data_holds_no_evaluation_code():
+    offenders = {module: sorted(t for t in targets if t.startswith("mmebm_dist.evaluate"))
+                 for module, targets in module_imports().items()
+                 if module.startswith(("mmebm_dist.data.", "mmebm_dist.datasets."))}
+    assert not {m: t for m, t in offenders.items() if t}
