@@ -19,8 +19,8 @@ from test_train import data2, in_process  # noqa: F401  (fixtures)
 from train_helpers import ACCELERATE, REPO, env, free_port, run_train, tiny_config
 
 from mmebm_dist.config import ConfigError, load_config
-from mmebm_dist.train.checkpoint import CheckpointError, complete_checkpoints, read_train_state
-from mmebm_dist.train.metrics import read_jsonl
+from mmebm_dist.rundir import complete_checkpoints, read_jsonl, read_train_state
+from mmebm_dist.train.checkpoint import CheckpointError
 from mmebm_dist.train.signals import EXIT_PREEMPTED, STEP_HOOKS
 
 # As in test_checkpoint.py: a resume is bitwise exact on CPU with one thread; 1e-6 leaves room for a BLAS
