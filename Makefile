@@ -5,16 +5,16 @@ PYTHON     ?= python3
 TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.mmebm-installed
-# make demo DATASET=polymnist|mnist-svhn|birds (the latter two build small generated sets; docs/datasets.md)
+# make demo DATASET=polymnist|mnist-svhn|birds (the latter two build small generated sets; docs/datasets.md);
+# make demo FULL=1 trains PolyMNIST at the published scale (configs/polymnist_ebm.yaml). DATA= and RUN=
+# replace the default directories (launch/demo.sh).
 DATASET    ?= polymnist
-DEMO_DATA_polymnist  := data/polymnist
-DEMO_DATA_mnist-svhn := data/mnist_svhn_demo
-DEMO_DATA_birds      := data/birds_demo
-DEMO_RUN_polymnist   := runs/demo
-DEMO_RUN_mnist-svhn  := runs/demo_mnist_svhn
-DEMO_RUN_birds       := runs/demo_birds
-DATA       ?= $(DEMO_DATA_$(DATASET))
-RUN        ?= $(DEMO_RUN_$(DATASET))
+FULL       ?= 0
+DATA       ?=
+RUN        ?=
+DEMO_DIRS_polymnist  := data/polymnist_demo runs/demo
+DEMO_DIRS_mnist-svhn := data/mnist_svhn_demo runs/demo_mnist_svhn
+DEMO_DIRS_birds      := data/birds_demo runs/demo_birds
 PYTEST_ARGS ?=
 
 .PHONY: venv demo test lint clean-demo
@@ -35,8 +35,7 @@ lint: venv
 	$(VENV)/bin/ruff check mmebm_dist kernels tests
 
 demo: venv
-	@test -n "$(DATA)" || { echo "make demo: unknown DATASET '$(DATASET)'; choose polymnist, mnist-svhn or birds"; exit 2; }
-	bash launch/demo.sh "$(DATA)" "$(RUN)" "$(DATASET)"
+	FULL=$(FULL) bash launch/demo.sh "$(DATA)" "$(RUN)" "$(DATASET)"
 
 clean-demo:
-	rm -rf "$(DATA)" "$(RUN)"
+	rm -rf $(or $(strip $(DATA) $(RUN)),$(DEMO_DIRS_$(DATASET)))

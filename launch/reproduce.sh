@@ -47,33 +47,37 @@ FINER_POSTHOC+=" model.prior.langevin.step_size=0.3 train.steps=$POSTHOC_LONG_ST
 # One job per line: NAME CONFIG OVERRIDES...
 jobs() {
   for s in $SEEDS; do
-    echo "polymnist_ebm_s$s configs/polymnist_ebm.yaml train.seed=$s"
+    echo "polymnist_ebm_s$s configs/polymnist_ebm_joint.yaml train.seed=$s"
     echo "polymnist_laplace_s$s configs/polymnist_laplace.yaml train.seed=$s"
   done
   for s in $SEEDS; do  # after every Laplace run has started: each waits for its own
-    echo "polymnist_ebm_posthoc_s$s configs/polymnist_ebm.yaml train.seed=$s model.prior.fit=posthoc" \
+    echo "polymnist_ebm_posthoc_s$s configs/polymnist_ebm_joint.yaml train.seed=$s model.prior.fit=posthoc" \
       "train.init_from=$OUT/polymnist_laplace_s$s"
-    echo "polymnist_ebm_posthoc_lr5e-4_l2_0_s$s configs/polymnist_ebm.yaml train.seed=$s model.prior.fit=posthoc" \
+    echo "polymnist_ebm_posthoc_lr5e-4_l2_0_s$s configs/polymnist_ebm_joint.yaml train.seed=$s model.prior.fit=posthoc" \
       "model.prior.lr=5e-4 model.prior.energy_l2=0 train.init_from=$OUT/polymnist_laplace_s$s"
   done
-  echo "polymnist_ebm_posthoc_lr5e-4_s0 configs/polymnist_ebm.yaml train.seed=0 model.prior.fit=posthoc" \
+  echo "polymnist_ebm_posthoc_lr5e-4_s0 configs/polymnist_ebm_joint.yaml train.seed=0 model.prior.fit=posthoc" \
     "model.prior.lr=5e-4 train.init_from=$OUT/polymnist_laplace_s0"
   for s in $FASHION_SEEDS; do
-    echo "fashion_ebm_s$s configs/polyfashion_ebm.yaml train.seed=$s"
+    echo "fashion_ebm_s$s configs/polyfashion_ebm_joint.yaml train.seed=$s"
     echo "fashion_laplace_s$s configs/polyfashion_laplace.yaml train.seed=$s"
   done
-  echo "polymnist_ebm_gaussref_s0 configs/polymnist_ebm.yaml train.seed=0 model.prior.reference=gaussian"
+  echo "polymnist_ebm_gaussref_s0 configs/polymnist_ebm_joint.yaml train.seed=0 model.prior.reference=gaussian"
   for s in $SEEDS; do  # the chain that tracks a sharp energy
-    echo "polymnist_ebm_posthoc_lr1e-3_K120_s0.3_s$s configs/polymnist_ebm.yaml train.seed=$s $FINER_POSTHOC" \
+    echo "polymnist_ebm_posthoc_lr1e-3_K120_s0.3_s$s configs/polymnist_ebm_joint.yaml train.seed=$s $FINER_POSTHOC" \
       "train.init_from=$OUT/polymnist_laplace_s$s"
   done
   for s in $SEEDS; do  # then all of the model jointly, from that post-hoc prior (the paper's objective)
-    echo "polymnist_ebm_joint_from_posthoc_s$s configs/polymnist_ebm.yaml train.seed=$s model.prior.lr=1e-4" \
+    echo "polymnist_ebm_joint_from_posthoc_s$s configs/polymnist_ebm_joint.yaml train.seed=$s model.prior.lr=1e-4" \
       "model.prior.energy_l2=0 model.prior.langevin.steps=120 model.prior.langevin.step_size=0.3" \
       "train.steps=$JOINT_FT_STEPS train.init_from=$OUT/polymnist_ebm_posthoc_lr1e-3_K120_s0.3_s$s"
   done
+  for s in $SEEDS; do  # the staged EBM run in one command and its step-matched Laplace control
+    echo "polymnist_ebm_staged_s$s configs/polymnist_ebm.yaml train.seed=$s train.steps=5000"
+    echo "polymnist_laplace_2000_s$s configs/polymnist_laplace.yaml train.seed=$s train.steps=2000"
+  done
   for s in $FASHION_SEEDS; do
-    echo "fashion_ebm_posthoc_lr1e-3_K120_s0.3_s$s configs/polyfashion_ebm.yaml train.seed=$s $FINER_POSTHOC" \
+    echo "fashion_ebm_posthoc_lr1e-3_K120_s0.3_s$s configs/polyfashion_ebm_joint.yaml train.seed=$s $FINER_POSTHOC" \
       "train.init_from=$OUT/fashion_laplace_s$s"
   done
 }

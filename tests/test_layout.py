@@ -59,9 +59,13 @@ def module_imports() -> dict[str, set[str]]:
 
 
 def package_graph() -> dict[str, set[str]]:
-    """Subpackage -> the other subpackages its modules import."""
+    """Subpackage -> the other subpackages its modules import. A ``__main__`` module is an entry point
+    (``python -m mmebm_dist.train`` runs the ``mmebm train`` command above the package): nothing imports it,
+    so its imports cannot close a cycle, and it is left out."""
     graph: dict[str, set[str]] = {}
     for module, targets in module_imports().items():
+        if module.endswith(".__main__"):
+            continue
         edges = graph.setdefault(_node(module), set())
         edges.update(_node(t) for t in targets if _node(t) not in (_node(module), "mmebm_dist"))
     return graph
@@ -102,7 +106,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_graph_sees_every_kind_of_import():
     imports = module_imports()
     assert "mmebm_dist.prior.langevin" in imports["mmebm_dist.models.multimodal_vae"]  # module level
-    assert "mmebm_dist.evaluate.periodic" in imports["mmebm_dist.train.loop"]  # inside a function
+    assert "mmebm_dist.models" in imports["mmebm_dist.train.loop"]  # inside a function
     assert "mmebm_dist.datasets.cli" in imports["mmebm_dist.cli"]  # a command table entry for importlib
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
