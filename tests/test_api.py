@@ -38,15 +38,15 @@ def readme_api_example() -> str:
 
 
 def test_readme_api_example_registers_a_family_trains_and_samples(tmp_path, monkeypatch, in_process):
-    from mmebm_dist.models.modality import FAMILIES
+    from mmebm_dist.models.modality import unregister_family
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delitem(FAMILIES, "signal1d", raising=False)
+    unregister_family("signal1d")
     scope: dict = {}
     try:
         exec(compile(readme_api_example(), "README.md", "exec"), scope)
     finally:
-        FAMILIES.pop("signal1d", None)
+        unregister_family("signal1d")
     assert scope["summary"]["step"] == 20
     assert all(math.isfinite(v) for v in scope["summary"]["terms"].values())
     model, samples = scope["model"], scope["samples"]

@@ -21,7 +21,13 @@ from mmebm_dist.config import (
 from mmebm_dist.models import RunawayError, build_model
 from mmebm_dist.models.aggregation import gaussian_product, mixture_log_prob, sample_mixture, subset_mask
 from mmebm_dist.models.likelihoods import build_likelihood
-from mmebm_dist.models.modality import FAMILIES, EncoderOutput, build_modality, register_family
+from mmebm_dist.models.modality import (
+    FAMILIES,
+    EncoderOutput,
+    build_modality,
+    register_family,
+    unregister_family,
+)
 from mmebm_dist.prior.densities import posterior_family
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -173,8 +179,7 @@ def test_families_are_a_registry():
         with pytest.raises(ValueError, match="already registered"):
             register_family("test_linear")(linear_family)
     finally:
-        FAMILIES.pop("test_linear")
-        FAMILY_NAMES.discard("test_linear")
+        unregister_family("test_linear")
 
 
 def test_decode_uses_given_private_latents_and_draws_missing_ones_from_the_unit_prior():

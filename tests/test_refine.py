@@ -8,6 +8,7 @@ import torch
 from beyond_helpers import tiny_batch, tiny_model
 
 from mmebm_dist.evaluate.coherence import measure_coherence
+from mmebm_dist.evaluate.judges.digits import DigitJudge
 from mmebm_dist.evaluate.refine import RefinedPosterior, measure_refinement, refine_posterior
 
 
@@ -60,8 +61,8 @@ class FirstCoordinate:
 def test_measure_at_zero_steps_reproduces_plain_cross_coherence_and_reports_cost():
     model = tiny_model(prior="laplace")
     chunks = [tiny_batch(model, 6, seed=i) for i in range(2)]
-    plain = measure_coherence(model, FirstCoordinate(), chunks, num_samples=4, batch_size=6, seed=2,
-                              subset_sizes=(2,), aggregate=False)
+    plain = measure_coherence(model, DigitJudge(FirstCoordinate()), chunks, num_samples=4, batch_size=6,
+                              seed=2, subset_sizes=(2,), aggregate=False)
     out = measure_refinement(model, FirstCoordinate(), chunks, steps=[0, 2], step_size=0.05, seed=2,
                              subset_sizes=(2,),
                              frechet=lambda view: {"cross": {"mean": float(view.steps)}})

@@ -50,6 +50,12 @@ def register_family(name: str) -> Callable[[FamilyBuilder], FamilyBuilder]:
     return add
 
 
+def unregister_family(name: str) -> None:
+    """Remove a family added by :func:`register_family` (tests, notebooks that redefine one)."""
+    FAMILIES.pop(name, None)
+    FAMILY_NAMES.discard(name)
+
+
 def build_modality(mod: ModalityConfig, cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
     """The (encoder, decoder) of modality ``mod`` from its registered family."""
     return FAMILIES[mod.family](mod, cfg)
