@@ -88,6 +88,20 @@ def run(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
 
 
+def _linear_probe(model, data_path: Path, chunks, *, fit: int, batch_size: int, seed: int,
+                  device: torch.device) -> dict:
+    """Linear-probe accuracy of the posterior mean of z, fitted on ``fit`` train tuples, scored on chunks."""
+    from mmebm_dist.evaluate import generate, latent
+
+    fit_chunks = generate.read_chunks(data_path, num=fit, batch_size=batch_size, split="train")
+    features = lambda batch: latent.posterior_mean(model, batch)
+    train_x, train_y = latent.collect_features(features, fit_chunks, device)
+    test_x, test_y = latent.collect_features(features, [c for c in chunks if c is not None], device)
+    return {"accuracy": latent.linear_probe_accuracy(train_x, train_y, test_x, test_y, seed=seed),
+            "n_fit": len(train_y), "fit_split": "train", "n_eval": len(test_y), "eval_split": "test",
+            "features": "posterior mean of the shared latent z"}
+
+
 def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
     """Every figure of ``mmebm eval``; this process is ``rank`` of ``world`` (rank 0 writes the files)."""
     from mmebm_dist.evaluate import generate, latent, report
@@ -133,16 +147,9 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
     if rank != 0:
         return 0
 
-    probe = None
     fit = num if args.probe_fit is None else args.probe_fit
-    if fit > 0:
-        fit_chunks = generate.read_chunks(data_path, num=fit, batch_size=args.batch_size, split="train")
-        features = lambda batch: latent.posterior_mean(model, batch)
-        train_x, train_y = latent.collect_features(features, fit_chunks, device)
-        test_x, test_y = latent.collect_features(features, [c for c in chunks if c is not None], device)
-        probe = {"accuracy": latent.linear_probe_accuracy(train_x, train_y, test_x, test_y, seed=args.seed),
-                 "n_fit": len(train_y), "fit_split": "train", "n_eval": len(test_y), "eval_split": "test",
-                 "features": "posterior mean of the shared latent z"}
+    probe = _linear_probe(model, data_path, chunks, fit=fit, batch_size=args.batch_size, seed=args.seed,
+                          device=device) if fit > 0 else None
 
     out_dir = Path(args.out) if args.out else loaded.run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
