@@ -392,6 +392,17 @@ def config_to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def flatten_dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys -> values of a nested dict (lists such as model.modalities stay whole)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def config_hash(cfg: Config) -> str:
     """Short stable hash of the resolved config (excluding ``train.out_dir``), for results tables."""
     d = config_to_dict(cfg)

@@ -18,17 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def in_process():
-    """Reset accelerate's process-wide state around an in-process training run; restore the RNG."""
-    from accelerate.state import AcceleratorState
-
-    rng = torch.get_rng_state()
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-    torch.set_rng_state(rng)
-
 
 def readme_api_example() -> str:
     """The Python block of the README's "Your own data" section."""

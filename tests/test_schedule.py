@@ -3,15 +3,13 @@ their logging, exact resume across a stage boundary, and the config errors of a 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from mmebm_dist import schedule
 from mmebm_dist.config import ConfigError, StageConfig, load_config
 from mmebm_dist.rundir import latest_checkpoint, read_jsonl
-from tests.train_helpers import build_tiny_polymnist, tiny_config
+from tests.train_helpers import tiny_config
 
 STAGED = [
     "train.steps=9",
@@ -22,22 +20,6 @@ STAGED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def data2(tmp_path_factory) -> Path:
-    return build_tiny_polymnist(tmp_path_factory.mktemp("data2"), modalities=2, train=64, shard_size=16)
-
-
-@pytest.fixture
-def in_process():
-    """Run the loop inside pytest: reset accelerate's process-wide state, restore torch's threads and RNG."""
-    from accelerate.state import AcceleratorState
-
-    threads, rng = torch.get_num_threads(), torch.get_rng_state()
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-    torch.set_num_threads(threads)
-    torch.set_rng_state(rng)
 
 
 def test_stages_resolve_to_step_ranges_and_group_lrs():

@@ -27,22 +27,6 @@ def data5(tmp_path_factory) -> Path:
     )
 
 
-@pytest.fixture(scope="module")
-def data2(tmp_path_factory) -> Path:
-    return build_tiny_polymnist(tmp_path_factory.mktemp("data2"), modalities=2, train=64, shard_size=16)
-
-
-@pytest.fixture
-def in_process():
-    """Run the loop inside pytest: reset accelerate's process-wide state, restore torch's threads and RNG."""
-    from accelerate.state import AcceleratorState
-
-    threads, rng = torch.get_num_threads(), torch.get_rng_state()
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-    torch.set_num_threads(threads)
-    torch.set_rng_state(rng)
 
 
 def test_tiny_config_trains_and_writes_run_dir(data5, tmp_path):

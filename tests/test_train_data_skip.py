@@ -6,23 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from train_helpers import build_tiny_polymnist, tiny_config
 
 from mmebm_dist.config import load_config
 from mmebm_dist.rundir import read_jsonl
-
-
-@pytest.fixture
-def in_process():
-    from accelerate.state import AcceleratorState
-
-    threads, rng = torch.get_num_threads(), torch.get_rng_state()
-    AcceleratorState._reset_state(True)
-    yield lambda: AcceleratorState._reset_state(True)
-    AcceleratorState._reset_state(True)
-    torch.set_num_threads(threads)
-    torch.set_rng_state(rng)
 
 
 def test_skipped_shard_across_epochs_and_resume(tmp_path, in_process):

@@ -23,7 +23,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-from mmebm_dist.config import config_from_dict, config_to_dict
+from mmebm_dist.config import config_from_dict, config_to_dict, flatten_dotted
 from mmebm_dist.evaluate import beyond_coherence
 from mmebm_dist.evaluate.report import fmt, json_safe, md_table, save_figure
 from mmebm_dist.rundir import (
@@ -356,17 +356,6 @@ def setting_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys -> values (lists such as model.modalities stay whole)."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _num(x: Any) -> float:
     """A figure from JSON as float; null (a nan written strictly) and missing become nan."""
     return math.nan if x is None else float(x)
@@ -460,7 +449,7 @@ def main_pair(settings: Sequence[dict], configs: dict[str, dict]) -> tuple[dict 
 
 
 def differing_keys(a: dict, b: dict) -> set[str]:
-    fa, fb = flatten(a), flatten(b)
+    fa, fb = flatten_dotted(a), flatten_dotted(b)
     return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)}
 
 
@@ -547,7 +536,8 @@ def ablations(settings: Sequence[dict], lap: dict | None, ebm: dict | None,
         base = ebm if s["prior"].startswith("ebm/") and ebm is not None else (lap or ebm)
         if base is None:
             continue
-        mine, theirs = flatten(configs[s["config_hash"]]), flatten(configs[base["config_hash"]])
+        mine = flatten_dotted(configs[s["config_hash"]])
+        theirs = flatten_dotted(configs[base["config_hash"]])
         keys = sorted(differing_keys(configs[s["config_hash"]], configs[base["config_hash"]]))
         allowed = ABLATION_KEYS | ({"model.prior.kind"} if s["prior"] in FIXED_PRIORS else set())
         out.append({"config_hash": s["config_hash"], "against": base["config_hash"],

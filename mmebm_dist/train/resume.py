@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mmebm_dist.config import Config, ConfigError, config_to_dict
+from mmebm_dist.config import Config, ConfigError, config_to_dict, flatten_dotted
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +33,11 @@ RESUMABLE_PREFIXES = (
 ``data.*`` mid-epoch is refused separately, by the data-order check)."""
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def resume_changes(saved: dict, cfg: Config, source: object) -> dict[str, tuple[Any, Any]]:
     """``key -> (saved, new)`` for every field of ``cfg`` that differs from the checkpoint's config ``saved``;
     raises ConfigError naming the first key a resume cannot change (``source`` names the checkpoint)."""
-    old = _flatten(saved)
-    new = _flatten(json.loads(json.dumps(config_to_dict(cfg))))  # tuples -> lists, as in the saved JSON
+    old = flatten_dotted(saved)
+    new = flatten_dotted(json.loads(json.dumps(config_to_dict(cfg))))  # tuples -> lists, as in the saved JSON
     # A key the saved config lacks is a field added since the run started: its default stands, not a change.
     changes = {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v}
     for key, (before, after) in changes.items():
