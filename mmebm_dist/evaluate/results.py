@@ -25,7 +25,7 @@ from typing import Any
 
 from mmebm_dist import schedule
 from mmebm_dist.config import config_from_dict, config_to_dict
-from mmebm_dist.evaluate import beyond_coherence
+from mmebm_dist.evaluate import beyond_coherence, latent_samplers
 from mmebm_dist.evaluate.report import fmt, json_safe, md_table, save_figure
 from mmebm_dist.rundir import (
     COMMANDS_LOG,
@@ -187,6 +187,9 @@ class Run:
     eval_dir: str
     joint_samples_png: str | None
     """The eval's joint sample grid, None when the eval dir lacks it."""
+    latent_samplers: dict[str, dict] = field(default_factory=dict)
+    """Post-hoc latent samplers of the eval (``mmebm eval --gmm-components``): {"gmm_K": {"joint", "stderr",
+    "n", "fit_tuples"}}."""
     beyond: dict[str, Any] = field(default_factory=dict)
     """Figures beyond coherence (Frechet distance, log-likelihood, refinement): see beyond_coherence."""
     curves: dict[str, list[float]] = field(default_factory=dict, repr=False)
@@ -283,6 +286,7 @@ def load_run(run_dir: Path, eval_name: str = "eval") -> tuple[Run | None, str]:
         linear_probe_accuracy=_num((ev.get("linear_probe") or {}).get("accuracy")),
         eval_dir=str(eval_dir),
         joint_samples_png=str(joint_png) if joint_png.exists() else None,
+        latent_samplers=latent_samplers.run_entries(ev),
         beyond=beyond_coherence.run_figures(ev),
         curves={"step": [r["step"] for r in train], "loss": [_num(r.get("loss")) for r in train],
                 "energy_gap": [_num(r.get("energy_gap")) for r in train]},
@@ -859,6 +863,7 @@ def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: P
     lines += md_table(["run", "dataset", "prior", "seed", "config", "steps", "model / energy steps", "wall",
                        "samples/s", "joint", "cross", "ceiling", "min classifier acc.", "command"], rows)
     lines += beyond_coherence.results_lines(runs)
+    lines += latent_samplers.results_lines(runs)
     return "\n".join(lines) + "\n"
 
 
