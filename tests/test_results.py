@@ -328,6 +328,8 @@ def test_real_tiny_runs(tmp_path):
             else run["commands"] == []
         assert run["wall_seconds"] > 0
     assert [e["steps"] for e in by_prior["ebm/laplace"]["langevin_sweep"]] == [0, 2]
+    assert (by_prior["ebm/laplace"]["model_steps"], by_prior["ebm/laplace"]["energy_steps"]) == (4, 4)
+    assert (by_prior["laplace"]["model_steps"], by_prior["laplace"]["energy_steps"]) == (4, 0)
     assert by_prior["laplace"]["langevin_sweep"] == []
     assert report["datasets"][0]["ebm_minus_laplace"]["joint"]["stderr_kind"] == "binomial"
     assert len(re.findall(r"!\[", md)) == 3
