@@ -180,3 +180,32 @@ def test_read_chunks_cuts_the_first_tuples_and_keeps_only_this_ranks(trained):
     assert torch.equal(torch.cat([c["m1"] for c in chunks]), first["m1"][:13])
     rank1 = read_chunks(data, num=13, batch_size=5, rank=1, world_size=2)
     assert rank1[0] is None and rank1[2] is None and torch.equal(rank1[1]["label"], chunks[1]["label"])
+
+
+def test_eval_gmm_latent_sampler_entry(trained, tmp_path):
+    """`mmebm eval --gmm-components` writes latent_samplers (same n as the joint figure) into eval.json,
+    report.md, and `mmebm results` shows them beside the prior's joint coherence."""
+    _, run_dir, _ = trained
+    out = run_dir / "eval_gmm"
+    flags = ["--langevin-sweep", "--no-elbo", "--probe-fit", "0", "--no-frechet"]
+    assert main(["eval", "--run", str(run_dir), *EVAL_ARGS, *flags, "--gmm-components", "1", "2",
+                 "--gmm-fit", "40", "--out", str(out)]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    samplers = res["latent_samplers"]
+    assert list(samplers) == ["gmm_1", "gmm_2"]
+    for entry in samplers.values():
+        assert entry["n"] == res["coherence"]["joint"]["n"] == 24
+        assert entry["fit_tuples"] == 40 and entry["fit_split"] == "train"
+        assert 0.0 <= entry["joint"] <= 1.0 and entry["covariance"] == "full"
+    md = (out / "report.md").read_text()
+    assert "## Post-hoc latent samplers" in md and f"| gmm_2 | {fmt(samplers['gmm_2']['joint'])} |" in md
+    docs = tmp_path / "docs"
+    assert main(["results", "--runs", str(run_dir), "--eval-name", "eval_gmm", "--out-md", str(docs / "r.md"),
+                 "--out-json", str(docs / "r.json"), "--img-dir", str(docs / "img")]) == 0
+    (run,) = json.loads((docs / "r.json").read_text())["runs"]
+    assert run["latent_samplers"]["gmm_1"] == {k: samplers["gmm_1"][k] for k in ("joint", "stderr", "n",
+                                                                                 "fit_tuples")}
+    assert "## Post-hoc latent samplers" in (docs / "r.md").read_text()
+    with pytest.raises(SystemExit, match="--gmm-components"):
+        main(["eval", "--run", str(run_dir), *EVAL_ARGS, "--gmm-components", "0",
+              "--out", str(tmp_path / "x")])

@@ -328,6 +328,8 @@ def test_real_tiny_runs(tmp_path):
             else run["commands"] == []
         assert run["wall_seconds"] > 0
     assert [e["steps"] for e in by_prior["ebm/laplace"]["langevin_sweep"]] == [0, 2]
+    assert (by_prior["ebm/laplace"]["model_steps"], by_prior["ebm/laplace"]["energy_steps"]) == (4, 4)
+    assert (by_prior["laplace"]["model_steps"], by_prior["laplace"]["energy_steps"]) == (4, 0)
     assert by_prior["laplace"]["langevin_sweep"] == []
     assert report["datasets"][0]["ebm_minus_laplace"]["joint"]["stderr_kind"] == "binomial"
     assert len(re.findall(r"!\[", md)) == 3
@@ -341,3 +343,56 @@ def test_notes_are_included_marked_as_hand_written(runs, tmp_path):
     assert report["command"].endswith(f"--notes {notes}")
     with pytest.raises(res.ResultsError, match="--notes .*missing.md: no such file"):
         aggregate(tmp_path, [str(runs / "*")], "--notes", str(tmp_path / "missing.md"))
+
+
+def _edit(run_dir: Path, name: str, edit) -> None:
+    """Rewrite the JSON file ``name`` of a run (config.json, eval/eval.json) through ``edit(dict)``."""
+    path = run_dir / name
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_model_and_energy_steps_per_run(runs, tmp_path):
+    """Optimizer steps per group up to the evaluated step: stages, post-hoc fits, fixed priors, and the
+    train.init_from chain added when its runs are loaded (named in the tables when not)."""
+    data, more = tmp_path / "polymnist", tmp_path / "more"
+    staged = write_run(more, data, "ebm", 7, FIGURES[("ebm", 0)])
+    _edit(staged, "config.json", lambda c: c["train"].update(schedule=[
+        {"stage": "reference", "steps": 20}, {"stage": "energy", "steps": 10, "prior_lr": 0.01},
+        {"stage": "joint", "steps": 10}]))
+    _edit(staged, "eval/eval.json", lambda e: e["run"].update(step=35))  # an earlier checkpoint evaluated
+    posthoc = write_run(more, data, "ebm", 8, FIGURES[("ebm", 1)])
+    checkpoint = runs / "laplace_s0" / "checkpoints" / "step-0000020"  # fitted to step 20 of laplace_s0
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "model.pt").write_bytes(b"")
+    _edit(posthoc, "config.json", lambda c: (c["model"]["prior"].update(fit="posthoc"),
+                                             c["train"].update(init_from=str(checkpoint))))
+    tuned = write_run(more, data, "ebm", 9, FIGURES[("ebm", 1)])  # joint steps continuing the post-hoc run
+    _edit(tuned, "config.json", lambda c: c["train"].update(init_from=str(posthoc)))
+    orphan = write_run(more, data, "laplace", 9, FIGURES[("laplace", 1)])
+    _edit(orphan, "config.json", lambda c: c["train"].update(init_from=str(tmp_path / "elsewhere")))
+
+    report, md, _ = aggregate(tmp_path, [str(runs / "*"), str(more / "*")])
+    steps = {(r["prior"], r["seed"]): (r["own_model_steps"], r["own_energy_steps"], r["model_steps"],
+                                       r["energy_steps"], r["source_missing"]) for r in report["runs"]}
+    assert steps[("laplace", 0)] == (STEPS, 0, STEPS, 0, None)
+    assert steps[("ebm/laplace", 0)] == (STEPS, STEPS, STEPS, STEPS, None)
+    # reference 1-20 and joint 31-35 train the model, energy 21-30 and joint 31-35 the energy
+    assert steps[("ebm/laplace", 7)] == (25, 15, 25, 15, None)
+    assert steps[("ebm/laplace post-hoc", 8)] == (0, STEPS, 20, STEPS, None)
+    assert steps[("ebm/laplace", 9)] == (STEPS, STEPS, STEPS + 20, 2 * STEPS, None)
+    assert steps[("laplace", 9)] == (STEPS, 0, STEPS, 0, str(tmp_path / "elsewhere"))
+    laplace = _setting(report, "laplace")  # init_from is no part of the setting: the orphan is a seed of it
+    assert (laplace["model_steps"], laplace["source_missing"]) == ([STEPS] * 3, [str(tmp_path / "elsewhere")])
+    row = next(line for line in md.splitlines() if line.startswith(f"| laplace | `{laplace['config_hash']}`"))
+    assert "| 40 / 0 (+ steps of" in row
+    assert _setting(report, "ebm/laplace post-hoc")["energy_steps"] == [STEPS]
+    run_row = next(line for line in md.splitlines() if line.startswith("| ebm_laplace_s8 |"))
+    assert "| 20 / 40 |" in run_row
+    run_row = next(line for line in md.splitlines() if line.startswith("| laplace_s9 |"))
+    assert f"40 / 0 (+ steps of `{tmp_path / 'elsewhere'}`: not loaded)" in run_row
+    # Without its source the post-hoc run counts only its own steps, and says so.
+    report, md, _ = aggregate(tmp_path / "alone", [str(posthoc)])
+    assert (report["runs"][0]["model_steps"], report["runs"][0]["source_missing"]) == (0, str(checkpoint))
+    assert "not loaded" in md

@@ -47,9 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of every sample drawn")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", default=None, help="output directory (default: RUN/eval)")
-    from mmebm_dist.evaluate import beyond_coherence
+    from mmebm_dist.evaluate import beyond_coherence, latent_samplers
 
     beyond_coherence.add_arguments(parser)
+    latent_samplers.add_arguments(parser)
 
 
 def _print_summary(results: dict, out_dir: Path) -> None:
@@ -130,6 +131,8 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
     bad = [k for k in subset_sizes if not 2 <= k < m]
     if bad:
         raise SystemExit(f"--subset-sizes {bad}: with {m} modalities a subset size k must be in 2..{m - 1}")
+    if args.gmm_components and (min(args.gmm_components) < 1 or args.gmm_fit < 1):
+        raise SystemExit(f"--gmm-components {args.gmm_components} and --gmm-fit {args.gmm_fit} must be >= 1")
     kind = judge_module(data_path)
     judge = kind.load_judge(clf_dir, data_path, manifest_hash=data_hash, modalities=model.modalities,
                             device=device)
@@ -142,6 +145,15 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
         args, model=model, classifiers=judge.classifiers if isinstance(judge, DigitJudge) else None,
         chunks=chunks, num_samples=num, joint_langevin_steps=joint_steps, subset_sizes=subset_sizes,
         device=device, rank=rank, world_size=world)
+    samplers = None
+    if args.gmm_components:
+        from mmebm_dist.evaluate import latent_samplers
+
+        fit_chunks = generate.read_chunks(data_path, num=args.gmm_fit, batch_size=args.batch_size,
+                                          split="train")
+        samplers = latent_samplers.measure(model, judge, fit_chunks, components=args.gmm_components,
+                                           num_samples=num, batch_size=args.batch_size, seed=args.seed,
+                                           rank=rank, world_size=world)
     elbo = None if args.no_elbo else latent.objective_terms(model, chunks, rank=rank, world_size=world,
                                                             seed=args.seed)
     if rank != 0:
@@ -185,6 +197,7 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
         "linear_probe": probe,
         "images": images,
         **beyond,
+        **({"latent_samplers": samplers} if samplers else {}),
         "seconds": time.perf_counter() - start,
     }
     if vocabularies:

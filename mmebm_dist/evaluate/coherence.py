@@ -337,6 +337,21 @@ def count_conditional(model: GenerativeModel, judge: Judge, chunks: Sequence[Bat
                   streams=(), aggregate=False, rank=rank, world_size=world_size, progress=lambda n: None)
 
 
+def measure_joint(model: GenerativeModel, judge: Judge, *, num_samples: int, batch_size: int, seed: int,
+                  langevin_steps: int | None = None, rank: int = 0, world_size: int = 1,
+                  all_reduce: AllReduce = distributed_sum) -> dict:
+    """The joint figure of :func:`measure_coherence` alone, on the same seeded draws (a latent sampler
+    measures a model view with them): coherence, standard error, n and the generation time."""
+    counts = _count(model, judge, [], num_samples=num_samples, batch_size=batch_size, seed=seed, subsets=[],
+                    streams=[("joint", "joint", langevin_steps)], aggregate=False, rank=rank,
+                    world_size=world_size, progress=lambda n: None)
+    total = counts.reduce([*_keys("joint", judge.attributes), ("time", "joint")], all_reduce)
+    entry = _rate_entry(total["joint"]) if judge.attributes is None else \
+        _attribute_entry(total, "joint", judge.attributes)
+    seconds = total[("time", "joint")]
+    return {**entry, "ms_per_sample": 1e3 * seconds.correct / seconds.total if seconds.total else math.nan}
+
+
 def _rate_entry(tally: Tally) -> dict:
     return {"coherence": tally.rate, "stderr": tally.stderr, "n": int(tally.total)}
 

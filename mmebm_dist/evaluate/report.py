@@ -317,6 +317,9 @@ def render_report(results: dict, images: dict[str, str]) -> str:
     from mmebm_dist.evaluate.beyond_coherence import report_lines  # it imports this module
 
     lines += report_lines(results)
+    from mmebm_dist.evaluate import latent_samplers  # it imports this module
+
+    lines += latent_samplers.report_lines(results)
     if images:
         lines += ["", "## Pictures", ""]
         for caption, name in images.items():

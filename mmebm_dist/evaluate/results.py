@@ -23,8 +23,9 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
+from mmebm_dist import schedule
 from mmebm_dist.config import config_from_dict, config_to_dict, flatten_dotted
-from mmebm_dist.evaluate import beyond_coherence
+from mmebm_dist.evaluate import beyond_coherence, latent_samplers
 from mmebm_dist.evaluate.report import fmt, json_safe, md_table, save_figure
 from mmebm_dist.rundir import (
     COMMANDS_LOG,
@@ -32,7 +33,9 @@ from mmebm_dist.rundir import (
     EVAL_JSON,
     JOINT_PNG,
     METRICS_FILE,
+    MODEL_FILE,
     atomic_write_text,
+    latest_checkpoint,
     parse_jsonl,
 )
 
@@ -144,6 +147,19 @@ class Run:
     """Last step in metrics.jsonl."""
     eval_step: int
     """Checkpoint step the eval measured."""
+    own_model_steps: int
+    """Encoder/decoder optimizer steps of this run up to the evaluated step: its reference and joint stages
+    (all steps of a plain jointly fitted run; 0 for model.prior.fit=posthoc)."""
+    own_energy_steps: int
+    """Energy optimizer steps of this run up to the evaluated step: its energy and joint stages (0 for a
+    fixed prior)."""
+    model_steps: int = -1
+    """own_model_steps plus those of the train.init_from chain that are among the runs loaded."""
+    energy_steps: int = -1
+    """own_energy_steps plus those of the train.init_from chain that are among the runs loaded."""
+    source_missing: str | None = None
+    """The train.init_from source (at some depth of the chain) that is not among the runs loaded, so its steps
+    are not counted; None when every source was found or the run starts from scratch."""
     wall_seconds: float
     """Cumulative training wall time at the last logged step."""
     samples_per_s: float
@@ -171,6 +187,9 @@ class Run:
     eval_dir: str
     joint_samples_png: str | None
     """The eval's joint sample grid, None when the eval dir lacks it."""
+    latent_samplers: dict[str, dict] = field(default_factory=dict)
+    """Post-hoc latent samplers of the eval (``mmebm eval --gmm-components``): {"gmm_K": {"joint", "stderr",
+    "n", "fit_tuples"}}."""
     beyond: dict[str, Any] = field(default_factory=dict)
     """Figures beyond coherence (Frechet distance, log-likelihood, refinement): see beyond_coherence."""
     curves: dict[str, list[float]] = field(default_factory=dict, repr=False)
@@ -227,6 +246,8 @@ def load_run(run_dir: Path, eval_name: str = "eval") -> tuple[Run | None, str]:
     late = [r["samples_per_s"] for r in train if r["step"] > half and "samples_per_s" in r]
     ceiling = coherence.get("prior_ceiling", {})
     joint_png = eval_dir / JOINT_PNG
+    eval_step = int(ev.get("run", {}).get("step", -1))
+    own_model, own_energy = trained_steps(config, eval_step if eval_step >= 0 else int(last["step"]))
     run = Run(
         name=run_dir.name,
         run_dir=str(run_dir),
@@ -240,7 +261,9 @@ def load_run(run_dir: Path, eval_name: str = "eval") -> tuple[Run | None, str]:
         langevin_steps=int(prior_cfg["langevin"]["steps"]) if is_ebm else None,
         langevin_step_size=float(prior_cfg["langevin"]["step_size"]) if is_ebm else None,
         steps=int(last["step"]),
-        eval_step=int(ev.get("run", {}).get("step", -1)),
+        eval_step=eval_step,
+        own_model_steps=own_model,
+        own_energy_steps=own_energy,
         wall_seconds=float(last["wall_time_s"]),
         samples_per_s=statistics.fmean(late) if late else math.nan,
         commands=read_commands(run_dir / COMMANDS_LOG),
@@ -263,11 +286,60 @@ def load_run(run_dir: Path, eval_name: str = "eval") -> tuple[Run | None, str]:
         linear_probe_accuracy=_num((ev.get("linear_probe") or {}).get("accuracy")),
         eval_dir=str(eval_dir),
         joint_samples_png=str(joint_png) if joint_png.exists() else None,
+        latent_samplers=latent_samplers.run_entries(ev),
         beyond=beyond_coherence.run_figures(ev),
         curves={"step": [r["step"] for r in train], "loss": [_num(r.get("loss")) for r in train],
                 "energy_gap": [_num(r.get("energy_gap")) for r in train]},
     )
     return run, ""
+
+
+def trained_steps(config: dict[str, Any], step: int) -> tuple[int, int]:
+    """(encoder/decoder, energy) optimizer steps that trained a run of ``config`` up to ``step``: per stage of
+    train.schedule (steps past the last stage belong to it), the groups its lrs train; a post-hoc fit trains
+    no encoder/decoder, a fixed prior no energy."""
+    cfg = config_from_dict(config)
+    stages = schedule.of_config(cfg)
+    counts = {"model": 0, "energy": 0}
+    for stage in stages:
+        last = step if stage is stages[-1] else min(step, stage.last)
+        for group, lr in stage.lrs.items():
+            if lr > 0:
+                counts[group] += max(0, last - stage.first + 1)
+    model = 0 if cfg.model.prior.fit == "posthoc" else counts["model"]
+    energy = counts["energy"] if cfg.model.prior.kind == "ebm" else 0
+    return model, energy
+
+
+def init_source(init_from: str) -> tuple[Path, int | None]:
+    """(run directory, checkpoint step) that train.init_from loaded: a checkpoint directory names its step, a
+    run directory its newest complete checkpoint (step None when it has none on disk any more)."""
+    src = Path(init_from)
+    ckpt = src if (src / MODEL_FILE).is_file() else latest_checkpoint(src)
+    step = int(ckpt.name.removeprefix("step-")) if ckpt is not None else None  # rundir.step_dir_name
+    return (src.parent.parent if ckpt == src else src), step
+
+
+def add_source_steps(runs: Sequence[Run]) -> None:
+    """Set each run's model_steps / energy_steps: its own plus, through the train.init_from chain, those of
+    every source run among ``runs`` at the checkpoint step it was loaded from (the source's evaluated step
+    when its checkpoints are gone); source_missing names the first source that is not among ``runs``."""
+    by_dir = {Path(r.run_dir).resolve(): r for r in runs}
+    for r in runs:
+        r.model_steps, r.energy_steps, r.source_missing = r.own_model_steps, r.own_energy_steps, None
+        seen, current = {Path(r.run_dir).resolve()}, r
+        while current.init_from:
+            src_dir, step = init_source(current.init_from)
+            base = by_dir.get(src_dir.resolve())
+            if base is None or src_dir.resolve() in seen:
+                r.source_missing = None if base is not None else current.init_from
+                break
+            seen.add(src_dir.resolve())
+            model, energy = trained_steps(read_json(src_dir / CONFIG_FILE),
+                                          step if step is not None else base.eval_step)
+            r.model_steps += model
+            r.energy_steps += energy
+            current = base
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -410,6 +482,9 @@ def build_settings(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "runs": [r.name for r in members],
             "seeds": [r.seed for r in members],
             "steps": [r.steps for r in members],
+            "model_steps": [r.model_steps for r in members],
+            "energy_steps": [r.energy_steps for r in members],
+            "source_missing": sorted({r.source_missing for r in members if r.source_missing}),
             "wall_seconds_mean": statistics.fmean(r.wall_seconds for r in members),
             "samples_per_s_mean": statistics.fmean(r.samples_per_s for r in members),
             "joint": seed_mean([r.joint_coherence for r in members], [r.joint_stderr for r in members]),
@@ -466,6 +541,7 @@ def difference(ebm: dict, laplace: dict, figure: str) -> dict[str, Any]:
 def build_results(runs: Sequence[Run], *, command: str) -> dict[str, Any]:
     """The results.json dict: runs, settings, per-dataset comparison and ablations, the paper's numbers."""
     runs = sorted(runs, key=_run_order)
+    add_source_steps(runs)
     configs: dict[str, dict] = {}
     for r in runs:
         config = read_json(Path(r.run_dir) / CONFIG_FILE)
@@ -685,6 +761,12 @@ def _steps(steps: Sequence[int]) -> str:
     return str(steps[0]) if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}"
 
 
+def _optimizer_steps(model: Sequence[int], energy: Sequence[int], missing: Sequence[str]) -> str:
+    """``model / energy`` optimizer steps (ranges over seeds), with the init_from sources not counted."""
+    text = f"{_steps(model)} / {_steps(energy)}"
+    return text + (f" (+ steps of {', '.join(f'`{m}`' for m in missing)}: not loaded)" if missing else "")
+
+
 def _commands(run: dict) -> str:
     if not run["commands"]:
         return "n/a"
@@ -714,7 +796,9 @@ def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: P
         "config.json without train.seed / train.out_dir). Figures read "
         "`mean ± binomial SE ± across-seed SE`: "
         "the binomial SE of the mean, sqrt(sum se_i^2)/k, is the eval's sampling noise; the across-seed SE, "
-        "std/sqrt(k), includes training noise (n/a with one seed).",
+        "std/sqrt(k), includes training noise (n/a with one seed). Model / energy steps: the encoder/decoder "
+        "and energy optimizer steps behind the evaluated checkpoint, those of the run it started from "
+        "(train.init_from) included when that run is among the runs given.",
     ]
     if notes:
         lines += ["", f"## Notes (hand-written, from `{notes_path}`; every figure below it is generated)", "",
@@ -724,14 +808,15 @@ def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: P
         lines += ["", f"## {ds['dataset_label']} (`{ds['dataset']}`, data {_data_paths(runs, ds)})",
                   ""]
         rows = [[s["prior"], f"`{s['config_hash']}`", ", ".join(map(str, s["seeds"])), _steps(s["steps"]),
+                 _optimizer_steps(s["model_steps"], s["energy_steps"], s["source_missing"]),
                  fmt_figure(s["joint"]), fmt_figure(s["cross"]), fmt_figure(s["ceiling"]),
                  fmt_wall(s["wall_seconds_mean"]), fmt(s["samples_per_s_mean"], 1)] for s in mine]
         paper = results["paper"].get(ds["dataset"])
         if paper:
-            rows.append(["paper's reported numbers (larger model and budget, not our run)", "", "", "",
+            rows.append(["paper's reported numbers (larger model and budget, not our run)", "", "", "", "",
                          fmt(paper["joint_coherence"], 3), fmt(paper["cross_coherence"], 3), "", "", ""])
-        lines += md_table(["prior", "config", "seeds", "steps", "joint coherence", "cross coherence",
-                         "ceiling", "wall time / run", "samples/s"], rows)
+        lines += md_table(["prior", "config", "seeds", "steps", "model / energy steps", "joint coherence",
+                           "cross coherence", "ceiling", "wall time / run", "samples/s"], rows)
         lines += ["", _comparison_line(ds, mine)]
         lines += [_source_line(p) for p in ds["minus_source_run"]]
         for caption, path in images.get(ds["dataset"], {}).items():
@@ -759,13 +844,16 @@ def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: P
             steps += f" (eval at {r['eval_step']})"
         acc = min(r["classifier_accuracy"].values()) if r["classifier_accuracy"] else math.nan
         rows.append([r["name"], r["dataset"], r["prior"], str(r["seed"]), f"`{r['config_hash']}`", steps,
+                     _optimizer_steps([r["model_steps"]], [r["energy_steps"]],
+                                      [r["source_missing"]] if r["source_missing"] else []),
                      fmt_wall(r["wall_seconds"]), fmt(r["samples_per_s"], 1),
                      f"{fmt(r['joint_coherence'])} ± {fmt(r['joint_stderr'])} (n={r['joint_n']})",
                      f"{fmt(r['cross_coherence'])} ± {fmt(r['cross_stderr'])} (n={r['cross_n']})",
                      f"{fmt(r['ceiling_coherence'])} ± {fmt(r['ceiling_stderr'])}", fmt(acc), _commands(r)])
-    lines += md_table(["run", "dataset", "prior", "seed", "config", "steps", "wall", "samples/s", "joint",
-                     "cross", "ceiling", "min classifier acc.", "command"], rows)
+    lines += md_table(["run", "dataset", "prior", "seed", "config", "steps", "model / energy steps", "wall",
+                       "samples/s", "joint", "cross", "ceiling", "min classifier acc.", "command"], rows)
     lines += beyond_coherence.results_lines(runs)
+    lines += latent_samplers.results_lines(runs)
     return "\n".join(lines) + "\n"
 
 
