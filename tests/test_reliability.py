@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import data2, in_process  # noqa: F401  (fixtures)
 from train_helpers import ACCELERATE, REPO, env, free_port, run_train, tiny_config
 
 from mmebm_dist.config import ConfigError, load_config
