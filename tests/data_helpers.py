@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,18 @@ def build_tiny(root: Path, *, modalities: int = 3, train: int = 40, test: int = 
                               num_samples=train, test_samples=test, shard_size=shard_size, seed=seed,
                               workers=workers, format=fmt), progress=False)
     return out
+
+
+def restamp(directory: Path, name: str) -> None:
+    """Record a rewritten shard's size and sha256 in the manifest (so only its content is wrong)."""
+    from mmebm_dist.data import shards
+
+    manifest = json.loads((directory / shards.MANIFEST).read_text())
+    for entry in manifest["shards"]:
+        if entry["name"] == name:
+            entry["bytes"] = (directory / name).stat().st_size
+            entry["sha256"] = shards.sha256_file(directory / name)
+    shards.write_manifest(directory, manifest)
 
 
 def sample_ids(batch: dict[str, torch.Tensor]) -> list[str]:

@@ -11,7 +11,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from tests.train_helpers import write_idx
+from tests.train_helpers import build_tiny_polymnist, write_idx
 
 CUB_WORDS = ("red", "blue", "small", "large", "bird", "wings", "beak", "tail")
 
@@ -24,25 +24,8 @@ def write_png(path: Path, array: np.ndarray) -> Path:
 
 def polymnist_folders(root: Path, *, train: int = 24, test: int = 8, modalities: int = 2) -> Path:
     """``mmebm data polymnist --format folders`` output built from tiny IDX files."""
-    from mmebm_dist.datasets.polymnist import BuildSpec, build_polymnist
-
-    idx = write_idx(root / "idx", train=train, test=test)
-    out = root / "folders"
-    build_polymnist(
-        BuildSpec(
-            source="idx",
-            idx_dir=str(idx),
-            modalities=modalities,
-            out=str(out),
-            num_samples=train,
-            test_samples=test,
-            shard_size=10,
-            workers=1,
-            format="folders",
-        ),
-        progress=False,
-    )
-    return out
+    return build_tiny_polymnist(root, modalities=modalities, train=train, test=test, shard_size=10,
+                                layout="folders")
 
 
 def svhn_mat(path: Path, labels: np.ndarray, seed: int) -> Path:

@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from train_helpers import build_tiny_polymnist, run_train, tiny_config
+from train_helpers import trained_tiny_run
 
 from mmebm_dist.cli import main
 from mmebm_dist.evaluate.report import fmt
@@ -20,13 +20,7 @@ EVAL_ARGS = ["--num-samples", "16", "--batch-size", "8", "--langevin-sweep", "--
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """(run dir, eval.json dict, report.md text) of an 8-step tiny EBM run evaluated with every flag."""
-    root = tmp_path_factory.mktemp("beyond")
-    data = build_tiny_polymnist(root, modalities=2, train=64, test=16)
-    cfg = tiny_config(root / "tiny.yaml", data)
-    run_dir = root / "run"
-    run_train(["--config", str(cfg), f"train.out_dir={run_dir}"])
-    assert main(["classifiers", "train", "--data", str(data), "--epochs", "1", "--batch-size", "16",
-                 "--shuffle-buffer", "0", "--num-workers", "0", "--device", "cpu"]) == 0
+    _, run_dir, _ = trained_tiny_run(tmp_path_factory.mktemp("beyond"))
     assert main(["eval", "--run", str(run_dir), *EVAL_ARGS]) == 0
     out = run_dir / "eval"
     return run_dir, json.loads((out / "eval.json").read_text()), (out / "report.md").read_text()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_helpers import sample_ids, write_idx
+from data_helpers import restamp, sample_ids, write_idx
 
 from mmebm_dist.data import shards
 from mmebm_dist.data.stream import SkipTally, epoch_batches, make_loader, prefetch_to_device
@@ -47,16 +47,6 @@ def assert_same_batches(a: list[dict], b: list[dict]) -> None:
         assert sorted(x) == sorted(y)
         for name in x:
             assert x[name].dtype == y[name].dtype and torch.equal(x[name], y[name]), name
-
-
-def restamp(directory: Path, name: str) -> None:
-    """Record a rewritten shard's size and sha256 in the manifest (so only its content is wrong)."""
-    manifest = json.loads((directory / shards.MANIFEST).read_text())
-    for entry in manifest["shards"]:
-        if entry["name"] == name:
-            entry["bytes"] = (directory / name).stat().st_size
-            entry["sha256"] = shards.sha256_file(directory / name)
-    shards.write_manifest(directory, manifest)
 
 
 def test_raw_build_streams_the_same_batches_as_png(png, raw):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_helpers import build_tiny, sample_ids
+from data_helpers import build_tiny, restamp, sample_ids
 
 from mmebm_dist.data import shards
 from mmebm_dist.data.codec import decode_png
@@ -157,16 +156,6 @@ def broken(data, tmp_path) -> Path:
     copy = tmp_path / "broken"
     shutil.copytree(data, copy)
     return copy
-
-
-def restamp(directory: Path, name: str) -> None:
-    """Record a rewritten shard's size and sha256 in the manifest (so only its content is wrong)."""
-    manifest = json.loads((directory / shards.MANIFEST).read_text())
-    for entry in manifest["shards"]:
-        if entry["name"] == name:
-            entry["bytes"] = (directory / name).stat().st_size
-            entry["sha256"] = shards.sha256_file(directory / name)
-    shards.write_manifest(directory, manifest)
 
 
 def test_missing_shard_raises_or_is_skipped_and_counted(broken, caplog):

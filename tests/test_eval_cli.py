@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from train_helpers import REPO, build_tiny_polymnist, env, free_port, run_train, tiny_config
+from train_helpers import REPO, env, free_port, trained_tiny_run
 
 from mmebm_dist.cli import main
 from mmebm_dist.config import load_config
@@ -25,14 +25,7 @@ EVAL_ARGS = ["--num-samples", "24", "--batch-size", "8", "--langevin-sweep", "0"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(data dir, run dir, config path): tiny 2-modality shards, classifiers, an 8-step EBM run."""
-    root = tmp_path_factory.mktemp("eval")
-    data = build_tiny_polymnist(root, modalities=2, train=64, test=16)
-    cfg = tiny_config(root / "tiny.yaml", data)
-    run_dir = root / "run"
-    run_train(["--config", str(cfg), f"train.out_dir={run_dir}"])
-    assert main(["classifiers", "train", "--data", str(data), "--epochs", "1", "--batch-size", "16",
-                 "--shuffle-buffer", "0", "--num-workers", "0", "--device", "cpu"]) == 0
-    return data, run_dir, cfg
+    return trained_tiny_run(tmp_path_factory.mktemp("eval"))
 
 
 def _valid_png(path) -> None:

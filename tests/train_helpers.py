@@ -31,13 +31,16 @@ def write_idx(directory: Path, *, train: int, test: int, seed: int = 0) -> Path:
 
 
 def build_tiny_polymnist(
-    root: Path, *, modalities: int = 2, train: int = 64, test: int = 16, shard_size: int = 16
+    root: Path, *, modalities: int = 2, train: int = 64, test: int = 16, shard_size: int = 16,
+    layout: str = "shards",
 ) -> Path:
-    """PolyMNIST-style shards (3x28x28 per modality) built by the data package from tiny IDX files."""
+    """PolyMNIST-style shards (3x28x28 per modality) built by the data package from tiny IDX files, in
+    ``root/polymnist``; ``layout="folders"``: the authors' PNG folders (``--format folders``) in
+    ``root/folders``."""
     from mmebm_dist.datasets.polymnist import BuildSpec, build_polymnist
 
     idx = write_idx(root / "idx", train=train, test=test)
-    out = root / "polymnist"
+    out = root / ("polymnist" if layout == "shards" else layout)
     build_polymnist(
         BuildSpec(
             source="idx",
@@ -48,10 +51,25 @@ def build_tiny_polymnist(
             test_samples=test,
             shard_size=shard_size,
             workers=1,
+            format=layout,
         ),
         progress=False,
     )
     return out
+
+
+def trained_tiny_run(root: Path) -> tuple[Path, Path, Path]:
+    """(data dir, run dir, config path): tiny 2-modality shards, their classifiers (one epoch) and an
+    8-step EBM run of :func:`tiny_config`, everything through the real CLI."""
+    from mmebm_dist.cli import main
+
+    data = build_tiny_polymnist(root, modalities=2, train=64, test=16)
+    cfg = tiny_config(root / "tiny.yaml", data)
+    run_dir = root / "run"
+    run_train(["--config", str(cfg), f"train.out_dir={run_dir}"])
+    assert main(["classifiers", "train", "--data", str(data), "--epochs", "1", "--batch-size", "16",
+                 "--shuffle-buffer", "0", "--num-workers", "0", "--device", "cpu"]) == 0
+    return data, run_dir, cfg
 
 
 def tiny_config(path: Path, data: Path, *, modalities: int = 2, **sections: dict) -> Path:
