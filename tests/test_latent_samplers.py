@@ -1,7 +1,9 @@
-"""Post-hoc latent samplers: the Gaussian mixture fit, the model view drawing z from it, the joint figure on
-the prior's seeded draws, and the report / results tables."""
+"""Post-hoc latent samplers: the Gaussian mixture and flow fits, the model views drawing z from them, the
+joint figure on the prior's seeded draws, the flags' errors and the report table."""
 
 from __future__ import annotations
+
+import argparse
 
 import numpy as np
 import pytest
@@ -11,11 +13,16 @@ from beyond_helpers import tiny_batch, tiny_model
 from mmebm_dist.evaluate import latent_samplers as ls
 from mmebm_dist.evaluate.coherence import measure_coherence, measure_joint
 from mmebm_dist.evaluate.judges.digits import DigitJudge
+from mmebm_dist.evaluate.report import fmt
 
 WEIGHTS = np.array([0.3, 0.7])
 MEANS = np.array([[-4.0, 0.0, 1.0, 0.0], [4.0, 1.0, -1.0, 2.0]])
 COVS = np.stack([np.diag([1.0, 0.5, 0.3, 2.0]),
                  np.array([[1.0, 0.6, 0, 0], [0.6, 1.0, 0, 0], [0, 0, 0.4, 0], [0, 0, 0, 0.8]])])
+
+
+# Small flows fit in seconds on one thread; the figures they must reach are stated in each test.
+SMALL_FLOW = ls.FlowOptions(transforms=3, hidden=32, steps=300, lr=3e-3, batch_size=256, eval_every=50)
 
 
 def two_component_samples(n: int, seed: int = 0) -> np.ndarray:
@@ -97,9 +104,110 @@ def test_measure_fits_on_the_aggregate_posterior_and_reports():
     results = {"coherence": {"joint": {"coherence": 0.5, "stderr": 0.05, "n": 40}}, "latent_samplers": out}
     md = "\n".join(ls.report_lines(results))
     assert "## Post-hoc latent samplers" in md and "| gmm_3 |" in md and "| the run's prior | 0.5000" in md
-    runs = [{"name": "r0", "prior": "laplace", "joint_coherence": 0.5, "joint_stderr": 0.05,
-             "latent_samplers": ls.run_entries(results)},
-            {"name": "r1", "prior": "laplace", "joint_coherence": 0.4, "joint_stderr": 0.05}]
-    lines = ls.results_lines(runs)
-    assert lines[-1].startswith("| r0 | laplace | 0.5000 ± 0.0500 |") and "r1" not in "\n".join(lines)
-    assert ls.results_lines(runs[1:]) == []
+
+
+def test_flow_recovers_a_known_gaussian():
+    """A correlated 2-D Gaussian with an offset: the fitted flow's draws have its mean and covariance, and its
+    held-out NLL is the Gaussian's entropy per dimension."""
+    mean, cov = np.array([3.0, -1.0]), np.array([[2.0, 1.2], [1.2, 1.0]])
+    z = np.random.default_rng(0).multivariate_normal(mean, cov, size=3000)
+    fitted = ls.fit_flow(z, ls.FlowOptions(transforms=2, hidden=16, steps=200, lr=3e-3, eval_every=50),
+                         seed=0)
+    assert (fitted.fit_tuples, fitted.held_out_tuples) == (2700, 300) and 0 < fitted.best_step <= 200
+    draws = fitted.sample(20_000, generator=torch.Generator().manual_seed(1)).detach().double().numpy()
+    # Tolerances: fit error of 2,700 draws (SE ~0.03 on the mean, ~0.05 on the variances) plus the draws'
+    # own (~0.01), with room for an imperfect 200-step fit; a flow left at its random start misses by > 0.5.
+    np.testing.assert_allclose(draws.mean(0), mean, atol=0.12)
+    np.testing.assert_allclose(np.cov(draws.T), cov, atol=0.2)
+    entropy_per_dim = 0.5 * (np.log(np.linalg.det(2 * np.pi * np.e * cov))) / 2
+    assert fitted.held_out_nll == pytest.approx(entropy_per_dim, abs=0.05)  # 300 held-out draws: SE ~0.04
+    assert fitted.train_nll == pytest.approx(entropy_per_dim, abs=0.05)
+
+
+def test_flow_beats_a_single_gaussian_on_a_mixture():
+    """On the known 2-component mixture, the flow's NLL on fresh draws is near the true mixture's and far
+    below that of the best single Gaussian (which spreads mass between the modes)."""
+    fitted = ls.fit_flow(two_component_samples(3000), SMALL_FLOW, seed=0)
+    test = two_component_samples(3000, seed=1)
+    with torch.no_grad():
+        flow_nll = -fitted.log_prob(torch.as_tensor(test, dtype=torch.float32)).mean().item() / 4
+    gaussian_nll = -ls.fit_gmm(two_component_samples(3000), 1, seed=0).score(test) / 4
+    true_nll = -np.mean(np.log(sum(w * _gauss_pdf(test, m, c) for w, m, c in zip(WEIGHTS, MEANS, COVS,
+                                                                                strict=True)))) / 4
+    # Measured (300 steps): flow 1.41, truth 1.38, single Gaussian 1.63 nats per dimension.
+    assert flow_nll < gaussian_nll - 0.15
+    assert flow_nll == pytest.approx(true_nll, abs=0.07)
+    assert fitted.held_out_nll < gaussian_nll - 0.15
+
+
+def _gauss_pdf(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    d = x - mean
+    quad = np.einsum("ni,ij,nj->n", d, np.linalg.inv(cov), d)
+    return np.exp(-0.5 * quad) / np.sqrt(np.linalg.det(2 * np.pi * cov))
+
+
+def test_flow_fit_is_seeded():
+    z = two_component_samples(400)
+    options = ls.FlowOptions(transforms=2, hidden=8, steps=20, eval_every=10)
+    a, b, c = (ls.fit_flow(z, options, seed=s) for s in (3, 3, 4))
+    for key, value in a.flow.state_dict().items():
+        torch.testing.assert_close(b.flow.state_dict()[key], value, rtol=0, atol=0)
+    assert a.held_out_nll == b.held_out_nll and a.held_out_nll != c.held_out_nll
+    draw = lambda f: f.sample(5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(draw(a), draw(b), rtol=0, atol=0)
+    assert not torch.allclose(draw(a), draw(c))
+    with pytest.raises(ValueError, match="--flow: 19 fit tuples .* --sampler-fit"):
+        ls.fit_flow(z[:19], options, seed=0)
+
+
+def test_flow_view_decodes_the_flow_draws():
+    model = tiny_model(prior="ebm")
+    fitted = ls.fit_flow(two_component_samples(400), ls.FlowOptions(transforms=2, hidden=8, steps=10), seed=0)
+    view = ls.FlowPrior(model, fitted)
+    out = view.generate_joint(8, langevin_steps=5, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    expected = model.decode(fitted.sample(8, generator=gen), generator=gen)
+    for name in model.modalities:
+        torch.testing.assert_close(out[name], expected[name], rtol=0, atol=0)
+
+
+def test_measure_reports_the_flow_beside_the_mixtures():
+    model = tiny_model(prior="laplace", m=3, seed=1)
+    chunks = [tiny_batch(model, 16, seed=s) for s in range(3)]
+    judge = DigitJudge(CompareClassifiers())
+    options = ls.FlowOptions(transforms=2, hidden=8, steps=20, eval_every=10)
+    out = ls.measure(model, judge, chunks, components=[2], flow=options, num_samples=40, batch_size=16,
+                     seed=0)
+    assert list(out) == ["gmm_2", "flow_maf"]
+    flow = out["flow_maf"]
+    assert (flow["fit_tuples"], flow["held_out_tuples"], flow["n"]) == (44, 4, 40)
+    assert 0.0 < flow["joint"] < 1.0 and flow["stderr"] > 0 and flow["fit_seconds"] > 0
+    assert np.isfinite(flow["train_nll_per_dim"]) and np.isfinite(flow["held_out_nll_per_dim"])
+    z = ls.aggregate_posterior_samples(model, chunks, seed=0)
+    again = ls.fit_flow(z, options, seed=0)  # the same draws, split and seed as measure's fit
+    assert flow["held_out_nll_per_dim"] == again.held_out_nll
+    view = ls.FlowPrior(model, again)
+    assert measure_joint(view, judge, num_samples=40, batch_size=16, seed=0)["coherence"] == flow["joint"]
+    md = "\n".join(ls.report_lines({"coherence": {"joint": {"coherence": 0.5, "stderr": 0.05, "n": 40}},
+                                     "latent_samplers": out}))
+    assert f"| flow_maf | {fmt(flow['joint'])} |" in md and "best step" in md and "converged: " in md
+
+
+def _flags(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    ls.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_sampler_flags():
+    assert ls.check_arguments(_flags("--gmm-components", "10")) is None
+    options = ls.check_arguments(_flags("--flow", "--flow-steps", "50", "--flow-lr", "0.01"))
+    assert options == ls.FlowOptions(steps=50, lr=0.01)
+    assert _flags("--gmm-fit", "30").sampler_fit == 30  # the older name still works
+    for argv, message in ((["--flow-steps", "50"], "--flow-steps given without --flow"),
+                          (["--flow", "--flow-lr", "0"], "--flow-lr 0.0: must be > 0"),
+                          (["--flow", "--flow-transforms", "-1"], "--flow-transforms -1: must be > 0"),
+                          (["--gmm-components", "0"], "--gmm-components \\[0\\]"),
+                          (["--flow", "--sampler-fit", "0"], "--sampler-fit 0: must be >= 1")):
+        with pytest.raises(SystemExit, match=message):
+            ls.check_arguments(_flags(*argv))

@@ -105,7 +105,7 @@ def _linear_probe(model, data_path: Path, chunks, *, fit: int, batch_size: int, 
 
 def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
     """Every figure of ``mmebm eval``; this process is ``rank`` of ``world`` (rank 0 writes the files)."""
-    from mmebm_dist.evaluate import generate, latent, report
+    from mmebm_dist.evaluate import generate, latent, latent_samplers, report
     from mmebm_dist.evaluate.coherence import measure_coherence
     from mmebm_dist.evaluate.judges import judge_module
     from mmebm_dist.evaluate.judges.digits import DigitJudge
@@ -131,8 +131,7 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
     bad = [k for k in subset_sizes if not 2 <= k < m]
     if bad:
         raise SystemExit(f"--subset-sizes {bad}: with {m} modalities a subset size k must be in 2..{m - 1}")
-    if args.gmm_components and (min(args.gmm_components) < 1 or args.gmm_fit < 1):
-        raise SystemExit(f"--gmm-components {args.gmm_components} and --gmm-fit {args.gmm_fit} must be >= 1")
+    flow = latent_samplers.check_arguments(args)
     kind = judge_module(data_path)
     judge = kind.load_judge(clf_dir, data_path, manifest_hash=data_hash, modalities=model.modalities,
                             device=device)
@@ -145,15 +144,8 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
         args, model=model, classifiers=judge.classifiers if isinstance(judge, DigitJudge) else None,
         chunks=chunks, num_samples=num, joint_langevin_steps=joint_steps, subset_sizes=subset_sizes,
         device=device, rank=rank, world_size=world)
-    samplers = None
-    if args.gmm_components:
-        from mmebm_dist.evaluate import latent_samplers
-
-        fit_chunks = generate.read_chunks(data_path, num=args.gmm_fit, batch_size=args.batch_size,
-                                          split="train")
-        samplers = latent_samplers.measure(model, judge, fit_chunks, components=args.gmm_components,
-                                           num_samples=num, batch_size=args.batch_size, seed=args.seed,
-                                           rank=rank, world_size=world)
+    samplers = latent_samplers.measure_requested(args, flow, model, judge, data_path, num_samples=num,
+                                                 rank=rank, world_size=world)
     elbo = None if args.no_elbo else latent.objective_terms(model, chunks, rank=rank, world_size=world,
                                                             seed=args.seed)
     if rank != 0:

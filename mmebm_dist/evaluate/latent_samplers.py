@@ -1,18 +1,25 @@
-"""Post-hoc latent samplers (``mmebm eval --gmm-components K ...``): a Gaussian mixture fitted, after
-training, to the frozen model's aggregate posterior (MultiVae's baseline), whose draws decoded give a joint
+"""Post-hoc latent samplers (``mmebm eval --gmm-components K ... --flow``): densities fitted, after
+training, to the frozen model's aggregate posterior (MultiVae's baselines), whose draws decoded give a joint
 coherence to set beside the prior's.
 
-The mixture (scikit-learn's ``GaussianMixture``, full covariances, seeded) is fitted to one z ~ q(z | x_m) per
-train tuple, m drawn uniformly (``model.aggregate_posterior_z``: the mixture-of-experts aggregate posterior).
-Its joint coherence uses the judge, sample count, batch size and seeded chunks of the run's own joint figure.
+- ``gmm_K``: scikit-learn's ``GaussianMixture`` (K components, full covariances, seeded);
+- ``flow_maf``: a masked autoregressive flow (zuko's ``MAF``) fitted by maximum likelihood with Adam on
+  minibatches of the standardized draws, a seeded tenth held out to keep the parameters of the best held-out
+  likelihood.
+
+Both are fitted to the same draws: one z ~ q(z | x_m) per train tuple, m drawn uniformly
+(``model.aggregate_posterior_z``: the mixture-of-experts aggregate posterior). Their joint coherence uses the
+judge, sample count, batch size and seeded chunks of the run's own joint figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,6 +28,23 @@ from mmebm_dist.evaluate.coherence import Batch, chunk_seed, measure_joint, seed
 from mmebm_dist.evaluate.report import fmt, md_table
 
 DEFAULT_FIT_TUPLES = 10_000
+FLOW_NAME = "flow_maf"
+
+
+@dataclass(kw_only=True)
+class FlowOptions:
+    """How the masked autoregressive flow is built and fitted (``--flow-*``)."""
+
+    transforms: int = 5
+    """Autoregressive transforms (feature order reversed between consecutive ones)."""
+    hidden: int = 128
+    """Width of the two hidden layers of each transform's masked MLP."""
+    steps: int = 2000
+    """Adam steps; the parameters kept are those of the best held-out likelihood, checked every eval_every."""
+    lr: float = 1e-3
+    batch_size: int = 256
+    eval_every: int = 100
+    """Steps between two held-out evaluations."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,9 +53,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="fit a K-component Gaussian mixture (full covariances) to the aggregate "
                             "posterior of the train split and measure the joint coherence of its decoded "
                             "draws, per K (e.g. 10 50; default: skip)")
-    group.add_argument("--gmm-fit", type=int, default=DEFAULT_FIT_TUPLES, metavar="N",
-                       help="train tuples the mixture is fitted to (default: %(default)s, or the whole "
-                            "split when smaller)")
+    group.add_argument("--flow", action="store_true",
+                       help="fit a masked autoregressive flow (zuko MAF) to the same aggregate-posterior "
+                            "draws by maximum likelihood and measure the joint coherence of its decoded "
+                            "draws")
+    defaults = FlowOptions()
+    for name, kind, text in (
+            ("transforms", int, "autoregressive transforms"), ("hidden", int, "width of the 2 hidden layers"),
+            ("steps", int, "Adam steps (the best held-out likelihood's parameters are kept)"),
+            ("lr", float, "Adam learning rate"), ("batch_size", int, "minibatch size"),
+            ("eval_every", int, "steps between held-out evaluations")):
+        group.add_argument(f"--flow-{name.replace('_', '-')}", type=kind, default=None,
+                           help=f"with --flow: {text} (default: {getattr(defaults, name)})")
+    group.add_argument("--sampler-fit", "--gmm-fit", dest="sampler_fit", type=int, default=DEFAULT_FIT_TUPLES,
+                       metavar="N",
+                       help="train tuples the samplers are fitted to (default: %(default)s, or the whole "
+                            "split when smaller; the flow holds out a tenth of them)")
+
+
+def flow_options(args: argparse.Namespace) -> FlowOptions | None:
+    """The ``--flow-*`` options (None without ``--flow``); a bad or orphaned one is a one-line SystemExit."""
+    given = {name: getattr(args, f"flow_{name}") for name in FlowOptions.__dataclass_fields__
+             if getattr(args, f"flow_{name}", None) is not None}
+    if not args.flow:
+        if given:
+            flags = ", ".join(f"--flow-{k.replace('_', '-')}" for k in given)
+            raise SystemExit(f"{flags} given without --flow: add --flow to fit the flow, or drop them")
+        return None
+    bad = {k: v for k, v in given.items() if not v > 0}
+    if bad:
+        k, v = next(iter(bad.items()))
+        raise SystemExit(f"--flow-{k.replace('_', '-')} {v}: must be > 0")
+    return FlowOptions(**given)
+
+
+def check_arguments(args: argparse.Namespace) -> FlowOptions | None:
+    """Check the sampler flags before any work (one-line SystemExit naming the flag); the flow's options."""
+    if args.gmm_components and min(args.gmm_components) < 1:
+        raise SystemExit(f"--gmm-components {args.gmm_components}: every K must be >= 1")
+    if args.sampler_fit < 1:
+        raise SystemExit(f"--sampler-fit {args.sampler_fit}: must be >= 1")
+    return flow_options(args)
 
 
 def _device_of(model) -> torch.device:
@@ -58,26 +120,126 @@ def fit_gmm(z: np.ndarray, components: int, *, seed: int):
 
     if components < 1 or components > len(z):
         raise ValueError(f"--gmm-components {components}: a mixture needs 1 <= K <= the {len(z)} fit tuples; "
-                         f"lower K or raise --gmm-fit")
+                         f"lower K or raise --sampler-fit")
     return GaussianMixture(n_components=components, covariance_type="full", max_iter=500,
                            random_state=seed).fit(z)
 
 
-class MixturePrior:
-    """The model seen by joint coherence, its prior replaced by a fitted Gaussian mixture: z is drawn from the
-    mixture with the caller's generator (no Langevin chain), then decoded by the model."""
+@dataclass(kw_only=True)
+class FittedFlow:
+    """A MAF on standardized latents: z = loc + scale * u, u distributed as the flow. NLLs are in nats per
+    dimension of z (the standardization's log-Jacobian included)."""
 
-    def __init__(self, model, gmm):
-        device = _device_of(model)
+    flow: torch.nn.Module
+    loc: torch.Tensor
+    scale: torch.Tensor
+    best_step: int
+    """The step whose parameters were kept (best held-out likelihood)."""
+    train_nll: float
+    held_out_nll: float
+    fit_tuples: int
+    held_out_tuples: int
+    fit_seconds: float
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log density of z [N, d] (float32): log p_u((z - loc) / scale) - sum log scale."""
+        return self.flow().log_prob((z - self.loc) / self.scale) - self.scale.log().sum()
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z [n, d]: eps ~ N(0, I) from ``generator``, pushed through the inverse of the flow's transform (the
+        flow's own ``sample`` would draw from the global RNG)."""
+        eps = torch.randn(n, self.loc.shape[0], generator=generator, device=self.loc.device)
+        return self.loc + self.scale * self.flow().transform.inv(eps)
+
+
+def fit_flow(z: np.ndarray, options: FlowOptions, *, seed: int, device: torch.device | str = "cpu",
+             progress: bool = False) -> FittedFlow:
+    """A masked autoregressive flow fitted to z [N, d] by maximum likelihood: Adam on seeded minibatches of a
+    seeded nine tenths, standardized by their mean and std; the parameters of the best likelihood on the
+    held-out tenth (checked every ``options.eval_every`` steps) are kept."""
+    import zuko
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    device = torch.device(device)
+    x = torch.as_tensor(z, dtype=torch.float32, device=device)
+    n, d = x.shape
+    held = n // 10
+    if held < 2:
+        raise ValueError(f"--flow: {n} fit tuples leave fewer than 2 to hold out (a tenth); raise "
+                         f"--sampler-fit to at least 20")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen).to(device)
+    train, valid = x[order[held:]], x[order[:held]]
+    loc, scale = train.mean(0), train.std(0).clamp_min(1e-6)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # zuko initialises its layers from the global RNG
+        flow = zuko.flows.MAF(d, transforms=options.transforms,
+                              hidden_features=[options.hidden] * 2).to(device)
+    fitted = FittedFlow(flow=flow, loc=loc, scale=scale, best_step=0, train_nll=math.nan,
+                        held_out_nll=math.nan, fit_tuples=len(train), held_out_tuples=held,
+                        fit_seconds=math.nan)
+    optimizer = torch.optim.Adam(flow.parameters(), lr=options.lr)
+    best, best_state = math.inf, None
+    bar = tqdm(range(1, options.steps + 1), desc="flow fit", unit="step", disable=not progress)
+    for step in bar:
+        idx = torch.randint(len(train), (min(options.batch_size, len(train)),), generator=gen).to(device)
+        loss = -fitted.log_prob(train[idx]).mean() / d
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"--flow: the training NLL is {loss.item()} at step {step}; lower "
+                                     f"--flow-lr (now {options.lr})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % options.eval_every == 0 or step == options.steps:
+            with torch.no_grad():
+                held_out = -fitted.log_prob(valid).mean().item() / d
+            if held_out < best:
+                best, best_state, fitted.best_step = held_out, copy.deepcopy(flow.state_dict()), step
+            bar.set_postfix(held_out_nll_per_dim=f"{held_out:.3f}", best_step=fitted.best_step)
+    bar.close()
+    if best_state is None:
+        raise FloatingPointError(f"--flow: the held-out NLL was never finite in {options.steps} steps; lower "
+                                 f"--flow-lr (now {options.lr})")
+    flow.load_state_dict(best_state)
+    with torch.no_grad():
+        fitted.train_nll = -fitted.log_prob(train).mean().item() / d
+    fitted.held_out_nll, fitted.fit_seconds = best, time.perf_counter() - start
+    return fitted
+
+
+class LatentSamplerPrior:
+    """The model seen by joint coherence, its prior replaced by a fitted latent sampler: z is drawn by
+    :meth:`sample_prior` with the caller's generator (no Langevin chain), then decoded by the model."""
+
+    def __init__(self, model):
         self.model = model
         self.modalities = list(model.modalities)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def sample_prior(self, n: int, *, langevin_steps: int | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate_joint(self, n: int, *, langevin_steps: int | None = None,
+                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """n joint samples: z from the sampler, private latents from their priors, every modality decoded."""
+        return self.model.decode(self.sample_prior(n, generator=generator), generator=generator)
+
+
+class MixturePrior(LatentSamplerPrior):
+    """The model with z drawn from a fitted Gaussian mixture."""
+
+    def __init__(self, model, gmm):
+        super().__init__(model)
+        device = _device_of(model)
         self.weights = torch.as_tensor(gmm.weights_, dtype=torch.float64, device=device)
         self.means = torch.as_tensor(gmm.means_, dtype=torch.float32, device=device)  # (K, d)
         self.chol = torch.as_tensor(np.linalg.cholesky(gmm.covariances_), dtype=torch.float32,
                                     device=device)  # (K, d, d), covariance = L L^T
-
-    def parameters(self):
-        return self.model.parameters()
 
     def sample_prior(self, n: int, *, langevin_steps: int | None = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
@@ -86,35 +248,69 @@ class MixturePrior:
         eps = torch.randn(n, self.means.shape[1], generator=generator, device=self.means.device)
         return self.means[k] + torch.einsum("nij,nj->ni", self.chol[k], eps)
 
+
+class FlowPrior(LatentSamplerPrior):
+    """The model with z drawn from a fitted flow."""
+
+    def __init__(self, model, fitted: FittedFlow):
+        super().__init__(model)
+        self.fitted = fitted
+
     @torch.no_grad()
-    def generate_joint(self, n: int, *, langevin_steps: int | None = None,
-                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """n joint samples: z from the mixture, private latents from their priors, every modality decoded."""
-        return self.model.decode(self.sample_prior(n, generator=generator), generator=generator)
+    def sample_prior(self, n: int, *, langevin_steps: int | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.fitted.sample(n, generator=generator)
 
 
 def measure(model, judge, fit_chunks: Sequence[Batch], *, components: Sequence[int], num_samples: int,
-            batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> dict:
-    """eval.json's "latent_samplers": per K, {"gmm_K": joint coherence of decoded mixture draws with its
-    standard error and n, the fit tuples, the mean train log-likelihood per tuple, convergence}. Every rank
-    fits the same mixture (same tuples, same seed); the joint samples are split over ranks."""
+            batch_size: int, seed: int, flow: FlowOptions | None = None, rank: int = 0, world_size: int = 1,
+            show_progress: bool = False) -> dict:
+    """eval.json's "latent_samplers": {"gmm_K": ..., "flow_maf": ...}, each with the joint coherence of its
+    decoded draws (standard error, n, ms per sample) and its fit's figures. Every rank fits the same samplers
+    (same tuples, same seed); the joint samples are split over ranks."""
     z = aggregate_posterior_samples(model, fit_chunks, seed=seed)
+    joint = lambda view: measure_joint(view, judge, num_samples=num_samples, batch_size=batch_size, seed=seed,
+                                       rank=rank, world_size=world_size)
     out = {}
     for k in components:
         start = time.perf_counter()
         gmm = fit_gmm(z, k, seed=seed)
         fit_seconds = time.perf_counter() - start
-        figure = measure_joint(MixturePrior(model, gmm), judge, num_samples=num_samples,
-                               batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+        figure = joint(MixturePrior(model, gmm))
         out[f"gmm_{k}"] = {"joint": figure["coherence"], "stderr": figure["stderr"], "n": figure["n"],
                            "fit_tuples": len(z), "fit_split": "train", "components": k, "covariance": "full",
                            "converged": bool(gmm.converged_), "train_log_likelihood": float(gmm.score(z)),
+                           "train_nll_per_dim": -float(gmm.score(z)) / z.shape[1],
                            "fit_seconds": fit_seconds, "ms_per_sample": figure["ms_per_sample"]}
+    if flow is not None:
+        fitted = fit_flow(z, flow, seed=seed, device=_device_of(model), progress=show_progress)
+        figure = joint(FlowPrior(model, fitted))
+        out[FLOW_NAME] = {"joint": figure["coherence"], "stderr": figure["stderr"], "n": figure["n"],
+                          "fit_tuples": fitted.fit_tuples, "held_out_tuples": fitted.held_out_tuples,
+                          "fit_split": "train", "transforms": flow.transforms, "hidden": flow.hidden,
+                          "steps": flow.steps, "lr": flow.lr, "batch_size": flow.batch_size,
+                          "best_step": fitted.best_step, "train_nll_per_dim": fitted.train_nll,
+                          "held_out_nll_per_dim": fitted.held_out_nll, "fit_seconds": fitted.fit_seconds,
+                          "ms_per_sample": figure["ms_per_sample"]}
     return out
 
 
+def measure_requested(args: argparse.Namespace, flow: FlowOptions | None, model, judge, data_path, *,
+                      num_samples: int, rank: int, world_size: int) -> dict | None:
+    """:func:`measure` on ``--sampler-fit`` train tuples for the samplers the flags ask for (None: none)."""
+    from mmebm_dist.evaluate import generate
+
+    if not args.gmm_components and flow is None:
+        return None
+    fit_chunks = generate.read_chunks(data_path, num=args.sampler_fit, batch_size=args.batch_size,
+                                      split="train")
+    return measure(model, judge, fit_chunks, components=args.gmm_components or (), flow=flow,
+                   num_samples=num_samples, batch_size=args.batch_size, seed=args.seed, rank=rank,
+                   world_size=world_size, show_progress=rank == 0)
+
+
 def report_lines(results: dict) -> list[str]:
-    """report.md's section: each sampler's joint coherence beside the prior's."""
+    """report.md's section: each sampler's joint coherence and fit beside the prior's joint coherence."""
     samplers = results.get("latent_samplers")
     if not samplers:
         return []
@@ -122,35 +318,29 @@ def report_lines(results: dict) -> list[str]:
     lines = ["", "## Post-hoc latent samplers (joint coherence of decoded draws)", "",
              "Each sampler is fitted after training to the aggregate posterior of the train split (one "
              "z ~ q(z|x_m) per tuple, m at random) and judged on the same number of seeded joint samples "
-             "as the prior.", ""]
-    rows = [["the run's prior", fmt(joint["coherence"]), fmt(joint["stderr"]), str(joint["n"]), "", "", ""]]
-    rows += [[name, fmt(e["joint"]), fmt(e["stderr"]), str(e["n"]), str(e["fit_tuples"]),
-              fmt(e["train_log_likelihood"], 2), "yes" if e["converged"] else "no"]
-             for name, e in samplers.items()]
-    return lines + md_table(["sampler", "joint coherence", "std. error", "n", "fit tuples",
-                             "train log-lik. / tuple", "converged"], rows)
+             "as the prior. NLL: nats per latent dimension; the flow keeps the parameters of its best NLL on "
+             "a held-out tenth of the tuples (best step), so that figure is slightly optimistic.", ""]
+    rows = [["the run's prior", fmt(joint["coherence"]), fmt(joint["stderr"]), str(joint["n"]), *[""] * 5]]
+    for name, e in samplers.items():
+        held_out = e.get("held_out_nll_per_dim")
+        fit = f"converged: {'yes' if e['converged'] else 'no'}" if "converged" in e else \
+            f"best step {e['best_step']} of {e['steps']}"
+        rows.append([name, fmt(e["joint"]), fmt(e["stderr"]), str(e["n"]), str(e["fit_tuples"]),
+                     fmt(e.get("train_nll_per_dim", math.nan), 3),
+                     "n/a" if held_out is None else f"{fmt(held_out, 3)} ({e['held_out_tuples']} tuples)",
+                     fmt_seconds(e.get("fit_seconds")), fit])
+    return lines + md_table(["sampler", "joint coherence", "std. error", "n", "fit tuples", "train NLL / dim",
+                             "held-out NLL / dim", "fit time", "fit"], rows)
 
 
-def results_lines(runs: Sequence[dict]) -> list[str]:
-    """results.md's table: per run with samplers, the prior's joint coherence and each sampler's."""
-    names = sorted({n for r in runs for n in r.get("latent_samplers") or {}},
-                   key=lambda n: (n.split("_")[0], int(n.split("_")[-1])))
-    if not names:
-        return []
-    rows = []
-    for r in runs:
-        samplers = r.get("latent_samplers") or {}
-        if not samplers:
-            continue
-        cells = [f"{fmt(samplers[n]['joint'])} ± {fmt(samplers[n]['stderr'])}" if n in samplers else "n/a"
-                 for n in names]
-        rows.append([r["name"], r["prior"], f"{fmt(r['joint_coherence'])} ± {fmt(r['joint_stderr'])}",
-                     *cells])
-    lines = ["", "## Post-hoc latent samplers", "",
-             "Joint coherence of the run's prior beside that of samplers fitted to its frozen model's "
-             "aggregate posterior (`mmebm eval --gmm-components K`: gmm_K, a K-component full-covariance "
-             "Gaussian mixture), same judge and sample count.", ""]
-    return lines + md_table(["run", "prior", "prior joint", *names], rows)
+def fmt_seconds(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds:.1f} s"
+
+
+def sampler_order(name: str) -> tuple:
+    """gmm_K by K, then the flow."""
+    kind, _, size = name.partition("_")
+    return (kind != "gmm", int(size) if size.isdigit() else 0, name)
 
 
 def run_entries(ev: dict) -> dict[str, dict]:
