@@ -175,30 +175,46 @@ def test_read_chunks_cuts_the_first_tuples_and_keeps_only_this_ranks(trained):
     assert rank1[0] is None and rank1[2] is None and torch.equal(rank1[1]["label"], chunks[1]["label"])
 
 
-def test_eval_gmm_latent_sampler_entry(trained, tmp_path):
-    """`mmebm eval --gmm-components` writes latent_samplers (same n as the joint figure) into eval.json,
-    report.md, and `mmebm results` shows them beside the prior's joint coherence."""
+def test_eval_latent_sampler_entries(trained, tmp_path):
+    """`mmebm eval --gmm-components --flow` writes latent_samplers (same n as the joint figure) into
+    eval.json, report.md, and `mmebm results` shows them beside the prior's joint coherence; bad flags are one
+    line."""
     _, run_dir, _ = trained
     out = run_dir / "eval_gmm"
     flags = ["--langevin-sweep", "--no-elbo", "--probe-fit", "0", "--no-frechet"]
-    assert main(["eval", "--run", str(run_dir), *EVAL_ARGS, *flags, "--gmm-components", "1", "2",
-                 "--gmm-fit", "40", "--out", str(out)]) == 0
+    flow = ["--flow", "--flow-transforms", "2", "--flow-hidden", "8", "--flow-steps", "20",
+            "--flow-eval-every", "10"]
+    assert main(["eval", "--run", str(run_dir), *EVAL_ARGS, *flags, "--gmm-components", "1", "2", *flow,
+                 "--sampler-fit", "40", "--out", str(out)]) == 0
     res = json.loads((out / "eval.json").read_text())
     samplers = res["latent_samplers"]
-    assert list(samplers) == ["gmm_1", "gmm_2"]
+    assert list(samplers) == ["gmm_1", "gmm_2", "flow_maf"]
     for entry in samplers.values():
         assert entry["n"] == res["coherence"]["joint"]["n"] == 24
-        assert entry["fit_tuples"] == 40 and entry["fit_split"] == "train"
-        assert 0.0 <= entry["joint"] <= 1.0 and entry["covariance"] == "full"
+        assert entry["fit_split"] == "train" and 0.0 <= entry["joint"] <= 1.0
+    assert samplers["gmm_2"]["fit_tuples"] == 40 and samplers["gmm_2"]["covariance"] == "full"
+    maf = samplers["flow_maf"]
+    assert (maf["fit_tuples"], maf["held_out_tuples"], maf["steps"], maf["transforms"]) == (36, 4, 20, 2)
+    assert maf["best_step"] in (10, 20) and maf["fit_seconds"] > 0
     md = (out / "report.md").read_text()
     assert "## Post-hoc latent samplers" in md and f"| gmm_2 | {fmt(samplers['gmm_2']['joint'])} |" in md
+    assert f"| flow_maf | {fmt(maf['joint'])} | {fmt(maf['stderr'])} | 24 | 36 | " \
+           f"{fmt(maf['train_nll_per_dim'], 3)} | {fmt(maf['held_out_nll_per_dim'], 3)} (4 tuples) |" in md
     docs = tmp_path / "docs"
     assert main(["results", "--runs", str(run_dir), "--eval-name", "eval_gmm", "--out-md", str(docs / "r.md"),
                  "--out-json", str(docs / "r.json"), "--img-dir", str(docs / "img")]) == 0
-    (run,) = json.loads((docs / "r.json").read_text())["runs"]
-    assert run["latent_samplers"]["gmm_1"] == {k: samplers["gmm_1"][k] for k in ("joint", "stderr", "n",
-                                                                                 "fit_tuples")}
-    assert "## Post-hoc latent samplers" in (docs / "r.md").read_text()
-    with pytest.raises(SystemExit, match="--gmm-components"):
-        main(["eval", "--run", str(run_dir), *EVAL_ARGS, "--gmm-components", "0",
-              "--out", str(tmp_path / "x")])
+    report = json.loads((docs / "r.json").read_text())
+    (run,) = report["runs"]
+    for name in ("gmm_1", "flow_maf"):
+        assert run["latent_samplers"][name] == {k: samplers[name][k] for k in ("joint", "stderr", "n",
+                                                                              "fit_tuples")}
+    (setting,) = report["settings"]
+    assert setting["latent_samplers"]["flow_maf"]["mean"] == maf["joint"]
+    results_md = (docs / "r.md").read_text()
+    section = results_md[results_md.index("## Post-hoc latent samplers"):]
+    assert "| prior joint | gmm_1 | gmm_2 | flow_maf |" in section
+    assert f"| {fmt(maf['joint'])} ± {fmt(maf['stderr'])} ± n/a |" in section
+    for argv, message in ((["--gmm-components", "0"], "--gmm-components"),
+                          (["--flow-steps", "5"], "--flow-steps given without --flow")):
+        with pytest.raises(SystemExit, match=message):
+            main(["eval", "--run", str(run_dir), *EVAL_ARGS, *argv, "--out", str(tmp_path / "x")])

@@ -396,3 +396,42 @@ def test_model_and_energy_steps_per_run(runs, tmp_path):
     report, md, _ = aggregate(tmp_path / "alone", [str(posthoc)])
     assert (report["runs"][0]["model_steps"], report["runs"][0]["source_missing"]) == (0, str(checkpoint))
     assert "not loaded" in md
+
+
+def test_latent_samplers_per_setting_beside_every_prior(runs, tmp_path):
+    """The post-hoc samplers' table: every setting of the dataset (the EBM's joint among them) with its
+    optimizer steps; each sampler's joint as a mean over the seeds that measured it; steps also in the
+    ablation table and the EBM - Laplace line."""
+    def add(run: str, samplers: dict) -> None:
+        entries = {name: {"joint": j, "stderr": se, "n": 500, "fit_tuples": 1000} for name, (j, se) in
+                   samplers.items()}
+        _edit(runs / run, "eval/eval.json", lambda e: e.update(latent_samplers=entries))
+
+    add("laplace_s0", {"gmm_10": (0.30, 0.02), "flow_maf": (0.34, 0.021), "gmm_2": (0.26, 0.02)})
+    add("laplace_s1", {"gmm_10": (0.36, 0.021), "flow_maf": (0.40, 0.022)})
+    write_run(runs, tmp_path / "polymnist", "ebm", 0, FIGURES[("ebm", 0)], reference="gaussian")  # ablation
+    report, md, _ = aggregate(tmp_path, [str(runs / "*")])
+    laplace, ebm = _setting(report, "laplace"), _setting(report, "ebm/laplace")
+    assert set(laplace["latent_samplers"]) == {"gmm_2", "gmm_10", "flow_maf"}  # results.json sorts keys
+    assert ebm["latent_samplers"] == {}
+    flow = laplace["latent_samplers"]["flow_maf"]
+    assert flow["k"] == 2 and flow["mean"] == pytest.approx(0.37)
+    assert flow["binomial_stderr"] == pytest.approx(math.hypot(0.021, 0.022) / 2)
+    assert flow["seed_stderr"] == pytest.approx(statistics.stdev([0.34, 0.40]) / math.sqrt(2))
+    assert laplace["latent_samplers"]["gmm_2"]["k"] == 1
+    section = md[md.index("## Post-hoc latent samplers"):]
+    header = next(line for line in section.splitlines() if line.startswith("| dataset |"))
+    assert header.endswith("| prior joint | gmm_2 | gmm_10 | flow_maf |")
+    rows = {line.split(" | ")[1]: line for line in section.splitlines() if line.startswith("| polymnist |")}
+    assert set(rows) == {"laplace", "ebm/laplace", "ebm/gaussian"}
+    assert f"| 40 / 0 | {res.fmt_figure(laplace['joint'])} |" in rows["laplace"]
+    assert rows["laplace"].endswith(f"| {res.fmt_figure(laplace['latent_samplers']['gmm_2'])} (k=1) | "
+                                    f"{res.fmt_figure(laplace['latent_samplers']['gmm_10'])} | "
+                                    f"{res.fmt_figure(flow)} |")
+    assert f"| 40 / 40 | {res.fmt_figure(ebm['joint'])} | n/a | n/a | n/a |" in rows["ebm/laplace"]
+    ablation = next(line for line in md.splitlines() if line.startswith("| polymnist | ebm/gaussian | `"))
+    assert "| 40 / 40 |" in ablation
+    assert "model / energy steps: EBM 40 / 40; Laplace 40 / 0)" in md
+    # Without samplers in any eval there is no table.
+    _, md, _ = aggregate(tmp_path / "none", [str(runs / "ebm_laplace_s0")])
+    assert "## Post-hoc latent samplers" not in md

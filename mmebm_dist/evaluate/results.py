@@ -188,8 +188,8 @@ class Run:
     joint_samples_png: str | None
     """The eval's joint sample grid, None when the eval dir lacks it."""
     latent_samplers: dict[str, dict] = field(default_factory=dict)
-    """Post-hoc latent samplers of the eval (``mmebm eval --gmm-components``): {"gmm_K": {"joint", "stderr",
-    "n", "fit_tuples"}}."""
+    """Post-hoc latent samplers of the eval (``mmebm eval --gmm-components K --flow``): {"gmm_K" or
+    "flow_maf": {"joint", "stderr", "n", "fit_tuples"}}."""
     beyond: dict[str, Any] = field(default_factory=dict)
     """Figures beyond coherence (Frechet distance, log-likelihood, refinement): see beyond_coherence."""
     curves: dict[str, list[float]] = field(default_factory=dict, repr=False)
@@ -491,8 +491,19 @@ def build_settings(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "cross": seed_mean([r.cross_coherence for r in members], [r.cross_stderr for r in members]),
             "ceiling": seed_mean([r.ceiling_coherence for r in members], [r.ceiling_stderr for r in members]),
             "langevin_sweep": _sweep_mean(members),
+            "latent_samplers": _sampler_means(members),
         })
     return settings
+
+
+def _sampler_means(runs: Sequence[Run]) -> dict[str, dict[str, float | int]]:
+    """Per post-hoc latent sampler, its joint coherence's mean over the seeds that measured it."""
+    names = sorted({n for r in runs for n in r.latent_samplers}, key=latent_samplers.sampler_order)
+    out = {}
+    for name in names:
+        entries = [r.latent_samplers[name] for r in runs if name in r.latent_samplers]
+        out[name] = seed_mean([e["joint"] for e in entries], [e["stderr"] for e in entries])
+    return out
 
 
 def _run_order(r: Run) -> tuple:
@@ -833,9 +844,10 @@ def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: P
                                 for k, v in a["changes"].items())
             rows.append([ds["dataset"], s["prior"], f"`{a['config_hash']}`", f"`{a['against']}`",
                          "ablation" if a["ablation"] else "other", changes or "none",
+                         _optimizer_steps(s["model_steps"], s["energy_steps"], s["source_missing"]),
                          fmt_figure(s["joint"]), fmt_figure(s["cross"])])
-    lines += md_table(["dataset", "prior", "config", "against", "kind", "changes", "joint", "cross"], rows) \
-        if rows else ["None: every dataset has only its main pair."]
+    lines += md_table(["dataset", "prior", "config", "against", "kind", "changes", "model / energy steps",
+                       "joint", "cross"], rows) if rows else ["None: every dataset has only its main pair."]
     lines += ["", "## Runs", ""]
     rows = []
     for r in runs:
@@ -853,8 +865,42 @@ def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: P
     lines += md_table(["run", "dataset", "prior", "seed", "config", "steps", "model / energy steps", "wall",
                        "samples/s", "joint", "cross", "ceiling", "min classifier acc.", "command"], rows)
     lines += beyond_coherence.results_lines(runs)
-    lines += latent_samplers.results_lines(runs)
+    lines += _sampler_lines(results)
     return "\n".join(lines) + "\n"
+
+
+def _sampler_lines(results: dict) -> list[str]:
+    """The post-hoc latent samplers' table: for each dataset where any setting has one, every setting (the
+    EBM's own joint figure among them) with its optimizer steps, its prior's joint coherence and each
+    sampler's, as means over seeds."""
+    settings = results["settings"]
+    names = sorted({n for s in settings for n in s["latent_samplers"]}, key=latent_samplers.sampler_order)
+    rows = []
+    for ds in results["datasets"]:
+        mine = [s for s in settings if s["dataset"] == ds["dataset"]]
+        if not any(s["latent_samplers"] for s in mine):
+            continue
+        for s in mine:
+            cells = [_sampler_cell(s["latent_samplers"].get(n), len(s["runs"])) for n in names]
+            rows.append([ds["dataset"], s["prior"], f"`{s['config_hash']}`", ", ".join(map(str, s["seeds"])),
+                         _optimizer_steps(s["model_steps"], s["energy_steps"], s["source_missing"]),
+                         fmt_figure(s["joint"]), *cells])
+    if not rows:
+        return []
+    lines = ["", "## Post-hoc latent samplers", "",
+             "Joint coherence of each setting's prior beside that of samplers fitted after training to its "
+             "frozen model's aggregate posterior (`mmebm eval --gmm-components K --flow`: gmm_K, a "
+             "K-component full-covariance Gaussian mixture; flow_maf, a masked autoregressive flow), same "
+             "judge, sample count and seeds; mean ± binomial SE ± across-seed SE, k noted when fewer seeds "
+             "measured a sampler than the setting has.", ""]
+    return lines + md_table(["dataset", "prior", "config", "seeds", "model / energy steps", "prior joint",
+                             *names], rows)
+
+
+def _sampler_cell(figure: dict | None, seeds: int) -> str:
+    if figure is None:
+        return "n/a"
+    return fmt_figure(figure) + (f" (k={figure['k']})" if figure["k"] != seeds else "")
 
 
 def _data_paths(runs: Sequence[dict], ds: dict) -> str:
@@ -868,8 +914,11 @@ def _comparison_line(ds: dict, settings: Sequence[dict]) -> str:
         return "**EBM − Laplace**: n/a (this dataset needs both an EBM and a Laplace setting)."
     parts = [f"{name} {comp[name]['difference']:+.4f} ± {fmt(comp[name]['stderr'])} "
              f"({comp[name]['stderr_kind']} SE)" for name in ("joint", "cross")]
+    by_hash = {s["config_hash"]: s for s in settings}
+    steps = "; ".join(f"{kind} {_optimizer_steps(s['model_steps'], s['energy_steps'], s['source_missing'])}"
+                      for kind, s in (("EBM", by_hash[comp["ebm"]]), ("Laplace", by_hash[comp["laplace"]])))
     return (f"**EBM − Laplace** (`{comp['ebm']}` minus `{comp['laplace']}`, the pair whose configs differ "
-            f"least): " + "; ".join(parts) + ".")
+            f"least; model / energy steps: {steps}): " + "; ".join(parts) + ".")
 
 
 def _source_line(p: dict) -> str:
