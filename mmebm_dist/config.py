@@ -139,9 +139,9 @@ class PriorConfig:
     langevin: LangevinConfig = field(default_factory=LangevinConfig)
     """Short-run Langevin settings used for negatives in training and for joint sampling."""
     energy_bound: float = 0.0
-    """B > 0: the energy is soft-clipped, f = B tanh(f_mlp / B), so |f| < B keeps exp(f) p0 proper and the
-    Langevin drift bounded (0: no bound). The fused Langevin backends refuse a bounded energy (``auto``
-    then runs the autograd chain)."""
+    """B > 0: the energy is soft-clipped, f = B tanh(f_mlp / B): |f| < B keeps exp(f) p0 proper and the
+    drift is the MLP's slope times tanh' <= 1 (0: no bound). The fused Langevin backends refuse a bounded
+    energy (``auto`` then runs the autograd chain)."""
     coupling_ramp_steps: int = 0
     """R > 0: the energy's term in the encoders'/decoders' objective (f in log p(z) = f + log p0) is weighted
     min(1, step / R); the energy itself trains at full rate from step 1 (0: weight 1 throughout)."""
