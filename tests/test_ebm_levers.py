@@ -1,6 +1,7 @@
 """Levers for joint EBM training from a cold start: a soft-clipped energy (model.prior.energy_bound),
-persistent negative chains (langevin.persistent / reinit), a ramp of the energy's coupling into the encoders' objective
-(coupling_ramp_steps) and extra energy updates per model step (energy_updates). Each is off by default."""
+persistent negative chains (langevin.persistent / reinit), a ramp of the energy's coupling into the
+encoders' objective (coupling_ramp_steps) and extra energy updates per model step (energy_updates).
+Each is off by default."""
 
 from __future__ import annotations
 
