@@ -104,6 +104,12 @@ class LangevinConfig:
     """s: the drift is (s^2 / 2) * grad and the noise std is s (LEBM convention)."""
     backend: LangevinBackend = "auto"
     """``auto`` (triton on CUDA, torch otherwise), ``triton``, ``torch`` or ``autograd`` (the reference)."""
+    persistent: int = 0
+    """Training negatives from a replay buffer of this many chains kept in the model (0: every chain starts
+    from p0). Each update continues ``batch`` chains drawn from it (a share ``reinit`` restarted from p0) and
+    writes them back, so a short K follows a sharp energy (JEM / IGEBM). Joint samples still start from p0."""
+    reinit: float = 0.05
+    """With ``persistent``: the share of each update's chains restarted from p0."""
 
 
 @dataclass(kw_only=True)
@@ -132,6 +138,16 @@ class PriorConfig:
     """Adam betas of the energy MLP."""
     langevin: LangevinConfig = field(default_factory=LangevinConfig)
     """Short-run Langevin settings used for negatives in training and for joint sampling."""
+    energy_bound: float = 0.0
+    """B > 0: the energy is soft-clipped, f = B tanh(f_mlp / B): |f| < B keeps exp(f) p0 proper and the
+    drift is the MLP's slope times tanh' <= 1 (0: no bound). The fused Langevin backends refuse a bounded
+    energy (``auto`` then runs the autograd chain)."""
+    coupling_ramp_steps: int = 0
+    """R > 0: the energy's term in the encoders'/decoders' objective (f in log p(z) = f + log p0) is weighted
+    min(1, step / R); the energy itself trains at full rate from step 1 (0: weight 1 throughout)."""
+    energy_updates: int = 1
+    """Energy optimizer steps per model step: the joint step plus ``energy_updates - 1`` energy-only steps on
+    the same batch, each with fresh posterior samples and fresh negatives (two time scales)."""
     max_energy_gap: float = 100.0
     """Runaway guard: stop when |E_q f - E_p f| exceeds this."""
     max_posterior_abs: float = 1e3
@@ -527,10 +543,12 @@ ADAM_BETA = Range(0, 1, high_open=True)
 RANGES: dict[type, dict[str, Range]] = {
     ModalityConfig: {"shape": AT_LEAST_ONE, "likelihood_scale": POSITIVE, "vocab_size": NON_NEGATIVE},
     DataConfig: {"batch_size": AT_LEAST_ONE, "num_workers": NON_NEGATIVE, "shuffle_buffer": NON_NEGATIVE},
-    LangevinConfig: {"steps": NON_NEGATIVE, "step_size": POSITIVE},
+    LangevinConfig: {"steps": NON_NEGATIVE, "step_size": POSITIVE, "persistent": NON_NEGATIVE,
+                     "reinit": Range(0, 1)},
     PriorConfig: {
         "reference_scale": POSITIVE, "hidden": AT_LEAST_ONE, "layers": Range(1, 4), "energy_l2": NON_NEGATIVE,
         "lr": POSITIVE, "betas": ADAM_BETA, "max_energy_gap": POSITIVE, "max_posterior_abs": POSITIVE,
+        "energy_bound": NON_NEGATIVE, "coupling_ramp_steps": NON_NEGATIVE, "energy_updates": AT_LEAST_ONE,
     },
     ModelConfig: {
         "latent_dim": AT_LEAST_ONE, "private_dim": NON_NEGATIVE, "width": AT_LEAST_ONE,
@@ -626,6 +644,10 @@ def validate(cfg: Config) -> None:
     fields together. Raises a :class:`ConfigError` naming the key, the allowed values and the fix."""
     _check_fields(cfg, "")
     _check_model_rules(cfg.model)
+    if cfg.model.prior.energy_updates > 1 and cfg.optim.grad_accum > 1:
+        raise ConfigError(f"model.prior.energy_updates={cfg.model.prior.energy_updates} runs extra energy "
+                          f"steps after each optimizer step, which optim.grad_accum={cfg.optim.grad_accum} "
+                          "spreads over micro-batches; set one of them to 1")
     if cfg.model.prior.fit == "posthoc" and not cfg.train.init_from:
         raise ConfigError("model.prior.fit=posthoc trains only the energy of a trained model: set "
                           "train.init_from=<its run directory> (a fixed-prior run)")

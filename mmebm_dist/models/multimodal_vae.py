@@ -72,7 +72,10 @@ class MultimodalVAE(nn.Module):
         self.energy: EnergyMLP | None = None
         if self.prior_kind == "ebm":
             self.energy = EnergyMLP(cfg.latent_dim, cfg.prior.hidden, cfg.prior.layers, cfg.prior.activation,
-                                    spectral_norm=cfg.prior.spectral_norm)
+                                    spectral_norm=cfg.prior.spectral_norm, bound=cfg.prior.energy_bound)
+            if cfg.prior.langevin.persistent > 0:  # replay buffer of training negatives, saved in checkpoints
+                shape = (cfg.prior.langevin.persistent, cfg.latent_dim)
+                self.register_buffer("negative_chains", self.p0.sample(shape, device=torch.device("cpu")))
         # MMVAE+: cross reconstructions in training draw w_d from a private prior with a learned scale,
         # softmax(raw) * dw (starts at 1); log p(w) in the weight and generation use the unit-scale prior.
         self.private_prior_raw: nn.Parameter | None = None
@@ -83,6 +86,13 @@ class MultimodalVAE(nn.Module):
             self.requires_grad_(False)
             self.energy.requires_grad_(True)
         self.stage = "energy" if self.posthoc else "joint"
+        self.coupling = 1.0
+        """Weight of f in the encoders'/decoders' log p(z) (``model.prior.coupling_ramp_steps``)."""
+
+    def set_step(self, step: int) -> None:
+        """Set what depends on the optimizer step ``step`` (1-based): the energy's coupling weight."""
+        ramp = self.cfg.prior.coupling_ramp_steps
+        self.coupling = min(1.0, step / ramp) if ramp > 0 else 1.0
 
     def set_stage(self, stage: str) -> None:
         """Train ``stage`` (one of STAGES) from the next step on; a fixed prior has only the joint stage."""
@@ -174,6 +184,8 @@ class MultimodalVAE(nn.Module):
             cache["f_pos"], cache["z_pos"] = f_pos, flat.detach()
             # Value f(z), gradient in z through f, gradient in the energy's parameters cancelled (module doc).
             f_elbo = f - f_pos + f_pos.detach()
+            if self.coupling != 1.0:  # the ramp scales the value and the z-gradient; alpha's stays 0
+                f_elbo = self.coupling * f_elbo
             return f_elbo.reshape(z.shape[:-1]) + self.p0.log_prob(z)
 
         decoders = [self.decoders[n] for n in self.modalities]
@@ -216,6 +228,8 @@ class MultimodalVAE(nn.Module):
             ebm_loss, ebm_terms, z_neg = self._energy_loss(cache["f_pos"], batch_size=x[0].shape[0])
             loss = loss + ebm_loss
             terms.update(ebm_terms)
+            if cfg.prior.coupling_ramp_steps > 0:
+                terms["coupling"] = torch.tensor(self.coupling)
             out["_z_pos"], out["_z_neg"] = cache["z_pos"], z_neg
         out["loss"] = loss
         out.update(terms)
@@ -249,7 +263,7 @@ class MultimodalVAE(nn.Module):
     def _energy_loss(self, f_pos: torch.Tensor, *, batch_size: int):
         """E_p f - E_q f + l2 (mean f_pos^2 + mean f_neg^2) with Langevin negatives, and its logged terms."""
         prior = self.cfg.prior
-        z_neg = self.sample_prior(batch_size)
+        z_neg = self._negatives(batch_size)
         f_neg = self.energy(z_neg).float()
         penalty = prior.energy_l2 * (f_pos.pow(2).mean() + f_neg.pow(2).mean())
         loss = f_neg.mean() - f_pos.mean() + penalty
@@ -305,8 +319,13 @@ class MultimodalVAE(nn.Module):
         z0 = self.p0.sample((n, self.cfg.latent_dim), generator=generator, device=self.device)
         if self.energy is None or self.stage == "reference":  # the reference stage trains under p0 alone
             return z0
+        return self._langevin(z0, langevin_steps, generator)
+
+    def _langevin(self, z0: torch.Tensor, steps: int | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+        """``steps`` (default ``langevin.steps``) Langevin steps on exp(f) p0 from z0 [n, d], detached."""
         lcfg = self.cfg.prior.langevin
-        steps = lcfg.steps if langevin_steps is None else langevin_steps
+        steps = lcfg.steps if steps is None else steps
         if steps == 0:
             return z0
         with torch.autocast(device_type=z0.device.type, enabled=False):
@@ -314,6 +333,19 @@ class MultimodalVAE(nn.Module):
                                    reference=self.cfg.prior.reference,
                                    reference_scale=self.cfg.prior.reference_scale,
                                    backend=lcfg.backend, generator=generator).detach()
+
+    def _negatives(self, n: int) -> torch.Tensor:
+        """The energy's n training negatives: chains from p0, or (``langevin.persistent``) continued from the
+        replay buffer, a share ``reinit`` of them restarted from p0, and written back to it."""
+        if self.cfg.prior.langevin.persistent == 0:
+            return self.sample_prior(n)
+        chains = self.negative_chains  # (N, d)
+        rows = torch.randint(0, chains.shape[0], (n,), device=chains.device)
+        fresh = torch.rand(n, 1, device=chains.device) < self.cfg.prior.langevin.reinit
+        z0 = torch.where(fresh, self.p0.sample((n, chains.shape[1]), device=chains.device), chains[rows])
+        z = self._langevin(z0)
+        chains[rows] = z
+        return z
 
     def sample_private(self, n: int, *, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """w_m [n, private_dim] from each unit-scale private prior (empty without private latents)."""

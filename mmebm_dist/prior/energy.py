@@ -27,13 +27,20 @@ def activation_module(name: str) -> nn.Module:
 
 
 class EnergyMLP(nn.Module):
-    """f(z) = w_out . act(W_L ... act(W_1 z + b_1) ... + b_L) + b_out: ``layers`` hidden layers."""
+    """f(z) = w_out . act(W_L ... act(W_1 z + b_1) ... + b_L) + b_out: ``layers`` hidden layers.
+
+    ``bound`` B > 0 soft-clips the output, f = B tanh(f_mlp / B): |f| < B, so exp(f) p0 stays proper for any
+    weights and the Langevin drift is the MLP's slope times tanh' <= 1 (0: the plain MLP).
+    """
 
     def __init__(self, latent_dim: int, hidden: int = 200, layers: int = 2, activation: str = "gelu",
-                 spectral_norm: bool = False):
+                 spectral_norm: bool = False, bound: float = 0.0):
         super().__init__()
         if not 1 <= layers <= 4:
             raise ValueError(f"EnergyMLP layers must be between 1 and 4, got {layers}")
+        if not bound >= 0:
+            raise ValueError(f"EnergyMLP bound must be >= 0 (0: no bound), got {bound}")
+        self.bound = float(bound)
         self.latent_dim, self.hidden, self.num_layers = latent_dim, hidden, layers
         self.activation = activation
         self.act = activation_module(activation)
@@ -48,11 +55,13 @@ class EnergyMLP(nn.Module):
         h = z
         for lin in self.linears[:-1]:
             h = self.act(lin(h))
-        return self.linears[-1](h).squeeze(-1)
+        f = self.linears[-1](h).squeeze(-1)
+        return self.bound * torch.tanh(f / self.bound) if self.bound > 0 else f
 
     def weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The (weight [out, in], bias [out]) of every linear layer, hidden layers first, output last.
 
-        Spectral-normalised weights are returned already normalised. This is what the fused samplers take.
+        Spectral-normalised weights are returned already normalised. This is what the fused samplers take
+        (they compute the plain MLP, so ``mmebm_dist.prior.langevin`` refuses them a bounded energy).
         """
         return [(lin.weight, lin.bias) for lin in self.linears]

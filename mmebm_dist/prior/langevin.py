@@ -8,7 +8,8 @@ it produces negatives for the prior's update and joint samples, never a path for
 Backends: ``autograd`` (the plain reference every other backend is tested against), ``torch`` (fused
 analytic gradient, no autograd graph) and ``triton`` (one kernel launch per chain, CUDA tensors).
 ``auto`` picks the fastest that applies:
-- ``energy`` not an :class:`EnergyMLP` (any callable), or an EnergyMLP with a weight not readable here
+- ``energy`` not an :class:`EnergyMLP` (any callable), a soft-clipped EnergyMLP (``bound > 0``: the
+  fused backends compute the plain MLP), or an EnergyMLP with a weight not readable here
   (``numel() == 0``): autograd (calling ``energy(z)`` gathers them). Under DeepSpeed ZeRO-3 (parameters with
   ``ds_id``) ``sample`` first gathers the energy's weights for the chain (a collective; the MLP is small),
   so the fused backends run there too;
@@ -144,6 +145,10 @@ def _fused_refusal(energy, backend: str) -> str | None:
     if not isinstance(energy, EnergyMLP):
         return (f"backend='{backend}' needs an EnergyMLP (it reads the weights), got "
                 f"{type(energy).__name__}; use backend='autograd' or 'auto' for an arbitrary energy callable")
+    if energy.bound > 0:
+        return (f"backend='{backend}' computes the plain MLP, but this energy is soft-clipped "
+                f"(model.prior.energy_bound={energy.bound:g}); use backend='auto' or 'autograd', or set "
+                "model.prior.energy_bound=0")
     if _partitioned(energy):
         return (f"backend='{backend}' cannot read the energy's weights: DeepSpeed ZeRO-3 partitions them "
                 "(param.numel() == 0); use backend='auto' or 'autograd', which call energy(z) and "

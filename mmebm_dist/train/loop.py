@@ -347,6 +347,10 @@ def setup(
     accelerator.wait_for_everyone()
 
     info = describe(accelerator)
+    if cfg.model.prior.energy_updates > 1 and info["distributed_type"] == "DEEPSPEED":
+        raise ValueError(f"model.prior.energy_updates={cfg.model.prior.energy_updates} drops the other "
+                         "parameters' gradients before an extra optimizer step, which DeepSpeed does not "
+                         "allow; set model.prior.energy_updates=1 or train without DeepSpeed")
     log.info(
         "process 0 of %d: %s, ZeRO stage %d, %d batches/epoch/rank, %d threads",
         world, info["distributed_type"], info["zero_stage"], per_epoch, info["threads"],
@@ -381,6 +385,7 @@ def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
     accum = cfg.optim.grad_accum
     step_terms: dict[str, torch.Tensor] = {}
     stage = session.stage_of(step)
+    session.unwrapped.set_step(step)
     if cfg.train.schedule:
         _reset_optimizer_state(session.optimizer, schedule.starting_groups(session.stages, step))
     for _ in range(accum):
@@ -406,10 +411,40 @@ def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
             raise _with_last_checkpoint(exc, session.run_dir, where) from None
         for key, value in terms.items():
             step_terms[key] = step_terms.get(key, 0.0) + value / accum
+    if stage.name == "joint" and session.unwrapped.energy is not None:
+        for _ in range(cfg.model.prior.energy_updates - 1):
+            _energy_only_step(session, batch, step)
     session.scheduler.step()
     state.step, state.samples_seen = step, state.samples_seen + session.samples_per_step
     state.epoch, state.epoch_batch = (epoch + 1, 0) if index + 1 == session.per_epoch else (epoch, index + 1)
     return step_terms
+
+
+def _energy_only_step(session: TrainSession, batch: dict, step: int) -> None:
+    """One extra energy update (``model.prior.energy_updates``) on ``batch``: the energy stage's loss (fresh
+    posterior samples of the current encoders, fresh negatives); every other parameter's gradient is dropped
+    before the optimizer step, so Adam leaves those parameters and their moments untouched."""
+    model, unwrapped, optimizer = session.model, session.unwrapped, session.optimizer
+    stage = unwrapped.stage
+    unwrapped.set_stage("energy")
+    try:
+        with session.accelerator.accumulate(model):
+            out = model(batch)
+            session.accelerator.backward(out["loss"])
+            for group in optimizer.param_groups:
+                if group.get("name") != "energy":
+                    for p in group["params"]:
+                        p.grad = None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        unwrapped.set_stage(stage)
+    terms = {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0}
+    try:
+        unwrapped.check_runaway(terms, step)
+    except FloatingPointError as exc:
+        where = "an extra energy update (model.prior.energy_updates), "
+        raise _with_last_checkpoint(exc, session.run_dir, where) from None
 
 
 def _reset_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> None:
