@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Rerun the whole comparison published in docs/results.md, then regenerate docs/results.{md,json} from the runs:
-#   PolyMNIST (real MNIST): EBM prior vs Laplace prior, seeds $SEEDS, same architecture, data and steps;
-#   Fashion-MNIST (5 modalities, Debian dataset-fashion-mnist): the same pair, seeds $FASHION_SEEDS, and the
+# Rerun a published comparison, then regenerate its tables from the runs with `mmebm results`. Two suites:
+#   SUITE=headline (default) -> docs/results.{md,json}: the one-command EBM prior (configs/polymnist_ebm.yaml:
+#     reference -> energy -> joint stages in one run, 5,000 steps of which 2,000 move the encoders and decoders)
+#     against its step-matched Laplace control (configs/polymnist_laplace.yaml, 2,000 steps), seeds $SEEDS on
+#     PolyMNIST and $FASHION_SEEDS on Fashion-MNIST (configs/polyfashion_*.yaml); every run evaluated with the
+#     post-hoc baselines fitted to its frozen aggregate posterior (Gaussian mixtures of 10 and 50 components and
+#     a masked autoregressive flow: --gmm-components 10 50 --flow).
+#   SUITE=archive -> docs/results_archive.{md,json}: the earlier study (sessions 1-4), the paper's cold joint
+#     training (configs/polymnist_ebm_joint.yaml, 1,500 steps) vs the Laplace prior over seeds $SEEDS;
+#     Fashion-MNIST (5 modalities, Debian dataset-fashion-mnist): the same pair, seeds $FASHION_SEEDS, and the
 #     post-hoc EBM prior with the finer chain (below);
 #   ablation: the EBM prior over a Gaussian reference instead of Laplace (PolyMNIST, seed 0);
 #   ablation: an EBM prior fitted post hoc to each frozen PolyMNIST Laplace run (model.prior.fit=posthoc: only
@@ -11,30 +18,40 @@
 #   then the whole model trained jointly for $JOINT_FT_STEPS steps from each of those post-hoc priors;
 #   every run evaluated with $EVAL_SAMPLES joint samples / test tuples (plus the Langevin-steps sweep).
 # Each step is idempotent: finished runs and evals are skipped, interrupted runs resume from their checkpoint.
-# $PARALLEL runs train at a time with one thread each (2 on a 2-core machine).
-# Usage: launch/reproduce.sh            (environment: STEPS, POSTHOC_LONG_STEPS, JOINT_FT_STEPS, SEEDS, FASHION_SEEDS, EVAL_SAMPLES, PARALLEL, OUT)
+# $PARALLEL runs train at a time with one thread each (2 on a 2-core machine). On 2 CPU cores a staged
+# PolyMNIST run takes about 75 min of one core, its Laplace control about 45 min, each evaluation 10-15 min.
+# Usage: launch/reproduce.sh  (environment: SUITE, SEEDS, FASHION_SEEDS, EVAL_SAMPLES, PARALLEL, OUT; archive
+#        also STEPS, POSTHOC_LONG_STEPS, JOINT_FT_STEPS)
 set -euo pipefail
 MMEBM=${MMEBM:-.venv/bin/mmebm}
+SUITE=${SUITE:-headline}
 STEPS=${STEPS:-1500}
 SEEDS=${SEEDS:-"0 1 2"}
-FASHION_SEEDS=${FASHION_SEEDS:-"0"}
 EVAL_SAMPLES=${EVAL_SAMPLES:-5000}
 POSTHOC_LONG_STEPS=${POSTHOC_LONG_STEPS:-3000}
 JOINT_FT_STEPS=${JOINT_FT_STEPS:-500}
 PARALLEL=${PARALLEL:-2}
-OUT=${OUT:-runs/results}
+case "$SUITE" in
+  headline)
+    FASHION_SEEDS=${FASHION_SEEDS:-"0 1 2"}; OUT=${OUT:-runs/results}; DOC=docs/results
+    IMG=docs/img/results; EVAL_ARGS="--gmm-components 10 50 --flow" ;;
+  archive)
+    FASHION_SEEDS=${FASHION_SEEDS:-"0"}; OUT=${OUT:-runs/results_archive}; DOC=docs/results_archive
+    IMG=docs/img/results_archive; EVAL_ARGS="" ;;
+  *) echo "launch/reproduce.sh: unknown SUITE '$SUITE'; choose headline or archive" >&2; exit 2 ;;
+esac
 mkdir -p "$OUT"
 
 # Data and the coherence classifiers (one per modality, trained on real data).
 if [ ! -f data/polymnist/manifest.json ]; then
   "$MMEBM" data polymnist --source mnist --modalities 5 --out data/polymnist
 fi
-if [ ! -f data/fashion/manifest.json ]; then
+if [ -n "$FASHION_SEEDS" ] && [ ! -f data/fashion/manifest.json ]; then
   "$MMEBM" data polymnist --source fashion --modalities 5 --out data/fashion
 fi
 # Classifiers train in the background beside the first runs; each eval waits for its data set's classifiers.
 for d in data/polymnist data/fashion; do
-  if [ ! -d "$d/classifiers" ]; then
+  if [ -f "$d/manifest.json" ] && [ ! -d "$d/classifiers" ]; then
     rm -f "$d.classifiers.failed"
     ( nice -n 5 "$MMEBM" classifiers train --data "$d" >"$d.classifiers.log" 2>&1 || touch "$d.classifiers.failed" ) &
   fi
@@ -45,7 +62,18 @@ FINER_POSTHOC="model.prior.fit=posthoc model.prior.lr=1e-3 model.prior.energy_l2
 FINER_POSTHOC+=" model.prior.langevin.step_size=0.3 train.steps=$POSTHOC_LONG_STEPS"
 
 # One job per line: NAME CONFIG OVERRIDES...
-jobs() {
+headline_jobs() {
+  for s in $SEEDS; do  # the staged EBM run in one command and its step-matched Laplace control
+    echo "polymnist_ebm_staged_s$s configs/polymnist_ebm.yaml train.seed=$s train.steps=5000"
+    echo "polymnist_laplace_2000_s$s configs/polymnist_laplace.yaml train.seed=$s train.steps=2000"
+  done
+  for s in $FASHION_SEEDS; do
+    echo "fashion_ebm_staged_s$s configs/polyfashion_ebm.yaml train.seed=$s train.steps=5000"
+    echo "fashion_laplace_2000_s$s configs/polyfashion_laplace.yaml train.seed=$s train.steps=2000"
+  done
+}
+
+archive_jobs() {
   for s in $SEEDS; do
     echo "polymnist_ebm_s$s configs/polymnist_ebm_joint.yaml train.seed=$s"
     echo "polymnist_laplace_s$s configs/polymnist_laplace.yaml train.seed=$s"
@@ -71,10 +99,6 @@ jobs() {
     echo "polymnist_ebm_joint_from_posthoc_s$s configs/polymnist_ebm_joint.yaml train.seed=$s model.prior.lr=1e-4" \
       "model.prior.energy_l2=0 model.prior.langevin.steps=120 model.prior.langevin.step_size=0.3" \
       "train.steps=$JOINT_FT_STEPS train.init_from=$OUT/polymnist_ebm_posthoc_lr1e-3_K120_s0.3_s$s"
-  done
-  for s in $SEEDS; do  # the staged EBM run in one command and its step-matched Laplace control
-    echo "polymnist_ebm_staged_s$s configs/polymnist_ebm.yaml train.seed=$s train.steps=5000"
-    echo "polymnist_laplace_2000_s$s configs/polymnist_laplace.yaml train.seed=$s train.steps=2000"
   done
   for s in $FASHION_SEEDS; do
     echo "fashion_ebm_posthoc_lr1e-3_K120_s0.3_s$s configs/polyfashion_ebm_joint.yaml train.seed=$s $FINER_POSTHOC" \
@@ -111,15 +135,15 @@ train_and_eval() {
   done
   # Evaluate unless an eval newer than the last checkpoint exists.
   if [ ! -f "$run/eval/eval.json" ] || [ "$run/eval/eval.json" -ot "$run/checkpoints/latest" ]; then
-    OMP_NUM_THREADS=1 "$MMEBM" eval --run "$run" --num-samples "$EVAL_SAMPLES" >>"$run.log" 2>&1
+    # shellcheck disable=SC2086  # the flag string splits into words on purpose
+    OMP_NUM_THREADS=1 "$MMEBM" eval --run "$run" --num-samples "$EVAL_SAMPLES" $EVAL_ARGS >>"$run.log" 2>&1
   fi
   echo "done: $name"
 }
 export -f train_and_eval
-export MMEBM STEPS EVAL_SAMPLES OUT
+export MMEBM STEPS EVAL_SAMPLES EVAL_ARGS OUT
 
-jobs | xargs -P "$PARALLEL" -L 1 bash -c 'train_and_eval "$@"' _
+"${SUITE}_jobs" | xargs -P "$PARALLEL" -L 1 bash -c 'train_and_eval "$@"' _
 
 wait  # the background classifier trainings (done by now: every eval waited for them)
-"$MMEBM" results --runs "$OUT"/*/ --out-md docs/results.md --out-json docs/results.json --img-dir docs/img/results \
-  --notes docs/results_notes.md
+"$MMEBM" results --runs "$OUT"/*/ --out-md "$DOC.md" --out-json "$DOC.json" --img-dir "$IMG" --notes "${DOC}_notes.md"
