@@ -133,6 +133,8 @@ class TrainState:
     """Samples consumed over all ranks."""
     wall_time: float = 0.0
     """Seconds of training before this checkpoint (summed over resumed segments)."""
+    data_skipped: int = 0
+    """Samples and shards skipped under ``data.on_error=skip`` by all ranks (summed over resumed segments)."""
 
 
 def step_dir_name(step: int) -> str:

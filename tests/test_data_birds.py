@@ -145,6 +145,22 @@ def test_build_is_deterministic_across_workers(built, tmp_path):
         assert (out / name).read_bytes() == (again / name).read_bytes(), name
 
 
+def test_raw_image_encoding_loads_the_same_data(built, tmp_path):
+    from mmebm_dist.evaluate.judges.birds import load_split
+
+    out, _ = built
+    raw = tmp_path / "raw"
+    manifest = build_birds(BirdsSpec(out=str(raw), num_train=24, num_test=10, shard_size=8, workers=1, seed=4,
+                                     encoding="raw"), progress=False)
+    assert [m["encoding"] for m in manifest["modalities"]] == ["raw", "npy"]
+    assert shards.verify(raw, progress=False) == {"shards": 5, "samples": 34}
+    png_split, raw_split = load_split(out, "test"), load_split(raw, "test")
+    assert all((png_split[k] == raw_split[k]).all() for k in png_split)
+    a = next(iter(stream.make_loader(out, batch_size=4, num_workers=0, split="test")))
+    b = next(iter(stream.make_loader(raw, batch_size=4, num_workers=0, split="test")))
+    assert all(torch.equal(a[k], b[k]) for k in ("image", "caption", "label"))
+
+
 def test_shards_verify_load_and_keep_all_captions(built):
     from mmebm_dist.evaluate.judges.birds import load_split
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from data_helpers import write_idx
 
 from mmebm_dist.data import shards, stream
@@ -111,7 +112,7 @@ def test_pairing_counts_per_class_as_mmvae():
         pair_by_class(labels_a, labels_b, max_per_class=8, factor=0, rng=rng)
 
 
-def _build(root, name, workers):
+def _build(root, name, workers, encoding="png"):
     idx = root / "idx"
     if not idx.exists():
         write_idx(idx, train=60, test=20)
@@ -126,6 +127,7 @@ def _build(root, name, workers):
         shard_size=16,
         workers=workers,
         seed=3,
+        encoding=encoding,
     )
     return out, build_mnist_svhn(spec, progress=False)
 
@@ -156,6 +158,24 @@ def test_build_is_deterministic_verifies_and_loads(tmp_path):
     assert batch["label"].dtype.is_floating_point is False
 
 
+def test_raw_encoding_streams_the_same_pairs_as_png(tmp_path):
+    png, _ = _build(tmp_path, "png", workers=1)
+    raw, manifest = _build(tmp_path, "raw", workers=1, encoding="raw")
+    assert [m["encoding"] for m in manifest["modalities"]] == ["raw", "raw"]
+    assert manifest["builder"]["encoding"] == "raw" and shards.verify(raw, progress=False)["samples"] > 0
+    key, sample = next(shards.iter_tar_samples(raw / "train-000000.tar"))
+    assert sorted(sample) == ["cls", "raw"] and len(sample["raw"]) == 1 * 28 * 28 + 3 * 32 * 32
+    for split in shards.SPLITS:
+        a = list(stream.make_loader(png, batch_size=8, num_workers=0, split=split, drop_last=False))
+        b = list(stream.make_loader(raw, batch_size=8, num_workers=0, split=split, drop_last=False))
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b, strict=True):
+            assert all(torch.equal(x[k], y[k]) for k in ("mnist", "svhn", "label"))
+    assert mnist_svhn.write_grid(raw, tmp_path / "grid.png", rows=2, columns=2).is_file()
+    with pytest.raises(ValueError, match="--encoding 'jpeg'"):
+        build_mnist_svhn(mnist_svhn.MnistSvhnSpec(out=str(tmp_path / "j"), encoding="jpeg"), progress=False)
+
+
 def test_existing_output_is_refused(tmp_path):
     out, _ = _build(tmp_path, "a", workers=1)
     with pytest.raises(FileExistsError, match="--overwrite"):
@@ -176,7 +196,8 @@ def test_both_generated_builders_share_the_common_flags():
     ms = parsers["mnist-svhn"].parse_args(["--out", "x"])
     assert (ms.num_train, ms.num_test, ms.shard_size, ms.seed, ms.workers) == (73257, 26032, 1000, 0, 0)
     assert ms.factor == 2 and ms.max_per_class == 10000 and ms.source == "mnist" and ms.grid is None
-    assert mnist_svhn.MnistSvhnSpec().factor == 2
+    assert mnist_svhn.MnistSvhnSpec().factor == 2 and ms.encoding == "png"
+    assert parsers["birds"].parse_args(["--out", "y", "--encoding", "raw"]).encoding == "raw"
     bd = parsers["birds"].parse_args(["--out", "y", "--overwrite", "--grid", "g.png", "--num-test", "3"])
     assert (bd.num_train, bd.num_test, bd.shard_size, bd.overwrite, bd.grid) == (8855, 3, 500, True, "g.png")
     with pytest.raises(SystemExit):  # street numbers need one image per class

@@ -11,7 +11,13 @@ import torch
 from data_helpers import restamp, sample_ids, write_idx
 
 from mmebm_dist.data import shards
-from mmebm_dist.data.stream import SkipTally, epoch_batches, make_loader, prefetch_to_device
+from mmebm_dist.data.stream import (
+    SkipTally,
+    epoch_batches,
+    images_to_float,
+    make_loader,
+    prefetch_to_device,
+)
 from mmebm_dist.datasets.polymnist import BuildSpec, build_polymnist
 
 
@@ -58,6 +64,23 @@ def test_raw_build_streams_the_same_batches_as_png(png, raw):
     assert shards.verify(raw, progress=False) == {"shards": 7, "samples": 52}
     for kw in ({}, {"shuffle_buffer": 6, "seed": 3, "epoch": 1}, {"split": "test"}):
         assert_same_batches(batches(png, **kw), batches(raw, **kw))
+
+
+def test_images_cross_the_worker_queue_as_uint8_and_convert_exactly(png, raw):
+    for data in (png, raw):
+        floats = list(make_loader(data, batch_size=5, num_workers=1, drop_last=False))
+        assert_same_batches(floats, batches(data))  # a DataLoader worker (shared-memory batches) = in-process
+        loader = make_loader(data, batch_size=5, num_workers=1, drop_last=False, float_images=False)
+        ints = list(loader)
+        assert loader.images == ("m0", "m1", "m2") and len(ints) == len(floats)
+        for f, u in zip(floats, ints, strict=True):
+            converted = images_to_float(u, loader.images)
+            assert torch.equal(u["label"], f["label"])
+            for name in loader.images:
+                assert u[name].dtype == torch.uint8 and u[name].shape == f[name].shape
+                assert f[name].shape == (len(u["label"]), 3, 28, 28)
+                assert f[name].is_contiguous() and torch.equal(converted[name], f[name])
+                assert torch.equal(u[name].float() / 255, f[name]) and 0 < f[name].max() <= 1
 
 
 def test_convert_png_to_raw_and_back_is_lossless_and_atomic(png, raw, tmp_path):

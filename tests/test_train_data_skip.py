@@ -1,5 +1,5 @@
 """``data.on_error=skip`` in training: a missing shard is skipped every epoch, ranks keep the planned epoch
-length, the count reaches metrics.jsonl and the summary, and a resumed run carries on."""
+length, the count reaches metrics.jsonl, the summary and the checkpoint, and a resumed run carries it on."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from train_helpers import build_tiny_polymnist, tiny_config
 
 from mmebm_dist.config import load_config
-from mmebm_dist.rundir import read_jsonl
+from mmebm_dist.rundir import latest_checkpoint, read_jsonl, read_train_state
 
 
 def test_skipped_shard_across_epochs_and_resume(tmp_path, in_process):
@@ -31,6 +31,12 @@ def test_skipped_shard_across_epochs_and_resume(tmp_path, in_process):
     # Counted at each read of the missing shard: epoch 0, maybe again while refilling it, and epoch 1.
     assert skipped == sorted(skipped) and skipped[0] == 1 and first["data_skipped"] == skipped[-1] >= 2
     assert records[7]["epoch"] == 1 and records[7]["epoch_batch"] == 0  # epoch 0 kept its 8 batches
+    assert read_train_state(latest_checkpoint(run)).data_skipped == first["data_skipped"]  # persisted
     resumed = train(load_config(config, [*overrides, "train.steps=20"]), resume=True)
-    assert resumed["step"] == 20 and resumed["data_skipped"] >= 1
+    assert resumed["step"] == 20 and resumed["data_skipped"] >= first["data_skipped"]
+    # The count carries on across the resume: never below the first segment's total, ending in the checkpoint.
+    after = [r["data_skipped"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r and r["step"] > 12]
+    assert after and after == sorted(after) and after[0] >= first["data_skipped"]
+    assert after[-1] == resumed["data_skipped"]
+    assert read_train_state(latest_checkpoint(run)).data_skipped == resumed["data_skipped"]
     assert Path(resumed["run_dir"]) == run

@@ -395,8 +395,8 @@ def _check_sample(
 def parse_label(data: bytes) -> int | None:
     """The integer in a ``cls`` entry, or None if it is not one."""
     try:
-        return int(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
+        return int(data)  # int() takes ASCII bytes and strips whitespace itself
+    except ValueError:
         return None
 
 

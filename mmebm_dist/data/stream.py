@@ -282,63 +282,107 @@ def _infer_specs(sample: dict[str, Any]) -> tuple[ModalitySpec, ...]:
     return tuple(specs)
 
 
-def _decode(state: _WorkerState, sample: dict[str, Any]) -> tuple[list[np.ndarray], int] | None:
-    """Decoded arrays per modality and the label, or None when the sample is skipped."""
+def _where(sample: dict[str, Any]) -> str:
+    return f"shard {sample.get('__url__')}: sample {sample.get('__key__')!r}"
+
+
+def _decode(state: _WorkerState, sample: dict[str, Any]) -> tuple[list[Any], int] | None:
+    """Decoded arrays per modality (raw ones: the sample's checked raw record, sliced per batch) and the
+    label, or None when the sample is skipped."""
     if state.specs is None:
         state.specs = _infer_specs(sample)
-    where = f"shard {sample.get('__url__')}: sample {sample.get('__key__')!r}"
-    arrays = []
+    arrays: list[Any] = []
+    record = None  # the raw record, looked up and checked once for all raw modalities
     for spec in state.specs:
+        if spec.encoding == "raw" and record is not None:
+            arrays.append(record)
+            continue
         data = sample.get(spec.entry)
         if data is None:
             present = sorted(k for k in sample if not k.startswith("__"))
-            state.fail(f"{where} lacks modality {spec.name!r} (entry {spec.entry!r}; has {present})")
+            state.fail(f"{_where(sample)} lacks modality {spec.name!r} (entry {spec.entry!r}; has {present})")
             return None
         try:
-            if spec.encoding == "raw":  # the record itself: its length checked here, decoded per batch
-                arrays.append(data if len(data) == spec.record else check_raw(spec, data))
+            if spec.encoding == "raw":
+                record = data if len(data) == spec.record else check_raw(spec, data)
+                arrays.append(record)
             else:
                 arrays.append(decode_entry(spec, data))
         except (OSError, ValueError) as exc:
-            state.fail(f"{where} modality {spec.name!r}: {exc}", exc)
+            state.fail(f"{_where(sample)} modality {spec.name!r}: {exc}", exc)
             return None
     label = parse_label(sample[LABEL_EXT]) if LABEL_EXT in sample else None
     if label is None:
-        state.fail(f"{where} lacks a valid label {LABEL_EXT!r}")
+        state.fail(f"{_where(sample)} lacks a valid label {LABEL_EXT!r}")
         return None
     return arrays, label
 
 
-def _collate(specs: tuple[ModalitySpec, ...], rows: list[tuple[list[np.ndarray], int]]) -> Batch:
-    """{name: [B, *shape], 'label': int64 [B]}; images become float32 [B, C, H, W] in [0, 1]."""
+def _uint8_buffer(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
+    """An uninitialised uint8 tensor, allocated in shared memory when it will cross the worker queue: the
+    DataLoader would otherwise copy it there when pickling (measured: 13 ms per 128-tuple batch of views)."""
+    out = torch.empty(shape, dtype=torch.uint8)
+    return out.share_memory_() if shared else out
+
+
+def _collate(
+    specs: tuple[ModalitySpec, ...], rows: list[tuple[list[Any], int]], *, shared: bool = False
+) -> Batch:
+    """{name: [B, *shape], 'label': int64 [B]}; images stay uint8 [B, C, H, W] (a quarter of float32's bytes
+    through the worker queue and the host-to-device copy): :func:`images_to_float` converts them later.
+    ``shared``: image buffers in shared memory (for a DataLoader worker)."""
     batch: Batch = {}
-    records = None  # (B, record bytes) uint8: the raw records of the batch, joined once
+    records = None  # (B, record bytes) uint8: the raw records of the batch, copied once into one buffer
     for m, spec in enumerate(specs):
         if spec.encoding == "raw":
             if records is None:
-                joined = b"".join([arrays[m] for arrays, _ in rows])
-                records = np.frombuffer(joined, dtype=np.uint8).reshape(len(rows), spec.record)
-            stacked = records[:, spec.offset : spec.offset + spec.nbytes].reshape(len(rows), *spec.shape)
+                records = _uint8_buffer((len(rows), spec.record), shared)
+                view = memoryview(records.numpy()).cast("B")
+                for i, (arrays, _) in enumerate(rows):
+                    view[i * spec.record : (i + 1) * spec.record] = arrays[m]
+            # a view: every raw modality of the batch shares the one buffer (one storage to hand over)
+            batch[spec.name] = records[:, spec.offset : spec.offset + spec.nbytes].unflatten(1, spec.shape)
+        elif spec.encoding == "png":  # decoded (H, W, C) per sample; batches are (B, C, H, W)
+            c, h, w = spec.shape
+            stacked = _uint8_buffer((len(rows), h, w, c), shared)
+            np.stack([arrays[m] for arrays, _ in rows], out=stacked.numpy())
+            batch[spec.name] = rearrange(stacked, "b h w c -> b c h w")
         else:
-            stacked = np.stack([arrays[m] for arrays, _ in rows])
-        if spec.encoding in IMAGE_ENCODINGS:
-            # png decodes to (B, H, W, C), raw is stored (B, C, H, W): both uint8.
-            chw = rearrange(stacked, "b h w c -> b c h w") if spec.encoding == "png" else stacked
-            # numpy, not torch: torch's intra-op threads slowed this 50x on a busy 2-core machine (measured).
-            out = np.empty(chw.shape, dtype=np.float32)
-            batch[spec.name] = torch.from_numpy(np.divide(chw, np.float32(255.0), out=out))
-        else:
-            batch[spec.name] = torch.from_numpy(stacked)
+            batch[spec.name] = torch.from_numpy(np.stack([arrays[m] for arrays, _ in rows]))
     batch["label"] = torch.tensor([label for _, label in rows], dtype=torch.int64)
     return batch
 
 
-def worker_stream(plan: StreamPlan, worker: int) -> Iterator[tuple[int, Batch | None, int]]:
-    """(worker, batch or None, skips so far) items of one worker: a placeholder first if the resume needs it,
-    then its batches, then a final (worker, None, skips) so the main process learns the last skip count."""
+def image_names(specs: Sequence[ModalitySpec]) -> tuple[str, ...]:
+    """Names of the image modalities (png or raw): uint8 in the worker, float32 in [0, 1] for the model."""
+    return tuple(spec.name for spec in specs if spec.encoding in IMAGE_ENCODINGS)
+
+
+def images_to_float(batch: Batch, images: Sequence[str], *, pin_memory: bool = False) -> Batch:
+    """``batch`` with the uint8 images ``images`` as float32 [B, C, H, W] in [0, 1] (contiguous; in
+    page-locked memory with ``pin_memory``); on a CUDA tensor the division runs on the device."""
+    out = dict(batch)
+    for name in images:
+        image = batch[name]
+        if image.is_cuda:
+            out[name] = image.to(torch.float32).div_(255.0)
+            continue
+        result = torch.empty(image.shape, dtype=torch.float32, pin_memory=pin_memory)
+        # numpy, not torch: torch's intra-op threads slowed this 50x on a busy 2-core machine (measured).
+        np.divide(image.numpy(), np.float32(255.0), out=result.numpy())
+        out[name] = result
+    return out
+
+
+def worker_stream(
+    plan: StreamPlan, worker: int, *, shared: bool = False
+) -> Iterator[tuple[int, Batch | None, int, tuple[str, ...]]]:
+    """(worker, batch or None, skips so far, image names) items of one worker: a placeholder first if the
+    resume needs it, then its batches, then a final (worker, None, skips, ...) so the main process learns the
+    last skip count. Batches hold uint8 images (see :func:`_collate`), in shared memory with ``shared``."""
     state = _WorkerState(plan=plan, worker=worker, specs=plan.modalities)
     if plan.pad and plan.pad[worker]:
-        yield worker, None, 0
+        yield worker, None, 0, ()
     rows: list[tuple[list[np.ndarray], int]] = []
     for sample in _raw_stream(state):
         decoded = _decode(state, sample)
@@ -346,11 +390,11 @@ def worker_stream(plan: StreamPlan, worker: int) -> Iterator[tuple[int, Batch | 
             continue
         rows.append(decoded)
         if len(rows) == plan.batch_size:
-            yield worker, _collate(state.specs, rows), state.skipped
+            yield worker, _collate(state.specs, rows, shared=shared), state.skipped, image_names(state.specs)
             rows = []
     if rows and not plan.drop_last:
-        yield worker, _collate(state.specs, rows), state.skipped
-    yield worker, None, state.skipped
+        yield worker, _collate(state.specs, rows, shared=shared), state.skipped, image_names(state.specs)
+    yield worker, None, state.skipped, ()
 
 
 class _WorkerDataset(torch.utils.data.IterableDataset):
@@ -360,10 +404,10 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
         super().__init__()
         self.plan = plan
 
-    def __iter__(self) -> Iterator[tuple[int, Batch | None, int]]:
+    def __iter__(self) -> Iterator[tuple[int, Batch | None, int, tuple[str, ...]]]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        return worker_stream(self.plan, worker)
+        return worker_stream(self.plan, worker, shared=info is not None)
 
 
 # ------------------------------------------------------------------------------------------------- main side
@@ -372,12 +416,27 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
 class ShardLoader:
     """Iterable of batches for one rank; ``skipped`` counts samples/shards skipped under on_error='skip'.
 
-    With ``pin_memory`` the batches land in page-locked memory (for non-blocking host-to-device copies)."""
+    With ``pin_memory`` the batches land in page-locked memory (for non-blocking host-to-device copies).
+    With ``float_images`` (default) images arrive as float32 in [0, 1], converted in this process after the
+    worker hand-off; without, they stay uint8 and the consumer converts them (:func:`images_to_float` with
+    ``loader.images``, e.g. on the GPU after a copy of a quarter of the bytes)."""
 
-    def __init__(self, plan: StreamPlan, *, pin_memory: bool = False) -> None:
+    def __init__(self, plan: StreamPlan, *, pin_memory: bool = False, float_images: bool = True) -> None:
         self.plan = plan
         self.pin_memory = pin_memory
+        self.float_images = float_images
         self.skipped = 0
+        self.images: tuple[str, ...] = image_names(plan.modalities or ())
+        """Names of the image modalities (known after the first batch for bare shard URLs)."""
+
+    def _deliver(self, batch: Batch, images: tuple[str, ...]) -> Batch:
+        """A worker's batch as this loader hands it out: images converted or not, pinned if asked."""
+        self.images = images = tuple(images)  # the DataLoader's convert turns tuples into lists
+        if self.float_images:
+            batch = images_to_float(batch, images, pin_memory=self.pin_memory)
+        if self.pin_memory:
+            batch = {k: v if v.is_pinned() else v.contiguous().pin_memory() for k, v in batch.items()}
+        return batch
 
     def __len__(self) -> int:
         """Batches this rank yields in the epoch (finite plans with a manifest only)."""
@@ -405,15 +464,12 @@ class ShardLoader:
                 batch_size=None,
                 num_workers=plan.num_workers,
                 prefetch_factor=4,
-                pin_memory=self.pin_memory,
             )
-        for worker, batch, skipped in items:
+        for worker, batch, skipped, images in items:
             per_worker[int(worker)] = int(skipped)
             self.skipped = before + sum(per_worker)
             if batch is not None:
-                if self.pin_memory and plan.num_workers == 0:
-                    batch = {k: v.pin_memory() for k, v in batch.items()}
-                yield batch
+                yield self._deliver(batch, images)
 
     def __iter__(self) -> Iterator[Batch]:
         self.skipped = 0
@@ -606,6 +662,7 @@ def make_loader(
     check_sha256: bool = False,
     pin_memory: bool = False,
     shard_url: str | None = None,
+    float_images: bool = True,
 ) -> ShardLoader:
     """Batches ``{name: float32 [B, C, H, W] in [0, 1], 'label': int64 [B]}`` streamed from webdataset shards.
 
@@ -618,6 +675,8 @@ def make_loader(
     scheme, e.g. ``pipe:`` for an object store's CLI).
     ``epoch_length``: yield exactly that many batches (see the module docstring). Shard byte sizes from the
     manifest are always checked, sha256 with ``check_sha256``. ``pin_memory``: batches in page-locked memory.
+    ``float_images=False``: images stay uint8 [B, C, H, W]; convert with ``images_to_float(batch,
+    loader.images)`` where it is cheapest (on the GPU after the copy).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -659,7 +718,7 @@ def make_loader(
             batches = [None]
         consumed, pad = replay_round_robin(batches, skip_batches)
         plan = replace(plan, skip=tuple(c * batch_size for c in consumed), pad=tuple(pad))
-    return ShardLoader(plan, pin_memory=pin_memory)
+    return ShardLoader(plan, pin_memory=pin_memory, float_images=float_images)
 
 
 def rank_batches(

@@ -40,7 +40,10 @@ def add_generated_build_arguments(
     grid_help: str = "also write a grid of test samples to this PNG",
 ) -> None:
     """The flags every generated-data builder shares: --out, --seed, --num-train, --num-test, --shard-size,
-    --workers, --overwrite, --grid; defaults come from the builder's spec dataclass (``defaults``)."""
+    --workers, --overwrite, --grid, --encoding; defaults come from the builder's spec dataclass
+    (``defaults``)."""
+    from mmebm_dist.data.shards import IMAGE_ENCODINGS
+
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=seed_help)
     parser.add_argument("--num-train", type=count_type, default=defaults.num_train, help=num_train_help)
@@ -51,6 +54,10 @@ def add_generated_build_arguments(
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a data set already in --out")
     parser.add_argument("--grid", default=None, metavar="PNG", help=grid_help)
+    parser.add_argument(
+        "--encoding", choices=IMAGE_ENCODINGS, default=defaults.encoding,
+        help="images as png, or raw uint8 [C, H, W] bytes (faster to load) (default: %(default)s)",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -217,7 +217,9 @@ class TrainSession:
     skips: SkipTally = dataclasses.field(default_factory=SkipTally)
     """Samples and shards this process skipped under ``data.on_error=skip``."""
     data_skipped: int = 0
-    """The skips of every rank, summed at the last metrics record."""
+    """The skips of every rank, summed at the last metrics record (earlier resumed segments included)."""
+    skipped_before: int = 0
+    """The skips of the run's earlier segments (from the checkpoint this session resumed)."""
     stages: list[schedule.Stage] = dataclasses.field(default_factory=list)
     """``train.schedule`` resolved (:func:`mmebm_dist.schedule.of_config`)."""
 
@@ -372,6 +374,7 @@ def setup(
         cfg=cfg, accelerator=accelerator, model=model, unwrapped=unwrapped, optimizer=optimizer,
         scheduler=scheduler, state=state, batches=batches, per_epoch=per_epoch, metrics=metrics, trace=trace,
         run_dir=run_dir, info=info, stages=schedule.of_config(cfg), skips=skips,
+        skipped_before=state.data_skipped, data_skipped=state.data_skipped,
     )
 
 
@@ -483,12 +486,16 @@ def log_metrics(session: TrainSession, step: int, step_terms: dict[str, torch.Te
     record.update({f"lr/{name}": lr for name, lr in zip(names, session.scheduler.get_last_lr(), strict=True)})
     if session.grad_norm is not None:
         record["grad_norm"] = float(session.grad_norm)
-    skipped = torch.tensor(float(session.skips.total), device=session.accelerator.device)
-    session.data_skipped = int(session.accelerator.reduce(skipped, reduction="sum").item())
-    record["data_skipped"] = session.data_skipped
+    record["data_skipped"] = session.data_skipped = run_skips(session)
     session.metrics.log(record)
     clock.window_start, clock.window_steps, session.data_wait = now, 0, 0.0
     return reduced
+
+
+def run_skips(session: TrainSession) -> int:
+    """Samples and shards skipped by every rank since the run began (a collective: call on all ranks)."""
+    skipped = torch.tensor(float(session.skips.total), device=session.accelerator.device)
+    return session.skipped_before + int(session.accelerator.reduce(skipped, reduction="sum").item())
 
 
 def after_step(session: TrainSession, step: int, clock: Clock, evaluate: Evaluator | None,
@@ -509,6 +516,7 @@ def after_step(session: TrainSession, step: int, clock: Clock, evaluate: Evaluat
         guarded = session.model if zero_stage(accelerator) == 3 else session.unwrapped  # ZeRO-3 gathers
         _guard_weights(guarded, session.unwrapped, session.last_batch, step, device, session.run_dir)
         session.state.wall_time = clock.wall_time(time.time())
+        session.state.data_skipped = session.data_skipped = run_skips(session)
         session.metrics.flush()
         keep = cfg.train.keep_checkpoints
         save_checkpoint(accelerator, session.model, session.run_dir, session.state, keep=keep)

@@ -48,6 +48,7 @@ def load_split(directory: str | os.PathLike, split: str, limit: int | None = Non
     directory = Path(directory)
     manifest = shards.read_manifest(directory)
     specs = {s.name: s for s in shards.modality_specs(manifest)}
+    image = specs[IMAGE_MODALITY]
     rows: dict[str, list] = {"images": [], "captions": [], "all_captions": [], "attributes": []}
     for entry in shards.split_shards(manifest, split):
         if limit is not None and len(rows["images"]) >= limit:
@@ -55,7 +56,7 @@ def load_split(directory: str | os.PathLike, split: str, limit: int | None = Non
         for key, sample in shards.iter_tar_samples(directory / entry["name"]):
             if limit is not None and len(rows["images"]) >= limit:
                 break
-            missing = {f"{IMAGE_MODALITY}.png", f"{TEXT_MODALITY}.npy", "captions.npy", "attrs.npy"} - set(
+            missing = {image.entry, f"{TEXT_MODALITY}.npy", "captions.npy", "attrs.npy"} - set(
                 sample
             )
             if missing:
@@ -63,7 +64,7 @@ def load_split(directory: str | os.PathLike, split: str, limit: int | None = Non
                     f"{directory / entry['name']}: sample {key!r} lacks {sorted(missing)}; "
                     "is this a birds data set (`mmebm data birds`)?"
                 )
-            rows["images"].append(shards.decode_entry(specs[IMAGE_MODALITY], sample[f"{IMAGE_MODALITY}.png"]))
+            rows["images"].append(shards.decode_image(image, sample[image.entry]))  # [H, W, 3], png or raw
             rows["captions"].append(shards.decode_entry(specs[TEXT_MODALITY], sample[f"{TEXT_MODALITY}.npy"]))
             rows["all_captions"].append(np.load(_bytes_io(sample["captions.npy"]), allow_pickle=False))
             rows["attributes"].append(np.load(_bytes_io(sample["attrs.npy"]), allow_pickle=False))
