@@ -46,10 +46,12 @@ from mmebm_dist.data.shards import (
     ShardError,
     check_raw,
     decode_entry,
+    is_incomplete,
     manifest_path,
     modality_specs,
     parse_label,
     read_manifest,
+    sample_presence,
     shard_location,
     split_shards,
 )
@@ -78,6 +80,8 @@ class StreamPlan:
     """sha256 per shard to check while reading (``check_sha256``); None: not checked."""
     modalities: tuple[ModalitySpec, ...] | None
     """The manifest's modalities; None for bare URLs (then read off the first sample)."""
+    incomplete: bool = False
+    """The manifest says tuples may lack modalities: batches carry ``present`` [B, M] bool."""
     batch_size: int
     num_workers: int
     shuffle_buffer: int
@@ -282,14 +286,37 @@ def _infer_specs(sample: dict[str, Any]) -> tuple[ModalitySpec, ...]:
     return tuple(specs)
 
 
-def _decode(state: _WorkerState, sample: dict[str, Any]) -> tuple[list[np.ndarray], int] | None:
-    """Decoded arrays per modality and the label, or None when the sample is skipped."""
+Row = tuple[list[Any], int, list[bool] | None]
+"""A decoded sample: arrays per modality (None: absent), label, presence (incomplete sets only)."""
+
+
+def _presence(state: _WorkerState, sample: dict[str, Any], where: str) -> list[bool] | None:
+    """The modalities an incomplete set's sample holds; None: skipped (it holds none, or a bad mask)."""
+    try:
+        held = sample_presence(state.specs, sample)
+    except ValueError as exc:
+        state.fail(f"{where}: {exc}", exc)
+        return None
+    if not any(held):
+        state.fail(f"{where} holds no modality (has {sorted(k for k in sample if not k.startswith('__'))})")
+        return None
+    return held
+
+
+def _decode(state: _WorkerState, sample: dict[str, Any]) -> Row | None:
+    """Decoded arrays per modality, the label and (incomplete sets) the presence, or None when skipped."""
     if state.specs is None:
         state.specs = _infer_specs(sample)
     where = f"shard {sample.get('__url__')}: sample {sample.get('__key__')!r}"
-    arrays = []
-    for spec in state.specs:
+    held = _presence(state, sample, where) if state.plan.incomplete else None
+    if state.plan.incomplete and held is None:
+        return None
+    arrays: list[Any] = []
+    for m, spec in enumerate(state.specs):
         data = sample.get(spec.entry)
+        if held is not None and not held[m] and spec.encoding != "raw":
+            arrays.append(None)  # absent: a zero placeholder in _collate
+            continue
         if data is None:
             present = sorted(k for k in sample if not k.startswith("__"))
             state.fail(f"{where} lacks modality {spec.name!r} (entry {spec.entry!r}; has {present})")
@@ -306,21 +333,33 @@ def _decode(state: _WorkerState, sample: dict[str, Any]) -> tuple[list[np.ndarra
     if label is None:
         state.fail(f"{where} lacks a valid label {LABEL_EXT!r}")
         return None
-    return arrays, label
+    return arrays, label, held
 
 
-def _collate(specs: tuple[ModalitySpec, ...], rows: list[tuple[list[np.ndarray], int]]) -> Batch:
-    """{name: [B, *shape], 'label': int64 [B]}; images become float32 [B, C, H, W] in [0, 1]."""
+def _placeholder(spec: ModalitySpec) -> np.ndarray:
+    """Zeros standing in for an absent modality, shaped as its decoded entry (png: [H, W, C])."""
+    shape = (*spec.shape[1:], spec.shape[0]) if spec.encoding == "png" else spec.shape
+    return np.zeros(shape, dtype=np.uint8 if spec.encoding in IMAGE_ENCODINGS else spec.dtype)
+
+
+def _collate(specs: tuple[ModalitySpec, ...], rows: list[Row]) -> Batch:
+    """{name: [B, *shape], 'label': int64 [B]}; images become float32 [B, C, H, W] in [0, 1]. Incomplete
+    sets add 'present': bool [B, M] (manifest order), absent modalities being zeros."""
     batch: Batch = {}
     records = None  # (B, record bytes) uint8: the raw records of the batch, joined once
+    held = None if rows[0][2] is None else np.array([row[2] for row in rows], dtype=bool)  # (B, M)
     for m, spec in enumerate(specs):
         if spec.encoding == "raw":
             if records is None:
-                joined = b"".join([arrays[m] for arrays, _ in rows])
+                joined = b"".join([arrays[m] for arrays, _, _ in rows])
                 records = np.frombuffer(joined, dtype=np.uint8).reshape(len(rows), spec.record)
             stacked = records[:, spec.offset : spec.offset + spec.nbytes].reshape(len(rows), *spec.shape)
+            if held is not None and not held[:, m].all():
+                stacked = np.where(held[:, m, None, None, None], stacked, 0).astype(np.uint8)
+        elif held is not None:
+            stacked = np.stack([_placeholder(spec) if a[m] is None else a[m] for a, _, _ in rows])
         else:
-            stacked = np.stack([arrays[m] for arrays, _ in rows])
+            stacked = np.stack([arrays[m] for arrays, _, _ in rows])
         if spec.encoding in IMAGE_ENCODINGS:
             # png decodes to (B, H, W, C), raw is stored (B, C, H, W): both uint8.
             chw = rearrange(stacked, "b h w c -> b c h w") if spec.encoding == "png" else stacked
@@ -329,7 +368,9 @@ def _collate(specs: tuple[ModalitySpec, ...], rows: list[tuple[list[np.ndarray],
             batch[spec.name] = torch.from_numpy(np.divide(chw, np.float32(255.0), out=out))
         else:
             batch[spec.name] = torch.from_numpy(stacked)
-    batch["label"] = torch.tensor([label for _, label in rows], dtype=torch.int64)
+    batch["label"] = torch.tensor([label for _, label, _ in rows], dtype=torch.int64)
+    if held is not None:
+        batch["present"] = torch.from_numpy(held)
     return batch
 
 
@@ -339,7 +380,7 @@ def worker_stream(plan: StreamPlan, worker: int) -> Iterator[tuple[int, Batch | 
     state = _WorkerState(plan=plan, worker=worker, specs=plan.modalities)
     if plan.pad and plan.pad[worker]:
         yield worker, None, 0
-    rows: list[tuple[list[np.ndarray], int]] = []
+    rows: list[Row] = []
     for sample in _raw_stream(state):
         decoded = _decode(state, sample)
         if decoded is None:
@@ -539,6 +580,7 @@ class Resolved(NamedTuple):
     specs: tuple[ModalitySpec, ...] | None
     sizes: tuple[int | None, ...] | None
     sha256s: tuple[str, ...] | None
+    incomplete: bool = False
 
 
 def _resolve(path: str | Path | Sequence[str], split: str, shard_url: str | None = None) -> Resolved:
@@ -573,6 +615,7 @@ def _resolve(path: str | Path | Sequence[str], split: str, shard_url: str | None
             specs=tuple(modality_specs(manifest)),
             sizes=tuple(e.get("bytes") for e in entries),
             sha256s=tuple(e["sha256"] for e in entries),
+            incomplete=is_incomplete(manifest),
         )
     if shard_url is not None:
         raise ShardError(f"shard_url needs a manifest, and {path} has none")
@@ -636,6 +679,7 @@ def make_loader(
         sizes=where.sizes,
         sha256s=where.sha256s if check_sha256 else None,
         modalities=where.specs,
+        incomplete=where.incomplete,
         batch_size=batch_size,
         num_workers=num_workers,
         shuffle_buffer=shuffle_buffer,
