@@ -1,0 +1,199 @@
+"""Incomplete data sets end to end: ``mmebm data polymnist --drop-rate``, verify, the loader's ``present``
+mask, training on it (MoE, PoE) and evaluation reading whole tuples."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from data_helpers import restamp, write_idx
+from train_helpers import tiny_config
+
+from mmebm_dist.config import load_config
+from mmebm_dist.data import shards
+from mmebm_dist.data.shards import ShardError
+from mmebm_dist.data.stream import make_loader
+from mmebm_dist.datasets.polymnist import BuildSpec, build_polymnist, drop_mask
+
+
+def _build(root, name, *, rate, encoding="png", fmt="shards", seed=0, modalities=3):
+    idx = root / "idx"
+    if not idx.exists():
+        write_idx(idx, train=48, test=16)
+    out = root / name
+    build_polymnist(BuildSpec(source="idx", idx_dir=str(idx), modalities=modalities, out=str(out),
+                              num_samples=48, test_samples=16, shard_size=16, seed=seed, workers=1,
+                              drop_rate=rate, encoding=encoding, format=fmt), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    """A complete set and its drop-rate-0.5 versions (png and raw, same seed): 48 train + 16 test tuples."""
+    root = tmp_path_factory.mktemp("incomplete")
+    return {"complete": _build(root, "complete", rate=0.0), "png": _build(root, "png", rate=0.5),
+            "raw": _build(root, "raw", rate=0.5, encoding="raw"),
+            "raw_complete": _build(root, "raw_complete", rate=0.0, encoding="raw"), "root": root}
+
+
+def _truth(directory, split="train"):
+    """{key: (presence from the shards, label)} read straight from the tars."""
+    manifest = shards.read_manifest(directory)
+    specs = shards.modality_specs(manifest)
+    out = {}
+    for entry in shards.split_shards(manifest, split):
+        for key, sample in shards.iter_tar_samples(directory / entry["name"]):
+            out[key] = (shards.sample_presence(specs, sample), int(sample["cls"]))
+    return out
+
+
+def test_drop_mask_is_seeded_has_rate_p_and_never_drops_everything():
+    a = drop_mask(20000, 3, 0.25, seed=1, split="train")
+    assert np.array_equal(a, drop_mask(20000, 3, 0.25, seed=1, split="train"))
+    assert not np.array_equal(a, drop_mask(20000, 3, 0.25, seed=2, split="train"))
+    assert not np.array_equal(a, drop_mask(20000, 3, 0.25, seed=1, split="test"))
+    assert abs((~a).mean() - 0.25) < 0.015  # minus the rare restored all-dropped tuples (0.25^3 / 3)
+    high = drop_mask(20000, 3, 0.9, seed=0, split="train")
+    assert high.any(1).all()
+    assert (high.sum(1) == 1).mean() > 0.7  # most tuples keep exactly one at p = 0.9
+    assert drop_mask(100, 3, 0.0, seed=0, split="train").all()
+
+
+def test_drop_rate_zero_is_the_complete_set_and_the_incomplete_set_keeps_its_images(sets):
+    complete, png = sets["complete"], sets["png"]
+    m_complete, m_png = shards.read_manifest(complete), shards.read_manifest(png)
+    assert "incomplete" not in m_complete and "drop_rate" not in m_complete["builder"]
+    assert m_png["incomplete"] is True and m_png["presence"]["drop_rate"] == 0.5
+    assert m_png["presence"]["complete_manifest_hash"] == shards.manifest_hash(complete)
+    raw = shards.read_manifest(sets["raw"])
+    assert raw["presence"]["complete_manifest_hash"] == shards.manifest_hash(sets["raw_complete"])
+    truth = _truth(png)
+    counts = np.array([held for held, _ in truth.values()]).sum(0)
+    assert m_png["presence"]["counts"]["train"] == {f"m{k}": int(c) for k, c in enumerate(counts)}
+    assert all(any(held) for held, _ in truth.values()) and not all(all(h) for h, _ in truth.values())
+    full = dict(shards.iter_tar_samples(complete / "train-000000.tar"))
+    for key, sample in shards.iter_tar_samples(png / "train-000000.tar"):
+        assert "present" not in sample
+        assert {k: v for k, v in full[key].items() if k in sample} == sample  # present entries: same bytes
+    # raw: every record has the full layout, zeros where the modality is absent, and a present entry.
+    spec = shards.modality_specs(raw)
+    raw_truth = _truth(sets["raw"])
+    assert {k: v[0] for k, v in raw_truth.items()} == {k: v[0] for k, v in truth.items()}
+    for key, sample in shards.iter_tar_samples(sets["raw"] / "train-000000.tar"):
+        for s, held in zip(spec, raw_truth[key][0], strict=True):
+            image = shards.decode_entry(s, sample["raw"])
+            assert (image.any() if held else not image.any()), (key, s.name)
+
+
+def test_verify_accepts_absent_modalities_only_in_an_incomplete_set(sets, tmp_path):
+    for name in ("png", "raw"):
+        assert shards.verify(sets[name], progress=False)["samples"] == 64
+    folders = _build(sets["root"], "folders", rate=0.5, fmt="folders")
+    assert shards.verify(folders, progress=False)["samples"] == 64
+    assert len(list((folders / "train").glob("m*/*.png"))) < 3 * 48
+    # the same absent file in a complete folders set is an error
+    manifest = shards.read_manifest(folders)
+    del manifest["incomplete"]
+    shards.write_manifest(folders, manifest)
+    with pytest.raises(ShardError, match="PNG files, the manifest says"):
+        shards.verify(folders, progress=False)
+    # a tuple holding no modality is refused, naming the shard and key
+    bad = _build(tmp_path, "bad", rate=0.5)
+    _rewrite_sample(bad, "train-000000.tar", "00000003", lambda sample: {"cls": sample["cls"]})
+    with pytest.raises(ShardError, match=r"train-000000.tar: sample '00000003' holds no modality"):
+        shards.verify(bad, progress=False)
+
+
+def _rewrite_sample(directory, shard, key, change):
+    path = directory / shard
+    samples = [(k, change(s) if k == key else s) for k, s in shards.iter_tar_samples(path)]
+    shards.write_tar(path, [(f"{k}.{ext}", data) for k, s in samples for ext, data in s.items()])
+    restamp(directory, shard)
+
+
+@pytest.mark.parametrize("name", ["png", "raw"])
+def test_loader_present_mask_is_the_shards_truth_and_absent_modalities_are_zeros(sets, name):
+    truth = _truth(sets[name])
+    keys = sorted(truth)
+    batches = list(make_loader(sets[name], batch_size=16, num_workers=0, drop_last=False))
+    present = torch.cat([b["present"] for b in batches])
+    assert present.dtype == torch.bool and present.shape == (48, 3)
+    assert present.tolist() == [truth[k][0] for k in keys]
+    assert torch.cat([b["label"] for b in batches]).tolist() == [truth[k][1] for k in keys]
+    complete = torch.cat([b["m1"] for b in make_loader(sets["complete"], batch_size=16, num_workers=0)])
+    images = torch.cat([b["m1"] for b in batches])
+    assert torch.equal(images[present[:, 1]], complete[present[:, 1]])
+    assert not images[~present[:, 1]].any()
+
+
+def test_complete_set_batches_carry_no_mask_and_equal_the_stored_images(sets):
+    for batch in make_loader(sets["complete"], batch_size=16, num_workers=0):
+        assert "present" not in batch
+    first = next(iter(make_loader(sets["complete"], batch_size=16, num_workers=0)))
+    specs = {s.name: s for s in shards.modality_specs(shards.read_manifest(sets["complete"]))}
+    stored = [s for _, s in shards.iter_tar_samples(sets["complete"] / "train-000000.tar")]
+    expected = np.stack([shards.decode_entry(specs["m2"], s["m2.png"]) for s in stored]).transpose(0, 3, 1, 2)
+    assert torch.equal(first["m2"], torch.from_numpy(expected.astype(np.float32) / np.float32(255.0)))
+
+
+def test_a_tuple_with_no_modality_is_an_error_or_a_counted_skip(sets, tmp_path):
+    bad = _build(tmp_path, "bad", rate=0.5)
+    _rewrite_sample(bad, "train-000001.tar", "00000020", lambda sample: {"cls": sample["cls"]})
+    with pytest.raises(ShardError, match=r"train-000001.tar: sample '00000020' holds no modality"):
+        list(make_loader(bad, batch_size=8, num_workers=0))
+    loader = make_loader(bad, batch_size=8, num_workers=0, on_error="skip", drop_last=False)
+    assert sum(len(b["label"]) for b in loader) == 47 and loader.skipped == 1
+
+
+def test_eval_reads_whole_tuples_and_accepts_the_complete_twins_classifiers(sets):
+    from mmebm_dist.evaluate.classifiers import ClassifierBundle, ClassifierMismatchError, ModalitySpec
+    from mmebm_dist.evaluate.generate import read_chunks
+    from mmebm_dist.evaluate.judges.digits import load_judge
+
+    chunks = read_chunks(sets["png"], num=100, batch_size=4)
+    whole = sum(all(held) for held, _ in _truth(sets["png"], "test").values())
+    assert sum(len(c["label"]) for c in chunks) == whole > 0
+    assert all("present" not in c for c in chunks)
+    directory = sets["root"] / "clf"
+    specs = [ModalitySpec(f"m{k}", (3, 28, 28)) for k in range(3)]
+    ClassifierBundle(specs, manifest_hash=shards.manifest_hash(sets["complete"])).save(directory)
+    load_judge(directory, sets["png"], manifest_hash=shards.manifest_hash(sets["png"]))
+    with pytest.raises(ClassifierMismatchError, match="manifest hash"):
+        load_judge(directory, sets["raw"], manifest_hash=shards.manifest_hash(sets["raw"]))
+
+
+@pytest.mark.parametrize("aggregation,posterior", [("moe", "laplace"), ("poe", "gaussian")])
+def test_training_on_an_incomplete_set_passes_the_mask_to_the_model(sets, tmp_path, in_process, monkeypatch,
+                                                                    aggregation, posterior):
+    from mmebm_dist.models.multimodal_vae import MultimodalVAE
+    from mmebm_dist.train.loop import train
+
+    seen = []
+    presence = MultimodalVAE.presence
+
+    def spy(self, batch):
+        out = presence(self, batch)
+        seen.append(None if out is None else out.float().mean().item())
+        return out
+
+    monkeypatch.setattr(MultimodalVAE, "presence", spy)
+    config = tiny_config(tmp_path / "c.yaml", sets["png"], modalities=3)
+    cfg = load_config(config, [f"train.out_dir={tmp_path / 'run'}", "train.steps=3",
+                               f"model.aggregation={aggregation}", f"model.posterior={posterior}"])
+    out = train(cfg)
+    assert seen and all(s is not None and s < 1.0 for s in seen)  # every batch had an absent modality
+    assert all(np.isfinite(v) for v in out["terms"].values())
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_training_refuses_a_modality_order_other_than_the_manifests(sets, tmp_path, in_process):
+    from mmebm_dist.train.loop import train
+
+    config = tiny_config(tmp_path / "c.yaml", sets["png"], modalities=3)
+    cfg = load_config(config, [f"train.out_dir={tmp_path / 'run'}", "train.steps=1"])
+    cfg.model.modalities.reverse()
+    with pytest.raises(ValueError, match="list model.modalities in that order"):
+        train(cfg)
