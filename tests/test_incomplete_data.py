@@ -197,3 +197,103 @@ def test_training_refuses_a_modality_order_other_than_the_manifests(sets, tmp_pa
     cfg.model.modalities.reverse()
     with pytest.raises(ValueError, match="list model.modalities in that order"):
         train(cfg)
+
+
+# ------------------------------------------------------------------------------ importers --allow-missing
+
+
+def _import(*args) -> int:
+    from mmebm_dist.cli import main
+
+    return main(["data", "import", *map(str, args), "--workers", "1"])
+
+
+def _presence_of(directory, split="train"):
+    manifest = shards.read_manifest(directory)
+    specs = shards.modality_specs(manifest)
+    return [shards.sample_presence(specs, s) for e in shards.split_shards(manifest, split)
+            for _, s in shards.iter_tar_samples(directory / e["name"])]
+
+
+def test_polymnist_folders_allow_missing_imports_an_incomplete_set(tmp_path, capsys):
+    from tests.import_helpers import polymnist_folders
+
+    src = polymnist_folders(tmp_path, train=12, test=4, modalities=3)
+    gone = [next((src / "train/m1").glob("3.*.png")), next((src / "train/m2").glob("5.*.png")),
+            next((src / "train/m2").glob("7.*.png"))]
+    for path in gone:
+        path.unlink()
+    out = tmp_path / "out"
+    assert _import("polymnist-folders", src, "--out", out) == 1
+    err = capsys.readouterr().err
+    assert "3." in err and "--allow-missing" in err and not out.exists()
+    assert _import("polymnist-folders", src, "--out", out, "--allow-missing") == 0
+    assert "incomplete: tuples lacking a modality: m0 0, m1 1, m2 2" in capsys.readouterr().out
+    manifest = shards.read_manifest(out)
+    assert manifest["incomplete"] is True
+    assert manifest["presence"]["counts"]["train"] == {"m0": 12, "m1": 11, "m2": 10}
+    held = _presence_of(out)
+    assert [i for i, h in enumerate(held) if not all(h)] == [3, 5, 7]  # (index, label) order = index here
+    assert held[3] == [True, False, True] and held[5] == [True, True, False]
+    assert shards.verify(out, progress=False)["samples"] == 16
+    batch = next(iter(make_loader(out, batch_size=12, num_workers=0)))
+    assert batch["present"].tolist() == held
+
+
+def test_table_allow_missing_keeps_rows_with_some_modality(tmp_path, capsys):
+    from tests.import_helpers import table_source
+
+    table = table_source(tmp_path / "t", rows=10)
+    rows = [json.loads(line) for line in table.read_text().splitlines()]
+    rows[2]["signal"] = ""
+    (tmp_path / "t/img/6.png").unlink()
+    rows[8]["photo"], rows[8]["signal"] = "", ""
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    args = ("table", table, "--out", out, "--modality", "photo=image", "--modality", "signal=npy",
+            "--label", "label")
+    assert _import(*args) == 1
+    assert "line 3: no value for modality 'signal'" in capsys.readouterr().err
+    assert _import(*args, "--allow-missing") == 1  # line 9 has no modality at all
+    assert "line 9" in capsys.readouterr().err
+    rows[8]["signal"] = "sig/8.npy"
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _import(*args, "--allow-missing", "--on-missing", "skip") == 1
+    assert "choose one" in capsys.readouterr().err
+    assert _import(*args, "--allow-missing") == 0
+    assert "photo 2, signal 1" in capsys.readouterr().out
+    manifest = shards.read_manifest(out)
+    # train rows are those with i % 5 != 0: 1, 2, 3, 4, 6, 7, 8, 9
+    assert _presence_of(out) == [[True, True], [True, False], [True, True], [True, True], [False, True],
+                                 [True, True], [False, True], [True, True]]
+    assert manifest["presence"]["counts"]["train"] == {"photo": 6, "signal": 7}
+    assert shards.verify(out, progress=False)["samples"] == 10
+
+
+def test_webdataset_and_cub_allow_missing(tmp_path, capsys):
+    import webdataset as wds
+
+    from tests.import_helpers import cub_source, webdataset_source
+
+    src = webdataset_source(tmp_path / "wds")
+    samples = list(shards.iter_tar_samples(src / "train-001.tar"))
+    with wds.TarWriter(str(src / "train-001.tar")) as sink:
+        for n, (key, sample) in enumerate(samples):
+            kept = {k: v for k, v in sample.items() if not (n == 2 and k == "vec.npy")}
+            sink.write({"__key__": key, **kept})
+    assert _import("webdataset", src) == 1
+    assert "lacks 'vec.npy'" in capsys.readouterr().err and not (src / "manifest.json").exists()
+    assert _import("webdataset", src, "--allow-missing") == 0
+    manifest = shards.read_manifest(src)
+    assert manifest["presence"]["counts"]["train"] == {"image": 18, "vec": 17}
+    assert shards.verify(src, progress=False)["samples"] == 24
+    cub, captions = cub_source(tmp_path)
+    lines = captions["train"]
+    lines[4] = ""
+    (cub / "text_trainvalclasses.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "cub_out"
+    assert _import("cub-captions", cub, "--out", out) == 1
+    assert "--allow-missing" in capsys.readouterr().err
+    assert _import("cub-captions", cub, "--out", out, "--allow-missing") == 0
+    assert shards.read_manifest(out)["presence"]["counts"]["train"] == {"image": 30, "caption": 29}
+    assert _presence_of(out)[4] == [True, False]

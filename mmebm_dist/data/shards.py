@@ -343,6 +343,16 @@ def sample_presence(specs: Sequence[ModalitySpec], sample: dict[str, bytes]) -> 
     return [bit == ord("1") and s.entry in sample for bit, s in zip(mask, specs, strict=True)]
 
 
+def missing_summary(manifest: dict[str, Any]) -> str | None:
+    """'tuples lacking a modality: NAME N, ...' (all splits) of an incomplete manifest; None if complete."""
+    if not is_incomplete(manifest):
+        return None
+    held = manifest["presence"]["counts"]
+    missing = {n: sum(manifest["splits"][s]["count"] - held[s][n] for s in held)
+               for n in modality_names(manifest)}
+    return "tuples lacking a modality: " + ", ".join(f"{n} {k}" for n, k in missing.items())
+
+
 def presence_summary(specs: Sequence[ModalitySpec], masks: dict[str, np.ndarray]) -> dict[str, Any]:
     """The manifest's ``presence`` record: per split, tuples holding each modality, from bool [N, M] masks."""
     return {"counts": {split: {s.name: int(mask[:, m].sum()) for m, s in enumerate(specs)}
