@@ -138,6 +138,21 @@ def test_complete_set_batches_carry_no_mask_and_equal_the_stored_images(sets):
     assert torch.equal(first["m2"], torch.from_numpy(expected.astype(np.float32) / np.float32(255.0)))
 
 
+def test_convert_keeps_the_presence_and_to_device_the_mask(sets, tmp_path):
+    from mmebm_dist.data.stream import to_device
+
+    raw = shards.convert(sets["png"], tmp_path / "raw", "raw", progress=False)
+    assert raw["incomplete"] is True and shards.verify(tmp_path / "raw", progress=False)["samples"] == 64
+    back = tmp_path / "png"
+    shards.convert(tmp_path / "raw", back, "png", progress=False)
+    assert _truth(tmp_path / "raw") == _truth(sets["png"]) == _truth(back)
+    a = next(iter(make_loader(sets["png"], batch_size=16, num_workers=0)))
+    b = next(iter(make_loader(tmp_path / "raw", batch_size=16, num_workers=0)))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    moved = to_device(a, torch.device("cpu"))
+    assert moved["present"].dtype == torch.bool and torch.equal(moved["present"], a["present"])
+
+
 def test_a_tuple_with_no_modality_is_an_error_or_a_counted_skip(sets, tmp_path):
     bad = _build(tmp_path, "bad", rate=0.5)
     _rewrite_sample(bad, "train-000001.tar", "00000020", lambda sample: {"cls": sample["cls"]})
@@ -297,3 +312,38 @@ def test_webdataset_and_cub_allow_missing(tmp_path, capsys):
     assert _import("cub-captions", cub, "--out", out, "--allow-missing") == 0
     assert shards.read_manifest(out)["presence"]["counts"]["train"] == {"image": 30, "caption": 29}
     assert _presence_of(out)[4] == [True, False]
+
+
+@pytest.mark.slow
+def test_ddp_and_zero2_train_on_an_incomplete_set(sets, tmp_path):
+    """The mask travels through accelerate's DDP and DeepSpeed ZeRO-2 (2 CPU processes): both ranks stay in
+    step and every logged loss is finite."""
+    from test_distributed import _deepspeed_launch
+    from train_helpers import REPO, free_port, run_train
+
+    from mmebm_dist.rundir import read_jsonl
+
+    config = tiny_config(tmp_path / "c.yaml", sets["png"], modalities=3, train={"steps": 3},
+                         data={"shuffle_buffer": 0})
+    launchers = {
+        "ddp": ["--config_file", str(REPO / "launch/accelerate/cpu_ddp_2proc.yaml"), "--main_process_port",
+                str(free_port())],
+        "zero2": _deepspeed_launch(tmp_path, REPO / "launch/deepspeed/zero2.json"),
+    }
+    for name, launcher in launchers.items():
+        run = tmp_path / name
+        run_train(["--config", str(config), f"train.out_dir={run}", "--trace-samples"], launcher=launcher)
+        records = read_jsonl(run / "metrics.jsonl")
+        assert [r["world_size"] for r in records] == [2, 2, 2]
+        assert all(np.isfinite(r["loss"]) and np.isfinite(r["rec/m1"]) for r in records)
+        ends = [[r for r in read_jsonl(p) if r.get("event") == "end"][-1]
+                for p in sorted((run / "trace").glob("rank-*.jsonl"))]
+        assert len(ends) == 2 and ends[0]["param_digest"] == ends[1]["param_digest"]
+
+
+def test_results_name_an_incomplete_set_by_its_drop_rate(sets):
+    from mmebm_dist.evaluate.results import dataset_of
+
+    assert dataset_of(str(sets["complete"])) == ("polymnist-idx", "PolyMNIST (from IDX files)")
+    assert dataset_of(str(sets["png"])) == ("polymnist-idx-drop0.5",
+                                            "PolyMNIST (from IDX files), modalities dropped at rate 0.5")

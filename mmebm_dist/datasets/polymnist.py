@@ -139,10 +139,12 @@ def _build_shard(job: tuple[str, int, int, int]) -> dict[str, Any]:
     for j in range(end - start):
         images = {name: views[m][j] for m, name in enumerate(names)}
         label = (shards.LABEL_EXT, str(int(tuple_labels[j])).encode())
-        entries = shards.image_entries(images, st["encoding"], None if present is None else present[j])
+        entries = shards.image_entries(images, st["encoding"])
+        if present is not None:  # keep the complete twin's sample, for its manifest hash
+            complete.append((f"{start + j:08d}", [*entries, label]))
+            entries = (shards.image_entries(images, "raw", present[j]) if st["encoding"] == "raw"
+                       else [e for e, kept in zip(entries, present[j], strict=True) if kept])  # PNG: once
         samples.append((f"{start + j:08d}", [*entries, label]))
-        if present is not None:  # the complete twin's sample, for its manifest hash
-            complete.append((f"{start + j:08d}", [*shards.image_entries(images, st["encoding"]), label]))
     entry = generated.write_shard(out, split, index, samples)
     if present is not None:
         size, digest = shards.tar_digest(

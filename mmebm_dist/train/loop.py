@@ -271,7 +271,6 @@ def _check_presence_order(cfg: Config) -> None:
 def _epoch_batches(cfg: Config, world: int) -> int:
     from mmebm_dist.data.stream import epoch_batches
 
-    _check_presence_order(cfg)
     per_epoch = epoch_batches(
         cfg.data.path,
         batch_size=cfg.data.batch_size,
@@ -284,6 +283,7 @@ def _epoch_batches(cfg: Config, world: int) -> int:
             f"'{cfg.data.path}' gives no full batch of {cfg.data.batch_size} per rank with {world} "
             "processes; lower data.batch_size or build more samples"
         )
+    _check_presence_order(cfg)
     return per_epoch
 
 
