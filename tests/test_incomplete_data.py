@@ -323,8 +323,7 @@ def test_ddp_and_zero2_train_on_an_incomplete_set(sets, tmp_path):
 
     from mmebm_dist.rundir import read_jsonl
 
-    config = tiny_config(tmp_path / "c.yaml", sets["png"], modalities=3, train={"steps": 3},
-                         data={"shuffle_buffer": 0})
+    config = tiny_config(tmp_path / "c.yaml", sets["png"], modalities=3, train={"steps": 3})
     launchers = {
         "ddp": ["--config_file", str(REPO / "launch/accelerate/cpu_ddp_2proc.yaml"), "--main_process_port",
                 str(free_port())],
