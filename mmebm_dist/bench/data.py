@@ -83,7 +83,7 @@ def measure(
         "seconds": end - ready,
         "samples_per_s": samples / (end - ready),
         "startup_s": ready - start,
-        "modalities": [k for k in first if k != "label"],
+        "modalities": [k for k in first if k not in ("label", "present")],
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model(),
         "torch_threads": torch.get_num_threads(),

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -65,10 +65,8 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> None:
-    """Write a tar whose bytes depend only on the member names and contents (fixed mtime, owner, mode)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+def _write_tar_to(fileobj: Any, members: Iterable[tuple[str, bytes]]) -> None:
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -77,7 +75,21 @@ def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> None:
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             tar.addfile(info, io.BytesIO(data))
+
+
+def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> None:
+    """Write a tar whose bytes depend only on the member names and contents (fixed mtime, owner, mode)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        _write_tar_to(f, members)
     os.replace(tmp, path)
+
+
+def tar_digest(members: Iterable[tuple[str, bytes]]) -> tuple[int, str]:
+    """(bytes, sha256) of the tar :func:`write_tar` would write, without writing it."""
+    buf = io.BytesIO()
+    _write_tar_to(buf, members)
+    return buf.tell(), hashlib.sha256(buf.getvalue()).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
@@ -171,7 +183,12 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 def manifest_hash(path: str | os.PathLike) -> str:
     """sha256 of the manifest's canonical JSON: identifies the exact data a run was trained on."""
-    canonical = json.dumps(read_manifest(path), sort_keys=True, separators=(",", ":"))
+    return manifest_dict_hash(read_manifest(path))
+
+
+def manifest_dict_hash(manifest: dict[str, Any]) -> str:
+    """:func:`manifest_hash` of a manifest not (yet) on disk, e.g. an incomplete set's complete twin."""
+    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -184,6 +201,8 @@ def split_shards(manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:
 
 RAW_EXT = "raw"
 """Suffix of a sample's raw record: all its ``raw`` modalities' bytes, in manifest order."""
+PRESENT_EXT = "present"
+"""Suffix of a sample's presence mask in incomplete sets with raw modalities (:func:`sample_presence`)."""
 
 
 class ModalitySpec(NamedTuple):
@@ -276,15 +295,68 @@ def decode_image(spec: ModalitySpec, data: bytes) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(1, 2, 0)) if spec.encoding == "raw" else arr
 
 
-def image_entries(images: dict[str, np.ndarray], encoding: str) -> list[tuple[str, bytes]]:
+def image_entries(
+    images: dict[str, np.ndarray], encoding: str, present: Sequence[bool] | None = None
+) -> list[tuple[str, bytes]]:
     """A sample's tar entries (suffix, bytes) for uint8 [H, W, C] images by modality name: one PNG each, or
-    one raw record of all their [C, H, W] bytes in the given order (the manifest's)."""
+    one raw record of all their [C, H, W] bytes in the given order (the manifest's).
+
+    ``present`` (one bool per image, for incomplete sets): an absent image has no PNG entry; in a raw record
+    its bytes are zeros (the layout stays fixed) and a ``present`` entry states the mask."""
+    keep = [True] * len(images) if present is None else list(present)
     if encoding == "png":
-        return [(f"{name}.png", encode_png(image)) for name, image in images.items()]
+        return [(f"{name}.png", encode_png(image))
+                for (name, image), kept in zip(images.items(), keep, strict=True) if kept]
     if encoding == "raw":
         chw = [(im[:, :, None] if im.ndim == 2 else im).transpose(2, 0, 1) for im in images.values()]
-        return [(RAW_EXT, b"".join(np.ascontiguousarray(x, dtype=np.uint8).tobytes() for x in chw))]
+        record = b"".join(np.ascontiguousarray(x if kept else np.zeros_like(x), dtype=np.uint8).tobytes()
+                          for x, kept in zip(chw, keep, strict=True))
+        return [(RAW_EXT, record)] + ([] if present is None else [(PRESENT_EXT, encode_presence(keep))])
     raise ValueError(f"image encoding {encoding!r}: choose one of {IMAGE_ENCODINGS}")
+
+
+# --------------------------------------------------------------------------------------- incomplete tuples
+
+
+def is_incomplete(manifest: dict[str, Any]) -> bool:
+    """Whether the data set's tuples may lack modalities (manifest key ``incomplete``)."""
+    return bool(manifest.get("incomplete", False))
+
+
+def encode_presence(present: Sequence[bool]) -> bytes:
+    """The ``present`` entry: ASCII '1' / '0' per modality in manifest order."""
+    return b"".join(b"1" if p else b"0" for p in present)
+
+
+def sample_presence(specs: Sequence[ModalitySpec], sample: dict[str, bytes]) -> list[bool]:
+    """Which modalities a sample of an incomplete set holds: its entry is there and, when the sample has a
+    ``present`` entry (required with raw modalities, whose record is always there), that entry says '1'.
+    ValueError naming the problem for a bad or missing ``present`` entry."""
+    mask = sample.get(PRESENT_EXT)
+    if mask is None:
+        if any(s.encoding == "raw" for s in specs):
+            raise ValueError(f"lacks its {PRESENT_EXT!r} entry (which raw modalities it holds)")
+        return [s.entry in sample for s in specs]
+    if len(mask) != len(specs) or not set(mask) <= {ord("0"), ord("1")}:
+        raise ValueError(f"{PRESENT_EXT!r} entry is {mask[:40]!r}; it must be one ASCII '0'/'1' per modality "
+                         f"({len(specs)})")
+    return [bit == ord("1") and s.entry in sample for bit, s in zip(mask, specs, strict=True)]
+
+
+def missing_summary(manifest: dict[str, Any]) -> str | None:
+    """'tuples lacking a modality: NAME N, ...' (all splits) of an incomplete manifest; None if complete."""
+    if not is_incomplete(manifest):
+        return None
+    held = manifest["presence"]["counts"]
+    missing = {n: sum(manifest["splits"][s]["count"] - held[s][n] for s in held)
+               for n in modality_names(manifest)}
+    return "tuples lacking a modality: " + ", ".join(f"{n} {k}" for n, k in missing.items())
+
+
+def presence_summary(specs: Sequence[ModalitySpec], masks: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The manifest's ``presence`` record: per split, tuples holding each modality, from bool [N, M] masks."""
+    return {"counts": {split: {s.name: int(mask[:, m].sum()) for m, s in enumerate(specs)}
+                       for split, mask in masks.items()}}
 
 
 def encode_npy(array: np.ndarray) -> bytes:
@@ -339,6 +411,8 @@ def verify(directory: str | os.PathLike, *, progress: bool = True) -> dict[str, 
         return _verify_folders(directory, manifest, specs, progress=progress)
     checked = {"shards": 0, "samples": 0}
     per_split = {split: 0 for split in manifest["splits"]}
+    incomplete = is_incomplete(manifest)
+    held = {split: np.zeros(len(specs), dtype=np.int64) for split in manifest["splits"]}
     for entry in tqdm(manifest["shards"], desc="verify", unit="shard", disable=not progress):
         path = directory / entry["name"]
         if not path.is_file():
@@ -352,7 +426,7 @@ def verify(directory: str | os.PathLike, *, progress: bool = True) -> dict[str, 
         key = None
         try:
             for key, sample in iter_tar_samples(path):
-                _check_sample(path, key, sample, specs, num_classes)
+                held[entry["split"]] += _check_sample(path, key, sample, specs, num_classes, incomplete)
                 count += 1
         except (FormatError, OSError) as exc:
             raise ShardError(f"{path}: unreadable tar after sample {key!r} ({exc})") from exc
@@ -367,7 +441,23 @@ def verify(directory: str | os.PathLike, *, progress: bool = True) -> dict[str, 
                 f"{directory}: split {split!r} has {per_split[split]} samples in its shards, "
                 f"the manifest says {info['count']}"
             )
+    if incomplete:
+        _check_presence_counts(directory, manifest, specs, held)
     return checked
+
+
+def _check_presence_counts(
+    directory: Path, manifest: dict[str, Any], specs: list[ModalitySpec], held: dict[str, np.ndarray]
+) -> None:
+    """The tuples holding each modality, per split, must match the manifest's ``presence`` counts."""
+    stated = manifest.get("presence", {}).get("counts")
+    if stated is None:
+        return
+    for split, counts in held.items():
+        found = {s.name: int(n) for s, n in zip(specs, counts, strict=True)}
+        if split in stated and found != stated[split]:
+            raise ShardError(f"{directory}: split {split!r} holds modalities {found} times, the manifest's "
+                             f"presence counts say {stated[split]}")
 
 
 def _check_sample(
@@ -376,11 +466,24 @@ def _check_sample(
     sample: dict[str, bytes],
     specs: list[ModalitySpec],
     num_classes: int | None,
-) -> None:
-    for spec in specs:
+    incomplete: bool = False,
+) -> np.ndarray:
+    """Check one sample; bool [M] of the modalities it holds (all of them in a complete set)."""
+    held = np.ones(len(specs), dtype=bool)
+    if incomplete:
+        try:
+            held[:] = sample_presence(specs, sample)
+        except ValueError as exc:
+            raise ShardError(f"{path}: sample {key!r}: {exc}") from exc
+        if not held.any():
+            raise ShardError(f"{path}: sample {key!r} holds no modality (has {sorted(sample)})")
+    for spec, kept in zip(specs, held, strict=True):
         data = sample.get(spec.entry)
+        if not kept and spec.encoding != "raw":
+            continue
         if data is None:
-            raise ShardError(f"{path}: sample {key!r} lacks modality {spec.entry!r} (has {sorted(sample)})")
+            raise ShardError(f"{path}: sample {key!r} lacks modality {spec.entry!r} (has {sorted(sample)}); "
+                             "only a manifest with \"incomplete\": true allows missing modalities")
         try:
             decode_entry(spec, data)
         except (OSError, ValueError) as exc:
@@ -390,6 +493,7 @@ def _check_sample(
     label = parse_label(sample[LABEL_EXT])
     if label is None or (num_classes is not None and not 0 <= label < num_classes):
         raise ShardError(f"{path}: sample {key!r} has bad label {sample[LABEL_EXT]!r}")
+    return held
 
 
 def parse_label(data: bytes) -> int | None:
@@ -403,37 +507,40 @@ def parse_label(data: bytes) -> int | None:
 def _verify_folders(
     directory: Path, manifest: dict[str, Any], specs: list[ModalitySpec], *, progress: bool
 ) -> dict[str, int]:
+    """Folders layout: every {split}/{name}/{i}.{label}.png decodes and the labels of sample i agree; in a
+    complete set each folder holds samples 0..count-1, in an incomplete one any of them, each sample in at
+    least one folder."""
     from tqdm import tqdm
 
+    incomplete = is_incomplete(manifest)
     checked = {"files": 0, "samples": 0}
     for split, info in manifest["splits"].items():
-        labels: dict[str, list[str]] = {}
+        labels: dict[int, tuple[str, str]] = {}  # sample -> (first modality holding it, its label)
         for spec in specs:
-            name = spec.name
-            folder = directory / split / name
+            folder = directory / split / spec.name
             files = sorted(folder.glob("*.png"), key=lambda p: int(p.name.split(".")[0]))
-            if len(files) != info["count"]:
+            if not incomplete and len(files) != info["count"]:
                 raise ShardError(f"{folder}: {len(files)} PNG files, the manifest says {info['count']}")
             for i, f in enumerate(
-                tqdm(files, desc=f"verify {split}/{name}", unit="file", disable=not progress)
+                tqdm(files, desc=f"verify {split}/{spec.name}", unit="file", disable=not progress)
             ):
                 index, label, _ = f.name.split(".")
-                if int(index) != i:
+                if not incomplete and int(index) != i:
                     raise ShardError(f"{folder}: expected sample {i}, found {f.name}")
+                if not 0 <= int(index) < info["count"]:
+                    raise ShardError(f"{f}: sample {index} outside 0..{info['count'] - 1} of the manifest")
                 try:
                     decode_entry(spec, f.read_bytes())
                 except (OSError, ValueError) as exc:
                     raise ShardError(f"{f}: {exc}") from exc
-                labels.setdefault(name, []).append(label)
+                first = labels.setdefault(int(index), (spec.name, label))
+                if first[1] != label:
+                    raise ShardError(f"{folder}: sample {index} has label {label}, modality {first[0]!r} has "
+                                     f"{first[1]}")
                 checked["files"] += 1
-        first = next(iter(labels.values()))
-        for name, seq in labels.items():
-            if seq != first:
-                bad = next(i for i, (a, b) in enumerate(zip(seq, first, strict=True)) if a != b)
-                raise ShardError(
-                    f"{directory / split / name}: sample {bad} has label {seq[bad]}, the first "
-                    f"modality has {first[bad]}"
-                )
+        if len(labels) != info["count"]:
+            lost = next(i for i in range(info["count"]) if i not in labels)
+            raise ShardError(f"{directory / split}: sample {lost} has no file in any modality folder")
         checked["samples"] += info["count"]
     return checked
 
@@ -465,7 +572,7 @@ def convert(
         for entry in tqdm(shards, desc=f"convert to {encoding}", unit="shard", disable=not progress):
             out = tmp / entry["name"]
             out.parent.mkdir(parents=True, exist_ok=True)
-            write_tar(out, _converted_members(src / entry["name"], specs, encoding))
+            write_tar(out, _converted_members(src / entry["name"], specs, encoding, is_incomplete(manifest)))
             entries.append({**entry, "bytes": out.stat().st_size, "sha256": sha256_file(out)})
         converted = {
             **manifest,
@@ -485,19 +592,27 @@ def convert(
 
 
 def _converted_members(
-    path: Path, specs: list[ModalitySpec], encoding: str
+    path: Path, specs: list[ModalitySpec], encoding: str, incomplete: bool = False
 ) -> Iterator[tuple[str, bytes]]:
-    """The tar members of shard ``path`` with its image modalities re-encoded (labels, npy unchanged)."""
+    """The tar members of shard ``path`` with its image modalities re-encoded (labels, npy unchanged); in an
+    incomplete set absent images stay absent and every sample gets a ``present`` entry."""
     images = [s for s in specs if s.encoding in IMAGE_ENCODINGS]
-    stored = {s.entry for s in images}
+    stored = {s.entry for s in images} | ({PRESENT_EXT} if incomplete else set())
     key = None
     try:
         for key, sample in iter_tar_samples(path):
             try:
-                decoded = {s.name: decode_image(s, sample[s.entry]) for s in images}
+                held = dict(zip(specs, sample_presence(specs, sample), strict=True)) if incomplete else {}
+                decoded = {s.name: decode_image(s, sample[s.entry]) if held.get(s, True)
+                           else np.zeros((*s.shape[1:], s.shape[0]), np.uint8) for s in images}
             except (KeyError, ValueError) as exc:
                 raise ShardError(f"{path}: sample {key!r}: {type(exc).__name__}: {exc}") from exc
-            yield from ((f"{key}.{suffix}", data) for suffix, data in image_entries(decoded, encoding))
+            present = [held[s] for s in images] if incomplete else None
+            entries = image_entries(decoded, encoding, present)
+            if incomplete:
+                entries = [e for e in entries if e[0] != PRESENT_EXT]
+                entries.append((PRESENT_EXT, encode_presence([held[s] for s in specs])))
+            yield from ((f"{key}.{suffix}", data) for suffix, data in entries)
             yield from ((f"{key}.{suffix}", data) for suffix, data in sample.items() if suffix not in stored)
     except (FormatError, OSError) as exc:
         raise ShardError(f"{path}: unreadable tar after sample {key!r} ({exc})") from exc
@@ -528,4 +643,13 @@ def info(directory: str | os.PathLike) -> str:
         lines.append(
             f"  {split}: {split_info['count']} samples in {len(shards)} shards, {size / 2**20:.1f} MiB"
         )
+    if is_incomplete(manifest):
+        presence = manifest.get("presence", {})
+        rate = presence.get("drop_rate")
+        lines.append("  incomplete: tuples may lack modalities"
+                     + (f" (each dropped with probability {rate})" if rate is not None else ""))
+        for split, counts in presence.get("counts", {}).items():
+            total = manifest["splits"][split]["count"]
+            lines.append(f"  {split} tuples holding each modality: "
+                         + ", ".join(f"{name} {n} ({n / max(total, 1):.0%})" for name, n in counts.items()))
     return "\n".join(lines)

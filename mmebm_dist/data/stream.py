@@ -46,10 +46,12 @@ from mmebm_dist.data.shards import (
     ShardError,
     check_raw,
     decode_entry,
+    is_incomplete,
     manifest_path,
     modality_specs,
     parse_label,
     read_manifest,
+    sample_presence,
     shard_location,
     split_shards,
 )
@@ -78,6 +80,8 @@ class StreamPlan:
     """sha256 per shard to check while reading (``check_sha256``); None: not checked."""
     modalities: tuple[ModalitySpec, ...] | None
     """The manifest's modalities; None for bare URLs (then read off the first sample)."""
+    incomplete: bool = False
+    """The manifest says tuples may lack modalities: batches carry ``present`` [B, M] bool."""
     batch_size: int
     num_workers: int
     shuffle_buffer: int
@@ -282,22 +286,46 @@ def _infer_specs(sample: dict[str, Any]) -> tuple[ModalitySpec, ...]:
     return tuple(specs)
 
 
+Row = tuple[list[Any], int, list[bool] | None]
+"""A decoded sample: arrays per modality (None: absent), label, presence (incomplete sets only)."""
+
+
 def _where(sample: dict[str, Any]) -> str:
     return f"shard {sample.get('__url__')}: sample {sample.get('__key__')!r}"
 
 
-def _decode(state: _WorkerState, sample: dict[str, Any]) -> tuple[list[Any], int] | None:
-    """Decoded arrays per modality (raw ones: the sample's checked raw record, sliced per batch) and the
-    label, or None when the sample is skipped."""
+def _presence(state: _WorkerState, sample: dict[str, Any]) -> list[bool] | None:
+    """The modalities an incomplete set's sample holds; None: skipped (it holds none, or a bad mask)."""
+    try:
+        held = sample_presence(state.specs, sample)
+    except ValueError as exc:
+        state.fail(f"{_where(sample)}: {exc}", exc)
+        return None
+    if not any(held):
+        entries = sorted(k for k in sample if not k.startswith("__"))
+        state.fail(f"{_where(sample)} holds no modality (has {entries})")
+        return None
+    return held
+
+
+def _decode(state: _WorkerState, sample: dict[str, Any]) -> Row | None:
+    """Decoded arrays per modality (raw: the sample's checked record, sliced per batch; None: absent), the
+    label and (incomplete sets) the presence, or None when the sample is skipped."""
     if state.specs is None:
         state.specs = _infer_specs(sample)
+    held = _presence(state, sample) if state.plan.incomplete else None
+    if state.plan.incomplete and held is None:
+        return None
     arrays: list[Any] = []
     record = None  # the raw record, looked up and checked once for all raw modalities
-    for spec in state.specs:
+    for m, spec in enumerate(state.specs):
         if spec.encoding == "raw" and record is not None:
             arrays.append(record)
             continue
         data = sample.get(spec.entry)
+        if held is not None and not held[m] and spec.encoding != "raw":
+            arrays.append(None)  # absent: a zero placeholder in _collate
+            continue
         if data is None:
             present = sorted(k for k in sample if not k.startswith("__"))
             state.fail(f"{_where(sample)} lacks modality {spec.name!r} (entry {spec.entry!r}; has {present})")
@@ -315,7 +343,7 @@ def _decode(state: _WorkerState, sample: dict[str, Any]) -> tuple[list[Any], int
     if label is None:
         state.fail(f"{_where(sample)} lacks a valid label {LABEL_EXT!r}")
         return None
-    return arrays, label
+    return arrays, label, held
 
 
 def _uint8_buffer(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
@@ -325,31 +353,44 @@ def _uint8_buffer(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
     return out.share_memory_() if shared else out
 
 
-def _collate(
-    specs: tuple[ModalitySpec, ...], rows: list[tuple[list[Any], int]], *, shared: bool = False
-) -> Batch:
+def _placeholder(spec: ModalitySpec) -> np.ndarray:
+    """Zeros standing in for an absent modality, shaped as its decoded entry (png: [H, W, C])."""
+    shape = (*spec.shape[1:], spec.shape[0]) if spec.encoding == "png" else spec.shape
+    return np.zeros(shape, dtype=np.uint8 if spec.encoding in IMAGE_ENCODINGS else spec.dtype)
+
+
+def _collate(specs: tuple[ModalitySpec, ...], rows: list[Row], *, shared: bool = False) -> Batch:
     """{name: [B, *shape], 'label': int64 [B]}; images stay uint8 [B, C, H, W] (a quarter of float32's bytes
     through the worker queue and the host-to-device copy): :func:`images_to_float` converts them later.
+    Incomplete sets add 'present': bool [B, M] (manifest order), absent modalities being zeros.
     ``shared``: image buffers in shared memory (for a DataLoader worker)."""
     batch: Batch = {}
     records = None  # (B, record bytes) uint8: the raw records of the batch, copied once into one buffer
+    held = None if rows[0][2] is None else np.array([row[2] for row in rows], dtype=bool)  # (B, M)
     for m, spec in enumerate(specs):
         if spec.encoding == "raw":
             if records is None:
                 records = _uint8_buffer((len(rows), spec.record), shared)
                 view = memoryview(records.numpy()).cast("B")
-                for i, (arrays, _) in enumerate(rows):
+                for i, (arrays, _, _) in enumerate(rows):
                     view[i * spec.record : (i + 1) * spec.record] = arrays[m]
             # a view: every raw modality of the batch shares the one buffer (one storage to hand over)
-            batch[spec.name] = records[:, spec.offset : spec.offset + spec.nbytes].unflatten(1, spec.shape)
-        elif spec.encoding == "png":  # decoded (H, W, C) per sample; batches are (B, C, H, W)
+            image = records[:, spec.offset : spec.offset + spec.nbytes].unflatten(1, spec.shape)
+            if held is not None and not held[:, m].all():
+                image[torch.from_numpy(~held[:, m])] = 0  # absent: zeros, whatever the record held
+            batch[spec.name] = image
+            continue
+        entries = [_placeholder(spec) if arrays[m] is None else arrays[m] for arrays, _, _ in rows]
+        if spec.encoding == "png":  # decoded (H, W, C) per sample; batches are (B, C, H, W)
             c, h, w = spec.shape
             stacked = _uint8_buffer((len(rows), h, w, c), shared)
-            np.stack([arrays[m] for arrays, _ in rows], out=stacked.numpy())
+            np.stack(entries, out=stacked.numpy())
             batch[spec.name] = rearrange(stacked, "b h w c -> b c h w")
         else:
-            batch[spec.name] = torch.from_numpy(np.stack([arrays[m] for arrays, _ in rows]))
-    batch["label"] = torch.tensor([label for _, label in rows], dtype=torch.int64)
+            batch[spec.name] = torch.from_numpy(np.stack(entries))
+    batch["label"] = torch.tensor([label for _, label, _ in rows], dtype=torch.int64)
+    if held is not None:
+        batch["present"] = torch.from_numpy(held)
     return batch
 
 
@@ -383,7 +424,7 @@ def worker_stream(
     state = _WorkerState(plan=plan, worker=worker, specs=plan.modalities)
     if plan.pad and plan.pad[worker]:
         yield worker, None, 0, ()
-    rows: list[tuple[list[np.ndarray], int]] = []
+    rows: list[Row] = []
     for sample in _raw_stream(state):
         decoded = _decode(state, sample)
         if decoded is None:
@@ -595,6 +636,7 @@ class Resolved(NamedTuple):
     specs: tuple[ModalitySpec, ...] | None
     sizes: tuple[int | None, ...] | None
     sha256s: tuple[str, ...] | None
+    incomplete: bool = False
 
 
 def _resolve(path: str | Path | Sequence[str], split: str, shard_url: str | None = None) -> Resolved:
@@ -629,6 +671,7 @@ def _resolve(path: str | Path | Sequence[str], split: str, shard_url: str | None
             specs=tuple(modality_specs(manifest)),
             sizes=tuple(e.get("bytes") for e in entries),
             sha256s=tuple(e["sha256"] for e in entries),
+            incomplete=is_incomplete(manifest),
         )
     if shard_url is not None:
         raise ShardError(f"shard_url needs a manifest, and {path} has none")
@@ -695,6 +738,7 @@ def make_loader(
         sizes=where.sizes,
         sha256s=where.sha256s if check_sha256 else None,
         modalities=where.specs,
+        incomplete=where.incomplete,
         batch_size=batch_size,
         num_workers=num_workers,
         shuffle_buffer=shuffle_buffer,

@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
                 f"wrote {args.out}: {counts} samples, {len(manifest['shards'])} shards, "
                 f"{size / 2**20:.1f} MiB in {seconds:.1f} s"
             )
+            if shards.missing_summary(manifest):
+                print(f"incomplete: {shards.missing_summary(manifest)}")
         elif args.data_command == "verify":
             checked = shards.verify(args.dir)
             print(f"{args.dir}: OK ({', '.join(f'{v} {k}' for k, v in checked.items())} checked)")

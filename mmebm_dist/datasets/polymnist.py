@@ -8,7 +8,7 @@ stroke. Each shard depends only on (seed, split, shard index), so any worker cou
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ class BuildSpec:
     """Image storage in shards: ``png`` or ``raw`` (uint8 bytes: bigger on disk, far faster to load)."""
     overwrite: bool = False
     """Replace a dataset already in ``out`` (only files this builder writes are removed)."""
+    drop_rate: float = 0.0
+    """Probability that a tuple lacks each modality (independently; never all of them: see drop_mask)."""
 
 
 def modality_names(count: int) -> list[str]:
@@ -85,6 +87,18 @@ def assign_images(
     return out[:, :num_tuples]
 
 
+def drop_mask(num_tuples: int, num_modalities: int, rate: float, *, seed: int, split: str) -> np.ndarray:
+    """bool [N, M]: which modalities each tuple keeps. Each is dropped independently with probability
+    ``rate``; a tuple that would lose all of them keeps one, chosen uniformly. Seeded by (seed, split) on a
+    stream of its own, so the images are those of the complete set."""
+    rng = np.random.default_rng([seed, SPLIT_IDS[split], 104729])
+    present = rng.random((num_tuples, num_modalities)) >= rate
+    keep = rng.integers(0, num_modalities, size=num_tuples)
+    empty = ~present.any(1)
+    present[empty, keep[empty]] = True
+    return present
+
+
 def composite(digits: np.ndarray, background: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """uint8 [n, 28, 28, 3]: digits binarised at > 128 on random crops, colours inverted under the stroke."""
     n = len(digits)
@@ -112,19 +126,32 @@ def _build_shard(job: tuple[str, int, int, int]) -> dict[str, Any]:
         composite(images[assignment[m, start:end]], bg, rng) for m, (_, bg) in enumerate(st["backgrounds"])
     ]
     out = Path(st["out"])
+    present = st["present"][split][start:end] if st["present"] is not None else None  # (n, M) bool
     if st["format"] == "folders":
         for m, name in enumerate(names):
             folder = out / split / name
             for j in range(end - start):
-                path = folder / f"{start + j}.{int(tuple_labels[j])}.png"
-                path.write_bytes(encode_png(views[m][j]))
+                if present is None or present[j, m]:
+                    path = folder / f"{start + j}.{int(tuple_labels[j])}.png"
+                    path.write_bytes(encode_png(views[m][j]))
         return {"split": split, "index": index, "count": end - start}
-    samples = []
+    samples, complete = [], []
     for j in range(end - start):
-        entries = shards.image_entries({name: views[m][j] for m, name in enumerate(names)}, st["encoding"])
-        entries.append((shards.LABEL_EXT, str(int(tuple_labels[j])).encode()))
-        samples.append((f"{start + j:08d}", entries))
-    return generated.write_shard(out, split, index, samples)
+        images = {name: views[m][j] for m, name in enumerate(names)}
+        label = (shards.LABEL_EXT, str(int(tuple_labels[j])).encode())
+        entries = shards.image_entries(images, st["encoding"])
+        if present is not None:  # keep the complete twin's sample, for its manifest hash
+            complete.append((f"{start + j:08d}", [*entries, label]))
+            entries = (shards.image_entries(images, "raw", present[j]) if st["encoding"] == "raw"
+                       else [e for e, kept in zip(entries, present[j], strict=True) if kept])  # PNG: once
+        samples.append((f"{start + j:08d}", [*entries, label]))
+    entry = generated.write_shard(out, split, index, samples)
+    if present is not None:
+        size, digest = shards.tar_digest(
+            (f"{key}.{ext}", data) for key, entries in complete for ext, data in entries
+        )
+        entry["complete"] = {"bytes": size, "sha256": digest}
+    return entry
 
 
 def build_polymnist(spec: BuildSpec, *, progress: bool = True) -> dict[str, Any]:
@@ -136,6 +163,8 @@ def build_polymnist(spec: BuildSpec, *, progress: bool = True) -> dict[str, Any]
             f"--encoding {spec.encoding!r} with --format {spec.format}: choose one of "
             f"{', '.join(shards.IMAGE_ENCODINGS)} (folders hold PNG files only)"
         )
+    if not 0.0 <= spec.drop_rate < 1.0:
+        raise ValueError(f"--drop-rate {spec.drop_rate}: must be in [0, 1)")
     if spec.modalities < 1 or spec.shard_size < 1:
         raise ValueError(
             f"--modalities ({spec.modalities}) and --shard-size ({spec.shard_size}) must be >= 1"
@@ -162,6 +191,10 @@ def build_polymnist(spec: BuildSpec, *, progress: bool = True) -> dict[str, Any]
             )
             for split in shards.SPLITS
         },
+        "present": {
+            split: drop_mask(counts[split], spec.modalities, spec.drop_rate, seed=spec.seed, split=split)
+            for split in shards.SPLITS
+        } if spec.drop_rate > 0 else None,
         "backgrounds": backgrounds,
         "names": names,
         "seed": spec.seed,
@@ -184,8 +217,37 @@ def build_polymnist(spec: BuildSpec, *, progress: bool = True) -> dict[str, Any]
         progress=progress,
     )
     manifest = _manifest(spec, source, backgrounds, names, counts, results)
+    if state["present"] is not None:
+        manifest = _incomplete_manifest(manifest, spec, source, backgrounds, names, counts, results,
+                                        state["present"])
     shards.write_manifest(out, manifest)
     return manifest
+
+
+def _incomplete_manifest(
+    manifest: dict[str, Any],
+    spec: BuildSpec,
+    source: SourceData,
+    backgrounds: list[tuple[str, np.ndarray]],
+    names: list[str],
+    counts: dict[str, int],
+    results: list[dict[str, Any]],
+    present: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """``manifest`` marked incomplete, with its drop rate, per-split presence counts and the manifest hash
+    of its complete twin (the same build at drop rate 0: classifiers trained on that judge this one too)."""
+    twin_results = [{**r, **r.get("complete", {})} for r in results]
+    twin = _manifest(replace(spec, drop_rate=0.0), source, backgrounds, names, counts, twin_results)
+    specs = shards.modality_specs(manifest)
+    return {
+        **manifest,
+        "incomplete": True,
+        "presence": {
+            "drop_rate": spec.drop_rate,
+            **shards.presence_summary(specs, present),
+            "complete_manifest_hash": shards.manifest_dict_hash(twin),
+        },
+    }
 
 
 def _manifest(
@@ -197,6 +259,8 @@ def _manifest(
     results: list[dict[str, Any]],
 ) -> dict[str, Any]:
     builder = {k: v for k, v in asdict(spec).items() if k not in ("out", "workers", "overwrite", "cache_dir")}
+    if not spec.drop_rate:  # complete sets keep the manifest (and hash) they had before drop_rate existed
+        del builder["drop_rate"]
     modalities = [
         {"name": name, "shape": [3, IMAGE_SIZE, IMAGE_SIZE], "dtype": "uint8", "encoding": spec.encoding,
          "background": bg}
@@ -253,6 +317,12 @@ def add_build_arguments(parser) -> None:
         "--cache", default=None, help="cache directory (default $MMEBM_CACHE or ~/.cache/mmebm_dist)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    parser.add_argument(
+        "--drop-rate", type=float, default=d.drop_rate, metavar="P",
+        help="make an incomplete set: each train and test tuple lacks each modality with probability P, "
+        "independently (seeded by --seed; the images stay those of the complete set); a tuple that would "
+        "lack all of them keeps one, chosen uniformly at random (default: 0, complete)",
+    )
 
 
 def build_from_args(args) -> dict[str, Any]:
@@ -271,5 +341,6 @@ def build_from_args(args) -> dict[str, Any]:
         idx_dir=args.idx_dir,
         cache_dir=args.cache,
         overwrite=args.overwrite,
+        drop_rate=args.drop_rate,
     )
     return build_polymnist(spec)

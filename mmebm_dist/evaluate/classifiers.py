@@ -11,6 +11,7 @@ A bundle refuses to judge data whose manifest hash differs from the one it was t
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,11 +144,22 @@ class ClassifierBundle(nn.Module):
         return directory / BUNDLE_FILE
 
 
+def _twin_hash(data_path: str | Path | None) -> str | None:
+    """The manifest hash of the complete twin of an incomplete data set (the same tuples with every modality:
+    classifiers trained on it judge this set too), or None."""
+    from mmebm_dist.data.shards import read_manifest
+
+    if data_path is None or not (Path(data_path) / "manifest.json").is_file():
+        return None
+    return read_manifest(data_path).get("presence", {}).get("complete_manifest_hash")
+
+
 def load_classifiers(directory: str | Path, *, manifest_hash: str | None, data_path: str | Path | None = None,
                      modalities: Sequence[str] | None = None,
                      device: torch.device | str = "cpu") -> ClassifierBundle:
     """Load a bundle written by :meth:`ClassifierBundle.save`, refusing it when its training data's manifest
-    hash differs from ``manifest_hash`` or when it lacks one of ``modalities``."""
+    hash differs from ``manifest_hash`` (or, for an incomplete ``data_path``, its complete twin's) or when it
+    lacks one of ``modalities``."""
     directory = Path(directory)
     path = directory / BUNDLE_FILE
     fix = f"mmebm classifiers train --data {data_path or 'DATA_DIR'} --out {directory}"
@@ -159,7 +171,7 @@ def load_classifiers(directory: str | Path, *, manifest_hash: str | None, data_p
         raise ClassifierMismatchError(
             f"'{path}' has classifier format version {meta.get('format_version')}, this code reads "
             f"{FORMAT_VERSION}; retrain them with: {fix}")
-    if manifest_hash is not None and meta["manifest_hash"] != manifest_hash:
+    if manifest_hash is not None and meta["manifest_hash"] not in (manifest_hash, _twin_hash(data_path)):
         raise ClassifierMismatchError(
             f"classifiers in '{directory}' were trained on data with manifest hash {meta['manifest_hash']}, "
             f"but the data being evaluated ({data_path or 'unknown path'}) has manifest hash "
@@ -202,9 +214,9 @@ def train_classifiers(bundle: ClassifierBundle, train_batches: Callable[[int], I
         bar = tqdm(train_batches(epoch), total=batches_per_epoch, unit="batch", disable=not show_progress,
                    desc=f"classifiers epoch {epoch + 1}/{epochs}")
         for batch in bar:
-            label = batch["label"].to(device)
-            loss = sum(F.cross_entropy(bundle.nets[name](batch[name].to(device)), label)
-                       for name in bundle.modalities)
+            loss = sum(F.cross_entropy(bundle.nets[name](batch[name][rows].to(device)),
+                                       batch["label"][rows].to(device))
+                       for name, rows in _held(bundle, batch).items())
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -224,13 +236,24 @@ def evaluate_accuracy(bundle: ClassifierBundle, batches: Iterable[Batch],
                       show_progress: bool = False) -> dict[str, float]:
     """Accuracy of every classifier on ``batches`` (a finite iterable of batch dicts with ``label``)."""
     correct = dict.fromkeys(bundle.modalities, 0)
-    total = 0
+    total = dict.fromkeys(bundle.modalities, 0)
     for batch in tqdm(batches, desc="classifier accuracy", unit="batch", disable=not show_progress):
-        label = batch["label"]
-        for name in bundle.modalities:
-            correct[name] += (bundle.predict(name, batch[name]).cpu() == label.cpu()).sum().item()
-        total += label.numel()
-    if total == 0:
+        label = batch["label"].cpu()
+        for name, rows in _held(bundle, batch).items():
+            correct[name] += (bundle.predict(name, batch[name][rows]).cpu() == label[rows]).sum().item()
+            total[name] += label[rows].numel()
+    if not any(total.values()):
         raise ValueError("no batches to measure classifier accuracy on; is the split empty?")
-    return {name: correct[name] / total for name in bundle.modalities}
+    return {name: correct[name] / total[name] if total[name] else math.nan for name in bundle.modalities}
+
+
+def _held(bundle: ClassifierBundle, batch: Batch) -> dict[str, slice | torch.Tensor]:
+    """Per modality of ``bundle``, the rows of ``batch`` that hold it: all of them, or (incomplete sets,
+    ``present`` [B, M] in the bundle's order, the manifest's) the present ones; modalities no row holds are
+    left out."""
+    present = batch.get("present")
+    if present is None:
+        return dict.fromkeys(bundle.modalities, slice(None))
+    present = present.cpu()
+    return {name: present[:, m] for m, name in enumerate(bundle.modalities) if present[:, m].any()}
 

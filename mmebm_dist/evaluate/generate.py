@@ -113,7 +113,8 @@ def read_chunks(data_path: str | Path, *, num: int, batch_size: int, split: str 
                 world_size: int = 1) -> list[Batch | None]:
     """The first ``num`` tuples of ``split`` (manifest order) cut into chunks of ``batch_size``; only the
     chunks rank ``rank`` handles (i % world_size == rank) are kept, the others are None. Every rank reads the
-    same order, so the chunks do not depend on the number of processes."""
+    same order, so the chunks do not depend on the number of processes. In an incomplete set only the tuples
+    that hold every modality count (:func:`complete_tuples`), so every figure judges whole tuples."""
     from mmebm_dist.data.stream import make_loader
 
     if num <= 0:
@@ -134,6 +135,7 @@ def read_chunks(data_path: str | Path, *, num: int, batch_size: int, split: str 
         buffer = [{k: v[size:] for k, v in merged.items()}] if buffered else []
 
     for batch in loader:
+        batch = complete_tuples(batch)
         buffer.append(batch)
         buffered += int(batch["label"].numel())
         while len(chunks) < planned and buffered >= min(batch_size, num - len(chunks) * batch_size):
@@ -145,6 +147,16 @@ def read_chunks(data_path: str | Path, *, num: int, batch_size: int, split: str 
     if not chunks:
         raise ValueError(f"'{data_path}' split '{split}' yielded no tuples")
     return chunks
+
+
+def complete_tuples(batch: Batch) -> Batch:
+    """The tuples of a batch of an incomplete set that hold every modality, without the ``present`` mask
+    (a batch without one is returned as is)."""
+    present = batch.get("present")
+    if present is None:
+        return batch
+    whole = present.all(1)
+    return {k: v[whole] for k, v in batch.items() if k != "present"}
 
 
 def init_distributed_from_env() -> tuple[int, int]:

@@ -383,16 +383,23 @@ def read_commands(path: Path) -> list[dict[str, str]]:
 
 
 def dataset_of(data_path: str) -> tuple[str, str]:
-    """(key, label) of the dataset at ``data_path``: its manifest's source.name, else the path's basename."""
+    """(key, label) of the dataset at ``data_path``: its manifest's source.name (with the drop rate of an
+    incomplete set), else the path's basename."""
     manifest = Path(data_path) / "manifest.json"
     if not manifest.exists():
         print(f"warning: {manifest} not found; naming the dataset after the path", file=sys.stderr)
         name = Path(data_path).name
         return name, name
-    source = json.loads(manifest.read_text()).get("source", {}).get("name")
+    content = json.loads(manifest.read_text())
+    source = content.get("source", {}).get("name")
     if not source:
         raise ResultsError(f"{manifest} has no source.name; rebuild the data set with `mmebm data`")
-    return DATASETS.get(source, (source, source))
+    key, label = DATASETS.get(source, (source, source))
+    if content.get("incomplete"):  # tuples lacking modalities: a data set of its own, named by its drop rate
+        rate = content.get("presence", {}).get("drop_rate")
+        return ((f"{key}-drop{rate:g}", f"{label}, modalities dropped at rate {rate:g}") if rate is not None
+                else (f"{key}-incomplete", f"{label}, incomplete tuples"))
+    return key, label
 
 
 def prior_label(prior_cfg: dict[str, Any]) -> str:

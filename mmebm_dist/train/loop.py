@@ -258,6 +258,18 @@ def _build_model(cfg: Config, accelerator: Accelerator, *, from_checkpoint: bool
     return accelerator.prepare(model, optimizer, scheduler)
 
 
+def _check_presence_order(cfg: Config) -> None:
+    """An incomplete set's ``present`` mask is in the manifest's modality order and the model reads it in
+    model.modalities order: they must be the same list."""
+    from mmebm_dist.data.shards import is_incomplete, modality_names, read_manifest
+
+    manifest = read_manifest(cfg.data.path)
+    names = [m.name for m in cfg.model.modalities]
+    if is_incomplete(manifest) and names != modality_names(manifest):
+        raise ValueError(f"'{cfg.data.path}' is incomplete (its batches carry a presence mask in the order "
+                         f"{modality_names(manifest)}); list model.modalities in that order, got {names}")
+
+
 def _epoch_batches(cfg: Config, world: int) -> int:
     from mmebm_dist.data.stream import epoch_batches
 
@@ -273,6 +285,7 @@ def _epoch_batches(cfg: Config, world: int) -> int:
             f"'{cfg.data.path}' gives no full batch of {cfg.data.batch_size} per rank with {world} "
             "processes; lower data.batch_size or build more samples"
         )
+    _check_presence_order(cfg)
     return per_epoch
 
 

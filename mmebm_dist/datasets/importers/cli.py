@@ -32,6 +32,17 @@ def _modality(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+ALLOW_MISSING = {  # the formats whose tuples can lack a modality, and what that looks like in each
+    "polymnist-folders": "a file missing from some modality folders: import the tuple without those "
+                         "modalities (an incomplete set) instead of stopping",
+    "table": "a row with an empty cell or a missing file: import it without that modality (an incomplete "
+             "set) instead of stopping; a row needs one modality at least",
+    "webdataset": "a sample without some modality's entry: index it as an incomplete set instead of "
+                  "stopping",
+    "cub-captions": "an empty caption line: import that tuple without its caption (an incomplete set)",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One sub-parser per format, each with SRC, --out, --workers, --shard-size, --overwrite."""
     from mmebm_dist.datasets.cli import positive_int
@@ -55,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
         if name != "webdataset":
             p.add_argument("--shard-size", type=positive_int, default=1000, help="tuples per shard")
+        if name in ALLOW_MISSING:
+            p.add_argument("--allow-missing", action="store_true", help=ALLOW_MISSING[name])
         if name in ("polymnist-folders", "table"):
             p.add_argument(
                 "--resize",
@@ -115,6 +128,8 @@ def run_import(args: argparse.Namespace) -> dict[str, Any]:
     """Run the importer of ``args.import_format``; its manifest."""
     common = {"workers": args.workers, "overwrite": args.overwrite}
     fmt = args.import_format
+    if fmt in ALLOW_MISSING:
+        common["allow_missing"] = args.allow_missing
     if fmt == "webdataset":
         from mmebm_dist.datasets.importers.webdataset import import_webdataset
 
@@ -126,7 +141,7 @@ def run_import(args: argparse.Namespace) -> dict[str, Any]:
         from mmebm_dist.datasets.importers.polymnist_folders import import_polymnist_folders
 
         return import_polymnist_folders(args.src, args.out, resize=args.resize, **common)
-    if fmt == "mnist-svhn":
+    if fmt == "mnist-svhn":  # paired from whole arrays: no tuple can lack a modality
         from mmebm_dist.datasets.importers.mnist_svhn import import_mnist_svhn
 
         return import_mnist_svhn(

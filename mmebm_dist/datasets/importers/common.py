@@ -30,6 +30,30 @@ class ImportDataError(ValueError):
     """Source data that cannot be imported; the message names the file (and row or key) and the fix."""
 
 
+MISSING_HINT = "or pass --allow-missing to import the tuple with that modality absent (an incomplete set)"
+
+
+def missing_file(path: Path, allow_missing: bool) -> bool:
+    """Whether the tuple lacks the modality stored in ``path``: True when the file does not exist and
+    ``--allow-missing`` allows it; an ImportDataError naming the file and the flag when it is not allowed."""
+    if path.is_file():
+        return False
+    if allow_missing:
+        return True
+    raise ImportDataError(f"{path}: file does not exist; restore it, {MISSING_HINT}")
+
+
+def mark_incomplete(manifest: dict[str, Any], held: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``manifest`` marked incomplete, with the tuples holding each modality per split, when ``held`` (per
+    split, int [M] in manifest order) falls short of a split's count somewhere; unchanged otherwise."""
+    counts = {split: manifest["splits"][split]["count"] for split in held}
+    if all((held[split] == counts[split]).all() for split in held):
+        return manifest
+    names = shards.modality_names(manifest)
+    return {**manifest, "incomplete": True, "presence": {
+        "counts": {split: {n: int(c) for n, c in zip(names, held[split], strict=True)} for split in held}}}
+
+
 # ------------------------------------------------------------------------------------------------ reading
 
 
@@ -192,13 +216,21 @@ SampleFn = Callable[[dict[str, Any], str, int], tuple[list[tuple[str, bytes]], i
 
 
 def _write_import_shard(job: tuple[str, int, int, int]) -> dict:
+    """Write one shard; its manifest entry plus ``held``: how many of its tuples hold each modality."""
     split, index, start, end = job
     st = generated.worker_state()
     samples = []
+    held = np.zeros(len(st["entries"]), dtype=np.int64)
     for i in range(start, end):
         entries, label = st["sample_fn"](st, split, i)
+        has = np.array([e in {name for name, _ in entries} for e in st["entries"]])
+        if not has.any() or not (has.all() or st["allow_missing"]):
+            lacks = [e for e, h in zip(st["entries"], has, strict=True) if not h]
+            fix = "a tuple needs one modality at least" if not has.any() else MISSING_HINT
+            raise ImportDataError(f"{st['where']}: {split} tuple {i} lacks {lacks}; {fix}")
+        held += has
         samples.append((f"{i:09d}", [*entries, (shards.LABEL_EXT, str(label).encode())]))
-    return generated.write_shard(Path(st["out"]), split, index, samples)
+    return {**generated.write_shard(Path(st["out"]), split, index, samples), "held": held}
 
 
 def write_import(
@@ -215,8 +247,11 @@ def write_import(
     workers: int,
     progress: bool,
     vocab: Vocabulary | None = None,
+    allow_missing: bool = False,
 ) -> dict[str, Any]:
-    """Write the shards (``sample_fn`` per tuple, in worker processes) and the manifest into ``stage``."""
+    """Write the shards (``sample_fn`` per tuple, in worker processes) and the manifest into ``stage``; with
+    ``allow_missing`` a tuple may lack modalities (``sample_fn`` leaves their entries out): the manifest is
+    then marked incomplete (:func:`mark_incomplete`)."""
     if counts.get("train", 0) < 1:
         raise ImportDataError(f"{source.get('path')}: no train tuples found")
     if vocab is not None:
@@ -225,7 +260,9 @@ def write_import(
         _write_import_shard,
         counts,
         shard_size,
-        state={**state, "sample_fn": sample_fn, "out": str(stage)},
+        state={**state, "sample_fn": sample_fn, "out": str(stage), "allow_missing": allow_missing,
+               "entries": [s.entry for s in shards.modality_specs({"modalities": modalities})],
+               "where": source.get("path")},
         workers=workers,
         desc=builder["command"],
         unit="tuple",
@@ -240,6 +277,9 @@ def write_import(
         seed=int(builder.get("seed", 0)),
         builder=builder,
     )
+    held = {split: sum((e["held"] for e in entries if e["split"] == split), np.zeros(len(modalities), int))
+            for split in shards.SPLITS}
+    manifest = mark_incomplete(manifest, held)
     shards.write_manifest(stage, manifest)
     return manifest
 

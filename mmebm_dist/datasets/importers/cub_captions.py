@@ -21,6 +21,7 @@ import numpy as np
 from mmebm_dist.data.text import UNK_ID
 from mmebm_dist.datasets.importers.common import (
     IMAGE_SUFFIXES,
+    MISSING_HINT,
     ImportDataError,
     checked_image,
     encode_captions,
@@ -55,8 +56,9 @@ def scan_images(root: Path) -> list[tuple[Path, str]]:
     return out
 
 
-def read_captions(path: Path, images: int, per_image: int) -> list[str]:
-    """The caption lines of ``path`` (UTF-8), checked to be ``per_image`` per image."""
+def read_captions(path: Path, images: int, per_image: int, allow_missing: bool = False) -> list[str]:
+    """The caption lines of ``path`` (UTF-8), checked to be ``per_image`` per image; with ``allow_missing``
+    an empty line is a tuple without its caption."""
     lines = [line.strip() for line in read_utf8(path).splitlines()]
     lines = lines[:-1] if lines and not lines[-1] else lines
     if len(lines) != images * per_image:
@@ -65,8 +67,9 @@ def read_captions(path: Path, images: int, per_image: int) -> list[str]:
             "image, in image order"
         )
     for n, line in enumerate(lines, start=1):
-        if not line:
-            raise ImportDataError(f"{path}: line {n} is empty; every image needs {per_image} captions")
+        if not line and not allow_missing:
+            raise ImportDataError(f"{path}: line {n} is empty; every image needs {per_image} captions, "
+                                  f"{MISSING_HINT}")
     return lines
 
 
@@ -82,7 +85,9 @@ def _sample(st: dict[str, Any], split: str, i: int) -> tuple[list[tuple[str, byt
     if cache.get("path") != path:  # consecutive tuples share an image: decode it once
         cache["path"] = path
         cache["png"] = png_entry("image", checked_image(path, "RGB", st["resize"], st["shape"]))
-    return [cache["png"], npy_entry("caption", st["ids"][split][i])], label
+    if st["texts"][split][i]:
+        return [cache["png"], npy_entry("caption", st["ids"][split][i])], label
+    return [cache["png"]], label  # no caption (--allow-missing)
 
 
 def import_cub_captions(
@@ -97,6 +102,7 @@ def import_cub_captions(
     workers: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    allow_missing: bool = False,
 ) -> dict[str, Any]:
     """Import CUB images + captions from ``src`` into ``out``; the manifest."""
     src = Path(src)
@@ -105,7 +111,8 @@ def import_cub_captions(
     index = {c: k for k, c in enumerate(class_names)}
     images = {split: [(p, index[c]) for p, c in scanned[split]] for split in SPLITS}
     texts = {
-        split: read_captions(src / CAPTION_FILES[split], len(images[split]), per_image) for split in SPLITS
+        split: read_captions(src / CAPTION_FILES[split], len(images[split]), per_image, allow_missing)
+        for split in SPLITS
     }
     vocab, ids, cut = encode_captions(texts, max_len=max_tokens, min_count=min_count)
     _, shape = first_image_spec(images["train"][0][0], resize)
@@ -116,7 +123,8 @@ def import_cub_captions(
             stage,
             _sample,
             counts,
-            state={"images": images, "ids": ids, "per_image": per_image, "resize": resize, "shape": shape},
+            state={"images": images, "ids": ids, "texts": texts, "per_image": per_image, "resize": resize,
+                   "shape": shape},
             modalities=[image_modality("image", shape, str(src)), text_modality("caption", vocab, str(src))],
             class_names=class_names,
             source={
@@ -140,4 +148,5 @@ def import_cub_captions(
             workers=workers,
             progress=progress,
             vocab=vocab,
+            allow_missing=allow_missing,
         )

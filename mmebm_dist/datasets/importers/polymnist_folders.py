@@ -5,7 +5,7 @@ src/datasets_PolyMNIST.py) numbers files per class, so ``0.3.png`` and ``0.5.png
 every modality folder holds the same file names; their loader pairs the k-th file of each folder's (unsorted)
 listing and reads the label from the name. Here a tuple is the files of one name (index, label) across the
 modality folders, in (index, label) order: the pairing their loader relies on, checked (a name missing from
-one modality is an error instead of a silent shift).
+one modality is an error instead of a silent shift; with ``--allow-missing`` that tuple lacks the modality).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 from mmebm_dist.data.sources import DIGIT_CLASSES
 from mmebm_dist.datasets.importers.common import (
+    MISSING_HINT,
     ImportDataError,
     checked_image,
     first_image_spec,
@@ -48,10 +49,13 @@ def scan_modality(folder: Path) -> dict[tuple[int, int], Path]:
     return found
 
 
-def scan(src: Path) -> tuple[list[str], dict[str, list[tuple[list[Path], int]]]]:
-    """Modality names (m0, m1, ... by number) and per split the tuples (one file per modality, label)."""
+def scan(
+    src: Path, allow_missing: bool = False
+) -> tuple[list[str], dict[str, list[tuple[list[Path | None], int]]]]:
+    """Modality names (m0, m1, ... by number) and per split the tuples (one file per modality, label); with
+    ``allow_missing`` a tuple is every name some folder holds, None where a folder lacks it."""
     names: list[str] | None = None
-    tuples: dict[str, list[tuple[list[Path], int]]] = {}
+    tuples: dict[str, list[tuple[list[Path | None], int]]] = {}
     for split in SPLITS:
         root = src / split
         if not root.is_dir():
@@ -71,15 +75,16 @@ def scan(src: Path) -> tuple[list[str], dict[str, list[tuple[list[Path], int]]]]
         names = split_names
         scanned = [scan_modality(p) for p in folders]
         for folder, files in zip(folders, scanned, strict=True):
-            for key in sorted(set(scanned[0]) ^ set(files)):
+            for key in sorted(set(scanned[0]) ^ set(files)) if not allow_missing else ():
                 missing, present = (
                     (folder, scanned[0][key]) if key in scanned[0] else (folders[0], files[key])
                 )
                 raise ImportDataError(
                     f"{missing}: no file {key[0]}.{key[1]}.png, but {present} exists; every modality "
-                    "folder needs the same file names"
+                    f"folder needs the same file names, {MISSING_HINT}"
                 )
-        tuples[split] = [([files[key] for files in scanned], key[1]) for key in sorted(scanned[0])]
+        keys = sorted(set().union(*scanned))
+        tuples[split] = [([files.get(key) for files in scanned], key[1]) for key in keys]
     assert names is not None
     return names, tuples
 
@@ -89,6 +94,7 @@ def _sample(st: dict[str, Any], split: str, i: int) -> tuple[list[tuple[str, byt
     entries = [
         png_entry(name, checked_image(path, st["modes"][m], st["resize"], st["shapes"][m]))
         for m, (name, path) in enumerate(zip(st["names"], paths, strict=True))
+        if path is not None
     ]
     return entries, label
 
@@ -102,13 +108,17 @@ def import_polymnist_folders(
     workers: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    allow_missing: bool = False,
 ) -> dict[str, Any]:
     """Import ``src`` into shards + manifest in ``out``; the manifest."""
     src = Path(src)
-    names, tuples = scan(src)
-    first = tuples["train"][0][0] if tuples["train"] else None
-    if first is None:
+    names, tuples = scan(src, allow_missing)
+    if not tuples["train"]:
         raise ImportDataError(f"{src / 'train'}: no tuples")
+    first = [next((paths[m] for paths, _ in tuples["train"] if paths[m] is not None), None)
+             for m in range(len(names))]
+    if None in first:
+        raise ImportDataError(f"{src / 'train' / names[first.index(None)]}: no images")
     specs = [first_image_spec(p, resize) for p in first]
     labels = {label for split in SPLITS for _, label in tuples[split]}
     class_names = list(DIGIT_CLASSES) if max(labels) < 10 else [str(c) for c in range(max(labels) + 1)]
@@ -136,4 +146,5 @@ def import_polymnist_folders(
             shard_size=shard_size,
             workers=workers,
             progress=progress,
+            allow_missing=allow_missing,
         )

@@ -19,12 +19,14 @@ import numpy as np
 
 from mmebm_dist.data.text import Vocabulary
 from mmebm_dist.datasets.importers.common import (
+    MISSING_HINT,
     ImportDataError,
     check_shape,
     checked_image,
     encode_captions,
     first_image_spec,
     image_modality,
+    missing_file,
     npy_entry,
     parse_label,
     png_entry,
@@ -83,19 +85,21 @@ def select_rows(
     label: str | None,
     key: str | None,
     on_missing: str,
+    allow_missing: bool = False,
 ) -> tuple[list[tuple[int, dict]], int]:
-    """The rows that have every modality (``on_missing`` ``skip`` drops the others and counts them); checks
-    labels and duplicate keys, naming the file and line."""
+    """The rows that have every modality (``on_missing`` ``skip`` drops the others and counts them;
+    ``allow_missing`` keeps those with one at least); checks labels and duplicate keys, naming the line."""
     kept, skipped, seen = [], 0, {}
     for line, row in rows:
         where = f"{path}: line {line}"
         absent = [name for name, _ in modalities if _missing(row.get(name))]
-        if absent:
+        if absent and not (allow_missing and len(absent) < len(modalities)):
             if on_missing == "skip":
                 skipped += 1
                 continue
             raise ImportDataError(
-                f"{where}: no value for modality {absent[0]!r}; fill it or pass --on-missing skip"
+                f"{where}: no value for modality {absent[0]!r}; fill it, pass --on-missing skip "
+                + ("(the row has no modality)" if allow_missing else MISSING_HINT)
             )
         if label is not None:
             if label not in row:
@@ -143,6 +147,10 @@ def _sample(st: dict[str, Any], split: str, i: int) -> tuple[list[tuple[str, byt
     try:
         entries = []
         for name, kind in st["modalities"]:
+            if _missing(row.get(name)) or (
+                kind != "text" and missing_file(_resolve(st["base"], row[name]), st["allow_missing"])
+            ):
+                continue  # absent (--allow-missing): write_import counts it
             if kind == "image":
                 mode, shape = st["images"][name]
                 image = checked_image(_resolve(st["base"], row[name]), mode, st["resize"], shape)
@@ -161,18 +169,24 @@ def _sample(st: dict[str, Any], split: str, i: int) -> tuple[list[tuple[str, byt
 
 
 def _first_row_shapes(
-    src: Path, first_row: tuple[int, dict], modalities: list[tuple[str, str]], resize: tuple[int, int] | None
+    src: Path, rows: list[tuple[int, dict]], modalities: list[tuple[str, str]], resize: tuple[int, int] | None
 ) -> tuple[dict[str, tuple[str, tuple[int, int, int]]], dict[str, tuple[int, ...]]]:
-    """(mode, shape) of each image column and the shape of each ``.npy`` column, from the first train row:
-    every other row must match them."""
-    line, row = first_row
-    try:
-        images = {
-            n: first_image_spec(_resolve(src.parent, row[n]), resize) for n, k in modalities if k == "image"
-        }
-        arrays = {n: read_npy(_resolve(src.parent, row[n])).shape for n, k in modalities if k == "npy"}
-    except ImportDataError as exc:
-        raise ImportDataError(f"{exc} (table {src}, line {line})") from exc
+    """(mode, shape) of each image column and the shape of each ``.npy`` column, from the first train row
+    holding a file of it: every other row must match them."""
+    images, arrays = {}, {}
+    for n, k in modalities:
+        if k == "text":
+            continue
+        held = (r for r in rows if not _missing(r[1].get(n)) and _resolve(src.parent, r[1][n]).is_file())
+        line, row = next(held, rows[0])  # none: the first row's error names the missing file
+        try:
+            path = _resolve(src.parent, row[n])
+            if k == "image":
+                images[n] = first_image_spec(path, resize)
+            else:
+                arrays[n] = read_npy(path).shape
+        except ImportDataError as exc:
+            raise ImportDataError(f"{exc} (table {src}, line {line})") from exc
     return images, arrays
 
 
@@ -182,7 +196,8 @@ def _encode_text_columns(
     """One vocabulary for every text column (``vocab.json``), the ids per column and split, captions cut."""
     if not texts:
         return None, {}, 0
-    all_text = {s: [str(r[n]) for n in texts for _, r in rows[s]] for s in SPLITS}
+    all_text = {s: ["" if _missing(r.get(n)) else str(r[n]) for n in texts for _, r in rows[s]]
+                for s in SPLITS}
     vocab, encoded, cut = encode_captions(all_text, max_len=max_tokens)
     ids = {
         n: {s: encoded[s][j * len(rows[s]) : (j + 1) * len(rows[s])] for s in SPLITS}
@@ -207,6 +222,7 @@ def import_table(
     workers: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    allow_missing: bool = False,
 ) -> dict[str, Any]:
     """Import a JSONL/CSV table of tuples into shards + manifest in ``out``; the manifest."""
     src = Path(src)
@@ -214,12 +230,14 @@ def import_table(
         raise ImportDataError("name at least one column with --modality NAME=KIND")
     if on_missing not in ON_MISSING:
         raise ImportDataError(f"--on-missing {on_missing!r}: choose one of {', '.join(ON_MISSING)}")
-    kept, skipped = select_rows(src, read_rows(src), modalities, label, key, on_missing)
+    if allow_missing and on_missing == "skip":
+        raise ImportDataError("--allow-missing keeps rows that --on-missing skip drops: choose one")
+    kept, skipped = select_rows(src, read_rows(src), modalities, label, key, on_missing, allow_missing)
     rows = split_rows(kept, test_fraction, seed, src)
     if not rows["train"]:
         raise ImportDataError(f"{src}: no train rows with every modality ({skipped} skipped)")
     base = src.parent
-    images, arrays = _first_row_shapes(src, rows["train"][0], modalities, resize)
+    images, arrays = _first_row_shapes(src, rows["train"], modalities, resize)
     vocab, ids, cut = _encode_text_columns(rows, [n for n, k in modalities if k == "text"], max_tokens)
     specs = []
     for n, k in modalities:
@@ -249,6 +267,7 @@ def import_table(
                 "base": base,
                 "resize": resize,
                 "table": str(src),
+                "allow_missing": allow_missing,
             },
             modalities=specs,
             class_names=[str(c) for c in range(max(labels) + 1)] if labels else [],
@@ -271,5 +290,6 @@ def import_table(
             workers=workers,
             progress=progress,
             vocab=vocab,
+            allow_missing=allow_missing,
         )
     return manifest

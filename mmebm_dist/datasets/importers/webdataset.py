@@ -21,7 +21,7 @@ from mmebm_dist.data.codec import FormatError, decode_png
 from mmebm_dist.data.shards import ModalitySpec
 from mmebm_dist.data.text import VOCAB_FILE, Vocabulary
 from mmebm_dist.datasets import generated
-from mmebm_dist.datasets.importers.common import ImportDataError
+from mmebm_dist.datasets.importers.common import MISSING_HINT, ImportDataError, mark_incomplete
 
 SPLITS = ("train", "test")
 REFUSED = {
@@ -55,14 +55,27 @@ def assign_splits(src: Path, train_glob: str, test_glob: str) -> dict[str, list[
     return out
 
 
-def infer_specs(tar: Path, vocab: Vocabulary | None) -> tuple[list[ModalitySpec], list[dict[str, Any]]]:
-    """Modalities of the first sample of ``tar`` (its ``.png`` / ``.npy`` entries), with manifest entries."""
+def _first_entries(tar: Path, allow_missing: bool) -> tuple[str, dict[str, bytes]]:
+    """The first sample of ``tar`` (key, entries); with ``allow_missing`` the first sample's key with every
+    entry name any sample of the shard has (the first of each), as samples may lack modalities."""
     try:
-        key, sample = next(shards.iter_tar_samples(tar))
+        samples = shards.iter_tar_samples(tar)
+        key, sample = next(samples)
+        for _, more in samples if allow_missing else ():
+            sample = {**more, **sample}
     except StopIteration:
         raise ImportDataError(f"{tar}: empty shard") from None
     except (FormatError, OSError) as exc:
         raise ImportDataError(f"{tar}: unreadable tar ({exc})") from exc
+    return key, sample
+
+
+def infer_specs(
+    tar: Path, vocab: Vocabulary | None, allow_missing: bool = False
+) -> tuple[list[ModalitySpec], list[dict[str, Any]]]:
+    """Modalities of the first sample of ``tar`` (its ``.png`` / ``.npy`` entries; with ``allow_missing`` of
+    any sample of it), with manifest entries."""
+    key, sample = _first_entries(tar, allow_missing)
     specs, entries = [], []
     for entry in sorted(sample):
         name, _, ext = entry.rpartition(".")
@@ -114,15 +127,21 @@ def _load_npy(data: bytes, where: str) -> np.ndarray:
 
 
 def _scan_shard(tar: Path) -> dict[str, Any]:
-    """Verify every sample of one shard against the inferred modalities; its count, sha256, keys, labels."""
-    specs = generated.worker_state()["specs"]
+    """Verify every sample of one shard against the inferred modalities; its count, sha256, keys, labels and
+    how many samples hold each modality."""
+    specs, allow_missing = generated.worker_state()["specs"], generated.worker_state()["allow_missing"]
     keys, labels, key = [], [], None
+    held = np.zeros(len(specs), dtype=np.int64)
     try:
         for key, sample in shards.iter_tar_samples(tar):
             where = f"{tar}: sample {key!r}"
-            for spec in specs:
-                if spec.entry not in sample:
-                    raise ImportDataError(f"{where}: lacks {spec.entry!r} (has {sorted(sample)})")
+            has = np.array([spec.entry in sample for spec in specs])
+            if not has.any() or not (has.all() or allow_missing):
+                lacks = specs[int(np.argmin(has))].entry
+                fix = "a sample needs one modality at least" if not has.any() else MISSING_HINT
+                raise ImportDataError(f"{where}: lacks {lacks!r} (has {sorted(sample)}); {fix}")
+            held += has
+            for spec in (s for s, h in zip(specs, has, strict=True) if h):
                 try:
                     shards.decode_entry(spec, sample[spec.entry])
                 except (OSError, ValueError) as exc:
@@ -141,7 +160,7 @@ def _scan_shard(tar: Path) -> dict[str, Any]:
             labels.append(label)
     except FormatError as exc:
         raise ImportDataError(f"{tar}: unreadable tar after sample {key!r} ({exc})") from exc
-    return {"keys": keys, "labels": labels, "sha256": shards.sha256_file(tar)}
+    return {"keys": keys, "labels": labels, "sha256": shards.sha256_file(tar), "held": held}
 
 
 def import_webdataset(
@@ -153,8 +172,10 @@ def import_webdataset(
     workers: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    allow_missing: bool = False,
 ) -> dict[str, Any]:
-    """Scan and verify the shards of ``src`` and write ``src/manifest.json``; the manifest."""
+    """Scan and verify the shards of ``src`` and write ``src/manifest.json``; the manifest (marked incomplete
+    when, under ``allow_missing``, some samples lack modalities)."""
     src = Path(src)
     if out is not None and Path(out).resolve() != src.resolve():
         raise ImportDataError(
@@ -167,12 +188,12 @@ def import_webdataset(
         raise FileExistsError(f"{src / shards.MANIFEST} exists: pass --overwrite to replace it")
     tars = assign_splits(src, train_glob, test_glob)
     vocab = Vocabulary.load(src / VOCAB_FILE) if (src / VOCAB_FILE).is_file() else None
-    specs, modalities = infer_specs(tars["train"][0], vocab)
+    specs, modalities = infer_specs(tars["train"][0], vocab, allow_missing)
     jobs = [t for s in SPLITS for t in tars[s]]
     scanned = generated.parallel_map(
         _scan_shard,
         jobs,
-        state={"specs": specs},
+        state={"specs": specs, "allow_missing": allow_missing},
         workers=workers,
         desc="scan shards",
         unit="shard",
@@ -206,5 +227,8 @@ def import_webdataset(
             "rewritten": False,
         },
     )
+    held = {s: sum((r["held"] for t, r in zip(jobs, scanned, strict=True) if t in tars[s]),
+                   np.zeros(len(specs), dtype=np.int64)) for s in SPLITS}
+    manifest = mark_incomplete(manifest, held)
     shards.write_manifest(src, manifest)
     return manifest
