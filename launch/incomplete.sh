@@ -84,4 +84,4 @@ fi
 
 runs=()
 for rate in $RATES; do runs+=("$OUT/ebm_drop$(suffix "$rate")" "$OUT/laplace_drop$(suffix "$rate")"); done
-"$MMEBM" results --runs "${runs[@]}" --out-md "$DOCS.md" --out-json "$DOCS.json" --img-dir "$(dirname "$DOCS")/img/incomplete"
+"$MMEBM" results --runs "${runs[@]}" --out-md "$DOCS.md" --out-json "$DOCS.json" --img-dir "$(dirname "$DOCS")/img/incomplete" --notes "${DOCS}_notes.md"
