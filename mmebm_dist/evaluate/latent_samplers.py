@@ -269,29 +269,31 @@ def measure(model, judge, fit_chunks: Sequence[Batch], *, components: Sequence[i
     decoded draws (standard error, n, ms per sample) and its fit's figures. Every rank fits the same samplers
     (same tuples, same seed); the joint samples are split over ranks."""
     z = aggregate_posterior_samples(model, fit_chunks, seed=seed)
-    joint = lambda view: measure_joint(view, judge, num_samples=num_samples, batch_size=batch_size, seed=seed,
-                                       rank=rank, world_size=world_size)
+    def joint(view) -> dict:
+        """The joint-coherence fields of a sampler's entry (its decoded draws judged like the prior's)."""
+        figure = measure_joint(view, judge, num_samples=num_samples, batch_size=batch_size, seed=seed,
+                               rank=rank, world_size=world_size)
+        return {"joint": figure["coherence"], "stderr": figure["stderr"], "n": figure["n"],
+                "ms_per_sample": figure["ms_per_sample"], "fit_split": "train"}
+
     out = {}
     for k in components:
         start = time.perf_counter()
         gmm = fit_gmm(z, k, seed=seed)
         fit_seconds = time.perf_counter() - start
-        figure = joint(MixturePrior(model, gmm))
-        out[f"gmm_{k}"] = {"joint": figure["coherence"], "stderr": figure["stderr"], "n": figure["n"],
-                           "fit_tuples": len(z), "fit_split": "train", "components": k, "covariance": "full",
-                           "converged": bool(gmm.converged_), "train_log_likelihood": float(gmm.score(z)),
-                           "train_nll_per_dim": -float(gmm.score(z)) / z.shape[1],
-                           "fit_seconds": fit_seconds, "ms_per_sample": figure["ms_per_sample"]}
+        log_likelihood = float(gmm.score(z))  # mean per tuple
+        out[f"gmm_{k}"] = {**joint(MixturePrior(model, gmm)), "fit_tuples": len(z), "components": k,
+                           "covariance": "full", "converged": bool(gmm.converged_),
+                           "train_log_likelihood": log_likelihood,
+                           "train_nll_per_dim": -log_likelihood / z.shape[1], "fit_seconds": fit_seconds}
     if flow is not None:
         fitted = fit_flow(z, flow, seed=seed, device=_device_of(model), progress=show_progress)
-        figure = joint(FlowPrior(model, fitted))
-        out[FLOW_NAME] = {"joint": figure["coherence"], "stderr": figure["stderr"], "n": figure["n"],
-                          "fit_tuples": fitted.fit_tuples, "held_out_tuples": fitted.held_out_tuples,
-                          "fit_split": "train", "transforms": flow.transforms, "hidden": flow.hidden,
-                          "steps": flow.steps, "lr": flow.lr, "batch_size": flow.batch_size,
-                          "best_step": fitted.best_step, "train_nll_per_dim": fitted.train_nll,
-                          "held_out_nll_per_dim": fitted.held_out_nll, "fit_seconds": fitted.fit_seconds,
-                          "ms_per_sample": figure["ms_per_sample"]}
+        out[FLOW_NAME] = {**joint(FlowPrior(model, fitted)), "fit_tuples": fitted.fit_tuples,
+                          "held_out_tuples": fitted.held_out_tuples, "transforms": flow.transforms,
+                          "hidden": flow.hidden, "steps": flow.steps, "lr": flow.lr,
+                          "batch_size": flow.batch_size, "best_step": fitted.best_step,
+                          "train_nll_per_dim": fitted.train_nll, "held_out_nll_per_dim": fitted.held_out_nll,
+                          "fit_seconds": fitted.fit_seconds}
     return out
 
 

@@ -419,12 +419,8 @@ def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
                 session.grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             session.optimizer.step()
             session.optimizer.zero_grad(set_to_none=True)
-        terms = {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0}
-        try:
-            session.unwrapped.check_runaway(terms, step)
-        except FloatingPointError as exc:  # models.RunawayError: name the stage and the last good checkpoint
-            where = f"stage '{stage.name}' ({stage.index + 1} of {len(session.stages)}), "
-            raise _with_last_checkpoint(exc, session.run_dir, where) from None
+        terms = _checked_terms(session, out, step,
+                               f"stage '{stage.name}' ({stage.index + 1} of {len(session.stages)}), ")
         for key, value in terms.items():
             step_terms[key] = step_terms.get(key, 0.0) + value / accum
     if stage.name == "joint" and session.unwrapped.energy is not None:
@@ -455,12 +451,18 @@ def _energy_only_step(session: TrainSession, batch: dict, step: int) -> None:
             optimizer.zero_grad(set_to_none=True)
     finally:
         unwrapped.set_stage(stage)
+    _checked_terms(session, out, step, "an extra energy update (model.prior.energy_updates), ")
+
+
+def _checked_terms(session: TrainSession, out: dict, step: int, where: str) -> dict[str, torch.Tensor]:
+    """The detached float scalars of a forward's output, checked for a runaway; a runaway names ``where``
+    (the stage or update) and the last good checkpoint."""
     terms = {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.dim() == 0}
     try:
-        unwrapped.check_runaway(terms, step)
-    except FloatingPointError as exc:
-        where = "an extra energy update (model.prior.energy_updates), "
+        session.unwrapped.check_runaway(terms, step)
+    except FloatingPointError as exc:  # models.RunawayError
         raise _with_last_checkpoint(exc, session.run_dir, where) from None
+    return terms
 
 
 def _reset_optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> None:
