@@ -45,7 +45,10 @@ echo "nodes=$SLURM_NNODES gpus/node=$GPUS_PER_NODE main=$MAIN_PROCESS_IP:$MAIN_P
 # One task per node; SLURM_NODEID is read inside each task (single quotes), giving machine ranks 0..N-1.
 # srun runs in the background so that the shell can take SLURM's signal and forward it to the tasks.
 stop_requested=0
-trap 'stop_requested=1; echo "signal received: asking every rank to checkpoint"; kill -USR1 "$srun_pid"' USR1 TERM
+srun_pid=""
+# A signal that lands before srun_pid is set (between the fork and the assignment) is forwarded just after it.
+trap 'stop_requested=1; echo "signal received: asking every rank to checkpoint"
+      if [ -n "$srun_pid" ]; then kill -USR1 "$srun_pid"; fi' USR1 TERM
 srun --kill-on-bad-exit=1 bash -c '
   exec "$PYTHON" -m accelerate.commands.launch --config_file "$LAUNCH_YAML" \
     --num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID" \
@@ -53,6 +56,7 @@ srun --kill-on-bad-exit=1 bash -c '
     --num_processes $(( SLURM_NNODES * GPUS_PER_NODE )) \
     -m mmebm_dist.train "$@"' bash "$@" &
 srun_pid=$!
+if [ "$stop_requested" = 1 ]; then kill -USR1 "$srun_pid"; fi
 while true; do
   wait "$srun_pid" && status=0 || status=$?
   kill -0 "$srun_pid" 2>/dev/null || break  # still running: the wait was cut short by a trapped signal
