@@ -2,8 +2,10 @@
 # Rerun a published comparison, then regenerate its tables from the runs with `mmebm results`. Two suites:
 #   SUITE=headline (default) -> docs/results.{md,json}: the one-command EBM prior (configs/polymnist_ebm.yaml:
 #     reference -> energy -> joint stages in one run, 5,000 steps of which 2,000 move the encoders and decoders)
-#     against its step-matched Laplace control (configs/polymnist_laplace.yaml, 2,000 steps), seeds $SEEDS on
-#     PolyMNIST and $FASHION_SEEDS on Fashion-MNIST (configs/polyfashion_*.yaml); every run evaluated with the
+#     against its step-matched Laplace control (configs/polymnist_laplace.yaml, 2,000 steps) and the same run
+#     with the energy fitted after 2,000 reference steps and no joint stage (configs/polymnist_ebm_fitted.yaml),
+#     seeds $SEEDS on PolyMNIST and $FASHION_SEEDS on Fashion-MNIST (configs/polyfashion_*.yaml; an empty
+#     SEEDS or FASHION_SEEDS skips that data set); every run evaluated with the
 #     post-hoc baselines fitted to its frozen aggregate posterior (Gaussian mixtures of 10 and 50 components and
 #     a masked autoregressive flow: --gmm-components 10 50 --flow).
 #   SUITE=archive -> docs/results_archive.{md,json}: the earlier study (sessions 1-4), the paper's cold joint
@@ -26,17 +28,17 @@ set -euo pipefail
 MMEBM=${MMEBM:-.venv/bin/mmebm}
 SUITE=${SUITE:-headline}
 STEPS=${STEPS:-1500}
-SEEDS=${SEEDS:-"0 1 2"}
+SEEDS=${SEEDS-"0 1 2"}
 EVAL_SAMPLES=${EVAL_SAMPLES:-5000}
 POSTHOC_LONG_STEPS=${POSTHOC_LONG_STEPS:-3000}
 JOINT_FT_STEPS=${JOINT_FT_STEPS:-500}
 PARALLEL=${PARALLEL:-2}
 case "$SUITE" in
   headline)
-    FASHION_SEEDS=${FASHION_SEEDS:-"0 1 2"}; OUT=${OUT:-runs/results}; DOC=docs/results
+    FASHION_SEEDS=${FASHION_SEEDS-"0 1 2"}; OUT=${OUT:-runs/results}; DOC=docs/results
     IMG=docs/img/results; EVAL_ARGS="--gmm-components 10 50 --flow" ;;
   archive)
-    FASHION_SEEDS=${FASHION_SEEDS:-"0"}; OUT=${OUT:-runs/results_archive}; DOC=docs/results_archive
+    FASHION_SEEDS=${FASHION_SEEDS-"0"}; OUT=${OUT:-runs/results_archive}; DOC=docs/results_archive
     IMG=docs/img/results_archive; EVAL_ARGS="" ;;
   *) echo "launch/reproduce.sh: unknown SUITE '$SUITE'; choose headline or archive" >&2; exit 2 ;;
 esac
@@ -66,6 +68,7 @@ headline_jobs() {
   for s in $SEEDS; do  # the staged EBM run in one command and its step-matched Laplace control
     echo "polymnist_ebm_staged_s$s configs/polymnist_ebm.yaml train.seed=$s train.steps=5000"
     echo "polymnist_laplace_2000_s$s configs/polymnist_laplace.yaml train.seed=$s train.steps=2000"
+    echo "polymnist_ebm_fitted_s$s configs/polymnist_ebm_fitted.yaml train.seed=$s train.steps=5000"
   done
   for s in $FASHION_SEEDS; do
     echo "fashion_ebm_staged_s$s configs/polyfashion_ebm.yaml train.seed=$s train.steps=5000"

@@ -137,6 +137,20 @@ def test_paper_and_baseline_configs_differ_only_in_the_prior_and_match_encoder_d
         k: v for k, v in lap["model"].items() if k != "prior"}
 
 
+def test_fitted_ebm_config_trains_the_controls_model_then_only_the_energy():
+    """polymnist_ebm_fitted.yaml: its reference stage is the Laplace control's whole run (same data, optimiser,
+    network, steps); the rest of the run moves only the energy."""
+    lap = config_to_dict(load_config(CONFIGS[0].parent / "polymnist_laplace.yaml"))
+    fitted = load_config(CONFIGS[0].parent / "polymnist_ebm_fitted.yaml")
+    stages = [(s.stage, s.steps) for s in fitted.train.schedule]
+    assert stages == [("reference", lap["train"]["steps"]), ("energy", 3000)] and fitted.train.steps == 5000
+    fitted_dict = config_to_dict(fitted)
+    for section in ("data", "optim"):
+        assert fitted_dict[section] == lap[section], section
+    assert {k: v for k, v in fitted_dict["model"].items() if k != "prior"} == {
+        k: v for k, v in lap["model"].items() if k != "prior"}
+
+
 RESOLVED = Path(__file__).resolve().parent / "fixtures" / "resolved_configs.json"
 """Every shipped config resolved, pinned: written from main's configs/ when the variants started to inherit
 with base:, rewritten since only where a config changed on purpose (the staged polymnist_ebm.yaml and its
@@ -155,7 +169,8 @@ def test_every_shipped_config_resolves_as_before_and_its_saved_json_loads(tmp_pa
 
 def test_variants_inherit_and_hold_only_what_differs():
     for name in ("polymnist_laplace", "polyfashion_ebm", "polyfashion_laplace", "polymnist_small",
-                 "mnist_svhn_laplace", "birds_laplace", "polymnist_ebm_joint", "polyfashion_ebm_joint"):
+                 "mnist_svhn_laplace", "birds_laplace", "polymnist_ebm_joint", "polyfashion_ebm_joint",
+                 "polymnist_ebm_fitted"):
         data = yaml.safe_load((CONFIGS[0].parent / f"{name}.yaml").read_text())
         assert data["base"].endswith(".yaml") and "modalities" not in data.get("model", {}), name
         assert len(yaml.safe_dump(data).splitlines()) <= 15, name
