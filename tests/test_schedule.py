@@ -131,3 +131,22 @@ def test_a_staged_run_samples_as_its_checkpoint_stage(data2, tmp_path, in_proces
     assert load_run(run).model.stage == "reference"
     train(load_config(run / "config.json", ["train.steps=9"]), resume=True)
     assert load_run(run).model.stage == "joint"
+
+
+def test_the_reference_stage_trains_the_laplace_runs_model_step_for_step(data2, tmp_path, in_process):
+    """An EBM run's reference stage is its Laplace control, bit for bit (same losses, same encoder/decoder
+    weights), so a run that then fits only the energy (configs/polymnist_ebm_fitted.yaml) keeps the control's
+    model and its cross coherence."""
+    from mmebm_dist.train.loop import train
+
+    path = tiny_config(tmp_path / "c.yaml", data2)
+    ebm, lap = tmp_path / "ebm", tmp_path / "lap"
+    train(load_config(path, ["train.steps=6", "train.schedule=[{stage: reference, steps: 3}, "
+                             "{stage: energy, steps: 3}]", f"train.out_dir={ebm}"]))
+    train(load_config(path, ["train.steps=3", "model.prior.kind=laplace", f"train.out_dir={lap}"]))
+    losses = lambda run: [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]  # noqa: E731
+    assert losses(ebm)[:3] == losses(lap) and len(losses(lap)) == 3
+    a = torch.load(latest_checkpoint(ebm) / "model.pt", weights_only=True)
+    b = torch.load(latest_checkpoint(lap) / "model.pt", weights_only=True)
+    shared = [k for k in b if not k.startswith("energy.")]
+    assert shared and set(shared) <= set(a) and all(torch.equal(a[k], b[k]) for k in shared)
