@@ -231,6 +231,14 @@ def test_results_json_layout_and_strictness(runs, tmp_path):
     (ablation,) = ds["ablations"]
     assert ablation["ablation"] and list(ablation["changes"]) == ["model.prior.reference"]
     assert "model.prior.reference: \"gaussian\" (main \"laplace\")" in md
+    # every other step-matched EBM setting gets its own EBM - Laplace line against the main Laplace setting
+    (other,) = ds["other_ebm_minus_laplace"]
+    lap = _setting(report, "laplace")
+    assert (other["ebm"], other["laplace"]) == (gaussian["config_hash"], lap["config_hash"])
+    assert other["joint"]["difference"] == pytest.approx(FIGURES[("ebm", 0)][0] - lap["joint"]["mean"])
+    assert other["joint"]["stderr_kind"] == "binomial"  # one gaussian seed
+    assert (f"**EBM − Laplace** (`{gaussian['config_hash']}` minus `{lap['config_hash']}`, another EBM "
+            "setting against the main Laplace one") in md
 
 
 def test_markdown_tables_and_picture_links(runs, tmp_path):
@@ -388,6 +396,11 @@ def test_model_and_energy_steps_per_run(runs, tmp_path):
     row = next(line for line in md.splitlines() if line.startswith(f"| laplace | `{laplace['config_hash']}`"))
     assert "| 40 / 0 (+ steps of" in row
     assert _setting(report, "ebm/laplace post-hoc")["energy_steps"] == [STEPS]
+    # EBM - Laplace lines beyond the main pair: the staged (25 model steps) and post-hoc (20) settings, not
+    # the main EBM setting, whose fine-tuned seed took 60 model steps against the Laplace runs' 40
+    others = {o["ebm"] for o in report["datasets"][0]["other_ebm_minus_laplace"]}
+    assert others == {_setting(report, "ebm/laplace post-hoc")["config_hash"],
+                      next(r["config_hash"] for r in report["runs"] if r["seed"] == 7)}
     run_row = next(line for line in md.splitlines() if line.startswith("| ebm_laplace_s8 |"))
     assert "| 20 / 40 |" in run_row
     run_row = next(line for line in md.splitlines() if line.startswith("| laplace_s9 |"))
