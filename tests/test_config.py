@@ -138,8 +138,8 @@ def test_paper_and_baseline_configs_differ_only_in_the_prior_and_match_encoder_d
 
 
 def test_fitted_ebm_config_trains_the_controls_model_then_only_the_energy():
-    """polymnist_ebm_fitted.yaml: its reference stage is the Laplace control's whole run (same data, optimiser,
-    network, steps); the rest of the run moves only the energy."""
+    """polymnist_ebm_fitted.yaml: its reference stage is the Laplace control's whole run (same data,
+    optimiser, network, steps); the rest of the run moves only the energy."""
     lap = config_to_dict(load_config(CONFIGS[0].parent / "polymnist_laplace.yaml"))
     fitted = load_config(CONFIGS[0].parent / "polymnist_ebm_fitted.yaml")
     stages = [(s.stage, s.steps) for s in fitted.train.schedule]
