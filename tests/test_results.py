@@ -125,6 +125,11 @@ def test_settings_group_seeds_by_config_hash(runs, tmp_path):
     assert all(re.fullmatch(r"[0-9a-f]{12}", h) for h in hashes.values())
     grouped = [(s["prior"], s["seeds"]) for s in report["settings"]]
     assert grouped == [("ebm/laplace", [0, 1]), ("laplace", [0, 1])]
+    # the config file its runs started from (seed 1 has no commands.log), shown beside the hash
+    assert [s["config_files"] for s in report["settings"]] == [["polymnist_ebm.yaml"]] * 2
+    assert res.config_file([{"argv": "mmebm train --resume runs/x"},
+                            {"argv": "mmebm train --config=a/b.yaml x=1"}]) == "b.yaml"
+    assert res.config_file([{"argv": "mmebm train --resume runs/x"}]) is None
     assert {r["dataset"] for r in report["runs"]} == {"polymnist"}
     cfg = json.loads((runs / "ebm_laplace_s0" / "config.json").read_text())
     other = json.loads(json.dumps(cfg))
@@ -244,7 +249,7 @@ def test_results_json_layout_and_strictness(runs, tmp_path):
 def test_markdown_tables_and_picture_links(runs, tmp_path):
     report, md, out = aggregate(tmp_path, [str(runs / "*")])
     ebm = _setting(report, "ebm/laplace")
-    start = f"| ebm/laplace | `{ebm['config_hash']}` |"
+    start = f"| ebm/laplace | `{ebm['config_hash']}` (polymnist_ebm.yaml) |"
     row = next(line for line in md.splitlines() if line.startswith(start))
     assert res.fmt_figure(ebm["joint"]) in row and res.fmt_figure(ebm["cross"]) in row
     assert "| 0, 1 | 40 |" in row

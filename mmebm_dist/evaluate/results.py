@@ -382,6 +382,19 @@ def read_commands(path: Path) -> list[dict[str, str]]:
     return out
 
 
+def config_file(commands: Sequence[dict[str, str]]) -> str | None:
+    """The file name after ``--config`` in a run's first command (None: no commands.log, or a resume only)."""
+    for command in commands:
+        words = command["argv"].split()
+        for flag, value in zip(words, words[1:], strict=False):
+            if flag == "--config":
+                return Path(value).name
+        for word in words:
+            if word.startswith("--config="):
+                return Path(word.partition("=")[2]).name
+    return None
+
+
 def dataset_of(data_path: str) -> tuple[str, str]:
     """(key, label) of the dataset at ``data_path``: its manifest's source.name (with the drop rate of an
     incomplete set), else the path's basename."""
@@ -487,6 +500,7 @@ def build_settings(runs: Sequence[Run]) -> list[dict[str, Any]]:
             "langevin_steps": first.langevin_steps,
             "langevin_step_size": first.langevin_step_size,
             "runs": [r.name for r in members],
+            "config_files": sorted({f for r in members if (f := config_file(r.commands))}),
             "seeds": [r.seed for r in members],
             "steps": [r.steps for r in members],
             "model_steps": [r.model_steps for r in members],
@@ -842,7 +856,7 @@ def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: P
         mine = [s for s in settings if s["dataset"] == ds["dataset"]]
         lines += ["", f"## {ds['dataset_label']} (`{ds['dataset']}`, data {_data_paths(runs, ds)})",
                   ""]
-        rows = [[s["prior"], f"`{s['config_hash']}`", ", ".join(map(str, s["seeds"])), _steps(s["steps"]),
+        rows = [[s["prior"], _config_cell(s), ", ".join(map(str, s["seeds"])), _steps(s["steps"]),
                  _optimizer_steps(s["model_steps"], s["energy_steps"], s["source_missing"]),
                  fmt_figure(s["joint"]), fmt_figure(s["cross"]), fmt_figure(s["ceiling"]),
                  fmt_wall(s["wall_seconds_mean"]), fmt(s["samples_per_s_mean"], 1)] for s in mine]
@@ -931,6 +945,12 @@ def _sampler_cell(figure: dict | None, seeds: int) -> str:
 def _data_paths(runs: Sequence[dict], ds: dict) -> str:
     paths = sorted({r["data_path"] for r in runs if r["dataset"] == ds["dataset"]})
     return ", ".join(f"`{p}`" for p in paths)
+
+
+def _config_cell(s: dict) -> str:
+    """The config hash, with the config files its runs were started from (commands.log)."""
+    files = ", ".join(s.get("config_files", []))
+    return f"`{s['config_hash']}`" + (f" ({files})" if files else "")
 
 
 def _comparison_line(ds: dict, settings: Sequence[dict], other: dict | None = None) -> str:
