@@ -61,6 +61,11 @@ while true; do
   wait "$srun_pid" && status=0 || status=$?
   kill -0 "$srun_pid" 2>/dev/null || break  # still running: the wait was cut short by a trapped signal
 done
+# srun may exit just after a trapped signal cut that wait short (status 128 + signal, not srun's): bash keeps
+# the status of a child it reaped, so ask once more (127: bash no longer knows the pid; keep what we have).
+final=0
+wait "$srun_pid" 2>/dev/null || final=$?
+if [ "$final" -ne 127 ]; then status=$final; fi
 if [ "$stop_requested" = 1 ]; then
   echo "stopped for preemption/time limit (status $status); requeueing job $SLURM_JOB_ID to resume $RUN_DIR"
   scontrol requeue "$SLURM_JOB_ID"
