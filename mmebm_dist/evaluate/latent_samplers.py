@@ -14,6 +14,7 @@ judge, sample count, batch size and seeded chunks of the run's own joint figure.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import copy
 import math
@@ -208,9 +209,10 @@ def fit_flow(z: np.ndarray, options: FlowOptions, *, seed: int, device: torch.de
     return fitted
 
 
-class LatentSamplerPrior:
+class LatentSamplerPrior(abc.ABC):
     """The model seen by joint coherence, its prior replaced by a fitted latent sampler: z is drawn by
-    :meth:`sample_prior` with the caller's generator (no Langevin chain), then decoded by the model."""
+    :meth:`sample_prior` (each sampler's own) with the caller's generator (no Langevin chain), then decoded by
+    the model."""
 
     def __init__(self, model):
         self.model = model
@@ -219,9 +221,10 @@ class LatentSamplerPrior:
     def parameters(self):
         return self.model.parameters()
 
+    @abc.abstractmethod
     def sample_prior(self, n: int, *, langevin_steps: int | None = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """z [n, d] drawn from the fitted sampler (``langevin_steps`` is accepted and ignored)."""
 
     @torch.no_grad()
     def generate_joint(self, n: int, *, langevin_steps: int | None = None,

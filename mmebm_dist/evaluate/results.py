@@ -386,12 +386,10 @@ def config_file(commands: Sequence[dict[str, str]]) -> str | None:
     """The file name after ``--config`` in a run's first command (None: no commands.log, or a resume only)."""
     for command in commands:
         words = command["argv"].split()
-        for flag, value in zip(words, words[1:], strict=False):
-            if flag == "--config":
-                return Path(value).name
-        for word in words:
-            if word.startswith("--config="):
-                return Path(word.partition("=")[2]).name
+        for i, word in enumerate(words):
+            flag, eq, value = word.partition("=")
+            if flag == "--config" and (eq or i + 1 < len(words)):
+                return Path(value if eq else words[i + 1]).name
     return None
 
 
@@ -949,7 +947,7 @@ def _data_paths(runs: Sequence[dict], ds: dict) -> str:
 
 def _config_cell(s: dict) -> str:
     """The config hash, with the config files its runs were started from (commands.log)."""
-    files = ", ".join(s.get("config_files", []))
+    files = ", ".join(s["config_files"])
     return f"`{s['config_hash']}`" + (f" ({files})" if files else "")
 
 
