@@ -4,10 +4,11 @@
 #     reference -> energy -> joint stages in one run, 5,000 steps of which 2,000 move the encoders and decoders)
 #     against its step-matched Laplace control (configs/polymnist_laplace.yaml, 2,000 steps) and the same run
 #     with the energy fitted after 2,000 reference steps and no joint stage (configs/polymnist_ebm_fitted.yaml),
-#     seeds $SEEDS on PolyMNIST and $FASHION_SEEDS on Fashion-MNIST (configs/polyfashion_*.yaml; an empty
-#     SEEDS or FASHION_SEEDS skips that data set); every run evaluated with the
-#     post-hoc baselines fitted to its frozen aggregate posterior (Gaussian mixtures of 10 and 50 components and
-#     a masked autoregressive flow: --gmm-components 10 50 --flow).
+#     seeds $SEEDS on PolyMNIST; on Fashion-MNIST (seeds $FASHION_SEEDS) the fitted run and its control
+#     (configs/polyfashion_ebm_fitted.yaml, polyfashion_laplace.yaml); an empty SEEDS or FASHION_SEEDS skips
+#     that data set. Every run is evaluated with the post-hoc baselines fitted to its frozen aggregate
+#     posterior (Gaussian mixtures of 10 and 50 components and a masked autoregressive flow:
+#     --gmm-components 10 50 --flow) but the fitted runs, whose encoders and decoders are their control's.
 #   SUITE=archive -> docs/results_archive.{md,json}: the earlier study (sessions 1-4), the paper's cold joint
 #     training (configs/polymnist_ebm_joint.yaml, 1,500 steps) vs the Laplace prior over seeds $SEEDS;
 #     Fashion-MNIST (5 modalities, Debian dataset-fashion-mnist): the same pair, seeds $FASHION_SEEDS, and the
@@ -45,14 +46,14 @@ esac
 mkdir -p "$OUT"
 
 # Data and the coherence classifiers (one per modality, trained on real data).
-if [ ! -f data/polymnist/manifest.json ]; then
+if [ -n "$SEEDS" ] && [ ! -f data/polymnist/manifest.json ]; then
   "$MMEBM" data polymnist --source mnist --modalities 5 --out data/polymnist
 fi
 if [ -n "$FASHION_SEEDS" ] && [ ! -f data/fashion/manifest.json ]; then
   "$MMEBM" data polymnist --source fashion --modalities 5 --out data/fashion
 fi
 # Classifiers train in the background beside the first runs; each eval waits for its data set's classifiers.
-for d in data/polymnist data/fashion; do
+for d in ${SEEDS:+data/polymnist} ${FASHION_SEEDS:+data/fashion}; do
   if [ -f "$d/manifest.json" ] && [ ! -d "$d/classifiers" ]; then
     rm -f "$d.classifiers.failed"
     ( nice -n 5 "$MMEBM" classifiers train --data "$d" >"$d.classifiers.log" 2>&1 || touch "$d.classifiers.failed" ) &
@@ -68,10 +69,10 @@ headline_jobs() {
   for s in $SEEDS; do  # the staged EBM run in one command and its step-matched Laplace control
     echo "polymnist_ebm_staged_s$s configs/polymnist_ebm.yaml train.seed=$s train.steps=5000"
     echo "polymnist_laplace_2000_s$s configs/polymnist_laplace.yaml train.seed=$s train.steps=2000"
-    echo "polymnist_ebm_fitted_s$s configs/polymnist_ebm_fitted.yaml train.seed=$s train.steps=5000"
+    echo "polymnist_ebm_fitted_s$s configs/polymnist_ebm_fitted.yaml train.seed=$s train.steps=5000 --no-samplers"
   done
-  for s in $FASHION_SEEDS; do
-    echo "fashion_ebm_staged_s$s configs/polyfashion_ebm.yaml train.seed=$s train.steps=5000"
+  for s in $FASHION_SEEDS; do  # the fitted schedule (the higher joint coherence on PolyMNIST) and its control
+    echo "fashion_ebm_fitted_s$s configs/polyfashion_ebm_fitted.yaml train.seed=$s train.steps=5000 --no-samplers"
     echo "fashion_laplace_2000_s$s configs/polyfashion_laplace.yaml train.seed=$s train.steps=2000"
   done
 }
@@ -113,10 +114,12 @@ archive_jobs() {
 # evaluate the final checkpoint.
 train_and_eval() {
   local name=$1 config=$2; shift 2
-  local run=$OUT/$name arg steps=$STEPS
+  local run=$OUT/$name arg steps=$STEPS eval_args=$EVAL_ARGS
   local overrides=()
   for arg in "$@"; do
     case $arg in
+      --no-samplers) eval_args="" ;;  # its encoders/decoders are another job's (the fitted schedule's Laplace
+                                      # stage = the control's run): the post-hoc samplers would repeat its figures
       train.init_from=*)  # a run that starts from another (post-hoc prior, fine-tuning) waits for its eval
         until [ -f "${arg#train.init_from=}/eval/eval.json" ]; do sleep 60; done
         overrides+=("$arg") ;;
@@ -139,7 +142,7 @@ train_and_eval() {
   # Evaluate unless an eval newer than the last checkpoint exists.
   if [ ! -f "$run/eval/eval.json" ] || [ "$run/eval/eval.json" -ot "$run/checkpoints/latest" ]; then
     # shellcheck disable=SC2086  # the flag string splits into words on purpose
-    OMP_NUM_THREADS=1 "$MMEBM" eval --run "$run" --num-samples "$EVAL_SAMPLES" $EVAL_ARGS >>"$run.log" 2>&1
+    OMP_NUM_THREADS=1 "$MMEBM" eval --run "$run" --num-samples "$EVAL_SAMPLES" $eval_args >>"$run.log" 2>&1
   fi
   echo "done: $name"
 }

@@ -87,6 +87,25 @@ def test_joint_figure_uses_the_prior_figure_draws():
     assert 0.0 < joint["coherence"] < 1.0 and joint["n"] == 50
 
 
+def test_sweep_starts_from_the_joint_draws_so_its_zero_entry_is_the_laplace_prior_on_the_same_model():
+    """The Langevin sweep reuses the joint figure's seeded draws: its entry at the joint's own step count is
+    the joint figure, and its entry at 0 steps is what a Laplace-prior model with the same encoders and
+    decoders scores (the fitted schedule's control, judged on the same samples)."""
+    ebm = tiny_model(prior="ebm", seed=1)
+    laplace = tiny_model(prior="laplace", seed=5)
+    missing, unexpected = laplace.load_state_dict(ebm.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("energy.") for k in unexpected)
+    judge = DigitJudge(CompareClassifiers())
+    chunks = [tiny_batch(ebm, 6)]
+    out = measure_coherence(ebm, judge, chunks, num_samples=60, batch_size=16, seed=4, joint_langevin_steps=2,
+                            langevin_sweep=(0, 2))
+    sweep = {e["steps"]: (e["coherence"], e["n"]) for e in out["langevin_sweep"]}
+    assert sweep[2] == (out["joint"]["coherence"], out["joint"]["n"])
+    reference = measure_joint(laplace, judge, num_samples=60, batch_size=16, seed=4)
+    assert sweep[0] == (reference["coherence"], reference["n"])
+    assert 0.0 < reference["coherence"] < 1.0
+
+
 def test_measure_fits_on_the_aggregate_posterior_and_reports():
     model = tiny_model(prior="laplace", m=3, seed=1)
     chunks = [tiny_batch(model, 16, seed=s) for s in range(3)]

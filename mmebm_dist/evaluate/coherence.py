@@ -395,7 +395,9 @@ def measure_coherence(model: GenerativeModel, judge: Judge, chunks: Sequence[Bat
     subsets = [(n,) for n in names]
     subsets += [s for k in sorted(set(subset_sizes)) for s in conditioning_subsets(names, k)]
     streams = [("joint", "joint", joint_langevin_steps)]
-    streams += [(("sweep", k), f"joint/{k}", k) for k in langevin_sweep]
+    # Every sweep entry starts its chains from the joint figure's draws (common random numbers): the entry at
+    # 0 steps is the reference prior on the same model, judged on the very z0 the Laplace prior would draw.
+    streams += [(("sweep", k), "joint", k) for k in langevin_sweep]
     own_test = sum(int(chunks[i]["label"].numel()) for i in my_chunks(len(chunks), rank, world_size))
     sizes = chunk_sizes(num_samples, batch_size)
     own_joint = sum(sizes[i] for i in my_chunks(len(sizes), rank, world_size))
