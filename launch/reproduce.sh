@@ -152,4 +152,15 @@ export MMEBM STEPS EVAL_SAMPLES EVAL_ARGS OUT
 "${SUITE}_jobs" | xargs -P "$PARALLEL" -L 1 bash -c 'train_and_eval "$@"' _
 
 wait  # the background classifier trainings (done by now: every eval waited for them)
-"$MMEBM" results --runs "$OUT"/*/ --out-md "$DOC.md" --out-json "$DOC.json" --img-dir "$IMG" --notes "${DOC}_notes.md"
+if [ "$SUITE" = archive ]; then
+  "$MMEBM" results --runs "$OUT"/*/ --out-md "$DOC.md" --out-json "$DOC.json" --img-dir "$IMG" --notes "${DOC}_notes.md"
+else  # one document per data set: docs/results.* (PolyMNIST) and docs/results_fashion.* (Fashion-MNIST)
+  if [ -n "$SEEDS" ]; then
+    "$MMEBM" results --runs "$OUT"/polymnist_*/ --out-md "$DOC.md" --out-json "$DOC.json" --img-dir "$IMG" \
+      --notes "${DOC}_notes.md"
+  fi
+  if [ -n "$FASHION_SEEDS" ]; then
+    "$MMEBM" results --runs "$OUT"/fashion_*/ --out-md "${DOC}_fashion.md" --out-json "${DOC}_fashion.json" \
+      --img-dir "${IMG}_fashion" --notes "${DOC}_fashion_notes.md"
+  fi
+fi

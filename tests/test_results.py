@@ -178,6 +178,25 @@ def test_posthoc_runs_are_paired_with_the_run_they_were_fitted_to(runs, tmp_path
     assert single["joint"]["stderr"] == pytest.approx(math.hypot(0.02, FIGURES[("laplace", 1)][1]))
 
 
+def test_each_ebm_run_is_paired_with_its_own_reference_at_zero_langevin_steps(runs, tmp_path):
+    """joint minus the sweep's 0-step entry, per run, for EBM settings only; one run: the two binomial SEs."""
+    report, md, _ = aggregate(tmp_path, [str(runs / "*")])
+    (gain,) = report["datasets"][0]["minus_own_reference"]
+    assert gain["config_hash"] == _setting(report, "ebm/laplace")["config_hash"]
+    diffs = [FIGURES[("ebm", s)][0] - FIGURES[("ebm", s)][6][0][0] for s in (0, 1)]
+    assert gain["runs"] == ["ebm_laplace_s0", "ebm_laplace_s1"]
+    assert gain["reference_joint"] == [FIGURES[("ebm", s)][6][0][0] for s in (0, 1)]
+    assert gain["joint"]["per_pair"] == pytest.approx(diffs)
+    assert gain["joint"]["difference"] == pytest.approx(sum(diffs) / 2)
+    assert gain["joint"]["stderr"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(2))
+    assert "**EBM prior − its Laplace reference on the same model**" in md and f"{sum(diffs) / 2:+.4f}" in md
+    report, _, _ = aggregate(tmp_path / "one", [str(runs / "ebm_laplace_s1"), str(runs / "laplace_s0")])
+    (single,) = report["datasets"][0]["minus_own_reference"]
+    assert single["joint"]["stderr_kind"] == "binomial"
+    assert single["joint"]["stderr"] == pytest.approx(math.hypot(FIGURES[("ebm", 1)][1],
+                                                                 FIGURES[("ebm", 1)][6][0][1]))
+
+
 def _expected(kind: str, index: int) -> dict:
     values = [FIGURES[(kind, s)][index] for s in (0, 1)]
     ses = [FIGURES[(kind, s)][index + 1] for s in (0, 1)]

@@ -591,6 +591,7 @@ def build_results(runs: Sequence[Run], *, command: str) -> dict[str, Any]:
                          "ebm_minus_laplace": comparison,
                          "other_ebm_minus_laplace": step_matched_others(mine, lap, ebm),
                          "minus_source_run": source_pairs(mine, [r for r in runs if r.dataset == dataset]),
+                         "minus_own_reference": reference_gains(mine, [r for r in runs if r.dataset == dataset]),
                          "ablations": ablations(mine, lap, ebm, configs)})
     return {"generated_by": "mmebm results", "command": command, "runs": [r.to_json() for r in runs],
             "settings": settings, "datasets": datasets, "paper": PAPER}
@@ -634,15 +635,41 @@ def source_pairs(settings: Sequence[dict], runs: Sequence[Run]) -> list[dict[str
                                  "pairs": [{"run": r.name, "base": b.name} for r, b in pairs]}
         for figure in ("joint", "cross"):
             coherence, se = f"{figure}_coherence", f"{figure}_stderr"
-            diffs = [getattr(r, coherence) - getattr(b, coherence) for r, b in pairs]
-            if len(pairs) > 1:
-                stderr, kind = statistics.stdev(diffs) / math.sqrt(len(diffs)), "across-pair"
-            else:
-                ((r, b),) = pairs
-                stderr, kind = math.hypot(getattr(r, se), getattr(b, se)), "binomial"
-            entry[figure] = {"difference": math.fsum(diffs) / len(diffs), "stderr": stderr,
-                             "stderr_kind": kind, "per_pair": diffs}
+            entry[figure] = paired_difference([(getattr(r, coherence), getattr(r, se)) for r, _ in pairs],
+                                              [(getattr(b, coherence), getattr(b, se)) for _, b in pairs])
         out.append(entry)
+    return out
+
+
+def paired_difference(a: Sequence[tuple[float, float]], b: Sequence[tuple[float, float]]) -> dict[str, Any]:
+    """Mean of the paired differences a_i - b_i of (figure, binomial SE) pairs, with the across-pair SE
+    (std / sqrt(k)) or, for a single pair, the two binomial SEs combined."""
+    diffs = [x - y for (x, _), (y, _) in zip(a, b, strict=True)]
+    if len(diffs) > 1:
+        stderr, kind = statistics.stdev(diffs) / math.sqrt(len(diffs)), "across-pair"
+    else:
+        stderr, kind = math.hypot(a[0][1], b[0][1]), "binomial"
+    return {"difference": math.fsum(diffs) / len(diffs), "stderr": stderr, "stderr_kind": kind,
+            "per_pair": diffs}
+
+
+def reference_gains(settings: Sequence[dict], runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per EBM setting whose evals swept 0 Langevin steps: each run's joint coherence minus that of its own
+    reference prior on the same model (the sweep's entry at 0 steps: the draws of the joint figure decoded
+    before any Langevin step, i.e. what a Laplace-prior model with these encoders and decoders scores on the
+    same samples). Paired per run; what the energy adds at sampling, on that model."""
+    out = []
+    for s in settings:
+        if not s["prior"].startswith("ebm/"):
+            continue
+        pairs = [(r, zero) for r in runs if r.config_hash == s["config_hash"]
+                 for zero in r.langevin_sweep if zero["steps"] == 0]
+        if not pairs:
+            continue
+        joint = paired_difference([(r.joint_coherence, r.joint_stderr) for r, _ in pairs],
+                                  [(z["coherence"], z["stderr"]) for _, z in pairs])
+        out.append({"config_hash": s["config_hash"], "runs": [r.name for r, _ in pairs],
+                    "reference_joint": [z["coherence"] for _, z in pairs], "joint": joint})
     return out
 
 
@@ -867,6 +894,7 @@ def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: P
         lines += ["", _comparison_line(ds, mine)]
         lines += [_comparison_line(ds, mine, comp) for comp in ds["other_ebm_minus_laplace"]]
         lines += [_source_line(p) for p in ds["minus_source_run"]]
+        lines += [_reference_line(g) for g in ds.get("minus_own_reference", [])]
         for caption, path in images.get(ds["dataset"], {}).items():
             lines += ["", f"![{caption}]({Path(os.path.relpath(path, md_dir)).as_posix()})"]
     lines += ["", "## Ablations", "",
@@ -977,6 +1005,15 @@ def _source_line(p: dict) -> str:
     runs = ", ".join(f"{q['run']} − {q['base']}" for q in p["pairs"])
     return (f"\n**Minus the run it started from** (`{p['config_hash']}`, train.init_from, paired: {runs}): "
             + "; ".join(parts) + ".")
+
+
+def _reference_line(g: dict) -> str:
+    joint = g["joint"]
+    per_run = ", ".join(f"{name} {d:+.4f}" for name, d in zip(g["runs"], joint["per_pair"], strict=True))
+    return (f"\n**EBM prior − its Laplace reference on the same model** (`{g['config_hash']}`: each run's joint "
+            f"coherence minus its Langevin sweep at 0 steps, the same draws decoded before any Langevin step; "
+            f"paired per run): joint {joint['difference']:+.4f} ± {fmt(joint['stderr'])} "
+            f"({joint['stderr_kind']} SE; {per_run}).")
 
 
 # ------------------------------------------------------------------------------------------------ writing
