@@ -580,6 +580,7 @@ def build_results(runs: Sequence[Run], *, command: str) -> dict[str, Any]:
     datasets = []
     for dataset in sorted({s["dataset"] for s in settings}):
         mine = [s for s in settings if s["dataset"] == dataset]
+        my_runs = [r for r in runs if r.dataset == dataset]
         lap, ebm = main_pair(mine, configs)
         comparison = None
         if lap is not None and ebm is not None:
@@ -590,8 +591,8 @@ def build_results(runs: Sequence[Run], *, command: str) -> dict[str, Any]:
                          "main_ebm": ebm["config_hash"] if ebm else None,
                          "ebm_minus_laplace": comparison,
                          "other_ebm_minus_laplace": step_matched_others(mine, lap, ebm),
-                         "minus_source_run": source_pairs(mine, [r for r in runs if r.dataset == dataset]),
-                         "minus_own_reference": reference_gains(mine, [r for r in runs if r.dataset == dataset]),
+                         "minus_source_run": source_pairs(mine, my_runs),
+                         "minus_own_reference": reference_gains(mine, my_runs),
                          "ablations": ablations(mine, lap, ebm, configs)})
     return {"generated_by": "mmebm results", "command": command, "runs": [r.to_json() for r in runs],
             "settings": settings, "datasets": datasets, "paper": PAPER}
@@ -1010,9 +1011,9 @@ def _source_line(p: dict) -> str:
 def _reference_line(g: dict) -> str:
     joint = g["joint"]
     per_run = ", ".join(f"{name} {d:+.4f}" for name, d in zip(g["runs"], joint["per_pair"], strict=True))
-    return (f"\n**EBM prior − its Laplace reference on the same model** (`{g['config_hash']}`: each run's joint "
-            f"coherence minus its Langevin sweep at 0 steps, the same draws decoded before any Langevin step; "
-            f"paired per run): joint {joint['difference']:+.4f} ± {fmt(joint['stderr'])} "
+    return (f"\n**EBM prior − its Laplace reference on the same model** (`{g['config_hash']}`: each run's "
+            f"joint coherence minus its Langevin sweep at 0 steps, the same draws decoded before any "
+            f"Langevin step; paired per run): joint {joint['difference']:+.4f} ± {fmt(joint['stderr'])} "
             f"({joint['stderr_kind']} SE; {per_run}).")
 
 
