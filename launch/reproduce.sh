@@ -5,8 +5,9 @@
 #     against its step-matched Laplace control (configs/polymnist_laplace.yaml, 2,000 steps) and the same run
 #     with the energy fitted after 2,000 reference steps and no joint stage (configs/polymnist_ebm_fitted.yaml),
 #     seeds $SEEDS on PolyMNIST; on Fashion-MNIST (seeds $FASHION_SEEDS) the fitted run and its control
-#     (configs/polyfashion_ebm_fitted.yaml, polyfashion_laplace.yaml); an empty SEEDS or FASHION_SEEDS skips
-#     that data set. Every run is evaluated with the post-hoc baselines fitted to its frozen aggregate
+#     (configs/polyfashion_ebm_fitted.yaml, polyfashion_laplace.yaml); on MNIST + generated street numbers
+#     (seeds $MNIST_SVHN_SEEDS) configs/mnist_svhn_ebm_fitted.yaml and mnist_svhn_laplace_control.yaml; an empty
+#     SEEDS, FASHION_SEEDS or MNIST_SVHN_SEEDS skips that data set. Every run is evaluated with the post-hoc baselines fitted to its frozen aggregate
 #     posterior (Gaussian mixtures of 10 and 50 components and a masked autoregressive flow:
 #     --gmm-components 10 50 --flow) but the fitted runs, whose encoders and decoders are their control's.
 #   SUITE=archive -> docs/results_archive.{md,json}: the earlier study (sessions 1-4), the paper's cold joint
@@ -23,8 +24,8 @@
 # Each step is idempotent: finished runs and evals are skipped, interrupted runs resume from their checkpoint.
 # $PARALLEL runs train at a time with one thread each (2 on a 2-core machine). On 2 CPU cores a staged
 # PolyMNIST run takes about 75 min of one core, its Laplace control about 45 min, each evaluation 10-15 min.
-# Usage: launch/reproduce.sh  (environment: SUITE, SEEDS, FASHION_SEEDS, EVAL_SAMPLES, PARALLEL, OUT; archive
-#        also STEPS, POSTHOC_LONG_STEPS, JOINT_FT_STEPS)
+# Usage: launch/reproduce.sh  (environment: SUITE, SEEDS, FASHION_SEEDS, MNIST_SVHN_SEEDS, EVAL_SAMPLES,
+#        PARALLEL, OUT; archive also STEPS, POSTHOC_LONG_STEPS, JOINT_FT_STEPS)
 set -euo pipefail
 MMEBM=${MMEBM:-.venv/bin/mmebm}
 SUITE=${SUITE:-headline}
@@ -36,10 +37,12 @@ JOINT_FT_STEPS=${JOINT_FT_STEPS:-500}
 PARALLEL=${PARALLEL:-2}
 case "$SUITE" in
   headline)
-    FASHION_SEEDS=${FASHION_SEEDS-"0 1 2"}; OUT=${OUT:-runs/results}; DOC=docs/results
+    FASHION_SEEDS=${FASHION_SEEDS-"0 1 2"}; MNIST_SVHN_SEEDS=${MNIST_SVHN_SEEDS-"0 1 2"}
+    OUT=${OUT:-runs/results}; DOC=docs/results
     IMG=docs/img/results; EVAL_ARGS="--gmm-components 10 50 --flow" ;;
   archive)
-    FASHION_SEEDS=${FASHION_SEEDS-"0"}; OUT=${OUT:-runs/results_archive}; DOC=docs/results_archive
+    FASHION_SEEDS=${FASHION_SEEDS-"0"}; MNIST_SVHN_SEEDS=""; OUT=${OUT:-runs/results_archive}
+    DOC=docs/results_archive
     IMG=docs/img/results_archive; EVAL_ARGS="" ;;
   *) echo "launch/reproduce.sh: unknown SUITE '$SUITE'; choose headline or archive" >&2; exit 2 ;;
 esac
@@ -52,8 +55,11 @@ fi
 if [ -n "$FASHION_SEEDS" ] && [ ! -f data/fashion/manifest.json ]; then
   "$MMEBM" data polymnist --source fashion --modalities 5 --out data/fashion
 fi
+if [ -n "$MNIST_SVHN_SEEDS" ] && [ ! -f data/mnist_svhn/manifest.json ]; then
+  "$MMEBM" data mnist-svhn --out data/mnist_svhn --encoding raw
+fi
 # Classifiers train in the background beside the first runs; each eval waits for its data set's classifiers.
-for d in ${SEEDS:+data/polymnist} ${FASHION_SEEDS:+data/fashion}; do
+for d in ${SEEDS:+data/polymnist} ${FASHION_SEEDS:+data/fashion} ${MNIST_SVHN_SEEDS:+data/mnist_svhn}; do
   if [ -f "$d/manifest.json" ] && [ ! -d "$d/classifiers" ]; then
     rm -f "$d.classifiers.failed"
     ( nice -n 5 "$MMEBM" classifiers train --data "$d" >"$d.classifiers.log" 2>&1 || touch "$d.classifiers.failed" ) &
@@ -74,6 +80,10 @@ headline_jobs() {
   for s in $FASHION_SEEDS; do  # the fitted schedule (the higher joint coherence on PolyMNIST) and its control
     echo "fashion_ebm_fitted_s$s configs/polyfashion_ebm_fitted.yaml train.seed=$s train.steps=5000 --no-samplers"
     echo "fashion_laplace_2000_s$s configs/polyfashion_laplace.yaml train.seed=$s train.steps=2000"
+  done
+  for s in $MNIST_SVHN_SEEDS; do  # the same schedule on MNIST + generated street numbers, and its control
+    echo "mnist_svhn_ebm_fitted_s$s configs/mnist_svhn_ebm_fitted.yaml train.seed=$s train.steps=5000 --no-samplers"
+    echo "mnist_svhn_laplace_control_s$s configs/mnist_svhn_laplace_control.yaml train.seed=$s train.steps=2000"
   done
 }
 
@@ -162,5 +172,9 @@ else  # one document per data set: docs/results.* (PolyMNIST) and docs/results_f
   if [ -n "$FASHION_SEEDS" ]; then
     "$MMEBM" results --runs "$OUT"/fashion_*/ --out-md "${DOC}_fashion.md" --out-json "${DOC}_fashion.json" \
       --img-dir "${IMG}_fashion" --notes "${DOC}_fashion_notes.md"
+  fi
+  if [ -n "$MNIST_SVHN_SEEDS" ]; then
+    "$MMEBM" results --runs "$OUT"/mnist_svhn_*/ --out-md "${DOC}_mnist_svhn.md" \
+      --out-json "${DOC}_mnist_svhn.json" --img-dir "${IMG}_mnist_svhn" --notes "${DOC}_mnist_svhn_notes.md"
   fi
 fi

@@ -137,11 +137,14 @@ def test_paper_and_baseline_configs_differ_only_in_the_prior_and_match_encoder_d
         k: v for k, v in lap["model"].items() if k != "prior"}
 
 
-def test_fitted_ebm_config_trains_the_controls_model_then_only_the_energy():
-    """polymnist_ebm_fitted.yaml: its reference stage is the Laplace control's whole run (same data,
-    optimiser, network, steps); the rest of the run moves only the energy."""
-    lap = config_to_dict(load_config(CONFIGS[0].parent / "polymnist_laplace.yaml"))
-    fitted = load_config(CONFIGS[0].parent / "polymnist_ebm_fitted.yaml")
+@pytest.mark.parametrize("fitted_name, control_name", [
+    ("polymnist_ebm_fitted", "polymnist_laplace"), ("polyfashion_ebm_fitted", "polyfashion_laplace"),
+    ("mnist_svhn_ebm_fitted", "mnist_svhn_laplace_control")])
+def test_fitted_ebm_config_trains_the_controls_model_then_only_the_energy(fitted_name, control_name):
+    """A fitted config's reference stage is its Laplace control's whole run (same data, optimiser, network,
+    steps); the rest of the run moves only the energy."""
+    lap = config_to_dict(load_config(CONFIGS[0].parent / f"{control_name}.yaml"))
+    fitted = load_config(CONFIGS[0].parent / f"{fitted_name}.yaml")
     stages = [(s.stage, s.steps) for s in fitted.train.schedule]
     assert stages == [("reference", lap["train"]["steps"]), ("energy", 3000)] and fitted.train.steps == 5000
     fitted_dict = config_to_dict(fitted)
@@ -170,7 +173,7 @@ def test_every_shipped_config_resolves_as_before_and_its_saved_json_loads(tmp_pa
 def test_variants_inherit_and_hold_only_what_differs():
     for name in ("polymnist_laplace", "polyfashion_ebm", "polyfashion_laplace", "polymnist_small",
                  "mnist_svhn_laplace", "birds_laplace", "polymnist_ebm_joint", "polyfashion_ebm_joint",
-                 "polymnist_ebm_fitted"):
+                 "polymnist_ebm_fitted", "polyfashion_ebm_fitted", "mnist_svhn_laplace_control"):
         data = yaml.safe_load((CONFIGS[0].parent / f"{name}.yaml").read_text())
         assert data["base"].endswith(".yaml") and "modalities" not in data.get("model", {}), name
         assert len(yaml.safe_dump(data).splitlines()) <= 15, name
