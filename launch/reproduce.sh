@@ -82,8 +82,8 @@ headline_jobs() {
     echo "fashion_laplace_2000_s$s configs/polyfashion_laplace.yaml train.seed=$s train.steps=2000"
   done
   for s in $MNIST_SVHN_SEEDS; do  # the same schedule on MNIST + generated street numbers, and its control
-    echo "mnist_svhn_ebm_fitted_s$s configs/mnist_svhn_ebm_fitted.yaml train.seed=$s train.steps=5000 --no-samplers"
-    echo "mnist_svhn_laplace_control_s$s configs/mnist_svhn_laplace_control.yaml train.seed=$s train.steps=2000"
+    echo "mnist_svhn_ebm_fitted_s$s configs/mnist_svhn_ebm_fitted.yaml train.seed=$s --no-samplers"
+    echo "mnist_svhn_laplace_control_s$s configs/mnist_svhn_laplace_control.yaml train.seed=$s"
   done
 }
 
