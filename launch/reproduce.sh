@@ -6,7 +6,9 @@
 #     with the energy fitted after 2,000 reference steps and no joint stage (configs/polymnist_ebm_fitted.yaml),
 #     seeds $SEEDS on PolyMNIST; on Fashion-MNIST (seeds $FASHION_SEEDS) the fitted run and its control
 #     (configs/polyfashion_ebm_fitted.yaml, polyfashion_laplace.yaml); on MNIST + generated street numbers
-#     (seeds $MNIST_SVHN_SEEDS) configs/mnist_svhn_ebm_fitted.yaml and mnist_svhn_laplace_control.yaml; an empty
+#     (seeds $MNIST_SVHN_SEEDS) configs/mnist_svhn_ebm_fitted.yaml and, for seeds $MNIST_SVHN_CONTROL_SEEDS (default:
+#     all), mnist_svhn_laplace_control.yaml (the fitted run's reference stage bit for bit: a seed without it reads
+#     the control's figures in the fitted run's own eval, sweep at 0 steps and cross, and fits the samplers); an empty
 #     SEEDS, FASHION_SEEDS or MNIST_SVHN_SEEDS skips that data set. Every run is evaluated with the post-hoc baselines fitted to its frozen aggregate
 #     posterior (Gaussian mixtures of 10 and 50 components and a masked autoregressive flow:
 #     --gmm-components 10 50 --flow) but the fitted runs, whose encoders and decoders are their control's.
@@ -24,7 +26,8 @@
 # Each step is idempotent: finished runs and evals are skipped, interrupted runs resume from their checkpoint.
 # $PARALLEL runs train at a time with one thread each (2 on a 2-core machine). On 2 CPU cores a staged
 # PolyMNIST run takes about 75 min of one core, its Laplace control about 45 min, each evaluation 10-15 min.
-# Usage: launch/reproduce.sh  (environment: SUITE, SEEDS, FASHION_SEEDS, MNIST_SVHN_SEEDS, EVAL_SAMPLES,
+# Usage: launch/reproduce.sh  (environment: SUITE, SEEDS, FASHION_SEEDS, MNIST_SVHN_SEEDS,
+#        MNIST_SVHN_CONTROL_SEEDS, EVAL_SAMPLES,
 #        PARALLEL, OUT; archive also STEPS, POSTHOC_LONG_STEPS, JOINT_FT_STEPS)
 set -euo pipefail
 MMEBM=${MMEBM:-.venv/bin/mmebm}
@@ -38,6 +41,7 @@ PARALLEL=${PARALLEL:-2}
 case "$SUITE" in
   headline)
     FASHION_SEEDS=${FASHION_SEEDS-"0 1 2"}; MNIST_SVHN_SEEDS=${MNIST_SVHN_SEEDS-"0 1 2"}
+    MNIST_SVHN_CONTROL_SEEDS=${MNIST_SVHN_CONTROL_SEEDS-$MNIST_SVHN_SEEDS}
     OUT=${OUT:-runs/results}; DOC=docs/results
     IMG=docs/img/results; EVAL_ARGS="--gmm-components 10 50 --flow" ;;
   archive)
@@ -82,8 +86,12 @@ headline_jobs() {
     echo "fashion_laplace_2000_s$s configs/polyfashion_laplace.yaml train.seed=$s train.steps=2000"
   done
   for s in $MNIST_SVHN_SEEDS; do  # the same schedule on MNIST + generated street numbers, and its control
-    echo "mnist_svhn_ebm_fitted_s$s configs/mnist_svhn_ebm_fitted.yaml train.seed=$s --no-samplers"
-    echo "mnist_svhn_laplace_control_s$s configs/mnist_svhn_laplace_control.yaml train.seed=$s"
+    if [[ " $MNIST_SVHN_CONTROL_SEEDS " == *" $s "* ]]; then
+      echo "mnist_svhn_ebm_fitted_s$s configs/mnist_svhn_ebm_fitted.yaml train.seed=$s train.steps=15000 --no-samplers"
+      echo "mnist_svhn_laplace_control_s$s configs/mnist_svhn_laplace_control.yaml train.seed=$s train.steps=12000"
+    else  # no control run: the fitted run's own reference (its sweep at 0 steps, its cross) is that model
+      echo "mnist_svhn_ebm_fitted_s$s configs/mnist_svhn_ebm_fitted.yaml train.seed=$s train.steps=15000"
+    fi
   done
 }
 
