@@ -6,10 +6,10 @@
 #     with the energy fitted after 2,000 reference steps and no joint stage (configs/polymnist_ebm_fitted.yaml),
 #     seeds $SEEDS on PolyMNIST; on Fashion-MNIST (seeds $FASHION_SEEDS) the fitted run and its control
 #     (configs/polyfashion_ebm_fitted.yaml, polyfashion_laplace.yaml); on MNIST + generated street numbers
-#     (seeds $MNIST_SVHN_SEEDS) configs/mnist_svhn_ebm_fitted.yaml and, for seeds $MNIST_SVHN_CONTROL_SEEDS (default:
-#     all), mnist_svhn_laplace_control.yaml (the fitted run's reference stage bit for bit: a seed without it reads
-#     the control's figures in the fitted run's own eval, sweep at 0 steps and cross, and fits the samplers); an empty
-#     SEEDS, FASHION_SEEDS or MNIST_SVHN_SEEDS skips that data set. Every run is evaluated with the post-hoc baselines fitted to its frozen aggregate
+#     (seeds $MNIST_SVHN_SEEDS) configs/mnist_svhn_ebm_fitted.yaml and, for seeds $MNIST_SVHN_CONTROL_SEEDS
+#     (default: all), mnist_svhn_laplace_control.yaml (the fitted run's reference stage bit for bit: a seed
+#     without it reads the control's figures in the fitted run's own eval, sweep at 0 steps and cross, and
+#     fits the samplers); an empty SEEDS, FASHION_SEEDS or MNIST_SVHN_SEEDS skips that data set. Every run is evaluated with the post-hoc baselines fitted to its frozen aggregate
 #     posterior (Gaussian mixtures of 10 and 50 components and a masked autoregressive flow:
 #     --gmm-components 10 50 --flow) but the fitted runs, whose encoders and decoders are their control's.
 #   SUITE=archive -> docs/results_archive.{md,json}: the earlier study (sessions 1-4), the paper's cold joint
@@ -86,11 +86,13 @@ headline_jobs() {
     echo "fashion_laplace_2000_s$s configs/polyfashion_laplace.yaml train.seed=$s train.steps=2000"
   done
   for s in $MNIST_SVHN_SEEDS; do  # the same schedule on MNIST + generated street numbers, and its control
-    if [[ " $MNIST_SVHN_CONTROL_SEEDS " == *" $s "* ]]; then
-      echo "mnist_svhn_ebm_fitted_s$s configs/mnist_svhn_ebm_fitted.yaml train.seed=$s train.steps=15000 --no-samplers"
+    # Without a control run, the fitted run's own eval holds the control's figures and fits the samplers.
+    local control=""
+    if [[ " $MNIST_SVHN_CONTROL_SEEDS " == *" $s "* ]]; then control=1; fi
+    # (no trailing blank: xargs -L would join the next line to this one)
+    echo "mnist_svhn_ebm_fitted_s$s configs/mnist_svhn_ebm_fitted.yaml train.seed=$s train.steps=15000${control:+ --no-samplers}"
+    if [ -n "$control" ]; then
       echo "mnist_svhn_laplace_control_s$s configs/mnist_svhn_laplace_control.yaml train.seed=$s train.steps=12000"
-    else  # no control run: the fitted run's own reference (its sweep at 0 steps, its cross) is that model
-      echo "mnist_svhn_ebm_fitted_s$s configs/mnist_svhn_ebm_fitted.yaml train.seed=$s train.steps=15000"
     fi
   done
 }
