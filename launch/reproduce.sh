@@ -147,12 +147,16 @@ train_and_eval() {
       *) overrides+=("$arg") ;;
     esac
   done
+  local rc=0
   if [ -f "$run/config.json" ]; then
-    "$MMEBM" train --resume "$run" train.steps="$steps" train.threads=1 >>"$run.log" 2>&1
+    "$MMEBM" train --resume "$run" train.steps="$steps" train.threads=1 >>"$run.log" 2>&1 || rc=$?
   else
     "$MMEBM" train --config "$config" train.out_dir="$run" train.steps="$steps" train.threads=1 "${overrides[@]}" \
-      >>"$run.log" 2>&1
+      >>"$run.log" 2>&1 || rc=$?
   fi
+  # A run that stopped early (killed, a runaway energy, a full disk) is not evaluated: an eval of its last
+  # checkpoint would pass for the finished run's figure. Rerunning the script resumes it.
+  if [ $rc -ne 0 ]; then echo "FAILED: $name (mmebm train exit status $rc; see $run.log)" >&2; return 1; fi
   local data
   data=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["data"]["path"])' "$run/config.json")
   until [ -d "$data/classifiers" ]; do

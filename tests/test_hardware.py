@@ -65,12 +65,16 @@ def test_explicit_values_pass_and_bad_ones_raise(cpuinfo, caplog):
 
 
 def test_make_accelerator_resolves_auto(cpuinfo, monkeypatch):
-    """Where the Accelerator is built, auto becomes the precision accelerate runs (fp32 without the flags)."""
+    """Where the Accelerator is built, auto becomes the precision accelerate runs (fp32 without the flags).
+    The CPU's flags decide only where the process trains on the CPU: on a GPU machine the device is pinned to
+    the CPU here (the H200 check of 2026-12-04 read bf16 from the GPU's compute capability)."""
     from accelerate.state import AcceleratorState
 
     from mmebm_dist.config import Config
+    from mmebm_dist.train import distributed
     from mmebm_dist.train.distributed import make_accelerator
 
+    monkeypatch.setattr(distributed, "_local_device", lambda: torch.device("cpu"))
     for flags, expected in (("avx2", "no"), ("avx2 avx512_bf16", "bf16")):
         cpuinfo(flags)
         AcceleratorState._reset_state(True)

@@ -209,6 +209,27 @@ def test_bench_worker_times_every_phase(data2, tmp_path, in_process):
     assert "ebm" in _table([row])
 
 
+def test_bench_times_a_staged_config_as_its_joint_stage(data2, tmp_path, in_process):
+    """A config with train.schedule (reference -> energy -> joint) is timed as its joint stage: its first
+    steps are reference-prior steps that never sample the EBM prior (the H200 check of 2026-12-04 failed on
+    configs/polymnist_ebm.yaml there), and its Laplace twin would not load with stages that need the EBM."""
+    from mmebm_dist.bench.train_step import timed_config, worker
+    from mmebm_dist.config import ConfigError
+
+    staged = ["train.schedule=[{stage: reference, steps: 4}, {stage: energy, steps: 2}, "
+              "{stage: joint, steps: 2}]"]
+    path = str(tiny_config(tmp_path / "c.yaml", data2))
+    with pytest.raises(ConfigError, match="train.schedule"):
+        load_config(path, [*staged, "model.prior.kind=laplace"])
+    cfg, overrides = timed_config(path, staged)
+    assert cfg.train.schedule == [] and overrides[-1] == "train.schedule=[]"
+    assert timed_config(path, [])[1] == []  # a plain run is timed as it is
+    assert load_config(path, [*overrides, "model.prior.kind=laplace"]).model.prior.kind == "laplace"
+    assert worker(cfg, steps=1, warmup=1, synthetic=True)["phases_s"]["langevin"] > 0
+    with pytest.raises(RuntimeError, match="no time was spent in model.sample_prior"):
+        worker(load_config(path, staged), steps=1, warmup=1, synthetic=True)
+
+
 def test_posthoc_prior_trains_only_the_energy_of_the_loaded_model(data2, tmp_path, in_process):
     """model.prior.fit=posthoc with train.init_from: the fixed-prior run's weights load, only the energy
     moves (encoders, decoders bit-identical to the source checkpoint), the result evaluates like any EBM run,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -232,6 +233,17 @@ def step_flops(cfg) -> float:
     return float(counter.total)
 
 
+def _worker_error(stderr: str, keep: int = 4000) -> str:
+    """A failed worker's stderr cut to ``keep`` characters: its first exception line (a compiler's message
+    may be followed by pages of graph), then the tail."""
+    first = next((line for line in stderr.splitlines() if _EXCEPTION_LINE.match(line)), None)
+    tail = stderr[-keep:]
+    return tail if first is None or first in tail else f"{first}\n[...]\n{tail}"
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Unsupported|Failed)\b: ")
+
+
 def _launch(
     processes: int, worker_args: list[str], threads: int, accelerate_config: str | None
 ) -> list[dict]:
@@ -269,7 +281,7 @@ def _launch(
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"benchmark worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"benchmark worker failed ({' '.join(cmd)}):\n{_worker_error(proc.stderr)}")
         return [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank-*.json"))]
 
 
@@ -347,13 +359,29 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def timed_config(path: str, overrides: list[str]):
+    """The config a measurement times and the overrides that make it. A staged run (``train.schedule``) is
+    timed as its joint stage, a plain run (``train.schedule=[]``): that is the EBM step (encoders, decoders
+    and energy, prior samples in the forward); its reference stage's step is the Laplace row's, and the
+    Laplace twin of a staged config could not load (its stages other than joint need the EBM)."""
+    from mmebm_dist.config import load_config
+
+    cfg = load_config(path, overrides)
+    if cfg.train.schedule:
+        print(f"{path} has a train.schedule: timing its joint stage (train.schedule=[]); its reference "
+              "stage's step is the Laplace row's", file=sys.stderr)
+        overrides = [*overrides, "train.schedule=[]"]
+        cfg = load_config(path, overrides)
+    return cfg, overrides
+
+
 def run(args: argparse.Namespace) -> int:
     from mmebm_dist.config import load_config
 
     overrides = list(args.overrides) + [f"train.threads={args.threads}"]
     if args.batch_size is not None:
         overrides.append(f"data.batch_size={args.batch_size}")
-    cfg = load_config(args.config, overrides)
+    cfg, overrides = timed_config(args.config, overrides)
     base = ["--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     base += ["--synthetic"] if args.synthetic else []
     priors = [cfg.model.prior.kind]
