@@ -9,8 +9,10 @@
 #     (seeds $MNIST_SVHN_SEEDS) configs/mnist_svhn_ebm_fitted.yaml and, for seeds $MNIST_SVHN_CONTROL_SEEDS
 #     (default: all), mnist_svhn_laplace_control.yaml (the fitted run's reference stage bit for bit: a seed
 #     without it reads the control's figures in the fitted run's own eval, sweep at 0 steps and cross, and
-#     fits the samplers); an empty SEEDS, FASHION_SEEDS or MNIST_SVHN_SEEDS skips that data set. Every run is evaluated with the post-hoc baselines fitted to its frozen aggregate
-#     posterior (Gaussian mixtures of 10 and 50 components and a masked autoregressive flow:
+#     fits the samplers); on generated birds + captions (seeds $BIRDS_SEEDS, default 0)
+#     configs/birds_ebm_fitted.yaml alone (its eval reads its reference stage as the Laplace control); an empty
+#     SEEDS, FASHION_SEEDS, MNIST_SVHN_SEEDS or BIRDS_SEEDS skips that data set. Every run is evaluated with
+#     the post-hoc baselines fitted to its frozen aggregate posterior (Gaussian mixtures of 10 and 50 components and a masked autoregressive flow:
 #     --gmm-components 10 50 --flow) but the fitted runs, whose encoders and decoders are their control's.
 #   SUITE=archive -> docs/results_archive.{md,json}: the earlier study (sessions 1-4), the paper's cold joint
 #     training (configs/polymnist_ebm_joint.yaml, 1,500 steps) vs the Laplace prior over seeds $SEEDS;
@@ -27,7 +29,7 @@
 # $PARALLEL runs train at a time with one thread each (2 on a 2-core machine). On 2 CPU cores a staged
 # PolyMNIST run takes about 75 min of one core, its Laplace control about 45 min, each evaluation 10-15 min.
 # Usage: launch/reproduce.sh  (environment: SUITE, SEEDS, FASHION_SEEDS, MNIST_SVHN_SEEDS,
-#        MNIST_SVHN_CONTROL_SEEDS, EVAL_SAMPLES,
+#        MNIST_SVHN_CONTROL_SEEDS, BIRDS_SEEDS, EVAL_SAMPLES,
 #        PARALLEL, OUT; archive also STEPS, POSTHOC_LONG_STEPS, JOINT_FT_STEPS)
 set -euo pipefail
 MMEBM=${MMEBM:-.venv/bin/mmebm}
@@ -41,11 +43,11 @@ PARALLEL=${PARALLEL:-2}
 case "$SUITE" in
   headline)
     FASHION_SEEDS=${FASHION_SEEDS-"0 1 2"}; MNIST_SVHN_SEEDS=${MNIST_SVHN_SEEDS-"0 1 2"}
-    MNIST_SVHN_CONTROL_SEEDS=${MNIST_SVHN_CONTROL_SEEDS-$MNIST_SVHN_SEEDS}
+    MNIST_SVHN_CONTROL_SEEDS=${MNIST_SVHN_CONTROL_SEEDS-$MNIST_SVHN_SEEDS}; BIRDS_SEEDS=${BIRDS_SEEDS-"0"}
     OUT=${OUT:-runs/results}; DOC=docs/results
     IMG=docs/img/results; EVAL_ARGS="--gmm-components 10 50 --flow" ;;
   archive)
-    FASHION_SEEDS=${FASHION_SEEDS-"0"}; MNIST_SVHN_SEEDS=""; OUT=${OUT:-runs/results_archive}
+    FASHION_SEEDS=${FASHION_SEEDS-"0"}; MNIST_SVHN_SEEDS=""; BIRDS_SEEDS=""; OUT=${OUT:-runs/results_archive}
     DOC=docs/results_archive
     IMG=docs/img/results_archive; EVAL_ARGS="" ;;
   *) echo "launch/reproduce.sh: unknown SUITE '$SUITE'; choose headline or archive" >&2; exit 2 ;;
@@ -62,11 +64,18 @@ fi
 if [ -n "$MNIST_SVHN_SEEDS" ] && [ ! -f data/mnist_svhn/manifest.json ]; then
   "$MMEBM" data mnist-svhn --out data/mnist_svhn --encoding raw
 fi
+if [ -n "$BIRDS_SEEDS" ] && [ ! -f data/birds/manifest.json ]; then
+  "$MMEBM" data birds --out data/birds --encoding raw
+fi
 # Classifiers train in the background beside the first runs; each eval waits for its data set's classifiers.
-for d in ${SEEDS:+data/polymnist} ${FASHION_SEEDS:+data/fashion} ${MNIST_SVHN_SEEDS:+data/mnist_svhn}; do
+# The birds attribute classifier at docs/datasets.md's size (width 16, batch 32: mean attribute accuracy 0.85).
+for d in ${SEEDS:+data/polymnist} ${FASHION_SEEDS:+data/fashion} ${MNIST_SVHN_SEEDS:+data/mnist_svhn} \
+         ${BIRDS_SEEDS:+data/birds}; do
   if [ -f "$d/manifest.json" ] && [ ! -d "$d/classifiers" ]; then
     rm -f "$d.classifiers.failed"
-    ( nice -n 5 "$MMEBM" classifiers train --data "$d" >"$d.classifiers.log" 2>&1 || touch "$d.classifiers.failed" ) &
+    args=(); [ "$d" = data/birds ] && args=(--steps 1500 --batch-size 32 --width 16)
+    ( nice -n 5 "$MMEBM" classifiers train --data "$d" "${args[@]}" >"$d.classifiers.log" 2>&1 \
+      || touch "$d.classifiers.failed" ) &
   fi
 done
 
@@ -94,6 +103,9 @@ headline_jobs() {
     if [ -n "$control" ]; then
       echo "mnist_svhn_laplace_control_s$s configs/mnist_svhn_laplace_control.yaml train.seed=$s train.steps=12000"
     fi
+  done
+  for s in $BIRDS_SEEDS; do  # one run: its eval reads its reference stage (the Laplace control) and the samplers
+    echo "birds_ebm_fitted_s$s configs/birds_ebm_fitted.yaml train.seed=$s train.steps=12000"
   done
 }
 
@@ -190,5 +202,9 @@ else  # one document per data set: docs/results.* (PolyMNIST) and docs/results_f
   if [ -n "$MNIST_SVHN_SEEDS" ]; then
     "$MMEBM" results --runs "$OUT"/mnist_svhn_*/ --out-md "${DOC}_mnist_svhn.md" \
       --out-json "${DOC}_mnist_svhn.json" --img-dir "${IMG}_mnist_svhn" --notes "${DOC}_mnist_svhn_notes.md"
+  fi
+  if [ -n "$BIRDS_SEEDS" ]; then
+    "$MMEBM" results --runs "$OUT"/birds_*/ --out-md "${DOC}_birds.md" --out-json "${DOC}_birds.json" \
+      --img-dir "${IMG}_birds" --notes "${DOC}_birds_notes.md"
   fi
 fi
