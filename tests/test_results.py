@@ -73,7 +73,7 @@ def write_run(root: Path, data: Path, kind: str, seed: int, figures: tuple, *, e
             "joint": {"coherence": joint, "stderr": joint_se, "n": 500,
                       "langevin_steps": 5 if kind == "ebm" else None},
             "cross": {"coherence": cross, "stderr": cross_se, "n": 400,
-                      "matrix": [[0.9, cross], [cross, 0.9]], "self_coherence": 0.9},
+                      "matrix": [[0.9, cross + 0.01], [cross - 0.01, 0.9]], "self_coherence": 0.9},
             "prior_ceiling": {"coherence": ceil, "stderr": ceil_se, "n": 400},
             "langevin_sweep": [{"steps": k, "coherence": c, "stderr": s, "n": 500, "seconds": 0.1,
                                 "ms_per_sample": 0.2} for k, (c, s) in sorted(sweep.items())],
@@ -286,6 +286,21 @@ def test_markdown_tables_and_picture_links(runs, tmp_path):
         with Image.open(out / link) as img:
             img.verify()
     assert not list(out.rglob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_cross_coherence_both_ways_per_run(runs, tmp_path):
+    """Each run's cross matrix becomes "source -> target" figures in results.json and, for two or three
+    modalities, a table in results.md (birds: image -> caption and caption -> image)."""
+    report, md, _ = aggregate(tmp_path, [str(runs / "*")])
+    run = next(r for r in report["runs"] if r["name"] == "ebm_laplace_s0")
+    cross = FIGURES[("ebm", 0)][2]
+    assert run["cross_directions"] == {"m0 -> m1": pytest.approx(cross + 0.01),
+                                       "m1 -> m0": pytest.approx(cross - 0.01)}
+    assert "## Cross coherence by direction" in md
+    assert "| run | prior | seed | m0 -> m1 | m1 -> m0 |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| ebm_laplace_s0 | ebm/laplace | 0 |"))
+    assert row.endswith(f"| {res.fmt(cross + 0.01)} | {res.fmt(cross - 0.01)} |")
+    assert res.cross_directions({"modalities": ["a"], "cross": {}}) == {}
 
 
 def test_output_is_deterministic(runs, tmp_path):

@@ -187,6 +187,9 @@ class Run:
     eval_dir: str
     joint_samples_png: str | None
     """The eval's joint sample grid, None when the eval dir lacks it."""
+    cross_directions: dict[str, float] = field(default_factory=dict)
+    """Cross coherence per direction, ``"source -> target"``: the off-diagonal of the eval's cross matrix (for
+    birds: attributes stated by the image vs by the caption generated from it, and the other way)."""
     latent_samplers: dict[str, dict] = field(default_factory=dict)
     """Post-hoc latent samplers of the eval (``mmebm eval --gmm-components K --flow``): {"gmm_K" or
     "flow_maf": {"joint", "stderr", "n", "fit_tuples"}}."""
@@ -286,12 +289,23 @@ def load_run(run_dir: Path, eval_name: str = "eval") -> tuple[Run | None, str]:
         linear_probe_accuracy=_num((ev.get("linear_probe") or {}).get("accuracy")),
         eval_dir=str(eval_dir),
         joint_samples_png=str(joint_png) if joint_png.exists() else None,
+        cross_directions=cross_directions(coherence),
         latent_samplers=latent_samplers.run_entries(ev),
         beyond=beyond_coherence.run_figures(ev),
         curves={"step": [r["step"] for r in train], "loss": [_num(r.get("loss")) for r in train],
                 "energy_gap": [_num(r.get("energy_gap")) for r in train]},
     )
     return run, ""
+
+
+def cross_directions(coherence: dict[str, Any]) -> dict[str, float]:
+    """``{"a -> b": coherence}`` from the eval's cross matrix (row: the given modality, column: the generated
+    one); empty when the eval has no matrix."""
+    names, matrix = coherence.get("modalities"), coherence.get("cross", {}).get("matrix")
+    if not names or not matrix:
+        return {}
+    return {f"{src} -> {dst}": _num(matrix[i][j]) for i, src in enumerate(names)
+            for j, dst in enumerate(names) if i != j}
 
 
 def trained_steps(config: dict[str, Any], step: int) -> tuple[int, int]:
@@ -930,9 +944,29 @@ def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: P
                      f"{fmt(r['ceiling_coherence'])} ± {fmt(r['ceiling_stderr'])}", fmt(acc), _commands(r)])
     lines += md_table(["run", "dataset", "prior", "seed", "config", "steps", "model / energy steps", "wall",
                        "samples/s", "joint", "cross", "ceiling", "min classifier acc.", "command"], rows)
+    lines += _direction_lines(runs)
     lines += beyond_coherence.results_lines(runs)
     lines += _sampler_lines(results)
     return "\n".join(lines) + "\n"
+
+
+MAX_DIRECTIONS = 6
+"""Runs with more cross directions than this (PolyMNIST's 5 modalities: 20) keep them in results.json only."""
+
+
+def _direction_lines(runs: Sequence[dict]) -> list[str]:
+    """Cross coherence both ways for each run with at most MAX_DIRECTIONS directions (2 or 3 modalities)."""
+    shown = [r for r in runs if 0 < len(r["cross_directions"]) <= MAX_DIRECTIONS]
+    if not shown:
+        return []
+    lines = ["", "## Cross coherence by direction", "",
+             "Each run's conditional generation per direction (source -> generated modality), as the eval "
+             "measured it over its test tuples; the cross figure above is their mean.", ""]
+    for directions in dict.fromkeys(tuple(r["cross_directions"]) for r in shown):
+        rows = [[r["name"], r["prior"], str(r["seed"]), *(fmt(r["cross_directions"][d]) for d in directions)]
+                for r in shown if tuple(r["cross_directions"]) == directions]
+        lines += md_table(["run", "prior", "seed", *directions], rows) + [""]
+    return lines[:-1]
 
 
 def _sampler_lines(results: dict) -> list[str]:
