@@ -77,7 +77,7 @@ fi
 
 # Eager step (with its Laplace-prior twin: the EBM overhead), then the captured step (CUDA graphs). A staged
 # config is timed as its joint stage (mmebm_dist.bench.train_step.timed_config).
-want train_eager && section train_eager 70 "${MMEBM[@]}" bench train --config configs/polymnist_ebm.yaml \
+want train_eager && section train_eager 110 "${MMEBM[@]}" bench train --config configs/polymnist_ebm.yaml \
     --synthetic --processes 1 --steps 20 --warmup 3 --threads 8
 want train_captured && section train_captured 120 "${MMEBM[@]}" bench train --config configs/polymnist_ebm.yaml \
     --synthetic --processes 1 --steps 20 --warmup 5 --threads 8 train.compile=reduce-overhead
