@@ -878,9 +878,11 @@ def render_markdown(results: dict, images: dict[str, dict[str, Path]], md_dir: P
         "",
         f"    {results['command']}",
         "",
-        "Coherence is measured with one digit classifier per modality (accuracy in the per-run table bounds "
-        "every figure). Joint: share of prior samples on which all classifiers agree; cross: mean over "
-        "targets of the mean over other sources of the classifier's accuracy; ceiling: joint coherence of "
+        "Coherence is measured with one digit classifier per modality (generated birds: the image attribute "
+        "classifier and the exact caption reader, a tuple agreeing when every attribute both sides state "
+        "agrees; accuracy in the per-run table bounds every figure). Joint: share of prior samples on which "
+        "all classifiers agree; cross: mean over targets of the mean over other sources of the classifier's "
+        "accuracy; ceiling: joint coherence of "
         "decodes of the aggregate posterior. A setting groups the seeds of one config (config hash: "
         "config.json without train.seed / train.out_dir). Figures read "
         "`mean ± binomial SE ± across-seed SE`: "
