@@ -12,8 +12,9 @@
 #     fits the samplers); on generated birds + captions (seeds $BIRDS_SEEDS, default 0)
 #     configs/birds_ebm_fitted.yaml alone (its eval reads its reference stage as the Laplace control); an empty
 #     SEEDS, FASHION_SEEDS, MNIST_SVHN_SEEDS or BIRDS_SEEDS skips that data set. Every run is evaluated with
-#     the post-hoc baselines fitted to its frozen aggregate posterior (Gaussian mixtures of 10 and 50 components and a masked autoregressive flow:
-#     --gmm-components 10 50 --flow) but the fitted runs, whose encoders and decoders are their control's.
+#     the post-hoc baselines fitted to its frozen aggregate posterior (Gaussian mixtures of 10 and 50
+#     components and a masked autoregressive flow: --gmm-components 10 50 --flow) but the fitted runs that
+#     have a control, whose encoders and decoders are that control's.
 #   SUITE=archive -> docs/results_archive.{md,json}: the earlier study (sessions 1-4), the paper's cold joint
 #     training (configs/polymnist_ebm_joint.yaml, 1,500 steps) vs the Laplace prior over seeds $SEEDS;
 #     Fashion-MNIST (5 modalities, Debian dataset-fashion-mnist): the same pair, seeds $FASHION_SEEDS, and the

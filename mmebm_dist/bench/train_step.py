@@ -233,15 +233,15 @@ def step_flops(cfg) -> float:
     return float(counter.total)
 
 
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Unsupported|Failed)\b: ")
+
+
 def _worker_error(stderr: str, keep: int = 4000) -> str:
     """A failed worker's stderr cut to ``keep`` characters: its first exception line (a compiler's message
     may be followed by pages of graph), then the tail."""
     first = next((line for line in stderr.splitlines() if _EXCEPTION_LINE.match(line)), None)
     tail = stderr[-keep:]
     return tail if first is None or first in tail else f"{first}\n[...]\n{tail}"
-
-
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Unsupported|Failed)\b: ")
 
 
 def _launch(

@@ -964,11 +964,11 @@ def _direction_lines(runs: Sequence[dict]) -> list[str]:
     lines = ["", "## Cross coherence by direction", "",
              "Each run's conditional generation per direction (source -> generated modality), as the eval "
              "measured it over its test tuples; the cross figure above is their mean.", ""]
-    for directions in dict.fromkeys(tuple(r["cross_directions"]) for r in shown):
+    for i, directions in enumerate(dict.fromkeys(tuple(r["cross_directions"]) for r in shown)):
         rows = [[r["name"], r["prior"], str(r["seed"]), *(fmt(r["cross_directions"][d]) for d in directions)]
                 for r in shown if tuple(r["cross_directions"]) == directions]
-        lines += md_table(["run", "prior", "seed", *directions], rows) + [""]
-    return lines[:-1]
+        lines += [""] * (i > 0) + md_table(["run", "prior", "seed", *directions], rows)
+    return lines
 
 
 def _sampler_lines(results: dict) -> list[str]:
