@@ -34,6 +34,7 @@ from mmebm_dist.train.checkpoint import load_initial_weights, load_resumable, sa
 from mmebm_dist.train.distributed import describe, make_accelerator, zero_stage
 from mmebm_dist.train.heartbeat import Heartbeat, is_timeout
 from mmebm_dist.train.metrics import MetricsWriter, SampleTrace
+from mmebm_dist.train.reference_fit import fit_due, fit_reference
 from mmebm_dist.train.resume import apply_optimizer_changes, optimizer_hyperparameters, resume_changes
 from mmebm_dist.train.runlock import RunLock
 from mmebm_dist.train.signals import StopRequest, run_step_hooks
@@ -402,6 +403,9 @@ def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
     step_terms: dict[str, torch.Tensor] = {}
     stage = session.stage_of(step)
     session.unwrapped.set_step(step)
+    if fit_due(session.unwrapped, stage, step, refit=cfg.model.prior.reference_refit):
+        fit_reference(session.unwrapped, data_path=cfg.data.path, tuples=cfg.model.prior.reference_fit_tuples,
+                      batch_size=cfg.data.batch_size, seed=cfg.train.seed)
     if cfg.train.schedule:
         _reset_optimizer_state(session.optimizer, schedule.starting_groups(session.stages, step))
     for _ in range(accum):
