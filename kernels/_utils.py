@@ -52,7 +52,8 @@ def mlp_shape(weights: Weights) -> tuple[int, int, int]:
 
 def check_chain_args(weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
                      reference: str, reference_scale: float,
-                     noise: torch.Tensor | None, reference_score: Score | None = None) -> tuple[int, int, int]:
+                     noise: torch.Tensor | None,
+                     reference_score: Score | None = None) -> tuple[int, int, int]:
     """Validate the arguments every backend shares; returns (d, H, L)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation '{activation}'; choose one of {', '.join(ACTIVATIONS)}")

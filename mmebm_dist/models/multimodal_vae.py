@@ -107,8 +107,8 @@ class MultimodalVAE(nn.Module):
         stats = reference.fit(z, seed=seed)
         if hasattr(self, "negative_chains"):
             generator = torch.Generator(device="cpu").manual_seed(seed)
-            self.negative_chains.copy_(reference.sample(tuple(self.negative_chains.shape), generator=generator,
-                                                        device="cpu").to(self.negative_chains.device))
+            fresh = reference.sample(tuple(self.negative_chains.shape), generator=generator, device="cpu")
+            self.negative_chains.copy_(fresh.to(self.negative_chains.device))
         return stats
 
     def set_step(self, step: int) -> None:

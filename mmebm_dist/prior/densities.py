@@ -136,7 +136,8 @@ class GaussianMixtureReference(torch.nn.Module):
         device = self.means.device if device is None else device
         comp = torch.multinomial(self.log_weights.exp().to(device), n, replacement=True, generator=generator)
         eps = torch.randn((n, d), generator=generator, device=device, dtype=self.means.dtype)
-        z = self.means.to(device)[comp] + torch.einsum("nde,ne->nd", self.covariance_chol.to(device)[comp], eps)
+        chol = self.covariance_chol.to(device)[comp]  # (n, d, d)
+        z = self.means.to(device)[comp] + torch.einsum("nde,ne->nd", chol, eps)
         return z.to(dtype)
 
 

@@ -94,7 +94,7 @@ def _check_inputs(z0: torch.Tensor, steps: int, step_size: float, noise: torch.T
 
 def _reference_of(reference, scale: float):
     """The density p0 named ``reference`` (with ``scale``), or ``reference`` itself when it is a density
-    object (a learned reference such as :class:`GaussianMixtureReference`, with ``score`` and ``log_prob``)."""
+    object (a learned reference such as ``GaussianMixtureReference``, with ``score`` and ``log_prob``)."""
     return reference_density(reference, scale) if isinstance(reference, str) else reference
 
 
@@ -219,7 +219,7 @@ def _resolve(energy, z0: torch.Tensor, backend: str, reference="laplace") -> tup
         refusal = _triton_refusal(weights, z0, energy.activation)
         if refusal is None and _learned(reference):
             refusal = ("the Triton kernel computes the laplace and gaussian references only; a learned "
-                       "reference (model.prior.reference=gmm) runs on backend='torch' (its score in torch ops)")
+                       "reference (model.prior.reference=gmm) runs on backend='torch' (its score in torch)")
         if refusal is not None:
             if backend == "triton":
                 raise ValueError(f"backend='triton': {refusal}")
@@ -262,8 +262,8 @@ def sample(energy, z0: torch.Tensor, *, steps: int, step_size: float, reference=
             else:
                 workers = auto_workers(z0.shape[0]) if z0.device.type == "cpu" else 0
                 score = p0.score if _learned(p0) else None
-                result = langevin_torch(weights, z0, generator=generator, workers=workers, reference_score=score,
-                                        **kwargs)
+                result = langevin_torch(weights, z0, generator=generator, workers=workers,
+                                        reference_score=score, **kwargs)
         if result.diverged_at is not None:
             raise _divergence(result.diverged_at, step_size, f" (backend '{chosen}')")
         return (result.z, result.energies) if return_energies else result.z
