@@ -4,9 +4,9 @@ At the first step of the first stage that trains the energy (or step 1 of a post
 fitted to aggregate-posterior draws of the frozen-so-far encoders: one z ~ q(z | x_m), m uniform, for each of
 the first ``model.prior.reference_fit_tuples`` train tuples, seeded per chunk: the procedure of the post-hoc
 GMM baseline of ``mmebm eval --gmm-components`` (full covariances, k-means start), run inside the training.
-With ``reference_refit`` it is fitted again at every later stage boundary. Every rank reads the same tuples and
-fits the same mixture (deterministic), so no collective is needed; the fit is saved in the checkpoints, and a
-run resumed after it loads it instead of fitting again.
+With ``reference_refit`` it is fitted again at every later stage boundary. Every rank reads the same tuples
+and fits the same mixture (deterministic), so no collective is needed; the fit is saved in the checkpoints,
+and a run resumed after it loads it instead of fitting again.
 """
 
 from __future__ import annotations
