@@ -85,13 +85,17 @@ class GaussianMixtureReference(torch.nn.Module):
     def fit(self, z: torch.Tensor, *, seed: int, max_iter: int = 500) -> dict[str, float]:
         """Fit to draws z [N, d] with scikit-learn's EM (k-means start, seeded); returns fit diagnostics."""
         from sklearn.mixture import GaussianMixture
+        from threadpoolctl import threadpool_limits
 
         z64 = z.detach().double().cpu().numpy()
         if not 1 <= self.components <= len(z64):
             raise ValueError(f"model.prior.reference_components={self.components} needs at least as many "
                              f"fit draws, got {len(z64)}; raise model.prior.reference_fit_tuples")
-        gmm = GaussianMixture(n_components=self.components, covariance_type="full", max_iter=max_iter,
-                              random_state=seed).fit(z64)
+        # numpy's BLAS threads capped at torch's (train.threads): uncapped, its spinning threads on a shared
+        # 2-core machine made a 7 s fit take over 8 minutes.
+        with threadpool_limits(limits=torch.get_num_threads()):
+            gmm = GaussianMixture(n_components=self.components, covariance_type="full", max_iter=max_iter,
+                                  random_state=seed).fit(z64)
         cov_chol = torch.linalg.cholesky(torch.from_numpy(gmm.covariances_))
         for buf, value in ((self.log_weights, torch.from_numpy(gmm.weights_).log()),
                            (self.means, torch.from_numpy(gmm.means_)),
