@@ -22,6 +22,7 @@ COMMANDS = {
     "sample": ("mmebm_dist.evaluate.sample_cli", "write joint and cross-generation sample grids of a run"),
     "eval": ("mmebm_dist.evaluate.cli", "coherence, ELBO and report of a trained run"),
     "results": ("mmebm_dist.evaluate.results", "aggregate evaluated runs into docs/results.{md,json}"),
+    "questions": ("mmebm_dist.evaluate.questions", "tabulate the paper's open questions from evaluated runs"),
     "classifiers": ("mmebm_dist.evaluate.classifiers_cli", "train the per-modality digit classifiers"),
     "bench": ("mmebm_dist.bench.cli", "throughput benchmarks: langevin, train, data"),
 }
