@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from mmebm_dist.cli import main
 from mmebm_dist.config import load_config, save_config
 from tests.train_helpers import tiny_config
