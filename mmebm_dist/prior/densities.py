@@ -45,8 +45,11 @@ class ReferenceDensity:
         return self.scale * torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
-REFERENCES = ("laplace", "gaussian")
-"""The fixed references; ``gmm`` (:class:`GaussianMixtureReference`) is fitted inside the run."""
+FIXED_REFERENCES = ("laplace", "gaussian")
+"""The references given by a name and a scale (:func:`reference_density`; the fused kernels compute them)."""
+REFERENCES = (*FIXED_REFERENCES, "gmm")
+"""Every ``model.prior.reference``: the fixed ones and ``gmm`` (:class:`GaussianMixtureReference`, fitted in
+the run)."""
 
 
 class GaussianMixtureReference(torch.nn.Module):
@@ -151,8 +154,8 @@ def _sync_fitted(module: GaussianMixtureReference, _incompatible) -> None:
 
 def reference_density(name: str, scale: float = 1.0) -> ReferenceDensity:
     """The reference density called ``name`` (``laplace`` or ``gaussian``) with the given scale."""
-    if name not in REFERENCES:
-        raise ValueError(f"unknown reference density '{name}'; choose one of {', '.join(REFERENCES)}")
+    if name not in FIXED_REFERENCES:
+        raise ValueError(f"unknown reference density '{name}'; choose one of {', '.join(FIXED_REFERENCES)}")
     if not scale > 0:
         raise ValueError(f"reference scale must be positive, got {scale}")
     return ReferenceDensity(name, float(scale))

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from mmebm_dist.kernels.langevin_torch import auto_workers, langevin_torch
-from mmebm_dist.prior.densities import REFERENCES, reference_density
+from mmebm_dist.prior.densities import FIXED_REFERENCES, reference_density
 from mmebm_dist.prior.energy import LEAKY_SLOPE, EnergyMLP
 
 BACKENDS = ("auto", "autograd", "torch", "triton")
@@ -100,7 +100,7 @@ def _reference_of(reference, scale: float):
 
 def _learned(reference) -> bool:
     """A reference the fused kernels cannot compute by name: its score is passed to them as a function."""
-    return not isinstance(reference, str) and getattr(reference, "name", None) not in REFERENCES
+    return not isinstance(reference, str) and getattr(reference, "name", None) not in FIXED_REFERENCES
 
 
 def sample_autograd(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, steps: int,
@@ -109,7 +109,7 @@ def sample_autograd(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Te
                     return_energies: bool = False):
     """Reference backend: grad f from autograd at every step. Returns z_K (and per-step mean f if asked).
 
-    ``reference``: a name in REFERENCES (with ``reference_scale``) or a density object with ``score``."""
+    ``reference``: a name in FIXED_REFERENCES (with ``reference_scale``) or a density object (``score``)."""
     p0 = _reference_of(reference, reference_scale)
     z = z0.detach().clone()
     drift = 0.5 * step_size**2
@@ -240,8 +240,8 @@ def sample(energy, z0: torch.Tensor, *, steps: int, step_size: float, reference=
     ``noise`` [steps, B, d], when given, replaces the fresh N(0, I) draws (makes backends comparable).
     ``return_energies`` also returns the mean f(z_k) before each step k, shape [steps] (chain diagnostics).
     A non-finite chain raises :class:`LangevinDivergenceError` naming the step.
-    ``reference``: a name in REFERENCES (with ``reference_scale``) or a learned density object (``score``,
-    ``log_prob``): the autograd and torch backends add its score; triton refuses it (``auto`` takes torch).
+    ``reference``: a name in FIXED_REFERENCES (with ``reference_scale``) or a learned density object
+    (``score``, ``log_prob``): the autograd and torch backends add its score; triton refuses it (``auto`` takes torch).
     """
     _check_inputs(z0, steps, step_size, noise)
     # ZeRO-3: full weights for the fused backends for the chain's duration (no-op otherwise).
