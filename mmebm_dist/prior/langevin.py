@@ -241,7 +241,8 @@ def sample(energy, z0: torch.Tensor, *, steps: int, step_size: float, reference=
     ``return_energies`` also returns the mean f(z_k) before each step k, shape [steps] (chain diagnostics).
     A non-finite chain raises :class:`LangevinDivergenceError` naming the step.
     ``reference``: a name in FIXED_REFERENCES (with ``reference_scale``) or a learned density object
-    (``score``, ``log_prob``): the autograd and torch backends add its score; triton refuses it (``auto`` takes torch).
+    (``score``, ``log_prob``): the autograd and torch backends add its score; triton refuses it (``auto``
+    takes torch).
     """
     _check_inputs(z0, steps, step_size, noise)
     # ZeRO-3: full weights for the fused backends for the chain's duration (no-op otherwise).
