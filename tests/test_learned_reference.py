@@ -135,3 +135,29 @@ def test_importance_resampled_starts_keep_the_candidate_of_highest_energy_when_i
     picked = model._importance_resampled(z0, torch.Generator().manual_seed(1))
     # the max of 64 Laplace(0, 1) draws has median ~ log(64 / 2 / log 2) ~ 3.8; a p0 draw's is 0
     assert picked[:, 0].median() > 3.0 and z0[:, 0].median().abs() < 0.3
+
+
+def test_reference_refit_fits_again_when_a_later_stage_starts(data2, tmp_path, in_process, monkeypatch):
+    """With reference_refit the mixture is fitted when the energy stage starts and again when the joint
+    stage starts (the encoders move from there on); without it, once."""
+    import mmebm_dist.train.loop as loop
+
+    calls = []
+    original = loop.fit_reference
+
+    def counting(model, **kwargs):
+        calls.append(model.learned_reference.fitted)
+        return original(model, **kwargs)
+
+    monkeypatch.setattr(loop, "fit_reference", counting)
+    path = tiny_config(tmp_path / "c.yaml", data2)
+    staged = [*GMM_STAGED[:3], *GMM_STAGED[4:], "train.steps=8",
+              "train.schedule=[{stage: reference, steps: 2}, {stage: energy, steps: 3, prior_lr: 0.01}, "
+              "{stage: joint, steps: 3}]"]
+    refit = ["model.prior.reference_refit=true", f"train.out_dir={tmp_path / 'a'}"]
+    loop.train(load_config(path, [*staged, *refit]))
+    assert calls == [False, True]  # fitted at step 3, fitted again at step 6
+    calls.clear()
+    in_process()
+    loop.train(load_config(path, [*staged, f"train.out_dir={tmp_path / 'b'}"]))
+    assert calls == [False]
