@@ -49,12 +49,14 @@ STAGES="{stage: reference, steps: 1000}, {stage: energy, steps: 1200, prior_lr: 
 jobs_list() {
   cat <<EOF
 L_s03 ${POSTHOC[*]} model.prior.langevin.steps=120 model.prior.langevin.step_size=0.3
+L_s03_long ${POSTHOC[*]} model.prior.langevin.steps=120 model.prior.langevin.step_size=0.3 train.steps=4800
 Gs_s03 ${POSTHOC[*]} model.prior.reference=gaussian model.prior.langevin.steps=120 model.prior.langevin.step_size=0.3
 G_s03 ${POSTHOC[*]} ${GMM[*]} model.prior.langevin.steps=120 model.prior.langevin.step_size=0.3
 G_s01 ${POSTHOC[*]} ${GMM[*]} model.prior.langevin.steps=60 model.prior.langevin.step_size=0.1
 G_s005 ${POSTHOC[*]} ${GMM[*]} model.prior.langevin.steps=60 model.prior.langevin.step_size=0.05
 G_sir ${POSTHOC[*]} ${GMM[*]} model.prior.langevin.init=sir model.prior.langevin.steps=30 model.prior.langevin.step_size=0.1
 G_s01_long ${POSTHOC[*]} ${GMM[*]} model.prior.langevin.steps=60 model.prior.langevin.step_size=0.1 train.steps=4800
+G_s01_9600 ${POSTHOC[*]} ${GMM[*]} model.prior.langevin.steps=60 model.prior.langevin.step_size=0.1 train.steps=9600
 J1_gmm ${JOINT[*]} ${GMM[*]} model.prior.langevin.steps=60 model.prior.langevin.step_size=0.1 'train.schedule=[$STAGES, {stage: joint, steps: 400, prior_lr: 1.0e-3}]'
 J2_gmm_slow ${JOINT[*]} ${GMM[*]} model.prior.langevin.steps=60 model.prior.langevin.step_size=0.1 'train.schedule=[$STAGES, {stage: joint, steps: 400, lr: 1.0e-3, prior_lr: 1.0e-3}]'
 J3_lap ${JOINT[*]} model.prior.langevin.steps=120 model.prior.langevin.step_size=0.3 'train.schedule=[$STAGES, {stage: joint, steps: 400, prior_lr: 1.0e-3}]'
@@ -73,9 +75,9 @@ export -f one
 export EVAL_STR="${EVAL[*]}"
 jobs_list | xargs -P "$JOBS" -L 1 bash -c 'EVAL=($EVAL_STR); one "$@"' _
 
-# 4. The posterior refinement and log p(X) of (c), on the fitted GMM-reference prior.
+# 4. The posterior refinement and log p(X) of (c), on the GMM-reference prior fitted for 4,800 steps.
 for step in 0.05 0.1; do
-  evaluate G_s01 "eval_refine_$step" --langevin-sweep --refine-steps 0 10 30 --refine-step-size "$step" \
+  evaluate G_s01_long "eval_refine_$step" --langevin-sweep --refine-steps 0 10 30 --refine-step-size "$step" \
     --likelihood-particles 100 --likelihood-tuples 200
 done
 "$MMEBM" questions --runs "$OUT/*" --out-md docs/questions.md --out-json docs/questions.json \
