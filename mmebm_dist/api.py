@@ -67,7 +67,7 @@ __all__ = [
 
 def load_trained(run_dir: str | Path, *, device: str = "cpu") -> MultimodalVAE:
     """The model of a training run (its newest complete checkpoint), of an export folder (``mmebm export``)
-    or of ``hf://USER/REPO`` (an export on the Hugging Face Hub, through ``huggingface_hub``), in eval mode."""
+    or of ``hf://USER/REPO`` (an export on the Hugging Face Hub, via ``huggingface_hub``), in eval mode."""
     from mmebm_dist.evaluate.generate import load_run
 
     return load_run(run_dir, device=device).model

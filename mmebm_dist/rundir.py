@@ -6,6 +6,7 @@ RUN_DIR/config.json             the resolved config (``mmebm_dist.config.save_co
 RUN_DIR/commands.log            one line per invocation: UTC time, world size, argv
 RUN_DIR/metrics.jsonl           a JSON record per logged step (and per periodic evaluation)
 RUN_DIR/tb/                     TensorBoard events
+RUN_DIR/trackers.json           the MLflow / wandb run ids a resumed run continues (train.trackers)
 RUN_DIR/trace/rank-<i>.jsonl    ``mmebm train --trace-samples``: the samples each rank read
 RUN_DIR/checkpoints/step-NNNNNNN/  train_state.json, model.pt and accelerate's state (train/checkpoint.py)
 RUN_DIR/checkpoints/latest      the name of the newest checkpoint (a hint; the directory scan decides)
@@ -31,6 +32,7 @@ CONFIG_FILE = "config.json"
 COMMANDS_LOG = "commands.log"
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
+TRACKERS_FILE = "trackers.json"
 TRACE_DIR = "trace"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"

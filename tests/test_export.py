@@ -39,7 +39,8 @@ def _front_matter(card: str) -> dict:
 
 def test_export_loads_back_with_equal_parameters_and_samples(exported):
     run_dir, out, _ = exported
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "images", "model.safetensors"]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["README.md", "config.json", "images", "model.safetensors"]
     assert b"pickle" not in (out / "model.safetensors").read_bytes()[:8]  # safetensors: a JSON header length
     from_run, from_export = api.load_trained(run_dir), api.load_trained(out)
     run_state, export_state = from_run.state_dict(), from_export.state_dict()

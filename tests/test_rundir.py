@@ -19,8 +19,8 @@ def test_portable_argv_names_the_program_and_relativises_paths_under_the_root(tm
     argv = [str(root / ".venv/bin/mmebm"), "train", "--config", str(root / "configs/tiny.yaml"),
             f"train.out_dir={root}/runs/a", "data.path=/elsewhere/data", "--resume", "runs/b"]
     assert portable_argv(argv, root=root) == [
-        "mmebm", "train", "--config", "configs/tiny.yaml", "train.out_dir=runs/a", "data.path=/elsewhere/data",
-        "--resume", "runs/b"]
+        "mmebm", "train", "--config", "configs/tiny.yaml", "train.out_dir=runs/a",
+        "data.path=/elsewhere/data", "--resume", "runs/b"]
     module = [str(root / "mmebm_dist/train/__main__.py"), "--config", "c.yaml"]
     assert portable_argv(module, root=root) == ["python", "-m", "mmebm_dist.train", "--config", "c.yaml"]
     assert portable_argv([str(root / "launch/x.py"), str(root)], root=root) == ["launch/x.py", "."]
@@ -38,7 +38,8 @@ def test_portable_command_rewrites_only_a_venv_program(logged, portable):
 
 def test_commands_log_round_trip_is_portable(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", [str(tmp_path / ".venv/bin/mmebm"), "train", f"train.out_dir={tmp_path}/r"])
+    argv = [str(tmp_path / ".venv/bin/mmebm"), "train", f"train.out_dir={tmp_path}/r"]
+    monkeypatch.setattr(sys, "argv", argv)
     append_command(tmp_path, world_size=2)
     (tmp_path / "commands.log").write_text((tmp_path / "commands.log").read_text()
                                            + "2026-01-01T00:00:00Z\tworld_size=1\t/x/.venv/bin/mmebm eval\n")
