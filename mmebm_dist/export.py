@@ -170,6 +170,16 @@ def read_export(directory: str | Path) -> Export:
                   manifest_hash=metadata.get("manifest_hash") or None)
 
 
+def output_dir(source: str | Path, out: str | Path | None, name: str) -> Path:
+    """Where a command writes for ``source``: ``out`` when given, else ``SOURCE/name``; a Hub model (its
+    folder is the Hugging Face cache) needs ``out``."""
+    if out:
+        return Path(out)
+    if str(source).startswith(HF_PREFIX):
+        raise ExportError(f"{source} lives in the Hugging Face cache; pass --out DIR for what this writes")
+    return Path(source) / name
+
+
 def resolve_source(source: str | Path) -> Path:
     """A local folder for ``source``: ``hf://user/repo[@revision]`` is downloaded (or read from the local
     Hugging Face cache, e.g. under ``HF_HUB_OFFLINE=1``); anything else is returned as a path."""

@@ -115,7 +115,10 @@ def test_hf_source_loads_through_huggingface_hub_offline(exported, tmp_path, mon
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
     with pytest.raises(export.ExportError, match="cannot download someone/absent from the Hugging Face Hub"):
         api.load_trained("hf://someone/absent")
-    assert main(["sample", "--run", "hf://someone/absent", "--joint", "2"], one_line_errors=True) == 1
+    assert main(["sample", "--run", "hf://someone/absent", "--joint", "2", "--out", str(tmp_path)],
+                one_line_errors=True) == 1
+    with pytest.raises(export.ExportError, match="pass --out DIR"):  # never write into the Hub's cache
+        main(["sample", "--run", "hf://someone/tiny-ebm", "--joint", "2"])
 
 
 def test_push_without_network_is_one_line_naming_the_repo(exported, monkeypatch, capsys):
