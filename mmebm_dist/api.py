@@ -1,7 +1,7 @@
 """The Python API: the CLI's config, model, training loop, importers and sampler, callable from a script.
 
 Register a modality family, describe the experiment as a :class:`Config`, ``train(cfg)``, then
-``load_trained(run_dir)`` and ``sample(model, n)``; the README shows a whole example.
+``load_trained(run_dir)`` and ``sample(model, n)``; docs/python-api.md shows a whole example.
 """
 
 from __future__ import annotations
