@@ -67,6 +67,25 @@ def test_mlflow_file_store_gets_scalars_params_grids_and_the_resumed_segment(dat
     assert client.get_run(run_id).data.params["train.steps"] == "4"  # parameters of the first segment
 
 
+def test_a_tracker_added_on_resume_starts_its_run_with_the_config(data2, tmp_path, monkeypatch, in_process):
+    pytest.importorskip("mlflow", reason="no mlflow extra: pip install 'mmebm_dist[mlflow]'")
+    from mlflow.tracking import MlflowClient
+
+    store = f"file:{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    train(_config(data2, tmp_path, ["tensorboard"]))
+    run_dir = tmp_path / "run"
+    assert not (run_dir / TRACKERS_FILE).exists()  # TensorBoard needs no id
+    in_process()
+    train(load_config(run_dir / "config.json", ["train.steps=8", "train.trackers=[tensorboard,mlflow]"]),
+          resume=True)
+    run_id = json.loads((run_dir / TRACKERS_FILE).read_text())["mlflow"]
+    run = MlflowClient(store).get_run(run_id)
+    assert run.data.params["train.steps"] == "8" and run.data.params["model.latent_dim"] == "4"
+    assert [m.step for m in MlflowClient(store).get_metric_history(run_id, "loss")] == [5, 6, 7, 8]
+
+
 def _wandb_log(folder) -> bytes:
     """The bytes of an offline wandb run's record log (protobuf records: keys and JSON values as text), once
     wandb's service process has written it out (``wandb.teardown``)."""

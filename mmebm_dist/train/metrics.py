@@ -130,7 +130,8 @@ class MetricsWriter:
     trackers (:func:`make_trackers`), which it starts.
 
     Create it on every rank; it writes only when ``enabled`` (rank 0), so call sites need no rank checks.
-    ``config`` (the resolved config) is stored as the trackers' parameters on a fresh run (``start_step`` 0).
+    ``config`` (the resolved config) is stored as the trackers' parameters on a fresh run (``start_step`` 0),
+    and on a resume by a tracker added to ``train.trackers`` since (its run starts then).
     Token modalities (integer ids [N, L]) are drawn as caption tiles with ``vocabularies`` (modality name ->
     ``mmebm_dist.data.text.Vocabulary``; default: read from the run's data set when first needed).
     """
@@ -158,11 +159,15 @@ class MetricsWriter:
         for tracker in accelerator.log_with:
             if isinstance(tracker, RunTensorBoardTracker):
                 tracker.resume_step = start_step
-        params = tracker_params(config) if config is not None and start_step == 0 else None
-        accelerator.init_trackers(self.run_dir.name, config=params)
+        params = tracker_params(config) if config is not None else None
+        accelerator.init_trackers(self.run_dir.name, config=params if start_step == 0 else None)
+        stored = stored_tracker_ids(self.run_dir)
         ids = {t.name: run_id for t in accelerator.trackers if (run_id := _run_id(t))}
+        for tracker in accelerator.trackers:  # a tracker added on --resume starts its run with the config
+            if start_step > 0 and params is not None and tracker.name in ids and tracker.name not in stored:
+                tracker.store_init_configuration(params)
         if ids:
-            atomic_write_text(self.run_dir / TRACKERS_FILE, json.dumps(ids, indent=2) + "\n")
+            atomic_write_text(self.run_dir / TRACKERS_FILE, json.dumps({**stored, **ids}, indent=2) + "\n")
 
     @property
     def trackers(self) -> list[GeneralTracker]:
