@@ -5,6 +5,7 @@ DIR/model.safetensors   the checkpoint's consolidated weights (tensors only, no 
 DIR/config.json         the resolved experiment config of that checkpoint (as in a run directory)
 DIR/README.md           the model card (``mmebm_dist.model_card``): YAML front matter and a body to read
 DIR/images/*.png        the pictures of the run's evaluation, when it has one
+DIR/vocab/<name>.json   the vocabulary of each token (text) modality, so captions decode without the data
 
 ``api.load_trained``, ``mmebm sample --run`` and ``mmebm eval --run`` take such a folder, or ``hf://user/repo``
 (downloaded by ``huggingface_hub``, the ``hub`` extra), wherever they take a run directory.
@@ -36,6 +37,7 @@ from mmebm_dist.rundir import (
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
 IMAGES_DIR = "images"
+VOCAB_DIR = "vocab"
 HF_PREFIX = "hf://"
 HUB_EXTRA = "pip install 'mmebm_dist[hub]'"
 
@@ -85,9 +87,10 @@ def find_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, checkpoint: str | None = None,
-               eval_name: str = "eval") -> Path:
+               eval_name: str = "eval", data: str | Path | None = None) -> Path:
     """Write the export of ``run_dir``'s checkpoint (default: the newest) into the new folder ``out``; the
-    card takes its figures from RUN/``eval_name``/eval.json when that eval measured this checkpoint."""
+    card takes its figures from RUN/``eval_name``/eval.json when that eval measured this checkpoint. Token
+    modalities' vocabularies are read from ``data`` (default: the run's data.path)."""
     from safetensors.torch import save_file
 
     from mmebm_dist import model_card
@@ -102,9 +105,14 @@ def export_run(run_dir: str | Path, out: str | Path, *, checkpoint: str | None =
     state = read_train_state(ckpt)
     weights = torch.load(ckpt / MODEL_FILE, map_location="cpu", weights_only=True)
     evaluation = _evaluation(run_dir / eval_name, state.step)
+    cfg = config_from_dict(state.config)
+    vocabularies = _vocabularies(cfg, Path(data or cfg.data.path))
     staging = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / IMAGES_DIR).mkdir(parents=True)
+    for name, vocabulary in vocabularies.items():
+        (staging / VOCAB_DIR).mkdir(exist_ok=True)
+        vocabulary.save(staging / VOCAB_DIR / f"{name}.json")
     metadata = {"format": "pt", "library": "mmebm_dist", "step": str(state.step), "checkpoint": ckpt.name,
                 "manifest_hash": str(state.data_order.get("manifest_hash") or "")}
     save_file({k: v.detach().contiguous() for k, v in weights.items()}, staging / WEIGHTS_FILE,
@@ -117,7 +125,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, checkpoint: str | None =
                 shutil.copyfile(run_dir / eval_name / name, staging / IMAGES_DIR / name)
                 images[title] = f"{IMAGES_DIR}/{name}"
     card = model_card.render(
-        cfg=config_from_dict(state.config), step=state.step, name=out.name, evaluation=evaluation,
+        cfg=cfg, step=state.step, name=out.name, evaluation=evaluation,
         images=images, commands=[c["argv"] for c in read_commands(run_dir / COMMANDS_LOG)],
         eval_note=_eval_note(run_dir / eval_name, state.step, evaluation),
     )
@@ -126,6 +134,31 @@ def export_run(run_dir: str | Path, out: str | Path, *, checkpoint: str | None =
         out.rmdir()
     os.replace(staging, out)
     return out
+
+
+def _vocabularies(cfg: Config, data: Path) -> dict:
+    """The vocabulary of every token modality of ``cfg``, read beside ``data``'s manifest."""
+    from mmebm_dist.data.text import vocabularies
+
+    names = [m.name for m in cfg.model.modalities if m.likelihood == "categorical"]
+    if not names:
+        return {}
+    found = vocabularies(data) if (data / "manifest.json").is_file() else {}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ExportError(f"the token modalities {missing} need their vocabulary, read beside the training "
+                          f"data's manifest.json, which '{data}' lacks; pass --data DIR (the run's data set)")
+    return {n: found[n] for n in names}
+
+
+def exported_vocabularies(directory: str | Path) -> dict:
+    """{modality: Vocabulary} that an export folder holds ({} for a run directory or an image-only export)."""
+    from mmebm_dist.data.text import Vocabulary
+
+    folder = Path(directory) / VOCAB_DIR
+    if not is_export(directory) or not folder.is_dir():
+        return {}
+    return {path.stem: Vocabulary.load(path) for path in sorted(folder.glob("*.json"))}
 
 
 def _evaluation(eval_dir: Path, step: int) -> dict | None:

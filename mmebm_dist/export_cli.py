@@ -14,6 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint directory or name under RUN/checkpoints (default: the newest)")
     parser.add_argument("--eval-name", default="eval",
                         help="folder under RUN whose eval.json gives the card figures (default: %(default)s)")
+    parser.add_argument("--data", default=None,
+                        help="the run's data set, for the vocabulary of text modalities (default: data.path)")
     parser.add_argument("--push", default=None, metavar="USER/REPO",
                         help="also upload the export to this Hugging Face Hub model repo (the hub extra)")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private (with --push)")
@@ -22,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mmebm_dist import export
 
-    out = export.export_run(args.run, args.out, checkpoint=args.checkpoint, eval_name=args.eval_name)
+    out = export.export_run(args.run, args.out, checkpoint=args.checkpoint, eval_name=args.eval_name,
+                            data=args.data)
     print(f"wrote {out}: {export.WEIGHTS_FILE}, config.json, {export.CARD_FILE}")
     if args.push:
         url = export.push_export(out, args.push, private=args.private)

@@ -90,14 +90,19 @@ def check_data(run: LoadedRun, data_path: str | Path) -> str:
     return current
 
 
-def text_vocabularies(cfg: Config, data_path: str | Path) -> dict:
-    """Vocabulary of every token (``categorical``) modality of the run, read beside the data's manifest, so
-    that pictures and reports can show generated captions as text; empty for image-only runs."""
+def text_vocabularies(cfg: Config, data_path: str | Path, *, run_dir: str | Path | None = None) -> dict:
+    """Vocabulary of every token (``categorical``) modality of the run, read from the export ``run_dir``
+    when it holds them (``mmebm export``), else beside the data's manifest, so that pictures and reports can
+    show generated captions as text; empty for image-only runs."""
+    from mmebm_dist import export
     from mmebm_dist.data.text import vocabularies
 
     names = [m.name for m in cfg.model.modalities if m.likelihood == "categorical"]
     if not names:
         return {}
+    exported = export.exported_vocabularies(run_dir) if run_dir is not None else {}
+    if all(n in exported for n in names):
+        return {n: exported[n] for n in names}
     found = vocabularies(data_path)
     missing = [n for n in names if n not in found]
     if missing:

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     out = export.output_dir(args.run, args.out, "samples")
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data or loaded.cfg.data.path)
-    vocabularies = generate.text_vocabularies(loaded.cfg, data)
+    vocabularies = generate.text_vocabularies(loaded.cfg, data, run_dir=loaded.run_dir)
     written = []
     if args.joint > 0:
         samples = generate.joint_samples(loaded.model, args.joint, seed=args.seed,
