@@ -40,6 +40,7 @@ Posterior = Literal["laplace", "gaussian"]
 Objective = Literal["elbo", "iwae", "dreg"]
 MixedPrecision = Literal["auto", "no", "bf16"]
 CompileMode = Literal["off", "default", "reduce-overhead", "true", "false"]
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
 StageName = Literal["reference", "energy", "joint"]
 PRODUCT_AGGREGATIONS = ("poe", "mopoe")
 """Aggregations that multiply experts: a closed form only for Gaussian posteriors."""
@@ -269,7 +270,12 @@ class TrainConfig:
     eval_every: int = 0
     """Steps between periodic coherence evaluations (0: never)."""
     image_every: int = 500
-    """Steps between sample grids written to TensorBoard (0: never)."""
+    """Steps between sample grids written to the trackers (0: never)."""
+    trackers: list[Tracker] = field(default_factory=lambda: ["tensorboard"])
+    """Where rank 0 mirrors metrics.jsonl through accelerate's trackers (scalars, the resolved config as
+    parameters, sample grids): ``tensorboard`` (RUN/tb), ``mlflow`` (``MLFLOW_TRACKING_URI``; the ``mlflow``
+    extra), ``wandb`` (``WANDB_MODE=offline`` needs no network; the ``wandb`` extra). A resumed run continues
+    the same tracker runs (their ids in RUN/trackers.json). Empty: metrics.jsonl only."""
     mixed_precision: MixedPrecision = "auto"
     """``auto`` (bf16 where native: Ampere+ GPUs, AMX/AVX512-BF16 CPUs; else fp32), ``no`` or ``bf16``
     (autocast; fp32 master weights)."""
@@ -669,6 +675,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.prior.fit=posthoc trains only the energy of a trained model: set "
                           "train.init_from=<its run directory> (a fixed-prior run)")
     _check_schedule(cfg)
+    trackers = cfg.train.trackers
+    for i, name in enumerate(trackers):
+        if name not in typing.get_args(Tracker):
+            close = difflib.get_close_matches(str(name), typing.get_args(Tracker), n=1, cutoff=0.5)
+            raise ConfigError(f"config key 'train.trackers[{i}]' must be one of "
+                              f"{', '.join(typing.get_args(Tracker))}, got {name!r}"
+                              + (f"; did you mean '{close[0]}'?" if close else ""))
+    if len(set(trackers)) != len(trackers):
+        raise ConfigError(f"config key 'train.trackers' names a tracker twice: {trackers}")
     _check_learned_reference(cfg)
 
 
