@@ -30,7 +30,13 @@ from mmebm_dist.config import Config, config_to_dict, save_config
 from mmebm_dist.data.stream import SkipTally, prefetch_to_device
 from mmebm_dist.rundir import CHECKPOINTS, CONFIG_FILE, TrainState, append_command, latest_checkpoint
 from mmebm_dist.train.capture import capture_step
-from mmebm_dist.train.checkpoint import load_initial_weights, load_resumable, save_checkpoint, set_aside
+from mmebm_dist.train.checkpoint import (
+    load_initial_weights,
+    load_resumable,
+    remove_stale_temps,
+    save_checkpoint,
+    set_aside,
+)
 from mmebm_dist.train.distributed import describe, make_accelerator, zero_stage
 from mmebm_dist.train.heartbeat import Heartbeat, is_timeout
 from mmebm_dist.train.metrics import MetricsWriter, SampleTrace
@@ -347,6 +353,8 @@ def setup(
     run_dir = Path(cfg.train.out_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
 
+    if record:
+        remove_stale_temps(accelerator, run_dir)
     ckpt = latest_checkpoint(run_dir) if resume else None
     model, optimizer, scheduler = _build_model(cfg, accelerator, from_checkpoint=ckpt is not None)
     unwrapped = accelerator.unwrap_model(model)
