@@ -55,8 +55,9 @@ def test_every_checkpoint_file_is_checked_and_the_resume_stays_exact(data2, tmp_
         (newest / FILE_LIST).unlink()
     caplog.set_level("WARNING")
     assert _train(cfg, resume=True)["step"] == 4
-    expected = {"deleted": "random_states_0.pkl is missing", "empty-dict": "random_states_0.pkl: RNG states without random_state",
-                "empty-dict-no-list": "random_states_0.pkl: RNG states without random_state",
+    no_streams = "random_states_0.pkl: RNG states without random_state"
+    expected = {"deleted": "random_states_0.pkl is missing", "empty-dict": no_streams,
+                "empty-dict-no-list": no_streams,
                 "optimizer-empty-dict": "optimizer.bin has "}[damage]
     assert f"checkpoint {newest} does not load" in caplog.text and expected in caplog.text, caplog.text
     assert "step-0000002" in caplog.text
@@ -95,12 +96,20 @@ def test_half_written_first_checkpoint_is_cleared(data2, tmp_path, in_process, c
     assert [p.name for p in checkpoints.iterdir() if p.name != "latest"] == ["step-0000002"]
 
 
+def _signal_then_pause(started) -> None:
+    started.set()
+    signal.pause()
+
+
 def test_forked_child_does_not_keep_the_run_lock(tmp_path):
     """A forked child (as a DataLoader worker is) outliving the lock's holder does not hold the lock."""
     run = tmp_path / "run"
-    child = multiprocessing.get_context("fork").Process(target=signal.pause)
+    context = multiprocessing.get_context("fork")
+    started = context.Event()
+    child = context.Process(target=_signal_then_pause, args=(started,))
     with RunLock(run):
         child.start()
+        assert started.wait(60)  # the child runs (its fork handlers have run) before the holder leaves
     try:
         with RunLock(run):  # raised RunDirLockedError naming this PID while the child lived, before the fix
             pass
