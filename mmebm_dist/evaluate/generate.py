@@ -7,7 +7,9 @@ A run directory (``mmebm train``) holds one ``checkpoints/step-NNNNNNN/`` per ch
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +21,15 @@ from mmebm_dist.evaluate.coherence import Batch, chunk_seed, my_chunks, seeded
 from mmebm_dist.rundir import (
     CHECKPOINTS,
     CONFIG_FILE,
+    MODEL_FILE,
+    complete_checkpoints,
     latest_checkpoint,
     load_model_weights,
     read_train_state,
 )
+from mmebm_dist.userfiles import clip
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,40 +46,77 @@ class LoadedRun:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available else cpu; anything else as torch reads it."""
+    """``auto`` -> cuda when available else cpu; anything else as torch reads it, refused (naming it) when
+    this machine does not have that device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: this machine has no usable CUDA device; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to "
+                             f"cuda:{count - 1}")
+    return device
 
 
 def load_run(run_dir: str | Path, *, checkpoint: str | Path | None = None,
              device: torch.device | str = "cpu") -> LoadedRun:
     """Build the run's model from the checkpoint's config and load its consolidated weights (eval mode).
 
-    ``checkpoint``: a checkpoint directory or a name under ``RUN/checkpoints``; default: the newest complete.
+    ``checkpoint``: a checkpoint directory or a name under ``RUN/checkpoints``; default: the newest complete
+    one that loads (a newer one with a truncated ``model.pt`` is skipped with a warning).
     """
-    from mmebm_dist.models import build_model
-
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"'{run_dir}' is not a run directory (no config.json); pass the "
                                 "train.out_dir of a `mmebm train` run")
     if checkpoint is None:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
+        if latest_checkpoint(run_dir) is None:
             raise FileNotFoundError(f"run '{run_dir}' has no complete checkpoint under "
                                     f"{run_dir / CHECKPOINTS}; train longer or set train.checkpoint_every")
-    else:
-        ckpt = Path(checkpoint)
-        if not ckpt.is_dir():
-            ckpt = run_dir / CHECKPOINTS / str(checkpoint)
-        if not ckpt.is_dir():
-            raise FileNotFoundError(f"checkpoint '{checkpoint}' not found (neither a directory nor a name "
-                                    f"under {run_dir / CHECKPOINTS})")
+        return _newest_that_loads(run_dir, device)
+    ckpt = Path(checkpoint)
+    if not ckpt.is_dir():
+        ckpt = run_dir / CHECKPOINTS / str(checkpoint)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"checkpoint '{checkpoint}' not found (neither a directory nor a name "
+                                f"under {run_dir / CHECKPOINTS})")
+    return _load_checkpoint(run_dir, ckpt, device)
+
+
+UNLOADABLE = (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError)
+"""What a truncated, emptied or overwritten ``model.pt`` / ``train_state.json`` raises on loading."""
+
+
+def _newest_that_loads(run_dir: Path, device: torch.device | str) -> LoadedRun:
+    """The newest complete checkpoint whose weights load, warning about each newer one that does not."""
+    problems = []
+    for ckpt in reversed(complete_checkpoints(run_dir)):
+        try:
+            return _load_checkpoint(run_dir, ckpt, device)
+        except UNLOADABLE as exc:
+            problems.append(f"{ckpt.name}: {type(exc).__name__}: {clip(exc, 200)}")
+            log.warning("checkpoint %s does not load (%s); trying the one before", ckpt, problems[-1])
+    raise FileNotFoundError(f"no checkpoint of '{run_dir}' loads ({'; '.join(problems)}); retrain or restore "
+                            "the files")
+
+
+def _load_checkpoint(run_dir: Path, ckpt: Path, device: torch.device | str) -> LoadedRun:
+    from mmebm_dist.models import build_model
+
     state = read_train_state(ckpt)
     cfg = config_from_dict(state.config)
     model = build_model(cfg.model)
-    load_model_weights(model, ckpt)
+    try:
+        load_model_weights(model, ckpt)
+    except UNLOADABLE as exc:
+        why = f"{type(exc).__name__}: {clip(exc, 200)}"
+        raise ValueError(f"{ckpt / MODEL_FILE} does not load: {why}") from exc
     if cfg.train.schedule:  # a staged run samples as the stage of its checkpoint did (p0 before the energy)
         model.set_stage(schedule.stage_at(schedule.of_config(cfg), max(state.step, 1)).name)
     model.to(device).eval()

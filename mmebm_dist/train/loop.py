@@ -266,12 +266,17 @@ def _build_model(cfg: Config, accelerator: Accelerator, *, from_checkpoint: bool
 
 
 def _check_presence_order(cfg: Config) -> None:
-    """An incomplete set's ``present`` mask is in the manifest's modality order and the model reads it in
-    model.modalities order: they must be the same list."""
+    """Every modality of the model is in the data; an incomplete set's ``present`` mask is in the manifest's
+    modality order and the model reads it in model.modalities order: they must be the same list."""
     from mmebm_dist.data.shards import is_incomplete, modality_names, read_manifest
 
     manifest = read_manifest(cfg.data.path)
     names = [m.name for m in cfg.model.modalities]
+    absent = [n for n in names if n not in modality_names(manifest)]
+    if absent:  # else a KeyError at the first batch
+        raise ValueError(f"model.modalities {absent} are not in the data set '{cfg.data.path}' (it holds "
+                         f"{modality_names(manifest)}); remove them from model.modalities or use data that "
+                         "has them")
     if is_incomplete(manifest) and names != modality_names(manifest):
         raise ValueError(f"'{cfg.data.path}' is incomplete (its batches carry a presence mask in the order "
                          f"{modality_names(manifest)}); list model.modalities in that order, got {names}")
@@ -578,6 +583,9 @@ def train(
                          "mmebm_dist.evaluate.periodic.periodic_eval) or set train.eval_every=0")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     run_dir = Path(cfg.train.out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"train.out_dir '{run_dir}' is an existing file, not a directory; choose another "
+                         "train.out_dir")
     lock = RunLock(run_dir) if rank == 0 else contextlib.nullcontext()
     with lock, StopRequest() as stop, Heartbeat(run_dir, rank, world, cfg.train.dist_timeout_s) as heartbeat:
         try:
