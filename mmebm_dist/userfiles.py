@@ -73,8 +73,9 @@ def read_text(path: str | os.PathLike, what: str, *, limit: int = MAX_TEXT_BYTES
 def load_yaml(text: str, source: str) -> Any:
     """``yaml.safe_load(text)`` refusing documents that expand to more than :data:`MAX_YAML_NODES` nodes or
     hold a recursive alias; errors give the problem and its line, never a snippet of the text."""
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # its reader refuses control characters right here
         node = loader.get_single_node()
         if node is None:
             return None
@@ -86,10 +87,13 @@ def load_yaml(text: str, source: str) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or type(exc).__name__
+        if isinstance(exc, yaml.reader.ReaderError):
+            where = f" at character {exc.position}"
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or type(exc).__name__
         raise UserFileError(f"{source} is not valid YAML: {clip(problem, 120)}{where}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _expanded_size(root: yaml.Node, source: str) -> int:
