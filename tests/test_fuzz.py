@@ -24,9 +24,9 @@ from mmebm_dist.data.shards import ShardError, decode_entry, modality_specs, rea
 REPO = Path(__file__).resolve().parents[1]
 CASES = 300
 ODD_VALUES = [
-    None, True, False, 0, -1, 1, 2**31, 2**70, 1e400, -1e400, float("nan"), 0.5, "", "x", "inf", "-1", "[1, 2",
-    "{a: 1}", "&a [1]", "*a", "!!python/object:os.system", [], {}, [1, "a", None], {"k": []}, "m0", "train",
-    "\u00e9\u00e8", "../../etc/passwd", "/etc/passwd", "pipe:cat /etc/passwd",
+    None, True, False, 0, -1, 1, 2**31, 2**70, 1e400, -1e400, float("nan"), 0.5, "", "x", "inf", "-1",
+    "[1, 2", "{a: 1}", "&a [1]", "*a", "!!python/object:os.system", [], {}, [1, "a", None], {"k": []}, "m0",
+    "train", "\u00e9\u00e8", "../../etc/passwd", "/etc/passwd", "pipe:cat /etc/passwd",
 ]
 YAML_TOKENS = ["&a ", "*a", "[", "]", "{", "}", ": ", "- ", "\n  ", "!!binary ", "!!python/name:os.system ",
                "base: ", "'", '"', "#", "\t", "\x00", "\xff", "<<: *a\n", "? ", "|\n", "%YAML 1.1\n"]
