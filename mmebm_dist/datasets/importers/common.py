@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from mmebm_dist.data import shards
-from mmebm_dist.data.codec import encode_png
+from mmebm_dist.data.codec import MAX_PNG_PIXELS, encode_png
 from mmebm_dist.data.text import VOCAB_FILE, Vocabulary, detokenize, tokenize
 from mmebm_dist.datasets import generated
 from mmebm_dist.datasets.generated import staging, swap_in
@@ -79,10 +79,14 @@ def _opened_image(path: Path) -> Iterator[Any]:
     if not path.is_file():
         raise ImportDataError(f"{path}: image file does not exist")
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only
+            if img.width * img.height > MAX_PNG_PIXELS:  # checked before the pixels are decompressed
+                raise ImportDataError(f"{path}: its header declares {img.width}x{img.height} pixels, more "
+                                      f"than the {MAX_PNG_PIXELS:,} allowed; resize it or remove the file")
             img.load()
             yield img
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:  # PIL raises SyntaxError on some headers
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        # PIL raises SyntaxError on some headers
         raise ImportDataError(f"{path}: cannot decode the image ({exc}); replace or remove the file") from exc
 
 
