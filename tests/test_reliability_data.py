@@ -234,3 +234,25 @@ def test_staging_refuses_to_replace_the_current_directory(tmp_path, monkeypatch)
     with pytest.raises(FileExistsError, match="is \\(or holds\\) the current directory"), \
             generated.staging(tmp_path.resolve()):
         pass
+
+
+def test_builder_workers_are_bounded(tmp_path):
+    from mmebm_dist.datasets.polymnist import BuildSpec, build_polymnist
+
+    build_tiny(tmp_path, train=8, test=4)
+    spec = BuildSpec(source="idx", idx_dir=str(tmp_path / "idx"), modalities=2, out=str(tmp_path / "w"),
+                     num_samples=8, test_samples=4, shard_size=4, workers=100000)
+    with pytest.raises(ValueError, match=r"--workers 100000: must be in \[0, 256\]"):
+        build_polymnist(spec, progress=False)
+    assert not (tmp_path / "w").exists() and not list(tmp_path.glob(".w.*"))
+
+
+def test_staging_left_by_a_killed_build_is_removed_by_the_next(tmp_path, caplog):
+    out = build_tiny(tmp_path, train=8, test=4)
+    stale = tmp_path / ".data.staging-999-deadbeef"
+    stale.mkdir()
+    (stale / "train-000000.tar").write_bytes(b"partial")
+    caplog.set_level("WARNING")
+    _rebuild(tmp_path, out, 16)
+    assert not stale.exists() and f"removing {stale}" in caplog.text
+    assert _samples(out) == 16

@@ -9,6 +9,7 @@ alone, so the bytes do not depend on the worker count. The shard/manifest format
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import re
@@ -26,7 +27,11 @@ from mmebm_dist.data import shards
 from mmebm_dist.data.grid import image_grid
 from mmebm_dist.locks import output_lock
 
+log = logging.getLogger(__name__)
+
 SPLIT_IDS = {"train": 0, "test": 1}
+MAX_WORKERS = 256
+"""Most worker processes a build or import may start (a typo must not fork thousands)."""
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 """ITU-R BT.601 luma weights."""
 # Colour photos shipped inside scikit-image's wheel that load offline (checked with scikit-image 0.26).
@@ -163,11 +168,18 @@ def staged_output(out: Path, overwrite: bool, extra: Iterable[str] = (),
 @contextlib.contextmanager
 def staging(out: Path) -> Iterator[Path]:
     """A new, uniquely named folder ``.<out>.staging-<pid>-<random>`` beside ``out``, removed if the block
-    fails or is interrupted (it is gone after a successful :func:`swap_in`)."""
+    fails or is interrupted (it is gone after a successful :func:`swap_in`). Call under the output lock: the
+    staging and set-aside folders a killed build left beside an existing ``out`` are removed (logged); with
+    ``out`` missing, a set-aside folder may hold the only complete set and is kept."""
     if out.exists() and Path.cwd().resolve().is_relative_to(out):
         raise FileExistsError(f"--out {out} is (or holds) the current directory; replacing it would pull the "
                               "folder from under this shell: choose a subfolder as --out")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # under the output lock, so these are left by a killed build or import: superseded
+        left = [*out.parent.glob(f".{out.name}.staging-*"), *out.parent.glob(f".{out.name}.replaced-*")]
+        for stale in left:
+            log.warning("removing %s, left by a build of %s that was killed", stale, out)
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     stage = out.parent / f".{out.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
@@ -227,6 +239,8 @@ def parallel_map(
     """
     from tqdm import tqdm
 
+    if not 0 <= workers <= MAX_WORKERS:
+        raise ValueError(f"--workers {workers}: must be in [0, {MAX_WORKERS}] (0: one per core)")
     workers = min(workers or os.cpu_count() or 1, len(jobs)) if jobs else 1
     bar = tqdm(total=sum(weight(j) for j in jobs), desc=desc, unit=unit, disable=not progress)
     results = []
