@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from mmebm_dist.userfiles import UserFileError, clip, load_yaml, read_text
 
 
@@ -341,7 +339,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _coerce(value, inner[0], where)
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            try:
+                value = load_yaml(value, f"config key '{where}'") if value.strip().startswith("[") \
+                    else value.split(",")
+            except UserFileError as exc:
+                raise ConfigError(str(exc)) from None
         variable_length = origin is list or (len(args) == 2 and args[1] is Ellipsis)
         if variable_length and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]  # a lone number (YAML parses `shape=6` as 6) is a one-element list

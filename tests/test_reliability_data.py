@@ -213,6 +213,10 @@ def test_yaml_alias_bomb_non_utf8_and_base_outside_give_short_errors(tmp_path):
     with pytest.raises(ConfigError, match="expands to more than 100,000 YAML nodes") as info:
         load_config(tmp_path / "bomb.yaml")
     assert len(str(info.value)) < 300
+    quoted = "[" + ", ".join(["&b0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"&b{i} [{', '.join([f'*b{i - 1}'] * 10)}]" for i in range(1, 9)]) + "]"
+    with pytest.raises(ConfigError, match="'eval.langevin_sweep' expands to more than 100,000 YAML nodes"):
+        load_config(None, [f'eval.langevin_sweep="{quoted}"'])  # a list given as a string is parsed too
     (tmp_path / "latin1.yaml").write_bytes("train:\n  out_dir: caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text \(byte 0xe9 at offset 21\)"):
         load_config(tmp_path / "latin1.yaml")
