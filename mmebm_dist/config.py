@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from mmebm_dist.userfiles import UserFileError, clip, load_yaml, read_text
 
 
 class ConfigError(ValueError):
@@ -345,7 +345,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _coerce(value, inner[0], where)
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            try:
+                value = load_yaml(value, f"config key '{where}'") if value.strip().startswith("[") \
+                    else value.split(",")
+            except UserFileError as exc:
+                raise ConfigError(str(exc)) from None
         variable_length = origin is list or (len(args) == 2 and args[1] is Ellipsis)
         if variable_length and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]  # a lone number (YAML parses `shape=6` as 6) is a one-element list
@@ -465,7 +469,10 @@ def _set_dotted(data: dict, dotted: str, raw: str, cls: type = Config) -> None:
         if key not in hints:
             raise ConfigError(f"unknown config key '{'.'.join(path)}'{_suggest(key, list(hints))}")
         if i == len(parts) - 1:
-            node[key] = yaml.safe_load(raw) if raw != "" else ""
+            try:
+                node[key] = load_yaml(raw, f"override '{dotted}'") if raw != "" else ""
+            except UserFileError as exc:
+                raise ConfigError(str(exc)) from None
             return
         node_cls = hints[key]
         if typing.get_origin(node_cls) is list:
@@ -483,17 +490,17 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         cycle = " -> ".join(str(p) for p in (*chain, path.resolve()))
         raise ConfigError(f"config file '{path}': its base: chain is a cycle ({cycle}); remove one base:")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+        data = load_yaml(read_text(path, "config file"), f"config file '{path}'") or {}
+    except UserFileError as exc:
+        raise ConfigError(str(exc)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)
     if base is None:
         return data
-    if not isinstance(base, str) or not base:
-        raise ConfigError(f"config file '{path}': base: must name one YAML file (relative to {path.parent}), "
-                          f"got {base!r}")
+    if not isinstance(base, str) or not base or Path(base).suffix not in (".yaml", ".yml", ".json"):
+        raise ConfigError(f"config file '{path}': base: must name one YAML file (.yaml/.yml/.json, "
+                          f"relative to {path.parent}), got {clip(repr(base))}")
     return deep_merge(_read_yaml(path.parent / base, (*chain, path.resolve())), data)
 
 
@@ -553,41 +560,54 @@ class Range:
     def __str__(self) -> str:
         if self.low is not None and self.high is not None:
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            return f"in {left}{self.low:g}, {self.high:g}{right}"
+            return f"in {left}{_number(self.low)}, {_number(self.high)}{right}"
         if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"{'<' if self.high_open else '<='} {self.high:g}"
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        return f"{'<' if self.high_open else '<='} {_number(self.high)}"
+
+
+def _number(x: float) -> str:
+    """A bound as written in an error: integers in full (1048576, not 1.04858e+06)."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 
 POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = Range(0, low_open=True), Range(0), Range(1)
 ADAM_BETA = Range(0, 1, high_open=True)
+# Upper bounds on everything that sizes memory, processes, threads, time or loops: far above any sensible
+# run, low enough that a typo (threads=100000, dist_timeout_s=inf) fails at load instead of hanging the
+# machine. Finite bounds also refuse inf.
+COUNT, SIZE, LOOP = Range(1, 2**20), Range(1, 2**16), Range(0, 10**6)
+FINITE_POSITIVE, FINITE_NON_NEGATIVE = Range(0, 1e30, low_open=True), Range(0, 1e30)
 
 RANGES: dict[type, dict[str, Range]] = {
-    ModalityConfig: {"shape": AT_LEAST_ONE, "likelihood_scale": POSITIVE, "vocab_size": NON_NEGATIVE},
-    DataConfig: {"batch_size": AT_LEAST_ONE, "num_workers": NON_NEGATIVE, "shuffle_buffer": NON_NEGATIVE},
-    LangevinConfig: {"steps": NON_NEGATIVE, "step_size": POSITIVE, "persistent": NON_NEGATIVE,
+    ModalityConfig: {"shape": SIZE, "likelihood_scale": FINITE_POSITIVE, "vocab_size": Range(0, 2**24)},
+    DataConfig: {"batch_size": COUNT, "num_workers": Range(0, 256), "shuffle_buffer": Range(0, 10**7)},
+    LangevinConfig: {"steps": LOOP, "step_size": FINITE_POSITIVE, "persistent": Range(0, 10**7),
                      "reinit": Range(0, 1), "sir_candidates": Range(1, 4096)},
     PriorConfig: {
-        "reference_scale": POSITIVE, "hidden": AT_LEAST_ONE, "layers": Range(1, 4), "energy_l2": NON_NEGATIVE,
-        "lr": POSITIVE, "betas": ADAM_BETA, "max_energy_gap": POSITIVE, "max_posterior_abs": POSITIVE,
-        "energy_bound": NON_NEGATIVE, "coupling_ramp_steps": NON_NEGATIVE, "energy_updates": AT_LEAST_ONE,
+        "reference_scale": FINITE_POSITIVE, "hidden": SIZE, "layers": Range(1, 4),
+        "energy_l2": FINITE_NON_NEGATIVE, "lr": FINITE_POSITIVE, "betas": ADAM_BETA,
+        "max_energy_gap": POSITIVE, "max_posterior_abs": POSITIVE, "energy_bound": FINITE_NON_NEGATIVE,
+        "coupling_ramp_steps": Range(0, 10**9), "energy_updates": Range(1, 1000),
         "reference_components": Range(1, 1024), "reference_fit_tuples": Range(1, 1_000_000),
     },
     ModelConfig: {
-        "latent_dim": AT_LEAST_ONE, "private_dim": NON_NEGATIVE, "width": AT_LEAST_ONE,
-        "particles": AT_LEAST_ONE, "beta": NON_NEGATIVE,
+        "latent_dim": SIZE, "private_dim": Range(0, 2**16), "width": SIZE, "particles": Range(1, 10**4),
+        "beta": FINITE_NON_NEGATIVE,
     },
     OptimConfig: {
-        "lr": POSITIVE, "betas": ADAM_BETA, "weight_decay": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
-        "grad_accum": AT_LEAST_ONE, "lr_decay": POSITIVE, "lr_decay_every": AT_LEAST_ONE,
+        "lr": FINITE_POSITIVE, "betas": ADAM_BETA, "weight_decay": FINITE_NON_NEGATIVE,
+        "grad_clip": FINITE_NON_NEGATIVE, "grad_accum": Range(1, 10**4), "lr_decay": FINITE_POSITIVE,
+        "lr_decay_every": Range(1, 10**9),
     },
     TrainConfig: {
-        "steps": AT_LEAST_ONE, "seed": Range(0, 2**32 - 1), "log_every": AT_LEAST_ONE,
-        "checkpoint_every": NON_NEGATIVE, "keep_checkpoints": AT_LEAST_ONE, "eval_every": NON_NEGATIVE,
-        "image_every": NON_NEGATIVE, "threads": NON_NEGATIVE, "dist_timeout_s": POSITIVE,
+        "steps": Range(1, 10**9), "seed": Range(0, 2**32 - 1), "log_every": Range(1, 10**9),
+        "checkpoint_every": Range(0, 10**9), "keep_checkpoints": Range(1, 10**4),
+        "eval_every": Range(0, 10**9), "image_every": Range(0, 10**9), "threads": Range(0, 1024),
+        "dist_timeout_s": Range(0, 7 * 86400, low_open=True),
     },
-    StageConfig: {"steps": AT_LEAST_ONE, "lr": POSITIVE, "prior_lr": POSITIVE},
-    EvalConfig: {"num_samples": AT_LEAST_ONE, "langevin_sweep": NON_NEGATIVE},
+    StageConfig: {"steps": Range(1, 10**9), "lr": FINITE_POSITIVE, "prior_lr": FINITE_POSITIVE},
+    EvalConfig: {"num_samples": Range(1, 10**7), "langevin_sweep": LOOP},
 }
 """Allowed range of every numeric field, checked at load time (a test checks that none is missing)."""
 

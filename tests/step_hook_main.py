@@ -1,7 +1,8 @@
 """``python -m step_hook_main ARGS``: ``mmebm train ARGS`` with a step hook that acts at an exact step.
 
 ``MMEBM_TEST_HOOK=STEP:RANK:ACTION``: after optimizer step STEP, rank RANK sends itself ACTION (``SIGTERM``,
-``SIGUSR1``) or, for ``freeze``, stops answering for 20 s. Exact steps instead of sleeps make the tests
+``SIGUSR1``, ``SIGINT``) or, for ``freeze``, stops answering for 20 s; ``SIGNAL+again`` also sends SIGTERM
+and SIGINT again while the stop checkpoint is being written. Exact steps instead of sleeps make the tests
 deterministic.
 """
 
@@ -21,7 +22,19 @@ def _hook(step: int, model: object) -> None:
     if action == "freeze":
         time.sleep(20)  # longer than the tests' train.dist_timeout_s: rank 0 times out first
     else:
-        os.kill(os.getpid(), getattr(signal, action))
+        name, _, again = action.partition("+")
+        if again:
+            import mmebm_dist.train.loop as loop
+
+            save = loop.save_checkpoint
+
+            def save_while_signalled(*args, **kwargs):
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)
+                return save(*args, **kwargs)
+
+            loop.save_checkpoint = save_while_signalled
+        os.kill(os.getpid(), getattr(signal, name))
 
 
 STEP_HOOKS.append(_hook)

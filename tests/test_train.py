@@ -319,7 +319,7 @@ def test_cli_errors_print_one_line_and_debug_shows_the_traceback(tmp_path):
     proc = mmebm(*bad)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(
-        "mmebm train: ConfigError: config key 'data.batch_size' must be >= 1, got 0")
+        "mmebm train: ConfigError: config key 'data.batch_size' must be in [1, 1048576], got 0")
     missing = mmebm("train", "--config", "configs/tiny.yaml", f"data.path={tmp_path / 'none'}", "--dry-run")
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert f"{tmp_path / 'none'}/manifest.json" in missing.stderr.strip().splitlines()[-1]

@@ -62,10 +62,34 @@ def encode_png(image: np.ndarray) -> bytes:
     )
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """uint8 [H, W, C] of a PNG; the fast path covers our own files, anything else goes through PIL."""
+MAX_PNG_PIXELS = 2**26
+"""Most pixels a PNG may declare (8192 x 8192) when the caller expects no exact shape; checked in its IHDR
+before any decompression (a 20000x20000 header on a few KiB of data inflates to gigabytes)."""
+
+
+def png_header(data: bytes) -> tuple[int, int, int, int, int]:
+    """(width, height, bit depth, colour type, interlace) of a PNG's IHDR, which the format puts first."""
     if data[:8] != PNG_SIGNATURE:
         raise FormatError(f"not a PNG (starts {data[:8]!r})")
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise FormatError("PNG without a leading IHDR chunk")
+    w, h, depth, color_type, _, _, interlace = struct.unpack_from(">IIBBBBB", data, 16)
+    return w, h, depth, color_type, interlace
+
+
+def check_png_size(data: bytes, max_pixels: int = MAX_PNG_PIXELS) -> tuple[int, int]:
+    """(width, height) of a PNG whose header declares at most ``max_pixels``; FormatError otherwise."""
+    w, h, *_ = png_header(data)
+    if w * h > max_pixels:
+        raise FormatError(f"PNG header declares {w}x{h} = {w * h:,} pixels, more than the {max_pixels:,} "
+                          "expected (a decompression bomb or the wrong image); not decoded")
+    return w, h
+
+
+def decode_png(data: bytes, *, max_pixels: int = MAX_PNG_PIXELS) -> np.ndarray:
+    """uint8 [H, W, C] of a PNG; the fast path covers our own files, anything else goes through PIL. The
+    header's size is checked against ``max_pixels`` before anything is decompressed."""
+    check_png_size(data, max_pixels)
     header, idat = None, []
     pos = 8
     while pos + 8 <= len(data):
@@ -85,12 +109,13 @@ def decode_png(data: bytes) -> np.ndarray:
     w, h, depth, color_type, _, _, interlace = header
     if depth == 8 and interlace == 0 and color_type in PNG_CHANNELS:
         c = PNG_CHANNELS[color_type]
-        try:
-            raw = zlib.decompress(b"".join(idat))
+        expected = h * (1 + w * c)
+        try:  # never inflate past what the header declares
+            raw = zlib.decompressobj().decompress(b"".join(idat), expected + 1)
         except zlib.error as exc:
             raise FormatError(f"corrupt PNG image data ({exc})") from exc
-        if len(raw) != h * (1 + w * c):
-            raise FormatError(f"PNG image data is {len(raw)} bytes, {w}x{h}x{c} needs {h * (1 + w * c)}")
+        if len(raw) != expected:
+            raise FormatError(f"PNG image data is {len(raw)} bytes, {w}x{h}x{c} needs {expected}")
         rows = np.frombuffer(raw, dtype=np.uint8).reshape(h, 1 + w * c)
         if not rows[:, 0].any():
             return rows[:, 1:].reshape(h, w, c)
@@ -100,8 +125,11 @@ def decode_png(data: bytes) -> np.ndarray:
 def _decode_png_pil(data: bytes) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
-        arr = np.asarray(img)
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
+            arr = np.asarray(img)
+    except (Image.DecompressionBombError, SyntaxError, struct.error) as exc:  # PIL's PNG parser raises these
+        raise FormatError(f"PNG not decodable: {type(exc).__name__}: {exc}") from exc
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
@@ -249,6 +277,15 @@ HTTP_BACKOFF_S = 0.5
 """Wait before retry k (k = 0, 1, ...): HTTP_BACKOFF_S * 2**k seconds."""
 HTTP_TIMEOUT_S = 60.0
 """Socket timeout of one request."""
+HTTP_DEADLINE_S = 900.0
+"""Wall-clock limit on one whole shard or manifest download, retries included (a server that trickles a
+byte every few seconds never trips the per-read timeout)."""
+HTTP_MAX_BYTES = 2**31
+"""Most bytes read from one URL whose size the manifest does not give (2 GiB; shards are a few MB)."""
+
+
+class LimitError(OSError):
+    """A download past its deadline or byte cap: not retried."""
 
 
 def is_http(url: str) -> bool:
@@ -261,29 +298,48 @@ class HTTPReader(io.RawIOBase):
 
     A failed request, an error status (e.g. 404) or a connection dropped mid-body is retried after a backoff;
     a retry resumes at the current byte (a Range request, or re-reading and discarding when the server ignores
-    Range). When the retries are spent, OSError names the URL, the attempts and the last failure.
+    Range). When the retries are spent, OSError names the URL, the attempts and the last failure. The whole
+    download must end within ``deadline_s`` and hold at most ``max_bytes`` (checked as bytes arrive, and
+    against a declared Content-Length up front): :class:`LimitError` otherwise.
     """
 
-    def __init__(self, url: str, *, retries: int = HTTP_RETRIES) -> None:
+    def __init__(self, url: str, *, retries: int = HTTP_RETRIES, deadline_s: float | None = None,
+                 max_bytes: int | None = None) -> None:
+        import time
+
         super().__init__()
         self.url, self.retries, self.failures, self.pos = url, retries, 0, 0
         self.length: int | None = None
+        self.deadline = time.monotonic() + (HTTP_DEADLINE_S if deadline_s is None else deadline_s)
+        self.max_bytes = HTTP_MAX_BYTES if max_bytes is None else max_bytes
         self._response = self._connect()
 
     def readable(self) -> bool:
         return True
 
-    def _failed(self, exc: BaseException) -> None:
-        """Count a failure: raise once the retries are spent, else back off."""
+    def _remaining(self) -> float:
+        """Seconds left before the deadline; LimitError once it has passed."""
         import time
 
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise LimitError(f"{self.url}: not downloaded within {HTTP_DEADLINE_S:g} s ({self.pos:,} bytes "
+                             "read); the server is too slow or stalled")
+        return left
+
+    def _failed(self, exc: BaseException) -> None:
+        """Count a failure: raise once the retries are spent (or at once for a limit), else back off."""
+        import time
+
+        if isinstance(exc, LimitError):
+            raise exc
         self.failures += 1
         if self.failures > self.retries:
             raise OSError(
                 f"{self.url}: {type(exc).__name__}: {exc} (gave up after {self.failures} attempts; "
                 "check the URL and the server)"
             ) from exc
-        time.sleep(HTTP_BACKOFF_S * 2 ** (self.failures - 1))
+        time.sleep(min(HTTP_BACKOFF_S * 2 ** (self.failures - 1), self._remaining()))
 
     def _connect(self):
         import http.client
@@ -293,7 +349,8 @@ class HTTPReader(io.RawIOBase):
             headers = {"Range": f"bytes={self.pos}-"} if self.pos else {}
             try:
                 response = urllib.request.urlopen(
-                    urllib.request.Request(self.url, headers=headers), timeout=HTTP_TIMEOUT_S
+                    urllib.request.Request(self.url, headers=headers),
+                    timeout=min(HTTP_TIMEOUT_S, self._remaining()),
                 )
                 if self.pos and response.status != 206:  # Range ignored: skip what we already have
                     skipped = 0
@@ -304,6 +361,10 @@ class HTTPReader(io.RawIOBase):
                         skipped += len(chunk)
                 elif not self.pos and response.headers.get("Content-Length"):
                     self.length = int(response.headers["Content-Length"])
+                    if self.length > self.max_bytes:
+                        response.close()
+                        raise LimitError(f"{self.url}: Content-Length {self.length:,} bytes, more than the "
+                                         f"{self.max_bytes:,} expected; check the URL and the manifest")
                 return response
             except (OSError, http.client.HTTPException) as exc:
                 self._failed(exc)
@@ -313,15 +374,28 @@ class HTTPReader(io.RawIOBase):
 
         while True:
             try:
-                n = self._response.readinto(buffer)
+                self._bound_socket_wait()
+                chunk = self._response.read1(len(buffer))  # returns as soon as some bytes arrived
+                n = len(chunk)
+                buffer[:n] = chunk
                 if n == 0 and len(buffer) and self.length is not None and self.pos < self.length:
                     raise http.client.IncompleteRead(b"", self.length - self.pos)
                 self.pos += n
+                if self.pos > self.max_bytes:
+                    raise LimitError(f"{self.url}: more than {self.max_bytes:,} bytes, the size expected; "
+                                     "stopped reading (check the URL and the manifest)")
                 return n
             except (OSError, http.client.HTTPException) as exc:
                 self._response.close()
                 self._failed(exc)
                 self._response = self._connect()
+
+    def _bound_socket_wait(self) -> None:
+        """Make the next socket read wait no longer than the deadline allows (LimitError if it passed)."""
+        left = min(HTTP_TIMEOUT_S, self._remaining())
+        sock = getattr(getattr(getattr(self._response, "fp", None), "raw", None), "_sock", None)
+        if sock is not None:  # http.client's socket file: SocketIO._sock
+            sock.settimeout(left)
 
     def close(self) -> None:
         if not self.closed:
@@ -329,9 +403,9 @@ class HTTPReader(io.RawIOBase):
         super().close()
 
 
-def fetch_url(url: str) -> bytes:
-    """The whole body of an http(s) URL, with :class:`HTTPReader`'s retries."""
-    with HTTPReader(url) as reader:
+def fetch_url(url: str, *, max_bytes: int | None = None) -> bytes:
+    """The whole body of an http(s) URL, with :class:`HTTPReader`'s retries, deadline and byte cap."""
+    with HTTPReader(url, max_bytes=max_bytes) as reader:
         return reader.read()
 
 
@@ -343,11 +417,12 @@ def is_local(url: str) -> bool:
     return os.path.isabs(url) or ":" not in url.split("/", 1)[0]
 
 
-def open_shard(url: str) -> IO[bytes]:
-    """A binary stream of a shard: a local path, an http(s) URL (with retries), or another URL that
-    webdataset's gopen opens (``pipe:`` commands, given explicitly by the user)."""
+def open_shard(url: str, *, size: int | None = None) -> IO[bytes]:
+    """A binary stream of a shard: a local path, an http(s) URL (with retries, a deadline and a cap of
+    ``size`` bytes when known), or another URL that webdataset's gopen opens (``pipe:`` commands, given
+    explicitly by the user)."""
     if is_http(url):
-        return io.BufferedReader(HTTPReader(url), buffer_size=1 << 20)
+        return io.BufferedReader(HTTPReader(url, max_bytes=size), buffer_size=1 << 20)
     if not is_local(url):
         from webdataset.gopen import gopen
 
@@ -378,7 +453,7 @@ def read_shard(url: str, *, size: int | None = None, sha256: str | None = None) 
     if is_local(url):
         data = _map_file(url)
     else:
-        stream = open_shard(url)
+        stream = open_shard(url, size=size)
         try:
             data = _read_all(stream)
         except BaseException:

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tarfile
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,6 +37,7 @@ from mmebm_dist.data.codec import (
 from mmebm_dist.data.codec import (
     encode_png as encode_png,  # re-exported: the builders write PNGs through shards.encode_png
 )
+from mmebm_dist.userfiles import MAX_TEXT_BYTES, UserFileError, clip, inside, read_bytes
 
 FORMAT_NAME = "mmebm-webdataset"
 FORMAT_VERSION = 1
@@ -79,10 +81,15 @@ def _write_tar_to(fileobj: Any, members: Iterable[tuple[str, bytes]]) -> None:
 
 def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> None:
     """Write a tar whose bytes depend only on the member names and contents (fixed mtime, owner, mode)."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _temp_name(path)
     with open(tmp, "wb") as f:
         _write_tar_to(f, members)
     os.replace(tmp, path)
+
+
+def _temp_name(path: Path) -> Path:
+    """A hidden temp file beside ``path``, unique to this process and call (two writers never share one)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
 def tar_digest(members: Iterable[tuple[str, bytes]]) -> tuple[int, str]:
@@ -104,7 +111,7 @@ def sha256_file(path: Path) -> str:
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
     """Write ``manifest.json`` atomically (last, so an interrupted build has no manifest)."""
     path = Path(directory) / MANIFEST
-    tmp = path.with_name(MANIFEST + ".tmp")
+    tmp = _temp_name(path)
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, path)
     return path
@@ -128,7 +135,12 @@ def shard_location(path: str | os.PathLike, name: str) -> str:
     """Where shard ``name`` of the data set at ``path`` (directory, manifest file or http(s) URL) lives."""
     if isinstance(path, str) and is_http(path):
         return manifest_url(path).rpartition("/")[0] + "/" + name
-    return str(manifest_path(path).parent / name)
+    root = manifest_path(path).parent
+    try:  # a shard that is a symlink out of the data set's folder is refused, not read
+        inside(root, name, "shard")
+    except UserFileError as exc:
+        raise ShardError(str(exc)) from None
+    return str(root / name)
 
 
 def check_shard_name(name: Any, where: str) -> None:
@@ -142,33 +154,32 @@ def check_shard_name(name: Any, where: str) -> None:
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and check a manifest (a directory holding ``manifest.json``, the file, or an http(s) URL)."""
+    """Load and check a manifest (a directory holding ``manifest.json``, the file, or an http(s) URL): every
+    key present with the JSON type it needs, so a damaged one fails here naming the key, not at a batch."""
     if isinstance(path, str) and is_http(path):
         where: Any = manifest_url(path)
         try:
-            text = fetch_url(where).decode("utf-8")
+            data = fetch_url(where, max_bytes=MAX_TEXT_BYTES)
         except OSError as exc:
-            raise ShardError(f"no manifest at {where}: {exc}") from exc
+            raise ShardError(f"no manifest at {where}: {clip(exc)}") from exc
     else:
         where = manifest_path(path)
         if not where.is_file():
             raise ShardError(f"no manifest at {where}: build the data with `mmebm data polymnist --out DIR`")
-        text = where.read_text()
+        data = read_bytes(where, "manifest")
     try:
-        manifest = json.loads(text)
+        manifest = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ShardError(f"{where}: not UTF-8 (byte offset {exc.start}); rebuild the data") from None
     except json.JSONDecodeError as exc:
         raise ShardError(f"{where}: not valid JSON ({exc})") from exc
-    for key in ("format", "format_version", "layout", "modalities", "splits", "shards", "source", "seed"):
-        if key not in manifest:
-            raise ShardError(f"{where}: missing key {key!r}")
+    _check_manifest_types(manifest, where)
     if manifest["format"] != FORMAT_NAME or manifest["format_version"] != FORMAT_VERSION:
         raise ShardError(
             f"{where}: format {manifest['format']!r} v{manifest['format_version']}, this code reads "
             f"{FORMAT_NAME!r} v{FORMAT_VERSION}; rebuild the data"
         )
     for spec in manifest["modalities"]:
-        if not {"name", "shape", "dtype"} <= set(spec):
-            raise ShardError(f"{where}: bad modality spec {spec}: needs name, shape and dtype")
         encoding = spec.get("encoding", "png")
         image = len(spec["shape"]) == 3 and spec["dtype"] == "uint8"
         if encoding not in ENCODINGS or (encoding in IMAGE_ENCODINGS and not image):
@@ -179,6 +190,49 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     for entry in manifest["shards"]:
         check_shard_name(entry.get("name"), str(where))
     return manifest
+
+
+def _is_count(x: Any, high: int = 2**40) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= high
+
+
+_MANIFEST_TYPES = {"format": str, "format_version": int, "layout": str, "modalities": list, "splits": dict,
+                   "shards": list, "source": (str, dict), "seed": int}
+
+
+def _check_manifest_types(manifest: Any, where: Any) -> None:
+    """Every key a reader uses is present with its JSON type, and every size and count is a bounded
+    non-negative integer (a manifest decides how much memory a batch takes)."""
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{where}: must hold a JSON object, got {type(manifest).__name__}")
+    for key, tp in _MANIFEST_TYPES.items():
+        if key not in manifest:
+            raise ShardError(f"{where}: missing key {key!r}")
+        if not isinstance(manifest[key], tp) or isinstance(manifest[key], bool):
+            raise ShardError(f"{where}: key {key!r} must be a JSON {getattr(tp, '__name__', 'string')}, got "
+                             f"{clip(repr(manifest[key]), 80)}")
+    for i, spec in enumerate(manifest["modalities"]):
+        ok = (isinstance(spec, dict) and isinstance(spec.get("name"), str)
+              and isinstance(spec.get("dtype"), str) and isinstance(spec.get("shape"), list)
+              and 1 <= len(spec["shape"]) <= 4
+              and all(_is_count(d, 2**16) and d > 0 for d in spec["shape"])
+              and isinstance(spec.get("encoding", "png"), str))
+        if not ok:
+            raise ShardError(f"{where}: modalities[{i}] = {clip(repr(spec), 120)}: needs name and dtype "
+                             "(strings) and shape (1 to 4 integers in [1, 65536])")
+    for i, entry in enumerate(manifest["shards"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("split"), str):
+            raise ShardError(f"{where}: shards[{i}] = {clip(repr(entry), 120)} needs a split name")
+        for key in ("count", "bytes"):
+            if key in entry and not _is_count(entry[key]):
+                raise ShardError(f"{where}: shards[{i}].{key} must be a non-negative integer, got "
+                                 f"{clip(repr(entry[key]), 80)}")
+        if "sha256" in entry and not isinstance(entry["sha256"], str):
+            raise ShardError(f"{where}: shards[{i}].sha256 must be a hex string")
+    for split, info in manifest["splits"].items():
+        if not isinstance(info, dict) or not _is_count(info.get("count")):
+            raise ShardError(f"{where}: splits.{split} must be an object with a non-negative integer count, "
+                             f"got {clip(repr(info), 80)}")
 
 
 def manifest_hash(path: str | os.PathLike) -> str:
@@ -273,8 +327,8 @@ def decode_entry(spec: ModalitySpec, data: bytes) -> np.ndarray:
         check_raw(spec, data)
         return np.frombuffer(data, dtype=np.uint8, count=spec.nbytes, offset=spec.offset).reshape(spec.shape)
     if spec.encoding == "png":
-        arr = decode_png(data)
         c, h, w = spec.shape
+        arr = decode_png(data, max_pixels=h * w)  # a header larger than declared is refused undecoded
         if arr.shape != (h, w, c) or arr.dtype != np.uint8:
             raise ValueError(
                 f"decoded to {arr.dtype} [H, W, C] = {list(arr.shape)}, "
@@ -385,7 +439,7 @@ def first_samples(
     specs = {s.name: s for s in modality_specs(manifest)}
     samples: list[dict[str, bytes]] = []
     for entry in split_shards(manifest, split):
-        for _, sample in iter_tar_samples(directory / entry["name"]):
+        for _, sample in iter_tar_samples(Path(shard_location(directory, entry["name"]))):
             samples.append(sample)
             if len(samples) == count:
                 return specs, samples
@@ -414,7 +468,7 @@ def verify(directory: str | os.PathLike, *, progress: bool = True) -> dict[str, 
     incomplete = is_incomplete(manifest)
     held = {split: np.zeros(len(specs), dtype=np.int64) for split in manifest["splits"]}
     for entry in tqdm(manifest["shards"], desc="verify", unit="shard", disable=not progress):
-        path = directory / entry["name"]
+        path = Path(shard_location(directory, entry["name"]))
         if not path.is_file():
             raise ShardError(f"{path}: shard listed in the manifest is missing")
         if "bytes" in entry and path.stat().st_size != entry["bytes"]:
@@ -572,7 +626,8 @@ def convert(
         for entry in tqdm(shards, desc=f"convert to {encoding}", unit="shard", disable=not progress):
             out = tmp / entry["name"]
             out.parent.mkdir(parents=True, exist_ok=True)
-            write_tar(out, _converted_members(src / entry["name"], specs, encoding, is_incomplete(manifest)))
+            source = Path(shard_location(src, entry["name"]))
+            write_tar(out, _converted_members(source, specs, encoding, is_incomplete(manifest)))
             entries.append({**entry, "bytes": out.stat().st_size, "sha256": sha256_file(out)})
         converted = {
             **manifest,

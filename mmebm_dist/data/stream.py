@@ -37,7 +37,7 @@ import webdataset as wds
 from einops import rearrange
 from PIL import Image
 
-from mmebm_dist.data.codec import is_http, read_shard
+from mmebm_dist.data.codec import FormatError, check_png_size, is_http, read_shard
 from mmebm_dist.data.shards import (
     ENCODINGS,
     IMAGE_ENCODINGS,
@@ -273,6 +273,10 @@ def _infer_specs(sample: dict[str, Any]) -> tuple[ModalitySpec, ...]:
                 "gives: pass the data set directory or manifest URL instead of shard URLs"
             )
         if encoding == "png":
+            try:
+                check_png_size(sample[entry])  # before PIL reads more than the header
+            except FormatError as exc:
+                raise ShardError(f"{_where(sample)} entry {entry!r}: {exc}") from None
             with Image.open(io.BytesIO(sample[entry])) as img:
                 spec = ModalitySpec(name, encoding, (len(img.getbands()), img.height, img.width), "uint8")
         else:

@@ -518,78 +518,78 @@ def build_birds(spec: BirdsSpec, *, progress: bool = True) -> dict[str, Any]:
     if spec.encoding not in shards.IMAGE_ENCODINGS:
         raise ValueError(f"--encoding {spec.encoding!r}: choose one of {', '.join(shards.IMAGE_ENCODINGS)}")
     out = Path(spec.out)
-    generated.prepare_out(out, spec.overwrite, [re.escape(VOCAB_FILE)])
-    vocab = caption_vocabulary()
-    vocab.save(out / VOCAB_FILE)
-    counts = {"train": spec.num_train, "test": spec.num_test}
-    state = {
-        "seed": spec.seed,
-        "photos": generated.load_photos(),
-        "vocab": vocab,
-        "params": spec.params,
-        "out": str(out),
-        "encoding": spec.encoding,
-    }
-    entries = generated.write_shards(
-        _write_bird_shard,
-        counts,
-        spec.shard_size,
-        state=state,
-        workers=spec.workers,
-        desc="birds shards",
-        unit="img",
-        progress=progress,
-    )
-    size = spec.params.size
-    manifest = generated.manifest_base(
-        modalities=[
-            {
-                "name": IMAGE_MODALITY,
-                "shape": [3, size, size],
-                "dtype": "uint8",
-                "encoding": spec.encoding,
-                "origin": "generated birds (not CUB)",
-            },
-            {
-                "name": TEXT_MODALITY,
-                "shape": [MAX_TOKENS],
-                "dtype": "int64",
-                "encoding": "npy",
-                "vocab": VOCAB_FILE,
-                "vocab_size": len(vocab),
-                "origin": "templated captions (not CUB)",
-            },
-        ],
-        class_names=COLOURS,
-        counts=counts,
-        entries=entries,
-        source={
-            "name": "birds-generated",
-            "origin": "procedural birds on scikit-image photos, template captions",
-            "train": counts["train"],
-            "test": counts["test"],
-        },
-        seed=spec.seed,
-        builder={
-            "command": "birds",
-            "num_train": spec.num_train,
-            "num_test": spec.num_test,
-            "shard_size": spec.shard_size,
+    with generated.staged_output(out, spec.overwrite, [re.escape(VOCAB_FILE)]) as out:  # swapped in complete
+        vocab = caption_vocabulary()
+        vocab.save(out / VOCAB_FILE)
+        counts = {"train": spec.num_train, "test": spec.num_test}
+        state = {
+            "seed": spec.seed,
+            "photos": generated.load_photos(),
+            "vocab": vocab,
+            "params": spec.params,
+            "out": str(out),
             "encoding": spec.encoding,
-            "renderer": params_to_dict(spec.params),
-            "captions_per_image": CAPTIONS_PER_IMAGE,
-            "text_modality_caption": "first",
-            "label": LABEL_ATTRIBUTE,
-            "attributes": {k: list(v) for k, v in ATTRIBUTES.items()},
-            "extra_entries": {
-                "captions.npy": [CAPTIONS_PER_IMAGE, MAX_TOKENS],
-                "attrs.npy": [len(ATTRIBUTES)],
+        }
+        entries = generated.write_shards(
+            _write_bird_shard,
+            counts,
+            spec.shard_size,
+            state=state,
+            workers=spec.workers,
+            desc="birds shards",
+            unit="img",
+            progress=progress,
+        )
+        size = spec.params.size
+        manifest = generated.manifest_base(
+            modalities=[
+                {
+                    "name": IMAGE_MODALITY,
+                    "shape": [3, size, size],
+                    "dtype": "uint8",
+                    "encoding": spec.encoding,
+                    "origin": "generated birds (not CUB)",
+                },
+                {
+                    "name": TEXT_MODALITY,
+                    "shape": [MAX_TOKENS],
+                    "dtype": "int64",
+                    "encoding": "npy",
+                    "vocab": VOCAB_FILE,
+                    "vocab_size": len(vocab),
+                    "origin": "templated captions (not CUB)",
+                },
+            ],
+            class_names=COLOURS,
+            counts=counts,
+            entries=entries,
+            source={
+                "name": "birds-generated",
+                "origin": "procedural birds on scikit-image photos, template captions",
+                "train": counts["train"],
+                "test": counts["test"],
             },
-            "versions": generated.versions(),
-        },
-    )
-    shards.write_manifest(out, manifest)
-    return manifest
+            seed=spec.seed,
+            builder={
+                "command": "birds",
+                "num_train": spec.num_train,
+                "num_test": spec.num_test,
+                "shard_size": spec.shard_size,
+                "encoding": spec.encoding,
+                "renderer": params_to_dict(spec.params),
+                "captions_per_image": CAPTIONS_PER_IMAGE,
+                "text_modality_caption": "first",
+                "label": LABEL_ATTRIBUTE,
+                "attributes": {k: list(v) for k, v in ATTRIBUTES.items()},
+                "extra_entries": {
+                    "captions.npy": [CAPTIONS_PER_IMAGE, MAX_TOKENS],
+                    "attrs.npy": [len(ATTRIBUTES)],
+                },
+                "versions": generated.versions(),
+            },
+        )
+        shards.write_manifest(out, manifest)
+        return manifest
 
 
 # ------------------------------------------------------------------------------------------------ CLI / grid

@@ -8,10 +8,14 @@ alone, so the bytes do not depend on the worker count. The shard/manifest format
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import multiprocessing
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -21,8 +25,13 @@ from PIL import Image, ImageFilter
 
 from mmebm_dist.data import shards
 from mmebm_dist.data.grid import image_grid
+from mmebm_dist.locks import output_lock
+
+log = logging.getLogger(__name__)
 
 SPLIT_IDS = {"train": 0, "test": 1}
+MAX_WORKERS = 256
+"""Most worker processes a build or import may start (a typo must not fork thousands)."""
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 """ITU-R BT.601 luma weights."""
 # Colour photos shipped inside scikit-image's wheel that load offline (checked with scikit-image 0.26).
@@ -123,21 +132,80 @@ def versions() -> dict[str, str]:
     return out
 
 
-def prepare_out(out: Path, overwrite: bool, extra: Iterable[str] = (), nested: Iterable[str] = ()) -> None:
-    """Refuse to write into an existing data set unless ``overwrite``; then remove only files we write:
-    shards, the manifest, files named by the ``extra`` regexes and files matching the ``nested`` globs
-    (relative to ``out``: a folder layout's images)."""
-    patterns = [r"(train|test)-\d{6}\.tar(\.tmp)?", re.escape(shards.MANIFEST) + r"(\.tmp)?", *extra]
+def our_files(out: Path, extra: Iterable[str] = (), nested: Iterable[str] = ()) -> list[Path]:
+    """The files of a data set a builder wrote in ``out``: shards, the manifest, files named by the ``extra``
+    regexes and files matching the ``nested`` globs (relative to ``out``: a folder layout's images)."""
+    patterns = [r"(train|test)-\d{6}\.tar", re.escape(shards.MANIFEST), *extra]
+    if not out.is_dir():
+        return []
     ours = [p for p in out.glob("*") if p.is_file() and any(re.fullmatch(pat, p.name) for pat in patterns)]
-    ours += [p for pattern in nested for p in out.glob(pattern) if p.is_file()]
-    if ours and not overwrite:
-        raise FileExistsError(
-            f"{out} already holds a data set ({len(ours)} shard/manifest/side files): choose "
-            "another --out or pass --overwrite"
-        )
-    for p in ours:
-        p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    return ours + [p for pattern in nested for p in out.glob(pattern) if p.is_file()]
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, overwrite: bool, extra: Iterable[str] = (),
+                  nested: Iterable[str] = ()) -> Iterator[Path]:
+    """A fresh hidden folder beside ``out`` to build into, under an exclusive lock on ``out``; it replaces the
+    data set in ``out`` only once the block returned (the manifest written), so a failed or killed build
+    leaves the previous set whole, and two builds aimed at one folder never interleave (the second is
+    refused naming the first). Other files in ``out`` stay. Refuses an existing data set without
+    ``overwrite`` (``extra``/``nested``: see :func:`our_files`)."""
+    out = Path(out).resolve()
+    with output_lock(out):
+        ours = our_files(out, extra, nested)
+        if ours and not overwrite:
+            raise FileExistsError(
+                f"{out} already holds a data set ({len(ours)} shard/manifest/side files): choose "
+                "another --out or pass --overwrite"
+            )
+        with staging(out) as stage:
+            yield stage
+            others = {p.name for p in out.iterdir() if p not in ours and p.name not in shards.SPLITS} \
+                if out.is_dir() else set()
+            swap_in(stage, out, keep=others)
+
+
+@contextlib.contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A new, uniquely named folder ``.<out>.staging-<pid>-<random>`` beside ``out``, removed if the block
+    fails or is interrupted (it is gone after a successful :func:`swap_in`). Call under the output lock: the
+    staging and set-aside folders a killed build left beside an existing ``out`` are removed (logged); with
+    ``out`` missing, a set-aside folder may hold the only complete set and is kept."""
+    if out.exists() and Path.cwd().resolve().is_relative_to(out):
+        raise FileExistsError(f"--out {out} is (or holds) the current directory; replacing it would pull the "
+                              "folder from under this shell: choose a subfolder as --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # under the output lock, so these are left by a killed build or import: superseded
+        left = [*out.parent.glob(f".{out.name}.staging-*"), *out.parent.glob(f".{out.name}.replaced-*")]
+        for stale in left:
+            log.warning("removing %s, left by a build of %s that was killed", stale, out)
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    stage = out.parent / f".{out.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def swap_in(stage: Path, out: Path, keep: Iterable[str] = ()) -> None:
+    """Put the complete folder ``stage`` in place of ``out`` with two renames (``out`` aside, ``stage`` in);
+    then move back the old ``out``'s entries named in ``keep`` and delete the rest. A kill between the
+    renames leaves the old and the new set whole in hidden folders beside ``out``; never a mixed one."""
+    keep = set(keep)
+    if not out.exists():
+        stage.rename(out)
+        return
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    out.rename(old)
+    stage.rename(out)
+    if old.is_dir():
+        for entry in old.iterdir():
+            if entry.name in keep and not (out / entry.name).exists():
+                entry.rename(out / entry.name)
+        shutil.rmtree(old)
+    else:
+        old.unlink()
 
 
 # Per-process state of the workers (set by _init_worker; read-only afterwards).
@@ -171,6 +239,8 @@ def parallel_map(
     """
     from tqdm import tqdm
 
+    if not 0 <= workers <= MAX_WORKERS:
+        raise ValueError(f"--workers {workers}: must be in [0, {MAX_WORKERS}] (0: one per core)")
     workers = min(workers or os.cpu_count() or 1, len(jobs)) if jobs else 1
     bar = tqdm(total=sum(weight(j) for j in jobs), desc=desc, unit=unit, disable=not progress)
     results = []

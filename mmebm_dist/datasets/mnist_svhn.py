@@ -495,76 +495,76 @@ def build_mnist_svhn(spec: MnistSvhnSpec, *, progress: bool = True) -> dict[str,
     source = load_source(spec.source, idx_dir=spec.idx_dir, cache_dir=spec.cache_dir)
     fonts = digit_fonts(spec.extra_fonts)
     out = Path(spec.out)
-    generated.prepare_out(out, spec.overwrite, SIDE_FILES)
-    labels = {
-        "train": svhn_labels(spec.num_train, "train", spec.seed),
-        "test": svhn_labels(spec.num_test, "test", spec.seed),
-    }
-    state = {
-        "labels": labels,
-        "seed": spec.seed,
-        "photos": generated.load_photos(),
-        "fonts": fonts,
-        "params": spec.params,
-    }
-    chunk = 256
-    jobs = [
-        (split, s, min(s + chunk, len(labels[split])))
-        for split in shards.SPLITS
-        for s in range(0, len(labels[split]), chunk)
-    ]
-    rendered = generated.parallel_map(
-        _render_chunk,
-        jobs,
-        state=state,
-        workers=spec.workers,
-        desc="street numbers",
-        unit="img",
-        weight=lambda j: j[2] - j[1],
-        progress=progress,
-    )
-    svhn: dict[str, np.ndarray] = {}
-    pairs: dict[str, np.ndarray] = {}
-    for split in shards.SPLITS:
-        parts = [r for j, r in zip(jobs, rendered, strict=True) if j[0] == split]
-        svhn[split] = np.concatenate([p[0] for p in parts])
-        np.savez(
-            out / f"svhn-{split}.npz",
-            labels=labels[split],
-            digits=np.concatenate([p[1] for p in parts]),
-            font=np.concatenate([p[2] for p in parts]),
-            contrast=np.concatenate([p[3] for p in parts]),
-            attempts=np.concatenate([p[4] for p in parts]),
+    with generated.staged_output(out, spec.overwrite, SIDE_FILES) as out:  # swapped in complete
+        labels = {
+            "train": svhn_labels(spec.num_train, "train", spec.seed),
+            "test": svhn_labels(spec.num_test, "test", spec.seed),
+        }
+        state = {
+            "labels": labels,
+            "seed": spec.seed,
+            "photos": generated.load_photos(),
+            "fonts": fonts,
+            "params": spec.params,
+        }
+        chunk = 256
+        jobs = [
+            (split, s, min(s + chunk, len(labels[split])))
+            for split in shards.SPLITS
+            for s in range(0, len(labels[split]), chunk)
+        ]
+        rendered = generated.parallel_map(
+            _render_chunk,
+            jobs,
+            state=state,
+            workers=spec.workers,
+            desc="street numbers",
+            unit="img",
+            weight=lambda j: j[2] - j[1],
+            progress=progress,
         )
-        mnist_labels = source.split(split)[1]
-        rng = np.random.default_rng([spec.seed, SPLIT_IDS[split], 2])
-        ia, ib = pair_by_class(
-            mnist_labels, labels[split], max_per_class=spec.max_per_class, factor=spec.factor, rng=rng
+        svhn: dict[str, np.ndarray] = {}
+        pairs: dict[str, np.ndarray] = {}
+        for split in shards.SPLITS:
+            parts = [r for j, r in zip(jobs, rendered, strict=True) if j[0] == split]
+            svhn[split] = np.concatenate([p[0] for p in parts])
+            np.savez(
+                out / f"svhn-{split}.npz",
+                labels=labels[split],
+                digits=np.concatenate([p[1] for p in parts]),
+                font=np.concatenate([p[2] for p in parts]),
+                contrast=np.concatenate([p[3] for p in parts]),
+                attempts=np.concatenate([p[4] for p in parts]),
+            )
+            mnist_labels = source.split(split)[1]
+            rng = np.random.default_rng([spec.seed, SPLIT_IDS[split], 2])
+            ia, ib = pair_by_class(
+                mnist_labels, labels[split], max_per_class=spec.max_per_class, factor=spec.factor, rng=rng
+            )
+            order = rng.permutation(len(ia))
+            pairs[split] = np.stack([ia[order], ib[order]], axis=1).astype(np.int64)
+            np.save(out / f"pairs-{split}.npy", pairs[split])
+        counts = {split: len(pairs[split]) for split in shards.SPLITS}
+        write_state = {
+            "mnist": {split: source.split(split) for split in shards.SPLITS},
+            "svhn": svhn,
+            "pairs": pairs,
+            "out": str(out),
+            "encoding": spec.encoding,
+        }
+        entries = generated.write_shards(
+            _write_pair_shard,
+            counts,
+            spec.shard_size,
+            state=write_state,
+            workers=spec.workers,
+            desc="mnist-svhn shards",
+            unit="pair",
+            progress=progress,
         )
-        order = rng.permutation(len(ia))
-        pairs[split] = np.stack([ia[order], ib[order]], axis=1).astype(np.int64)
-        np.save(out / f"pairs-{split}.npy", pairs[split])
-    counts = {split: len(pairs[split]) for split in shards.SPLITS}
-    write_state = {
-        "mnist": {split: source.split(split) for split in shards.SPLITS},
-        "svhn": svhn,
-        "pairs": pairs,
-        "out": str(out),
-        "encoding": spec.encoding,
-    }
-    entries = generated.write_shards(
-        _write_pair_shard,
-        counts,
-        spec.shard_size,
-        state=write_state,
-        workers=spec.workers,
-        desc="mnist-svhn shards",
-        unit="pair",
-        progress=progress,
-    )
-    manifest = _manifest(spec, source, fonts, labels, pairs, counts, entries)
-    shards.write_manifest(out, manifest)
-    return manifest
+        manifest = _manifest(spec, source, fonts, labels, pairs, counts, entries)
+        shards.write_manifest(out, manifest)
+        return manifest
 
 
 # ------------------------------------------------------------------------------------------------ CLI / grid

@@ -181,47 +181,47 @@ def build_polymnist(spec: BuildSpec, *, progress: bool = True) -> dict[str, Any]
             raise ValueError(f"{split} sample count must be >= 1, got {n}")
     out = Path(spec.out)
     folder_pngs = [f"{split}/m*/[0-9]*.[0-9]*.png" for split in shards.SPLITS]  # the folders layout's images
-    generated.prepare_out(out, spec.overwrite, nested=folder_pngs)
+    with generated.staged_output(out, spec.overwrite, nested=folder_pngs) as out:  # swapped in complete
 
-    state = {
-        "splits": {split: source.split(split) for split in shards.SPLITS},
-        "assignment": {
-            split: assign_images(
-                source.split(split)[1], counts[split], spec.modalities, seed=spec.seed, split=split
-            )
-            for split in shards.SPLITS
-        },
-        "present": {
-            split: drop_mask(counts[split], spec.modalities, spec.drop_rate, seed=spec.seed, split=split)
-            for split in shards.SPLITS
-        } if spec.drop_rate > 0 else None,
-        "backgrounds": backgrounds,
-        "names": names,
-        "seed": spec.seed,
-        "out": str(out),
-        "format": spec.format,
-        "encoding": spec.encoding,
-    }
-    if spec.format == "folders":
-        for split in shards.SPLITS:
-            for name in names:
-                (out / split / name).mkdir(parents=True, exist_ok=True)
-    results = generated.write_shards(
-        _build_shard,
-        counts,
-        spec.shard_size,
-        state=state,
-        workers=spec.workers,
-        desc=f"polymnist {spec.format}",
-        unit="tuple",
-        progress=progress,
-    )
-    manifest = _manifest(spec, source, backgrounds, names, counts, results)
-    if state["present"] is not None:
-        manifest = _incomplete_manifest(manifest, spec, source, backgrounds, names, counts, results,
-                                        state["present"])
-    shards.write_manifest(out, manifest)
-    return manifest
+        state = {
+            "splits": {split: source.split(split) for split in shards.SPLITS},
+            "assignment": {
+                split: assign_images(
+                    source.split(split)[1], counts[split], spec.modalities, seed=spec.seed, split=split
+                )
+                for split in shards.SPLITS
+            },
+            "present": {
+                split: drop_mask(counts[split], spec.modalities, spec.drop_rate, seed=spec.seed, split=split)
+                for split in shards.SPLITS
+            } if spec.drop_rate > 0 else None,
+            "backgrounds": backgrounds,
+            "names": names,
+            "seed": spec.seed,
+            "out": str(out),
+            "format": spec.format,
+            "encoding": spec.encoding,
+        }
+        if spec.format == "folders":
+            for split in shards.SPLITS:
+                for name in names:
+                    (out / split / name).mkdir(parents=True, exist_ok=True)
+        results = generated.write_shards(
+            _build_shard,
+            counts,
+            spec.shard_size,
+            state=state,
+            workers=spec.workers,
+            desc=f"polymnist {spec.format}",
+            unit="tuple",
+            progress=progress,
+        )
+        manifest = _manifest(spec, source, backgrounds, names, counts, results)
+        if state["present"] is not None:
+            manifest = _incomplete_manifest(manifest, spec, source, backgrounds, names, counts, results,
+                                            state["present"])
+        shards.write_manifest(out, manifest)
+        return manifest
 
 
 def _incomplete_manifest(

@@ -7,7 +7,9 @@ A run directory (``mmebm train``) holds one ``checkpoints/step-NNNNNNN/`` per ch
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,16 @@ import torch
 from mmebm_dist import schedule
 from mmebm_dist.config import Config, config_from_dict
 from mmebm_dist.evaluate.coherence import Batch, chunk_seed, my_chunks, seeded
-from mmebm_dist.rundir import CONFIG_FILE, load_model_weights, read_train_state
+from mmebm_dist.rundir import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    complete_checkpoints,
+    load_model_weights,
+    read_train_state,
+)
+from mmebm_dist.userfiles import clip
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,10 +44,22 @@ class LoadedRun:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available else cpu; anything else as torch reads it."""
+    """``auto`` -> cuda when available else cpu; anything else as torch reads it, refused (naming it) when
+    this machine does not have that device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: this machine has no usable CUDA device; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to "
+                             f"cuda:{count - 1}")
+    return device
 
 
 def load_run(run_dir: str | Path, *, checkpoint: str | Path | None = None,
@@ -45,7 +68,8 @@ def load_run(run_dir: str | Path, *, checkpoint: str | Path | None = None,
 
     ``run_dir``: a run directory, an export folder (``mmebm export``) or ``hf://USER/REPO`` (an export on
     the Hugging Face Hub). ``checkpoint``: a checkpoint directory or a name under ``RUN/checkpoints``;
-    default: the newest complete (an export holds one).
+    default: the newest complete one that loads (a newer one with a truncated ``model.pt`` is skipped with a
+    warning; an export holds one).
     """
     from mmebm_dist import export
     from mmebm_dist.models import build_model
@@ -55,21 +79,53 @@ def load_run(run_dir: str | Path, *, checkpoint: str | Path | None = None,
         if checkpoint is not None:
             raise ValueError(f"'{run_dir}' is an export of one checkpoint; drop --checkpoint {checkpoint}")
         exported = export.read_export(run_dir)
-        ckpt, step, cfg = run_dir / export.WEIGHTS_FILE, exported.step, exported.cfg
-        weights, manifest = exported.state_dict, exported.manifest_hash
-    else:
-        if not (run_dir / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"'{run_dir}' is not a run directory (no config.json) nor an export; "
-                                    "pass the train.out_dir of a `mmebm train` run or an export folder")
-        ckpt = export.find_checkpoint(run_dir, checkpoint)
-        state = read_train_state(ckpt)
-        step, cfg, weights = state.step, config_from_dict(state.config), None
-        manifest = state.data_order.get("manifest_hash")
+        model = build_model(exported.cfg.model)
+        model.load_state_dict(exported.state_dict)
+        return _ready(run_dir, run_dir / export.WEIGHTS_FILE, exported.step, exported.cfg, model,
+                      exported.manifest_hash, device)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"'{run_dir}' is not a run directory (no config.json) nor an export; "
+                                "pass the train.out_dir of a `mmebm train` run or an export folder")
+    if checkpoint is None:
+        export.find_checkpoint(run_dir)  # raises naming the run when it has no complete checkpoint
+        return _newest_that_loads(run_dir, device)
+    return _load_checkpoint(run_dir, export.find_checkpoint(run_dir, checkpoint), device)
+
+
+UNLOADABLE = (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError)
+"""What a truncated, emptied or overwritten ``model.pt`` / ``train_state.json`` raises on loading."""
+
+
+def _newest_that_loads(run_dir: Path, device: torch.device | str) -> LoadedRun:
+    """The newest complete checkpoint whose weights load, warning about each newer one that does not."""
+    problems = []
+    for ckpt in reversed(complete_checkpoints(run_dir)):
+        try:
+            return _load_checkpoint(run_dir, ckpt, device)
+        except UNLOADABLE as exc:
+            problems.append(f"{ckpt.name}: {type(exc).__name__}: {clip(exc, 200)}")
+            log.warning("checkpoint %s does not load (%s); trying the one before", ckpt, problems[-1])
+    raise FileNotFoundError(f"no checkpoint of '{run_dir}' loads ({'; '.join(problems)}); retrain or restore "
+                            "the files")
+
+
+def _load_checkpoint(run_dir: Path, ckpt: Path, device: torch.device | str) -> LoadedRun:
+    from mmebm_dist.models import build_model
+
+    state = read_train_state(ckpt)
+    cfg = config_from_dict(state.config)
     model = build_model(cfg.model)
-    if weights is None:
+    try:
         load_model_weights(model, ckpt)
-    else:
-        model.load_state_dict(weights)
+    except UNLOADABLE as exc:
+        why = f"{type(exc).__name__}: {clip(exc, 200)}"
+        raise ValueError(f"{ckpt / MODEL_FILE} does not load: {why}") from exc
+    return _ready(run_dir, ckpt, state.step, cfg, model, state.data_order.get("manifest_hash"), device)
+
+
+def _ready(run_dir: Path, ckpt: Path, step: int, cfg: Config, model: torch.nn.Module, manifest: str | None,
+           device: torch.device | str) -> LoadedRun:
+    """The loaded model in eval mode on ``device``, set to the stage its checkpoint was in."""
     if cfg.train.schedule:  # a staged run samples as the stage of its checkpoint did (p0 before the energy)
         model.set_stage(schedule.stage_at(schedule.of_config(cfg), max(step, 1)).name)
     model.to(device).eval()

@@ -40,6 +40,7 @@ from mmebm_dist.rundir import (
     portable_argv,
     read_commands,
 )
+from mmebm_dist.userfiles import clip
 
 # The paper's reported PolyMNIST coherences (arXiv 2409.19862, as summarised in the project brief and
 # docs/reference-hparams.md; larger model and budget than our runs). Shown labelled as the paper's numbers.
@@ -91,7 +92,7 @@ def command_line(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     runs = []
     for run_dir in find_run_dirs(args.runs):
-        record, missing = load_run(run_dir, args.eval_name)
+        record, missing = load_run_checked(run_dir, args.eval_name)
         if record is None:
             print(f"warning: skipping {run_dir}: {missing}", file=sys.stderr)
             continue
@@ -221,6 +222,19 @@ def find_run_dirs(patterns: Sequence[str]) -> list[Path]:
             if path.is_dir():
                 found.setdefault(str(path.resolve()), path)
     return sorted(found.values(), key=str)
+
+
+def load_run_checked(run_dir: Path, eval_name: str = "eval") -> tuple[Run | None, str]:
+    """:func:`load_run`, turning a file of the wrong shape (a list where a mapping belongs, text where a
+    number does) into a ResultsError naming the run's files, not a traceback from deep inside."""
+    try:
+        return load_run(run_dir, eval_name)
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
+        if isinstance(exc, ResultsError):
+            raise
+        raise ResultsError(f"{run_dir}: {CONFIG_FILE}, {METRICS_FILE} or {eval_name}/{EVAL_JSON} is not of "
+                           f"the shape `mmebm train` / `mmebm eval` write ({type(exc).__name__}: "
+                           f"{clip(exc, 120)}); rewrite it or leave the run out of --runs") from exc
 
 
 def load_run(run_dir: Path, eval_name: str = "eval") -> tuple[Run | None, str]:

@@ -95,6 +95,7 @@ def save_checkpoint(
         if accelerator.is_main_process:
             torch.save(weights, tmp / MODEL_FILE)
             atomic_write_text(tmp / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=2) + "\n")
+            write_file_list(tmp)
             fsync_tree(tmp)
     except (OSError, RuntimeError, SafetensorError) as exc:
         if isinstance(exc, torch.distributed.DistError):  # a collective failed, not the write
@@ -109,6 +110,18 @@ def save_checkpoint(
         _prune(root, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_stale_temps(accelerator: Accelerator, run_dir: Path) -> list[Path]:
+    """Remove the ``.tmp-step-*`` directories a killed run left (rank 0, which holds the run lock, so no
+    writer is using them), logging each: they are never complete, and would otherwise make a fresh run or a
+    resume without a complete checkpoint refuse the directory. Call on every rank."""
+    removed = sorted((Path(run_dir) / CHECKPOINTS).glob(".tmp-step-*")) if accelerator.is_main_process else []
+    for stale in removed:
+        log.warning("removing %s: a checkpoint left half-written by a killed run", stale)
+        shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    return removed
 
 
 def fsync_tree(directory: Path) -> None:
@@ -211,9 +224,63 @@ class CheckpointError(RuntimeError):
     """No checkpoint of the run (or not the one asked for) loads."""
 
 
+FILE_LIST = "files.json"
+"""Written last into every checkpoint: ``{relative path: size in bytes}`` of each file it holds, so a resume
+refuses a checkpoint with any file missing, emptied or replaced (accelerate itself skips RNG states it cannot
+load without a word, and the resume then silently stops being exact)."""
+
+RNG_STATE_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")
+"""What accelerate's ``random_states_<rank>.pkl`` must hold for a resume to restore every rank's streams."""
+
+
+def write_file_list(ckpt_dir: Path) -> None:
+    """Record the name and size of every file of ``ckpt_dir`` in its :data:`FILE_LIST` (rank 0, after every
+    rank's files are written)."""
+    files = {p.relative_to(ckpt_dir).as_posix(): p.stat().st_size for p in sorted(ckpt_dir.rglob("*"))
+             if p.is_file() and p.name != FILE_LIST}
+    atomic_write_text(ckpt_dir / FILE_LIST, json.dumps(files, indent=1) + "\n")
+
+
+def file_list_problem(ckpt_dir: Path) -> str | None:
+    """Why ``ckpt_dir``'s files differ from its :data:`FILE_LIST` (one missing or of another size), or None.
+
+    A checkpoint written before the list existed must hold at least the RNG states of rank 0."""
+    listing = ckpt_dir / FILE_LIST
+    if not listing.is_file():
+        legacy = ckpt_dir / "random_states_0.pkl"
+        return None if legacy.is_file() else f"{legacy} is missing (without it a resume is not exact)"
+    try:
+        files = json.loads(listing.read_text())
+    except (OSError, ValueError) as exc:
+        return f"{listing}: {type(exc).__name__}: {exc}"
+    if not isinstance(files, dict) or not all(isinstance(v, int) for v in files.values()):
+        return f"{listing} is not a mapping of file names to sizes"
+    for name, size in files.items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            return f"{path} is missing (listed in {FILE_LIST})"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, {FILE_LIST} says {size} (truncated or replaced)"
+    return None
+
+
+def _rng_state_problem(path: Path) -> str | None:
+    """Why accelerate's RNG-state file ``path`` would not restore the streams (accelerate skips such a file
+    without a word)."""
+    from accelerate.utils import load
+
+    try:
+        states = load(path, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 -- any unpickling failure means the states would not load
+        return f"unreadable RNG states: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    missing = [k for k in RNG_STATE_KEYS if not isinstance(states, dict) or k not in states]
+    return f"RNG states without {', '.join(missing)}" if missing else None
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """Why ``path`` (a checkpoint file) cannot load, or None: unparsable JSON, a torch zip archive that is
-    not one or fails its CRCs, a safetensors file whose header or size is wrong. Unpickles nothing."""
+    not one or fails its CRCs, a safetensors file whose header or size is wrong, RNG states that lack a stream
+    (read by torch's ``weights_only`` unpickler, which builds no arbitrary object)."""
     try:
         if path.suffix == ".json":
             json.loads(path.read_text())
@@ -230,6 +297,8 @@ def checkpoint_problem(path: Path) -> str | None:
                 bad = archive.testzip()
             if bad is not None:
                 return f"CRC mismatch in its member {bad}"
+            if path.name.startswith("random_states_"):
+                return _rng_state_problem(path)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -271,6 +340,8 @@ def _try_load(
     problem = next((f"{p}: {why}" for p in mine if (why := checkpoint_problem(p))), None)
     if problem is None and not (ckpt / STATE_FILE).is_file():
         problem = f"{ckpt / STATE_FILE} is missing"
+    if problem is None and accelerator.is_main_process:
+        problem = file_list_problem(ckpt)
     if _any_rank(accelerator, problem is not None):
         return None, problem or "a file another rank checked is corrupt (see its log line)"
     if check is not None:

@@ -30,7 +30,13 @@ from mmebm_dist.config import Config, config_to_dict, save_config
 from mmebm_dist.data.stream import SkipTally, prefetch_to_device
 from mmebm_dist.rundir import CHECKPOINTS, CONFIG_FILE, TrainState, append_command, latest_checkpoint
 from mmebm_dist.train.capture import capture_step
-from mmebm_dist.train.checkpoint import load_initial_weights, load_resumable, save_checkpoint, set_aside
+from mmebm_dist.train.checkpoint import (
+    load_initial_weights,
+    load_resumable,
+    remove_stale_temps,
+    save_checkpoint,
+    set_aside,
+)
 from mmebm_dist.train.distributed import describe, make_accelerator, zero_stage
 from mmebm_dist.train.heartbeat import Heartbeat, is_timeout
 from mmebm_dist.train.metrics import MetricsWriter, SampleTrace, make_trackers
@@ -260,12 +266,17 @@ def _build_model(cfg: Config, accelerator: Accelerator, *, from_checkpoint: bool
 
 
 def _check_presence_order(cfg: Config) -> None:
-    """An incomplete set's ``present`` mask is in the manifest's modality order and the model reads it in
-    model.modalities order: they must be the same list."""
+    """Every modality of the model is in the data; an incomplete set's ``present`` mask is in the manifest's
+    modality order and the model reads it in model.modalities order: they must be the same list."""
     from mmebm_dist.data.shards import is_incomplete, modality_names, read_manifest
 
     manifest = read_manifest(cfg.data.path)
     names = [m.name for m in cfg.model.modalities]
+    absent = [n for n in names if n not in modality_names(manifest)]
+    if absent:  # else a KeyError at the first batch
+        raise ValueError(f"model.modalities {absent} are not in the data set '{cfg.data.path}' (it holds "
+                         f"{modality_names(manifest)}); remove them from model.modalities or use data that "
+                         "has them")
     if is_incomplete(manifest) and names != modality_names(manifest):
         raise ValueError(f"'{cfg.data.path}' is incomplete (its batches carry a presence mask in the order "
                          f"{modality_names(manifest)}); list model.modalities in that order, got {names}")
@@ -347,6 +358,8 @@ def setup(
     run_dir = Path(cfg.train.out_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
 
+    if record:
+        remove_stale_temps(accelerator, run_dir)
     ckpt = latest_checkpoint(run_dir) if resume else None
     model, optimizer, scheduler = _build_model(cfg, accelerator, from_checkpoint=ckpt is not None)
     unwrapped = accelerator.unwrap_model(model)
@@ -571,6 +584,9 @@ def train(
                          "mmebm_dist.evaluate.periodic.periodic_eval) or set train.eval_every=0")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     run_dir = Path(cfg.train.out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"train.out_dir '{run_dir}' is an existing file, not a directory; choose another "
+                         "train.out_dir")
     lock = RunLock(run_dir) if rank == 0 else contextlib.nullcontext()
     with lock, StopRequest() as stop, Heartbeat(run_dir, rank, world, cfg.train.dist_timeout_s) as heartbeat:
         try:

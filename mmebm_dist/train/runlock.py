@@ -2,16 +2,15 @@
 
 The kernel drops the lock when the holder exits or crashes, so a crash never leaves a stale lock behind (the
 file stays, the lock does not). The file records the holder's host and PID for the refusal message. On NFS,
-Linux emulates ``flock`` with POSIX byte-range locks, which the server enforces across clients.
+Linux emulates ``flock`` with POSIX byte-range locks, which the server enforces across clients. Forked
+children (DataLoader workers) do not keep the lock (:mod:`mmebm_dist.locks`).
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
-import socket
-import time
 from pathlib import Path
+
+from mmebm_dist.locks import try_lock, unlock
 
 LOCK_FILE = ".lock"
 
@@ -28,24 +27,16 @@ class RunLock:
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
-            os.close(fd)
+        fd, holder = try_lock(self.path)
+        if fd is None:
             raise RunDirLockedError(
                 f"{self.path.parent} is in use by {holder}; wait for that run to end (or stop it) "
                 "before resuming, or choose another train.out_dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        os.pwrite(fd, f"host {socket.gethostname()} PID {os.getpid()} (since {stamp})\n".encode(), 0)
+            )
         self._fd = fd
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing the only descriptor releases the flock
+            unlock(self._fd)
             self._fd = None

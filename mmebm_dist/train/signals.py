@@ -1,5 +1,6 @@
-"""Graceful stop on SIGTERM / SIGUSR1: every rank finishes its step, one checkpoint is written, the run exits
-with :data:`EXIT_PREEMPTED`.
+"""Graceful stop on SIGTERM / SIGUSR1 / SIGINT (Ctrl-C): every rank finishes its step, one checkpoint is
+written, the run exits with :data:`EXIT_PREEMPTED`. Repeated signals only set the same flag, and once one has
+arrived they stay ignored until the process exits, so none interrupts the stop checkpoint or the teardown.
 
 SLURM sends SIGTERM before a preemption and, with ``#SBATCH --signal=B:USR1@SECONDS``, SIGUSR1 ahead of the
 time limit. The signal may reach only some ranks, so the flag is all-reduced (max) once per step: all ranks
@@ -14,9 +15,10 @@ from collections.abc import Callable
 import torch
 
 EXIT_PREEMPTED = 75
-"""Exit status of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint (EX_TEMPFAIL: resume it)."""
+"""Exit status of a run stopped by SIGTERM/SIGUSR1/SIGINT after writing its checkpoint (EX_TEMPFAIL: resume
+it)."""
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 STEP_HOOKS: list[Callable[[int, torch.nn.Module], None]] = []
 """Called as ``hook(step, model)`` after every optimizer step, before the stop check and the checkpoint:
@@ -29,8 +31,9 @@ def run_step_hooks(step: int, model: torch.nn.Module) -> None:
 
 
 class StopRequest:
-    """Turns SIGTERM/SIGUSR1 into a flag that every rank reads at the same step (a context manager that
-    installs the handlers and restores the previous ones on exit)."""
+    """Turns SIGTERM/SIGUSR1/SIGINT into a flag that every rank reads at the same step (a context manager that
+    installs the handlers and, on exit, restores the previous ones, or ignores these signals from then on
+    when one was received: the process is ending with its stop checkpoint and a repeat must not kill it)."""
 
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
@@ -43,7 +46,7 @@ class StopRequest:
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if self.received is not None else handler)
 
     def _handle(self, signum: int, frame: object) -> None:
         # Only a flag: the step in progress completes. Repeats are ignored on purpose: on preemption SLURM

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,9 +16,11 @@ from typing import Any
 import numpy as np
 
 from mmebm_dist.data import shards
-from mmebm_dist.data.codec import encode_png
+from mmebm_dist.data.codec import MAX_PNG_PIXELS, encode_png
 from mmebm_dist.data.text import VOCAB_FILE, Vocabulary, detokenize, tokenize
 from mmebm_dist.datasets import generated
+from mmebm_dist.datasets.generated import staging, swap_in
+from mmebm_dist.locks import output_lock
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -79,10 +79,14 @@ def _opened_image(path: Path) -> Iterator[Any]:
     if not path.is_file():
         raise ImportDataError(f"{path}: image file does not exist")
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only
+            if img.width * img.height > MAX_PNG_PIXELS:  # checked before the pixels are decompressed
+                raise ImportDataError(f"{path}: its header declares {img.width}x{img.height} pixels, more "
+                                      f"than the {MAX_PNG_PIXELS:,} allowed; resize it or remove the file")
             img.load()
             yield img
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:  # PIL raises SyntaxError on some headers
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        # PIL raises SyntaxError on some headers
         raise ImportDataError(f"{path}: cannot decode the image ({exc}); replace or remove the file") from exc
 
 
@@ -185,30 +189,19 @@ def encode_captions(
 
 @contextlib.contextmanager
 def staging_dir(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A fresh folder beside ``out`` that replaces ``out`` when the block succeeds and is removed when it
-    fails, so an import either writes a whole data set or leaves ``out`` as it was."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(
-            f"{out} exists and is not empty: choose another --out or pass --overwrite "
-            "(which replaces the whole folder)"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.importing-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-        out.rename(old)
-        stage.rename(out)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        stage.rename(out)
+    """A fresh, uniquely named folder beside ``out`` that replaces ``out`` when the block succeeds and is
+    removed when it fails, so an import either writes a whole data set or leaves ``out`` as it was; an
+    exclusive lock on ``out`` refuses a second import or build into it meanwhile."""
+    out = Path(out).resolve()
+    with output_lock(out):
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+            raise FileExistsError(
+                f"{out} exists and is not empty: choose another --out or pass --overwrite "
+                "(which replaces the whole folder)"
+            )
+        with staging(out) as stage:
+            yield stage
+            swap_in(stage, out)
 
 
 # A sample builder: (worker state, split, index) -> ([(entry, bytes), ...], label), run in worker processes.

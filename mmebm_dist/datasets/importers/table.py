@@ -36,6 +36,7 @@ from mmebm_dist.datasets.importers.common import (
     text_modality,
     write_import,
 )
+from mmebm_dist.userfiles import UserFileError, inside
 
 KINDS = ("image", "npy", "text")
 SPLITS = ("train", "test")
@@ -138,8 +139,12 @@ def split_rows(
 
 
 def _resolve(base: Path, value: Any) -> Path:
-    p = Path(str(value))
-    return p if p.is_absolute() else base / p
+    """A file a table cell names, relative to the table's folder and refused outside it (an absolute path,
+    ``..`` or a symlink out of the folder would copy any readable file into the shards)."""
+    try:
+        return inside(base, str(value), f"table cell (relative to {base})")
+    except UserFileError as exc:
+        raise ImportDataError(str(exc)) from None
 
 
 def _sample(st: dict[str, Any], split: str, i: int) -> tuple[list[tuple[str, bytes]], int]:
