@@ -717,10 +717,11 @@ def _check_learned_reference(cfg: Config) -> None:
         raise ConfigError(f"model.prior.reference=gmm is the EBM prior's learned reference; set "
                           f"model.prior.kind=ebm (got '{prior.kind}') or reference=laplace")
     first = cfg.train.schedule[0].stage if cfg.train.schedule else "joint"
-    if prior.fit != "posthoc" and first != "reference":
+    if prior.fit != "posthoc" and first != "reference" and not cfg.train.init_from:
         raise ConfigError("model.prior.reference=gmm is fitted to the trained encoders' aggregate posterior: "
-                          "start train.schedule with a {stage: reference} stage, or use "
-                          "model.prior.fit=posthoc with train.init_from=<a trained run>")
+                          "start train.schedule with a {stage: reference} stage, or start from trained "
+                          "weights (train.init_from=<a trained run>, with model.prior.fit=posthoc to fit "
+                          "the energy alone)")
     if prior.reference_components > prior.reference_fit_tuples:
         raise ConfigError(f"model.prior.reference_components={prior.reference_components} exceeds "
                           f"model.prior.reference_fit_tuples={prior.reference_fit_tuples}; raise the tuples")
