@@ -84,9 +84,9 @@ J2b_gmm_slow ${DEMO[*]} ${GMM[*]} $FROM train.init_from=$OUT/J1_gmm/checkpoints/
 J3b_lap ${DEMO[*]} train.steps=600 train.checkpoint_every=400 model.prior.langevin.steps=120 model.prior.langevin.step_size=0.3 train.init_from=$OUT/J3_lap/checkpoints/step-0002000 'train.schedule=[$AFTER, {stage: joint, steps: 400}]'
 EOF
 
-# 4. The posterior refinement and log p(X) of (c), on the GMM-reference prior fitted for 4,800 steps.
+# 4. The posterior refinement and log p(X) of (c), on the GMM-reference prior of 1,600 energy steps.
 for step in 0.05 0.1; do
-  evaluate G_s01_long "eval_refine_$step" --langevin-sweep --refine-steps 0 10 30 --refine-step-size "$step" \
+  evaluate G_s01 "eval_refine_$step" --langevin-sweep --refine-steps 0 10 30 --refine-step-size "$step" \
     --likelihood-particles 100 --likelihood-tuples 200
 done
 "$MMEBM" questions --runs "$OUT/*" --out-md docs/questions.md --out-json docs/questions.json \

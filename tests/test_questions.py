@@ -33,18 +33,24 @@ def test_questions_tabulate_priors_on_one_frozen_model_with_paired_gains(data2, 
         "model.prior.reference_fit_tuples=64", "model.prior.reference_components=4",
         "model.prior.langevin.steps=60", "model.prior.langevin.step_size=0.1"], {
         "eval": {"coherence": {"joint": _entry(0.618, langevin_steps=60), "cross": _entry(0.73),
-                               "langevin_sweep": sweep}}})
+                               "langevin_sweep": sweep}},
+        "eval_ll": {"coherence": {"joint": _entry(0.0), "cross": _entry(0.0)},  # only its likelihood is read
+                    "likelihood": {"joint": {"mean": -10.0, "stderr": 1.0, "stderr_total": 1.5}, "priors": {
+                        "base (laplace)": {"mean": -12.0, "stderr": 1.0},
+                        "reference (gmm)": {"mean": -9.0, "stderr": 1.0}}}}})
     _run(tmp_path, "unevaluated", data2, [], {})
     out = tmp_path / "q.md"
     assert main(["questions", "--runs", str(tmp_path / "*"), "--out-md", str(out), "--out-json",
                  str(tmp_path / "q.json")]) == 0
     text = out.read_text()
     assert "Priors on the frozen model `lap`" in text
-    assert "| gmm_50 fitted after training | 0.6100 ± 0.0100 |" in text
-    row = next(line for line in text.splitlines() if line.startswith("| EBM on gmm-4"))
+    assert "| lap | gmm_50 fitted after training | 0.6100 ± 0.0100 |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| gmm_ref | EBM on gmm-4"))
     assert "0.6180 ± 0.0100 (K 60)" in row and "| +0.021 |" in row  # 0.618 - its K = 0 figure 0.597
     assert "0.6180 ± 0.0100 (2.90 ms)" in text  # (b): the sweep entry and its cost
     assert len(json.loads((tmp_path / "q.json").read_text())["runs"]) == 2
+    # (c): the EBM prior, its reference alone, the base alone, in that order whatever the JSON key order
+    assert "| gmm_ref | -10.00 ± 1.50 | -9.00 ± 1.00 | -12.00 ± 1.00 |" in text
 
 
 def test_questions_without_an_evaluated_run_is_a_one_line_error(tmp_path, capsys):

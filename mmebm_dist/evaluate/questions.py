@@ -50,7 +50,8 @@ def _read_run(run_dir: Path) -> dict | None:
            "components": prior.get("reference_components"), "train_steps": langevin["steps"],
            "step_size": langevin["step_size"], "init": langevin.get("init", "p0"),
            "energy_steps": config["train"]["steps"] if prior["fit"] == "posthoc" else None,
-           "source": Path(config["train"]["init_from"]).name if config["train"].get("init_from") else None,
+           "source": Path(config["train"]["init_from"]).name if prior["fit"] == "posthoc" else None,
+           "joint_stage": any(stage["stage"] == "joint" for stage in config["train"]["schedule"]),
            "samplers": {}, "refinement": [], "likelihood": None}
     for path in evals:
         ev = json.loads(path.read_text())
@@ -85,19 +86,32 @@ def reference_table(model: str, runs: list[dict]) -> list[str]:
     ebms = [r for r in runs if r["source"] == model and r["prior"] == "ebm"]
     rows = []
     if source is not None:
-        rows.append([_label(source), _fig(source["joint"]), "", "", _fig(source["cross"])])
+        rows.append([model, _label(source), _fig(source["joint"]), "", "", _fig(source["cross"])])
         for name, s in sorted(source["samplers"].items(), key=lambda kv: kv[1].get("components", 0)):
-            rows.append([f"{name} fitted after training", _fig(s, "joint"), "", "", ""])
+            rows.append([model, f"{name} fitted after training", _fig(s, "joint"), "", "", ""])
     for r in ebms:
         base = next((e for e in r["sweep"] if e["steps"] == 0), None)
         gain = "" if base is None else f"{r['joint']['coherence'] - base['coherence']:+.3f}"
-        rows.append([_label(r), f"{_fig(r['joint'])} (K {r['joint'].get('langevin_steps', '')})",
+        rows.append([r["name"], _label(r), f"{_fig(r['joint'])} (K {r['joint'].get('langevin_steps', '')})",
                      _fig(base), gain, _fig(r["cross"])])
     ceiling = (source or (ebms[0] if ebms else {})).get("ceiling")
     if ceiling:
-        rows.append(["aggregate-posterior ceiling (draws of q(z | x_m))", _fig(ceiling), "", "", ""])
-    return md_table(["prior / sampler", "joint coherence", "its reference (K = 0, same draws)", "gain",
+        rows.append([model, "aggregate-posterior ceiling (draws of q(z | x_m))", _fig(ceiling), "", "", ""])
+    return md_table(["run", "prior / sampler", "joint coherence", "its reference (K = 0, same draws)", "gain",
                      "cross coherence"], rows)
+
+
+def joint_table(runs: list[dict]) -> list[str]:
+    """Runs whose schedule has a joint stage (the encoders and decoders trained under the EBM prior): the
+    prior's figure, its reference on the same draws, a GMM-50 fitted to the same model and the ceiling."""
+    rows = []
+    for r in (r for r in runs if r["joint_stage"]):
+        base = next((e for e in r["sweep"] if e["steps"] == 0), None)
+        gmm = r["samplers"].get("gmm_50")
+        rows.append([r["name"], _label(r), f"{_fig(r['joint'])} (K {r['joint'].get('langevin_steps', '')})",
+                     _fig(base), _fig(gmm, "joint"), _fig(r.get("ceiling")), _fig(r["cross"])])
+    return md_table(["run", "prior", "joint coherence", "its reference (K = 0)", "GMM-50 on the same model",
+                     "ceiling", "cross coherence"], rows)
 
 
 def langevin_table(runs: list[dict]) -> list[str]:
@@ -107,9 +121,9 @@ def langevin_table(runs: list[dict]) -> list[str]:
     rows = []
     for r in ebms:
         by_k = {e["steps"]: e for e in r["sweep"]}
-        rows.append([_label(r)] + [f"{_fig(by_k[k])} ({by_k[k]['ms_per_sample']:.2f} ms)" if k in by_k else ""
-                                   for k in lengths])
-    return md_table(["training chain", *[f"K = {k} at sampling" for k in lengths]], rows)
+        rows.append([r["name"], _label(r)] + [f"{_fig(by_k[k])} ({by_k[k]['ms_per_sample']:.2f} ms)"
+                                              if k in by_k else "" for k in lengths])
+    return md_table(["run", "training chain", *[f"K = {k} at sampling" for k in lengths]], rows)
 
 
 def refinement_table(runs: list[dict]) -> list[str]:
@@ -117,14 +131,16 @@ def refinement_table(runs: list[dict]) -> list[str]:
     rows, ll_rows = [], []
     for r in runs:
         for e in r["refinement"]:
-            rows.append([_label(r), f"{e['step_size']:g}", str(e["steps"]), f"{fmt(e['cross'])} ± "
+            rows.append([r["name"], f"{e['step_size']:g}", str(e["steps"]), f"{fmt(e['cross'])} ± "
                          f"{fmt(e['cross_stderr'])}", f"{e.get('ms_per_sample', float('nan')):.2f}"])
         ll = r["likelihood"]
         if ll:
             joint = ll["joint"]
-            ll_rows.append([_label(r), f"{fmt(joint['mean'], 2)} ± {fmt(joint['stderr_total'], 2)}",
-                            *[f"{fmt(e['mean'], 2)} ± {fmt(e['stderr'], 2)}"
-                              for e in (ll.get("priors") or {}).values()]])
+            priors = ll.get("priors") or {}
+            alone = [next((e for k, e in priors.items() if k.startswith(prefix)), None)
+                     for prefix in ("reference", "base")]
+            ll_rows.append([r["name"], f"{fmt(joint['mean'], 2)} ± {fmt(joint['stderr_total'], 2)}",
+                            *[f"{fmt(e['mean'], 2)} ± {fmt(e['stderr'], 2)}" if e else "" for e in alone]])
     lines = md_table(["run", "step size", "refinement steps", "cross coherence", "ms / sample"], rows)
     if ll_rows:
         lines += ["", "Importance-weighted test log p(X) (nats per tuple; the same tuples and particles in a "
@@ -144,6 +160,9 @@ def build(runs: list[dict], command: str, notes: str | None) -> tuple[str, dict]
     for model in models:
         lines += ["", f"## (a) Which reference density? Priors on the frozen model `{model}`", ""]
         lines += reference_table(model, runs)
+    if any(r["joint_stage"] for r in runs):
+        lines += ["", "## Joint training: the encoders and decoders trained under the EBM prior", ""]
+        lines += joint_table(runs)
     lines += ["", "## (b) Langevin length in training x at sampling (joint coherence, ms per sample)", ""]
     lines += langevin_table(runs)
     if any(r["refinement"] or r["likelihood"] for r in runs):
