@@ -56,6 +56,7 @@ G_s01 ${POSTHOC[*]} ${GMM[*]} model.prior.langevin.steps=60 model.prior.langevin
 G_s005 ${POSTHOC[*]} ${GMM[*]} model.prior.langevin.steps=60 model.prior.langevin.step_size=0.05
 G_sir ${POSTHOC[*]} ${GMM[*]} model.prior.langevin.init=sir model.prior.langevin.steps=30 model.prior.langevin.step_size=0.1
 G_s01_long ${POSTHOC[*]} ${GMM[*]} model.prior.langevin.steps=60 model.prior.langevin.step_size=0.1 train.steps=4800
+G_K120_long ${POSTHOC[*]} ${GMM[*]} model.prior.langevin.steps=120 model.prior.langevin.step_size=0.1 train.steps=4800
 G_s01_9600 ${POSTHOC[*]} ${GMM[*]} model.prior.langevin.steps=60 model.prior.langevin.step_size=0.1 train.steps=9600
 J1_gmm ${JOINT[*]} ${GMM[*]} model.prior.langevin.steps=60 model.prior.langevin.step_size=0.1 'train.schedule=[$STAGES, {stage: joint, steps: 400, prior_lr: 1.0e-3}]'
 J3_lap ${JOINT[*]} model.prior.langevin.steps=120 model.prior.langevin.step_size=0.3 'train.schedule=[$STAGES, {stage: joint, steps: 400, prior_lr: 1.0e-3}]'
