@@ -3,15 +3,16 @@ resume).
 
 An epoch's plan (:mod:`mmebm_dist.data.stream`) fixes which samples each (rank, worker) stream yields and in
 which order; a checkpoint records how many batches every rank had consumed. Replaying that plan over sample
-*indices* -- (shard, sample-in-shard) pairs; no shard is read, because a shuffle buffer's choices depend on its
-seeded rng alone -- gives exactly the samples the uninterrupted epoch would still have read. That pool is
-sorted by shard and cut into equal per-rank blocks of whole batches for the new world (``rank r`` takes block
-r; inside it each worker a contiguous run of whole batches, read shard by shard through the worker's seeded
-shuffle buffer), so each sample of the epoch is read once. The fewer than ``ranks x batch_size`` samples that
-do not fill a batch on every rank are left out (as ``drop_last`` leaves out each worker's partial batch) and
-counted. A second interruption inside the re-planned epoch chains: an epoch's ``segments`` list, oldest
-first, ``{"world_size", "num_workers", "batch_size", "batches"}`` (batches every rank consumed in it).
-Exact as long as nothing was skipped (``data.on_error=skip``) in the epoch before the resume.
+*indices* -- (shard, sample-in-shard) pairs; no shard is read, because a shuffle buffer's choices depend on
+its seeded rng alone -- gives exactly the samples the uninterrupted epoch would still have read. That pool
+is sorted by shard and cut into equal per-rank blocks of whole batches for the new world (``rank r`` takes
+block r; inside it each worker a contiguous run of whole batches, read shard by shard through the worker's
+seeded shuffle buffer), so each sample of the epoch is read once. The fewer than ``ranks x batch_size``
+samples that do not fill a batch on every rank are left out (as ``drop_last`` leaves out each worker's
+partial batch) and counted. A second interruption inside the re-planned epoch chains: an epoch's
+``segments`` list, oldest first, ``{"world_size", "num_workers", "batch_size", "batches"}`` (batches every
+rank consumed in it). Exact as long as nothing was skipped (``data.on_error=skip``) in the epoch before the
+resume.
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ def _remaining_after(base: StreamPlan, segment: dict, pool: list[Key] | None) ->
     else:
         end = len(pool) // (world * batch)
     if not 0 <= segment["batches"] <= end:
-        raise ValueError(f"epoch segment {segment}: {segment['batches']} batches consumed, but each rank had "
-                         f"{end} in that part of the epoch; the checkpoint's epoch_segments do not fit the data")
+        raise ValueError(f"epoch segment {segment}: {segment['batches']} batches consumed, but each rank "
+                         f"had {end} in that part of the epoch; the checkpoint's epoch_segments do not fit "
+                         "the data")
     rest: list[Key] = []
     for rank in range(world):
         plan = _segment_plan(base, segment, rank, pool)
