@@ -33,7 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from mmebm_dist.config import Config
-from mmebm_dist.rundir import STATE_FILE, TrainState, complete_checkpoints, read_train_state
+from mmebm_dist.rundir import TrainState, complete_checkpoints, read_train_state
 from mmebm_dist.train.checkpoint import CheckpointError, checkpoint_problem
 
 ENGINE_FILE = "engine.json"
@@ -109,9 +109,15 @@ def elastic_checkpoint(accelerator: Accelerator, run_dir: Path, name: str | None
     found = complete_checkpoints(run_dir)
     candidates = [Path(run_dir) / "checkpoints" / Path(name).name] if name else list(reversed(found))
     for ckpt in candidates:
-        if ckpt not in found or not (ckpt / STATE_FILE).is_file():
+        if ckpt not in found:
             return None  # the ordinary resume reports it
-        saved = written_by(ckpt)
+        try:
+            saved = written_by(ckpt)
+        except (OSError, ValueError, TypeError, KeyError) as exc:  # the ordinary resume names the bad file
+            log.warning("checkpoint %s does not load: %s: %s", ckpt, type(exc).__name__, exc)
+            if name:
+                return None
+            continue
         if same_layout(saved, current):
             return None
         problem = next((f"{p}: {why}" for p in sorted(ckpt.rglob("*"))
