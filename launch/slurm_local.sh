@@ -21,6 +21,17 @@ fi
 cannot() { echo "SLURM cannot start here: $*" >&2; exit 3; }
 
 stop() {
+  # cancel this cluster's jobs first, so that no job's processes outlive the daemons
+  if [ -f "$dir/slurm.conf" ] && [ -f "$dir/slurmctld.pid" ]; then
+    jobs=$(SLURM_CONF="$dir/slurm.conf" squeue -h -o %i 2>/dev/null)
+    if [ -n "$jobs" ]; then
+      SLURM_CONF="$dir/slurm.conf" scancel $jobs 2>/dev/null
+      for _ in $(seq 60); do
+        [ -z "$(SLURM_CONF="$dir/slurm.conf" squeue -h -o %i 2>/dev/null)" ] && break
+        sleep 1
+      done
+    fi
+  fi
   for name in slurmd slurmctld munged; do
     if [ -f "$dir/$name.pid" ]; then
       pid=$(cat "$dir/$name.pid")

@@ -83,12 +83,13 @@ def test_time_limit_signal_checkpoint_requeue_and_exact_resume(slurm, config, tm
     run = tmp_path / "run"
     job = _sbatch(slurm, tmp_path, run, config, time_limit="1")
     log = tmp_path / f"job-{job}.out"
-    _wait(lambda: log.exists() and "requeueing job" in log.read_text(), 240, "the time-limit signal")
+    _wait(lambda: log.exists() and "requeueing job" in log.read_text(errors="replace"), 240,
+          "the time-limit signal")
     _slurm(slurm, "scontrol", "update", f"JobId={job}", "TimeLimit=10")  # the requeued job may finish
     stopped = read_train_state(latest_checkpoint(run)).step
     assert 0 < stopped < STEPS
     _wait(lambda: _state(slurm, job) == "COMPLETED", 400, "the requeued job to finish")
-    text = log.read_text()
+    text = log.read_text(errors="replace")
     assert text.count("nodes=1 gpus/node=2") == 2 and "signal received" in text, text[-3000:]
     assert _slurm(slurm, "scontrol", "show", "job", job).count("Restarts=1") == 1
     records = read_jsonl(run / "metrics.jsonl")
@@ -117,6 +118,9 @@ def test_cancelled_job_leaves_a_resumable_run(slurm, config, tmp_path):
     _wait(lambda: _slurm(slurm, "squeue", "-h", "-j", job, "-o", "%T") == "", 120,
           "the job's processes to end")
     assert _state(slurm, job) == "CANCELLED"
+    text = (tmp_path / f"job-{job}.out").read_text(errors="replace")
+    assert "signal received (TERM)" in text and "not requeued" in text, text[-3000:]
+    assert "Restarts=0" in _slurm(slurm, "scontrol", "show", "job", job)
     stopped = read_train_state(latest_checkpoint(run)).step
     assert 0 < stopped < STEPS
     finish = stopped + 20
