@@ -4,6 +4,7 @@ epoch (every one read once), the loss after the resume and a truthful refusal of
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -145,3 +146,34 @@ def test_older_checkpoint_of_another_layout_is_named_not_corrupt(ddp_to_one, tmp
     command = f"accelerate launch --multi_gpu --num_processes 2 -m mmebm_dist.train --resume {run}"
     assert command in proc.stderr
     assert "does not load" not in proc.stderr and "start a fresh run" not in proc.stderr
+
+
+def test_two_machines_c10d_rendezvous_checkpoint_then_resume_on_one(config, tmp_path):
+    """Two `accelerate launch --num_machines 2 --machine_rank i` agents meet through a c10d rendezvous on
+    localhost, train 6 steps together and checkpoint (every rank's RNG state, engine.json world size 2); the
+    run then continues on one machine with one process (an elastic resume)."""
+    run = tmp_path / "run"
+    port = free_port()
+    agents = [
+        subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+             "--machine_rank", str(rank), "--rdzv_backend", "c10d", "--main_process_ip", "127.0.0.1",
+             "--main_process_port", str(port), "--num_processes", "2", "--mixed_precision", "no",
+             "--dynamo_backend", "no", "-m", "mmebm_dist.train", "--config", str(config),
+             f"train.out_dir={run}", "--trace-samples"],
+            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    for agent, out in zip(agents, outputs, strict=True):
+        assert agent.returncode == 0, out[-4000:]
+    ckpt = run / f"checkpoints/step-{FIRST:07d}"
+    layout = json.loads((ckpt / "engine.json").read_text())
+    assert layout == {"engine": "ddp", "zero_stage": 0, "world_size": 2}
+    assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl",
+                                                                          "random_states_1.pkl"]
+    starts = [read_jsonl(run / f"trace/rank-{r}.jsonl")[0] for r in (0, 1)]
+    assert sorted(s["process_index"] for s in starts) == [0, 1]
+    assert [s["local_process_index"] for s in starts] == [0, 0]  # one process per "machine"
+    run_train(["--resume", str(run), "train.steps=8", "optim.grad_accum=2"])
+    assert [r["world_size"] for r in read_jsonl(run / "metrics.jsonl")] == [2] * FIRST + [1, 1]
