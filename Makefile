@@ -5,6 +5,7 @@ PYTHON     ?= python3
 TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.mmebm-installed
+DOCS_STAMP := $(VENV)/.mmebm-docs-installed
 # make demo DATASET=polymnist|mnist-svhn|birds (the latter two build small generated sets; docs/datasets.md);
 # make demo FULL=1 trains PolyMNIST at the published scale (configs/polymnist_ebm.yaml). DATA= and RUN=
 # replace the default directories (launch/demo.sh).
@@ -17,7 +18,7 @@ DEMO_DIRS_mnist-svhn := data/mnist_svhn_demo runs/demo_mnist_svhn
 DEMO_DIRS_birds      := data/birds_demo runs/demo_birds
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint clean-demo
+.PHONY: venv demo test docs lint clean-demo
 
 venv: $(STAMP)
 
@@ -30,6 +31,14 @@ $(STAMP): pyproject.toml
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The documentation site (mkdocs.yml): pages in docs/, built into site/; a broken link or anchor fails it.
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[docs]"
+	@touch $@
 
 lint: venv
 	$(VENV)/bin/ruff check mmebm_dist kernels tests

@@ -9,6 +9,7 @@ The chain, for an MLP energy f with L hidden layers (pre-activations a_l, activa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -19,6 +20,9 @@ REFERENCES = ("laplace", "gaussian")
 DEFAULT_LEAKY_SLOPE = 0.2
 
 Weights = list[tuple[torch.Tensor, torch.Tensor]]
+Score = Callable[[torch.Tensor], torch.Tensor]
+"""A reference's grad log p0 as a function [B, d] -> [B, d] (a learned reference, e.g. a Gaussian mixture);
+given to a chain, it replaces the named ``reference`` / ``reference_scale``."""
 
 
 class ChainResult(NamedTuple):
@@ -48,11 +52,12 @@ def mlp_shape(weights: Weights) -> tuple[int, int, int]:
 
 def check_chain_args(weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
                      reference: str, reference_scale: float,
-                     noise: torch.Tensor | None) -> tuple[int, int, int]:
+                     noise: torch.Tensor | None,
+                     reference_score: Score | None = None) -> tuple[int, int, int]:
     """Validate the arguments every backend shares; returns (d, H, L)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation '{activation}'; choose one of {', '.join(ACTIVATIONS)}")
-    if reference not in REFERENCES:
+    if reference_score is None and reference not in REFERENCES:
         raise ValueError(f"unknown reference density '{reference}'; choose one of {', '.join(REFERENCES)}")
     if not reference_scale > 0:
         raise ValueError(f"reference_scale must be positive, got {reference_scale}")
@@ -112,13 +117,16 @@ def mlp_energy(weights: Weights, z: torch.Tensor, activation: str,
 def langevin_reference(weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
                        reference: str = "laplace", reference_scale: float = 1.0,
                        noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                       leaky_slope: float = DEFAULT_LEAKY_SLOPE) -> tuple[torch.Tensor, torch.Tensor]:
+                       leaky_slope: float = DEFAULT_LEAKY_SLOPE,
+                       reference_score: Score | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The chain in plain torch with autograd's grad f, in z0's dtype; returns (z_K, mean f before each step).
 
     Weights are cast to z0's dtype (a bf16 MLP is compared in fp32 with bf16-valued weights).
+    ``reference_score`` (grad log p0 as a function) replaces the named reference when given.
     """
     check_chain_args(weights, z0, steps=steps, step_size=step_size, activation=activation,
-                     reference=reference, reference_scale=reference_scale, noise=noise)
+                     reference=reference, reference_scale=reference_scale, noise=noise,
+                     reference_score=reference_score)
     weights = [(w.detach().to(z0.dtype), b.detach().to(z0.dtype)) for w, b in weights]
     drift = 0.5 * step_size**2
     z = z0.detach().clone()
@@ -130,6 +138,8 @@ def langevin_reference(weights: Weights, z0: torch.Tensor, *, steps: int, step_s
             (grad,) = torch.autograd.grad(f.sum(), zg)
         eps = noise[k].to(z.dtype) if noise is not None else torch.randn(
             z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        z = z.detach() + drift * (grad + score_p0(z.detach(), reference, reference_scale)) + step_size * eps
+        score = (reference_score(z.detach()) if reference_score is not None
+                 else score_p0(z.detach(), reference, reference_scale))
+        z = z.detach() + drift * (grad + score) + step_size * eps
         energies.append(f.detach().float().mean())
     return z, (torch.stack(energies) if energies else z.new_zeros(0, dtype=torch.float32))

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from ._utils import (
     DEFAULT_LEAKY_SLOPE,
     ChainResult,
+    Score,
     Weights,
     check_chain_args,
     langevin_reference,
@@ -120,7 +121,8 @@ class _RowChain:
     """A chain over some rows: its state, buffers and one step as aten calls bound to them (made once)."""
 
     def __init__(self, weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
-                 reference: str, reference_scale: float, return_energies: bool, leaky_slope: float):
+                 reference: str, reference_scale: float, return_energies: bool, leaky_slope: float,
+                 reference_score: Score | None = None):
         batch, d = z0.shape
         hidden, layers = weights[0][0].shape[0], len(weights) - 1
         dtype, device = _compute_dtype(z0), z0.device
@@ -168,7 +170,12 @@ class _RowChain:
                                                     activation == "leaky_relu"))
         g_first = grads[(layers - 1) % 2]
         # Update: z += (s^2/2) (g_1 W_1 + score(z)) (+ s eps in run); the score is taken at the old z: first.
-        if reference == "laplace":
+        if reference_score is not None:  # a learned reference: its score at the old z, then the MLP's drift
+            score = buffer(batch, d)
+            self.update.append(lambda: score.copy_(reference_score(z)))
+            self.update.append(partial(z.addmm_, g_first, mats[0], alpha=drift))
+            self.update.append(partial(z.add_, score, alpha=drift))
+        elif reference == "laplace":
             sign = buffer(batch, d)
             self.update.append(partial(torch.sign, z, out=sign))
             self.update.append(partial(z.addmm_, g_first, mats[0], alpha=drift))
@@ -248,7 +255,7 @@ def langevin_torch(weights: Weights, z0: torch.Tensor, *, steps: int, step_size:
                    reference: str = "laplace", reference_scale: float = 1.0,
                    noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
                    return_energies: bool = False, leaky_slope: float = DEFAULT_LEAKY_SLOPE,
-                   workers: int = 0) -> ChainResult:
+                   workers: int = 0, reference_score: Score | None = None) -> ChainResult:
     """Run K = ``steps`` Langevin steps from z0 [B, d] on exp(f) p0 with the MLP ``weights`` (no autograd).
 
     ``weights``: [(W [out, in], b [out]) ...], hidden layers then the output layer (out = 1). ``noise``
@@ -263,9 +270,13 @@ def langevin_torch(weights: Weights, z0: torch.Tensor, *, steps: int, step_size:
     single-threaded workers do not. Rows are independent, so z_K is the same per row up to summation order.
     With N > 1, fresh noise is drawn 16 steps at a time for all rows ([16, B, d], one call): reproducible
     with ``generator`` and the same for any N > 1, but not the per-step draws of the autograd reference.
+
+    ``reference_score`` (grad log p0 as a function of z [rows, d]) replaces the named reference: a learned
+    reference (a Gaussian mixture) whose score is computed in torch ops between the MLP's fused steps.
     """
     check_chain_args(weights, z0, steps=steps, step_size=step_size, activation=activation,
-                     reference=reference, reference_scale=reference_scale, noise=noise)
+                     reference=reference, reference_scale=reference_scale, noise=noise,
+                     reference_score=reference_score)
     batch = z0.shape[0]
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
@@ -275,7 +286,7 @@ def langevin_torch(weights: Weights, z0: torch.Tensor, *, steps: int, step_size:
     blocks = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
     chains = [_RowChain(weights, z0[rows], steps=steps, step_size=step_size, activation=activation,
                         reference=reference, reference_scale=reference_scale, return_energies=return_energies,
-                        leaky_slope=leaky_slope) for rows in blocks]
+                        leaky_slope=leaky_slope, reference_score=reference_score) for rows in blocks]
     noise_steps = noise.to(chains[0].z.dtype).unbind(0) if noise is not None else None  # views, made once
     if noise is None:
         generator = generator if generator is not None else _default_generator(z0.device)

@@ -1,7 +1,7 @@
 """The Python API: the CLI's config, model, training loop, importers and sampler, callable from a script.
 
 Register a modality family, describe the experiment as a :class:`Config`, ``train(cfg)``, then
-``load_trained(run_dir)`` and ``sample(model, n)``; the README shows a whole example.
+``load_trained(run_dir)`` and ``sample(model, n)``; docs/python-api.md shows a whole example.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ __all__ = [
 
 
 def load_trained(run_dir: str | Path, *, device: str = "cpu") -> MultimodalVAE:
-    """The model of a training run (its newest complete checkpoint), in eval mode."""
+    """The model of a training run (its newest complete checkpoint), of an export folder (``mmebm export``)
+    or of ``hf://USER/REPO`` (an export on the Hugging Face Hub, via ``huggingface_hub``), in eval mode."""
     from mmebm_dist.evaluate.generate import load_run
 
     return load_run(run_dir, device=device).model

@@ -1,4 +1,4 @@
-"""The ``mmebm`` command: data, train, sample, eval, classifiers, bench.
+"""The ``mmebm`` command: data, train, sample, export, eval, classifiers, bench.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``; they are
 imported only when used, so ``mmebm data`` does not pay for importing deepspeed. An expected error (a bad
@@ -20,8 +20,10 @@ COMMANDS = {
     "config": ("mmebm_dist.datasets.starter", "write a starter config from a data set's manifest"),
     "train": ("mmebm_dist.train_cli", "train a model from a config (single process, DDP or DeepSpeed)"),
     "sample": ("mmebm_dist.evaluate.sample_cli", "write joint and cross-generation sample grids of a run"),
+    "export": ("mmebm_dist.export_cli", "a run's model as safetensors, config and model card (Hub push)"),
     "eval": ("mmebm_dist.evaluate.cli", "coherence, ELBO and report of a trained run"),
     "results": ("mmebm_dist.evaluate.results", "aggregate evaluated runs into docs/results.{md,json}"),
+    "questions": ("mmebm_dist.evaluate.questions", "tabulate the paper's open questions from evaluated runs"),
     "classifiers": ("mmebm_dist.evaluate.classifiers_cli", "train the per-modality digit classifiers"),
     "bench": ("mmebm_dist.bench.cli", "throughput benchmarks: langevin, train, data"),
 }

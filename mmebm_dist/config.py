@@ -31,7 +31,8 @@ Likelihood = Literal["laplace", "gaussian", "bernoulli", "categorical"]
 OnError = Literal["raise", "skip"]
 LangevinBackend = Literal["auto", "autograd", "torch", "triton"]
 PriorKind = Literal["laplace", "gaussian", "ebm"]
-Reference = Literal["laplace", "gaussian"]
+Reference = Literal["laplace", "gaussian", "gmm"]
+LangevinInit = Literal["p0", "sir"]
 Activation = Literal["gelu", "gelu_tanh", "leaky_relu", "silu"]
 PriorFit = Literal["joint", "posthoc"]
 Aggregation = Literal["moe", "poe", "mopoe"]
@@ -39,6 +40,7 @@ Posterior = Literal["laplace", "gaussian"]
 Objective = Literal["elbo", "iwae", "dreg"]
 MixedPrecision = Literal["auto", "no", "bf16"]
 CompileMode = Literal["off", "default", "reduce-overhead", "true", "false"]
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
 StageName = Literal["reference", "energy", "joint"]
 PRODUCT_AGGREGATIONS = ("poe", "mopoe")
 """Aggregations that multiply experts: a closed form only for Gaussian posteriors."""
@@ -110,6 +112,12 @@ class LangevinConfig:
     writes them back, so a short K follows a sharp energy (JEM / IGEBM). Joint samples still start from p0."""
     reinit: float = 0.05
     """With ``persistent``: the share of each update's chains restarted from p0."""
+    init: LangevinInit = "p0"
+    """Where chains start: ``p0`` (draws of the reference) or ``sir`` (importance resampling of the EBM prior
+    with p0 as the proposal: ``sir_candidates`` p0 draws per chain, one kept with probability ∝ exp f). A
+    sweep entry of 0 steps is always p0's draws (the reference on the same model)."""
+    sir_candidates: int = 16
+    """With ``init: sir``: p0 draws per chain among which one is resampled."""
 
 
 @dataclass(kw_only=True)
@@ -119,7 +127,16 @@ class PriorConfig:
     kind: PriorKind = "ebm"
     """``laplace``, ``gaussian`` (fixed baselines) or ``ebm``."""
     reference: Reference = "laplace"
-    """p0 of the EBM prior: ``laplace`` or ``gaussian``."""
+    """p0 of the EBM prior: ``laplace``, ``gaussian`` or ``gmm``: a full-covariance Gaussian mixture fitted to
+    the encoders' aggregate posterior inside the run, at the first step of the first stage that trains the
+    energy (Laplace(0, reference_scale) until then), saved in checkpoints; the energy learns a correction to
+    it."""
+    reference_components: int = 50
+    """``reference: gmm``: mixture components."""
+    reference_fit_tuples: int = 10000
+    """``reference: gmm``: train tuples (one aggregate-posterior draw each) the mixture is fitted to."""
+    reference_refit: bool = False
+    """``reference: gmm``: fit again at every later stage boundary (the encoders moved in between)."""
     reference_scale: float = 1.0
     """Scale b of Laplace(0, b) or sigma of N(0, sigma^2): of p0, and of the fixed laplace/gaussian priors."""
     hidden: int = 200
@@ -253,7 +270,12 @@ class TrainConfig:
     eval_every: int = 0
     """Steps between periodic coherence evaluations (0: never)."""
     image_every: int = 500
-    """Steps between sample grids written to TensorBoard (0: never)."""
+    """Steps between sample grids written to the trackers (0: never)."""
+    trackers: list[Tracker] = field(default_factory=lambda: ["tensorboard"])
+    """Where rank 0 mirrors metrics.jsonl through accelerate's trackers (scalars, the resolved config as
+    parameters, sample grids): ``tensorboard`` (RUN/tb), ``mlflow`` (``MLFLOW_TRACKING_URI``; the ``mlflow``
+    extra), ``wandb`` (``WANDB_MODE=offline`` needs no network; the ``wandb`` extra). A resumed run continues
+    the same tracker runs (their ids in RUN/trackers.json). Empty: metrics.jsonl only."""
     mixed_precision: MixedPrecision = "auto"
     """``auto`` (bf16 where native: Ampere+ GPUs, AMX/AVX512-BF16 CPUs; else fp32), ``no`` or ``bf16``
     (autocast; fp32 master weights)."""
@@ -544,11 +566,12 @@ RANGES: dict[type, dict[str, Range]] = {
     ModalityConfig: {"shape": AT_LEAST_ONE, "likelihood_scale": POSITIVE, "vocab_size": NON_NEGATIVE},
     DataConfig: {"batch_size": AT_LEAST_ONE, "num_workers": NON_NEGATIVE, "shuffle_buffer": NON_NEGATIVE},
     LangevinConfig: {"steps": NON_NEGATIVE, "step_size": POSITIVE, "persistent": NON_NEGATIVE,
-                     "reinit": Range(0, 1)},
+                     "reinit": Range(0, 1), "sir_candidates": Range(1, 4096)},
     PriorConfig: {
         "reference_scale": POSITIVE, "hidden": AT_LEAST_ONE, "layers": Range(1, 4), "energy_l2": NON_NEGATIVE,
         "lr": POSITIVE, "betas": ADAM_BETA, "max_energy_gap": POSITIVE, "max_posterior_abs": POSITIVE,
         "energy_bound": NON_NEGATIVE, "coupling_ramp_steps": NON_NEGATIVE, "energy_updates": AT_LEAST_ONE,
+        "reference_components": Range(1, 1024), "reference_fit_tuples": Range(1, 1_000_000),
     },
     ModelConfig: {
         "latent_dim": AT_LEAST_ONE, "private_dim": NON_NEGATIVE, "width": AT_LEAST_ONE,
@@ -652,6 +675,35 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.prior.fit=posthoc trains only the energy of a trained model: set "
                           "train.init_from=<its run directory> (a fixed-prior run)")
     _check_schedule(cfg)
+    trackers = cfg.train.trackers
+    for i, name in enumerate(trackers):
+        if name not in typing.get_args(Tracker):
+            close = difflib.get_close_matches(str(name), typing.get_args(Tracker), n=1, cutoff=0.5)
+            raise ConfigError(f"config key 'train.trackers[{i}]' must be one of "
+                              f"{', '.join(typing.get_args(Tracker))}, got {name!r}"
+                              + (f"; did you mean '{close[0]}'?" if close else ""))
+    if len(set(trackers)) != len(trackers):
+        raise ConfigError(f"config key 'train.trackers' names a tracker twice: {trackers}")
+    _check_learned_reference(cfg)
+
+
+def _check_learned_reference(cfg: Config) -> None:
+    """A ``gmm`` reference is fitted to the encoders' aggregate posterior when the energy starts training,
+    so the encoders must have trained before (a reference stage, or a post-hoc fit of a trained run)."""
+    prior = cfg.model.prior
+    if prior.reference != "gmm":
+        return
+    if prior.kind != "ebm":
+        raise ConfigError(f"model.prior.reference=gmm is the EBM prior's learned reference; set "
+                          f"model.prior.kind=ebm (got '{prior.kind}') or reference=laplace")
+    first = cfg.train.schedule[0].stage if cfg.train.schedule else "joint"
+    if prior.fit != "posthoc" and first != "reference":
+        raise ConfigError("model.prior.reference=gmm is fitted to the trained encoders' aggregate posterior: "
+                          "start train.schedule with a {stage: reference} stage, or use "
+                          "model.prior.fit=posthoc with train.init_from=<a trained run>")
+    if prior.reference_components > prior.reference_fit_tuples:
+        raise ConfigError(f"model.prior.reference_components={prior.reference_components} exceeds "
+                          f"model.prior.reference_fit_tuples={prior.reference_fit_tuples}; raise the tuples")
 
 
 def _check_schedule(cfg: Config) -> None:

@@ -6,6 +6,7 @@ RUN_DIR/config.json             the resolved config (``mmebm_dist.config.save_co
 RUN_DIR/commands.log            one line per invocation: UTC time, world size, argv
 RUN_DIR/metrics.jsonl           a JSON record per logged step (and per periodic evaluation)
 RUN_DIR/tb/                     TensorBoard events
+RUN_DIR/trackers.json           the MLflow / wandb run ids a resumed run continues (train.trackers)
 RUN_DIR/trace/rank-<i>.jsonl    ``mmebm train --trace-samples``: the samples each rank read
 RUN_DIR/checkpoints/step-NNNNNNN/  train_state.json, model.pt and accelerate's state (train/checkpoint.py)
 RUN_DIR/checkpoints/latest      the name of the newest checkpoint (a hint; the directory scan decides)
@@ -31,6 +32,7 @@ CONFIG_FILE = "config.json"
 COMMANDS_LOG = "commands.log"
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
+TRACKERS_FILE = "trackers.json"
 TRACE_DIR = "trace"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -105,11 +107,72 @@ class JsonlAppender:
         self._file.close()
 
 
+_MAIN_MODULE = re.compile(r"(?:^|/)mmebm_dist/(\w+)/__main__\.py$")
+_PROGRAM = re.compile(r"(?<![\w.-])(?:[^\s`'\"|()]*/)?\.?venv/bin/(mmebm|python3?(?:\.\d+)?)\b")
+"""A program named by its path inside a virtual environment (``/home/me/repo/.venv/bin/mmebm``)."""
+
+
+def portable_argv(argv: list[str], *, root: str | Path | None = None) -> list[str]:
+    """``argv`` as a reader can rerun it from the repository: the program by its name (``mmebm``; ``python -m
+    mmebm_dist.train`` for that module's file), and each absolute path under ``root`` (default: the working
+    directory), alone or as the value of ``key=value``, relative to it. Paths outside ``root`` are kept."""
+    if not argv:
+        return []
+    root = Path(root or os.getcwd()).resolve()
+    program = argv[0]
+    if (module := _MAIN_MODULE.search(program)) is not None:
+        head = ["python", "-m", f"mmebm_dist.{module.group(1)}"]
+    else:
+        head = [Path(program).name if Path(program).name in ("mmebm", "accelerate") else
+                _relative(program, root)]
+
+    def word(text: str) -> str:
+        key, eq, value = text.partition("=")
+        return f"{key}={_relative(value, root)}" if eq and not key.startswith("/") else _relative(text, root)
+
+    return head + [word(w) for w in argv[1:]]
+
+
+def _relative(text: str, root: Path) -> str:
+    path = Path(text)
+    if not path.is_absolute():
+        return text
+    try:
+        return path.relative_to(root).as_posix() or "."
+    except ValueError:
+        return text
+
+
+def portable_command(text: str) -> str:
+    """A logged command line with its program written by name: ``/abs/.venv/bin/mmebm train ...`` ->
+    ``mmebm train ...`` (the published documents of runs logged before :func:`portable_argv`)."""
+    return _PROGRAM.sub(lambda m: "python" if m.group(1).startswith("python") else m.group(1), text)
+
+
 def append_command(run_dir: Path, world_size: int) -> None:
-    """Append this invocation (UTC time, world size, argv) to RUN_DIR/commands.log: how the run was made."""
+    """Append this invocation (UTC time, world size, argv without machine paths: :func:`portable_argv`) to
+    RUN_DIR/commands.log: how the run was made."""
     with open(Path(run_dir) / COMMANDS_LOG, "a") as f:
         f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\tworld_size={world_size}\t"
-                f"{shlex.join(sys.argv)}\n")
+                f"{shlex.join(portable_argv(sys.argv))}\n")
+
+
+def read_commands(path: Path) -> list[dict[str, str]]:
+    """commands.log lines ``TIME<TAB>[key=value<TAB>...]ARGV`` as dicts (argv through
+    :func:`portable_command`); [] when the file does not exist."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        entry = {"time": fields[0], "argv": portable_command(fields[-1]) if len(fields) > 1 else ""}
+        for extra in fields[1:-1]:
+            key, _, value = extra.partition("=")
+            entry[key] = value
+        out.append(entry)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

@@ -199,3 +199,20 @@ def test_mnist_svhn_classifiers_eval_and_sample_take_both_shapes(tmp_path):
                  "cpu", "--out", str(tmp_path / "s")]) == 0
     for name in ("joint_step4.png", "cross_step4.png"):
         _png(tmp_path / "s" / name)
+
+
+def test_export_of_a_captioned_run_samples_without_the_data(birds_run, tmp_path):
+    from mmebm_dist import export
+
+    data, run = birds_run
+    out = tmp_path / "birds-export"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    (saved,) = export.exported_vocabularies(out).values()
+    assert saved == Vocabulary.load(data)
+    assert sorted(p.name for p in (out / "vocab").iterdir()) == ["caption.json"]
+    # the training data is not needed: the captions decode with the export's own vocabulary
+    assert main(["sample", "--run", str(out), "--joint", "4", "--data", str(tmp_path / "absent"),
+                 "--device", "cpu", "--out", str(tmp_path / "grids")]) == 0
+    assert len(list((tmp_path / "grids").glob("joint_step*.png"))) == 1
+    with pytest.raises(export.ExportError, match="pass --data DIR"):
+        export.export_run(run, tmp_path / "again", data=tmp_path / "absent")

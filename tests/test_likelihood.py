@@ -95,3 +95,16 @@ def test_an_ebm_with_constant_energy_has_the_fixed_priors_likelihood_once_log_z_
     for m in ebm.modalities:
         assert got["unimodal"][m]["mean"] == pytest.approx(want["unimodal"][m]["mean"], abs=1e-5)
     assert want["joint"]["mean"] < min(want["unimodal"][m]["mean"] for m in ebm.modalities)
+
+
+def test_a_replaced_prior_scores_the_same_tuples_and_particles_under_that_density():
+    """log_prior_z = p0 alone: for f = -2.5 everywhere the EBM's unnormalised log p(X) is p0's minus 2.5 on
+    every tuple (same draws), so the replacement is what is scored, paired with the prior's own figure."""
+    ebm = tiny_model(prior="ebm")
+    with torch.no_grad():
+        ebm.energy.linears[-1].weight.zero_()
+        ebm.energy.linears[-1].bias.fill_(-2.5)
+    chunks = [tiny_batch(ebm, 4, seed=i) for i in range(2)]
+    unnormalised = measure_likelihood(ebm, chunks, particles=20, seed=0)
+    reference = measure_likelihood(ebm, chunks, particles=20, seed=0, log_prior_z=ebm.p0.log_prob)
+    assert reference["joint"]["mean"] - unnormalised["joint"]["mean"] == pytest.approx(2.5, abs=1e-5)

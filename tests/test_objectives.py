@@ -288,6 +288,6 @@ def test_negatives_come_from_the_configured_langevin_chain(monkeypatch):
     (z0, kwargs), = calls
     assert z0.shape == (B, 3) and not z0.requires_grad
     assert kwargs["steps"] == 3 and kwargs["step_size"] == 0.3 and kwargs["backend"] == "autograd"
-    assert kwargs["reference"] == "laplace" and kwargs["reference_scale"] == 1.0
+    assert kwargs["reference"] is model.p0 and (model.p0.name, model.p0.scale) == ("laplace", 1.0)
     assert torch.equal(out["_z_neg"], torch.full((B, 3), 0.25))
     torch.testing.assert_close(out["energy_neg"], model.energy(out["_z_neg"]).mean().detach())

@@ -57,6 +57,17 @@ def _first_tuples(chunks: Sequence, num: int, batch_size: int) -> list:
     return out
 
 
+def _reference_densities(model) -> dict:
+    """The normalised densities an EBM prior builds on, by name: its reference p0 (``reference: gmm`` for a
+    learned one) and, under a learned reference, the fixed base it replaced."""
+    p0 = model.p0
+    out = {f"reference ({p0.name})": p0}
+    base = getattr(p0, "base", None)
+    if base is not None:
+        out[f"base ({base.name})"] = base
+    return out
+
+
 def measure(args: argparse.Namespace, *, model, classifiers, chunks: Sequence, num_samples: int,
             joint_langevin_steps: int | None, subset_sizes: Sequence[int], device: torch.device, rank: int,
             world_size: int) -> dict:
@@ -95,10 +106,15 @@ def measure(args: argparse.Namespace, *, model, classifiers, chunks: Sequence, n
                                               max_stderr=args.log_z_max_stderr, ais_chains=args.ais_chains,
                                               ais_temperatures=args.ais_temperatures,
                                               ais_step_size=args.ais_step_size, seed=args.seed)
-        out["likelihood"] = likelihood.measure_likelihood(
-            model, _first_tuples(chunks, args.likelihood_tuples, args.batch_size),
-            particles=args.likelihood_particles, seed=args.seed, log_z=log_z, rank=rank,
-            world_size=world_size)
+        tuples = _first_tuples(chunks, args.likelihood_tuples, args.batch_size)
+        common_ll = dict(particles=args.likelihood_particles, seed=args.seed, rank=rank,
+                         world_size=world_size)
+        out["likelihood"] = likelihood.measure_likelihood(model, tuples, log_z=log_z, **common_ll)
+        if model.energy is not None:  # the same tuples and particles under the EBM's reference alone
+            out["likelihood"]["priors"] = {
+                name: likelihood.measure_likelihood(model, tuples, log_prior_z=density.log_prob,
+                                                    unimodal=False, **common_ll)["joint"]
+                for name, density in _reference_densities(model).items()}
     if args.refine_steps:
         fd = None
         if judge is not None:
@@ -148,6 +164,8 @@ def report_lines(results: dict) -> list[str]:
                  fmt(ll["joint"]["stderr_total"], 2)]]
         rows += [[f"log p({m})", fmt(e["mean"], 2), fmt(e["stderr"], 2), fmt(e["stderr_total"], 2)]
                  for m, e in (ll.get("unimodal") or {}).items()]
+        rows += [[f"log p(X), prior = {name} alone", fmt(e["mean"], 2), fmt(e["stderr"], 2),
+                  fmt(e["stderr"], 2)] for name, e in (ll.get("priors") or {}).items()]
         lines += md_table(["figure", "mean", "std. error (tuples)", "std. error (with log Z)"], rows)
     if results.get("refinement"):
         entries = results["refinement"]

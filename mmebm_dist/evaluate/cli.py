@@ -105,12 +105,14 @@ def _linear_probe(model, data_path: Path, chunks, *, fit: int, batch_size: int, 
 
 def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
     """Every figure of ``mmebm eval``; this process is ``rank`` of ``world`` (rank 0 writes the files)."""
+    from mmebm_dist import export
     from mmebm_dist.evaluate import generate, latent, latent_samplers, report
     from mmebm_dist.evaluate.coherence import measure_coherence
     from mmebm_dist.evaluate.judges import judge_module
     from mmebm_dist.evaluate.judges.digits import DigitJudge
 
     start = time.perf_counter()
+    out_dir = export.output_dir(args.run, args.out, "eval")
     device = generate.resolve_device(args.device)
     loaded = generate.load_run(args.run, checkpoint=args.checkpoint, device=device)
     cfg, model = loaded.cfg, loaded.model
@@ -155,7 +157,6 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
     probe = _linear_probe(model, data_path, chunks, fit=fit, batch_size=args.batch_size, seed=args.seed,
                           device=device) if fit > 0 else None
 
-    out_dir = Path(args.out) if args.out else loaded.run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     images = {"joint samples": report.JOINT_PNG, "cross generation (rows: source, columns: target)":
               report.CROSS_PNG, "cross-coherence matrix": report.HEATMAP_PNG}

@@ -16,13 +16,7 @@ import torch
 from mmebm_dist import schedule
 from mmebm_dist.config import Config, config_from_dict
 from mmebm_dist.evaluate.coherence import Batch, chunk_seed, my_chunks, seeded
-from mmebm_dist.rundir import (
-    CHECKPOINTS,
-    CONFIG_FILE,
-    latest_checkpoint,
-    load_model_weights,
-    read_train_state,
-)
+from mmebm_dist.rundir import CONFIG_FILE, load_model_weights, read_train_state
 
 
 @dataclass
@@ -49,35 +43,38 @@ def load_run(run_dir: str | Path, *, checkpoint: str | Path | None = None,
              device: torch.device | str = "cpu") -> LoadedRun:
     """Build the run's model from the checkpoint's config and load its consolidated weights (eval mode).
 
-    ``checkpoint``: a checkpoint directory or a name under ``RUN/checkpoints``; default: the newest complete.
+    ``run_dir``: a run directory, an export folder (``mmebm export``) or ``hf://USER/REPO`` (an export on
+    the Hugging Face Hub). ``checkpoint``: a checkpoint directory or a name under ``RUN/checkpoints``;
+    default: the newest complete (an export holds one).
     """
+    from mmebm_dist import export
     from mmebm_dist.models import build_model
 
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"'{run_dir}' is not a run directory (no config.json); pass the "
-                                "train.out_dir of a `mmebm train` run")
-    if checkpoint is None:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"run '{run_dir}' has no complete checkpoint under "
-                                    f"{run_dir / CHECKPOINTS}; train longer or set train.checkpoint_every")
+    run_dir = export.resolve_source(run_dir)
+    if export.is_export(run_dir):
+        if checkpoint is not None:
+            raise ValueError(f"'{run_dir}' is an export of one checkpoint; drop --checkpoint {checkpoint}")
+        exported = export.read_export(run_dir)
+        ckpt, step, cfg = run_dir / export.WEIGHTS_FILE, exported.step, exported.cfg
+        weights, manifest = exported.state_dict, exported.manifest_hash
     else:
-        ckpt = Path(checkpoint)
-        if not ckpt.is_dir():
-            ckpt = run_dir / CHECKPOINTS / str(checkpoint)
-        if not ckpt.is_dir():
-            raise FileNotFoundError(f"checkpoint '{checkpoint}' not found (neither a directory nor a name "
-                                    f"under {run_dir / CHECKPOINTS})")
-    state = read_train_state(ckpt)
-    cfg = config_from_dict(state.config)
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"'{run_dir}' is not a run directory (no config.json) nor an export; "
+                                    "pass the train.out_dir of a `mmebm train` run or an export folder")
+        ckpt = export.find_checkpoint(run_dir, checkpoint)
+        state = read_train_state(ckpt)
+        step, cfg, weights = state.step, config_from_dict(state.config), None
+        manifest = state.data_order.get("manifest_hash")
     model = build_model(cfg.model)
-    load_model_weights(model, ckpt)
+    if weights is None:
+        load_model_weights(model, ckpt)
+    else:
+        model.load_state_dict(weights)
     if cfg.train.schedule:  # a staged run samples as the stage of its checkpoint did (p0 before the energy)
-        model.set_stage(schedule.stage_at(schedule.of_config(cfg), max(state.step, 1)).name)
+        model.set_stage(schedule.stage_at(schedule.of_config(cfg), max(step, 1)).name)
     model.to(device).eval()
-    return LoadedRun(run_dir=run_dir, checkpoint=ckpt, step=state.step, cfg=cfg, model=model,
-                     manifest_hash=state.data_order.get("manifest_hash"))
+    return LoadedRun(run_dir=run_dir, checkpoint=ckpt, step=step, cfg=cfg, model=model,
+                     manifest_hash=manifest)
 
 
 def check_data(run: LoadedRun, data_path: str | Path) -> str:
@@ -93,14 +90,19 @@ def check_data(run: LoadedRun, data_path: str | Path) -> str:
     return current
 
 
-def text_vocabularies(cfg: Config, data_path: str | Path) -> dict:
-    """Vocabulary of every token (``categorical``) modality of the run, read beside the data's manifest, so
-    that pictures and reports can show generated captions as text; empty for image-only runs."""
+def text_vocabularies(cfg: Config, data_path: str | Path, *, run_dir: str | Path | None = None) -> dict:
+    """Vocabulary of every token (``categorical``) modality of the run, read from the export ``run_dir``
+    when it holds them (``mmebm export``), else beside the data's manifest, so that pictures and reports can
+    show generated captions as text; empty for image-only runs."""
+    from mmebm_dist import export
     from mmebm_dist.data.text import vocabularies
 
     names = [m.name for m in cfg.model.modalities if m.likelihood == "categorical"]
     if not names:
         return {}
+    exported = export.exported_vocabularies(run_dir) if run_dir is not None else {}
+    if all(n in exported for n in names):
+        return {n: exported[n] for n in names}
     found = vocabularies(data_path)
     missing = [n for n in names if n not in found]
     if missing:

@@ -129,10 +129,12 @@ def log_normalizer(model, *, num_samples: int, max_stderr: float, ais_chains: in
 
 @torch.no_grad()
 def importance_log_likelihood(model, batch: Batch, names: Sequence[str], *, particles: int,
-                              particle_batch: int = 100,
-                              generator: torch.Generator | None = None) -> torch.Tensor:
+                              particle_batch: int = 100, generator: torch.Generator | None = None,
+                              log_prior_z: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                              ) -> torch.Tensor:
     """log p(x_names) [B] up to log Z (EBM): the IWAE estimate with ``particles`` draws of q(z | x_names),
-    ``particle_batch`` at a time (the model's own importance weights with beta = 1)."""
+    ``particle_batch`` at a time (the model's own importance weights with beta = 1). ``log_prior_z``
+    replaces the model's log p(z) (a normalised density: the EBM's reference alone, for instance)."""
     names = list(names)
     experts = model.encode(batch, names)
     log_w = []
@@ -140,7 +142,7 @@ def importance_log_likelihood(model, batch: Batch, names: Sequence[str], *, part
         weights = joint_log_weights([batch[n] for n in names], experts, aggregation=model.aggregation,
                                     decoders=[model.decoders[n] for n in names],
                                     likelihoods=[model.likelihoods[n] for n in names], family=model.family,
-                                    log_prior_z=model.log_prior_z, particles=k, beta=1.0,
+                                    log_prior_z=log_prior_z or model.log_prior_z, particles=k, beta=1.0,
                                     generator=generator)
         log_w.append(weights.lw[0].double())  # (k, B)
     return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(particles)
@@ -148,9 +150,11 @@ def importance_log_likelihood(model, batch: Batch, names: Sequence[str], *, part
 
 def measure_likelihood(model, chunks: Sequence[Batch | None], *, particles: int, seed: int,
                        particle_batch: int = 100, log_z: dict | None = None, unimodal: bool = True,
-                       rank: int = 0, world_size: int = 1, all_reduce: AllReduce = distributed_sum) -> dict:
+                       rank: int = 0, world_size: int = 1, all_reduce: AllReduce = distributed_sum,
+                       log_prior_z: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Mean test log p(X) and (``unimodal``) log p(x_m) per modality in nats per tuple, with standard errors
-    over tuples; ``log_z`` (EBM) is subtracted and its error added in quadrature ("stderr_total")."""
+    over tuples; ``log_z`` (EBM) is subtracted and its error added in quadrature ("stderr_total").
+    ``log_prior_z`` replaces the model's prior (same tuples, particles and seeds: a paired comparison)."""
     device = next(model.parameters()).device
     sets = [("joint", list(model.modalities))]
     sets += [(m, [m]) for m in model.modalities] if unimodal else []
@@ -161,7 +165,8 @@ def measure_likelihood(model, chunks: Sequence[Batch | None], *, particles: int,
         for j, (key, names) in enumerate(sets):
             with seeded(chunk_seed(seed, f"likelihood/{key}", i), device) as gen:
                 ll = importance_log_likelihood(model, batch, names, particles=particles,
-                                               particle_batch=particle_batch, generator=gen).cpu()
+                                               particle_batch=particle_batch, generator=gen,
+                                               log_prior_z=log_prior_z).cpu()
             sums[j] += torch.stack([ll.sum(), (ll**2).sum()])
         count += int(batch["label"].numel())
     flat = all_reduce(torch.cat([torch.tensor([float(count)], dtype=torch.float64), sums.flatten()]))

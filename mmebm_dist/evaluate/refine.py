@@ -50,7 +50,7 @@ def refine_posterior(model, batch: Batch, sources: Sequence[str], z0: torch.Tens
 
     with torch.autocast(device_type=z0.device.type, enabled=False):
         return langevin.sample_autograd(log_likelihood_plus_f, z0, steps=steps, step_size=step_size,
-                                        reference=model.p0.name, reference_scale=model.p0.scale,
+                                        reference=model.p0,
                                         generator=generator)
 
 

@@ -37,6 +37,8 @@ from mmebm_dist.rundir import (
     atomic_write_text,
     latest_checkpoint,
     parse_jsonl,
+    portable_argv,
+    read_commands,
 )
 
 # The paper's reported PolyMNIST coherences (arXiv 2409.19862, as summarised in the project brief and
@@ -81,8 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def command_line(args: argparse.Namespace) -> str:
     """The ``mmebm results`` command equivalent to ``args`` (globs expanded as the shell gave them)."""
     notes = ["--notes", args.notes] if getattr(args, "notes", None) else []
-    return shlex.join(["mmebm", "results", "--runs", *args.runs, "--eval-name", args.eval_name, "--out-md",
-                       args.out_md, "--out-json", args.out_json, "--img-dir", args.img_dir, *notes])
+    return shlex.join(portable_argv(["mmebm", "results", "--runs", *args.runs, "--eval-name", args.eval_name,
+                                     "--out-md", args.out_md, "--out-json", args.out_json, "--img-dir",
+                                     args.img_dir, *notes]))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -377,23 +380,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         if "step" in record:
             by_step[int(record["step"])] = {**by_step.get(int(record["step"]), {}), **record}
     return [by_step[s] for s in sorted(by_step)]
-
-
-def read_commands(path: Path) -> list[dict[str, str]]:
-    """commands.log lines ``TIME<TAB>[key=value<TAB>...]ARGV`` as dicts; [] when the file does not exist."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        entry = {"time": fields[0], "argv": fields[-1] if len(fields) > 1 else ""}
-        for extra in fields[1:-1]:
-            key, _, value = extra.partition("=")
-            entry[key] = value
-        out.append(entry)
-    return out
 
 
 def config_file(commands: Sequence[dict[str, str]]) -> str | None:

@@ -23,16 +23,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mmebm_dist import export
     from mmebm_dist.evaluate import generate, report
 
     if args.joint <= 0 and not args.cross:
         raise SystemExit("nothing to do: pass --joint N (N > 0) and/or --cross")
     device = generate.resolve_device(args.device)
     loaded = generate.load_run(args.run, checkpoint=args.checkpoint, device=device)
-    out = Path(args.out) if args.out else loaded.run_dir / "samples"
+    out = export.output_dir(args.run, args.out, "samples")
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data or loaded.cfg.data.path)
-    vocabularies = generate.text_vocabularies(loaded.cfg, data)
+    vocabularies = generate.text_vocabularies(loaded.cfg, data, run_dir=loaded.run_dir)
     written = []
     if args.joint > 0:
         samples = generate.joint_samples(loaded.model, args.joint, seed=args.seed,

@@ -38,7 +38,7 @@ from mmebm_dist.models.objectives import (
     stratified_log_weights,
 )
 from mmebm_dist.prior import langevin
-from mmebm_dist.prior.densities import posterior_family, reference_density
+from mmebm_dist.prior.densities import GaussianMixtureReference, posterior_family, reference_density
 from mmebm_dist.prior.energy import EnergyMLP
 
 STAGES = typing.get_args(StageName)
@@ -68,7 +68,11 @@ class MultimodalVAE(nn.Module):
         self.prior_kind = cfg.prior.kind
         # Fixed priors use their own family at reference_scale; the EBM multiplies exp(f) into its reference.
         p0_name = cfg.prior.reference if self.prior_kind == "ebm" else self.prior_kind
-        self.p0 = reference_density(p0_name, cfg.prior.reference_scale)
+        if p0_name == "gmm":  # fitted inside the run (fit_reference); Laplace(0, reference_scale) until then
+            self.p0 = GaussianMixtureReference(cfg.latent_dim, cfg.prior.reference_components,
+                                               base=reference_density("laplace", cfg.prior.reference_scale))
+        else:
+            self.p0 = reference_density(p0_name, cfg.prior.reference_scale)
         self.energy: EnergyMLP | None = None
         if self.prior_kind == "ebm":
             self.energy = EnergyMLP(cfg.latent_dim, cfg.prior.hidden, cfg.prior.layers, cfg.prior.activation,
@@ -88,6 +92,24 @@ class MultimodalVAE(nn.Module):
         self.stage = "energy" if self.posthoc else "joint"
         self.coupling = 1.0
         """Weight of f in the encoders'/decoders' log p(z) (``model.prior.coupling_ramp_steps``)."""
+
+    @property
+    def learned_reference(self) -> GaussianMixtureReference | None:
+        """The learned reference p0 (``model.prior.reference=gmm``), else None."""
+        return self.p0 if isinstance(self.p0, GaussianMixtureReference) else None
+
+    def fit_reference(self, z: torch.Tensor, *, seed: int) -> dict[str, float]:
+        """Fit the learned reference to aggregate-posterior draws z [N, d]; the replay buffer of persistent
+        chains restarts from it. Returns the fit's diagnostics."""
+        reference = self.learned_reference
+        if reference is None:
+            raise ValueError("fit_reference needs model.prior.reference=gmm")
+        stats = reference.fit(z, seed=seed)
+        if hasattr(self, "negative_chains"):
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            fresh = reference.sample(tuple(self.negative_chains.shape), generator=generator, device="cpu")
+            self.negative_chains.copy_(fresh.to(self.negative_chains.device))
+        return stats
 
     def set_step(self, step: int) -> None:
         """Set what depends on the optimizer step ``step`` (1-based): the energy's coupling weight."""
@@ -319,7 +341,23 @@ class MultimodalVAE(nn.Module):
         z0 = self.p0.sample((n, self.cfg.latent_dim), generator=generator, device=self.device)
         if self.energy is None or self.stage == "reference":  # the reference stage trains under p0 alone
             return z0
-        return self._langevin(z0, langevin_steps, generator)
+        steps = self.cfg.prior.langevin.steps if langevin_steps is None else langevin_steps
+        if steps > 0 and self.cfg.prior.langevin.init == "sir":
+            z0 = self._importance_resampled(z0, generator)
+        return self._langevin(z0, steps, generator)
+
+    @torch.no_grad()
+    def _importance_resampled(self, z0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """``langevin.init=sir``: per row, R - 1 further p0 draws beside z0's row, one of the R kept with
+        probability softmax(f) (sampling-importance-resampling of exp(f) p0 with p0 as the proposal)."""
+        n, d = z0.shape
+        r = self.cfg.prior.langevin.sir_candidates
+        extra = self.p0.sample((n * (r - 1), d), generator=generator, device=z0.device, dtype=z0.dtype)
+        candidates = torch.cat([z0[:, None], extra.reshape(n, r - 1, d)], dim=1)  # (n, R, d)
+        with torch.autocast(device_type=z0.device.type, enabled=False):
+            f = self.energy(candidates.reshape(-1, d)).float().reshape(n, r)
+        pick = torch.multinomial(torch.softmax(f, dim=-1), 1, generator=generator).squeeze(1)
+        return candidates[torch.arange(n, device=z0.device), pick]
 
     def _langevin(self, z0: torch.Tensor, steps: int | None = None,
                   generator: torch.Generator | None = None) -> torch.Tensor:
@@ -329,9 +367,7 @@ class MultimodalVAE(nn.Module):
         if steps == 0:
             return z0
         with torch.autocast(device_type=z0.device.type, enabled=False):
-            return langevin.sample(self.energy, z0, steps=steps, step_size=lcfg.step_size,
-                                   reference=self.cfg.prior.reference,
-                                   reference_scale=self.cfg.prior.reference_scale,
+            return langevin.sample(self.energy, z0, steps=steps, step_size=lcfg.step_size, reference=self.p0,
                                    backend=lcfg.backend, generator=generator).detach()
 
     def _negatives(self, n: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from mmebm_dist.kernels.langevin_torch import auto_workers, langevin_torch
-from mmebm_dist.prior.densities import reference_density
+from mmebm_dist.prior.densities import FIXED_REFERENCES, reference_density
 from mmebm_dist.prior.energy import LEAKY_SLOPE, EnergyMLP
 
 BACKENDS = ("auto", "autograd", "torch", "triton")
@@ -92,12 +92,25 @@ def _check_inputs(z0: torch.Tensor, steps: int, step_size: float, noise: torch.T
         raise ValueError(f"noise must be [steps, B, d] = {(steps, *z0.shape)}, got {tuple(noise.shape)}")
 
 
+def _reference_of(reference, scale: float):
+    """The density p0 named ``reference`` (with ``scale``), or ``reference`` itself when it is a density
+    object (a learned reference such as ``GaussianMixtureReference``, with ``score`` and ``log_prob``)."""
+    return reference_density(reference, scale) if isinstance(reference, str) else reference
+
+
+def _learned(reference) -> bool:
+    """A reference the fused kernels cannot compute by name: its score is passed to them as a function."""
+    return not isinstance(reference, str) and getattr(reference, "name", None) not in FIXED_REFERENCES
+
+
 def sample_autograd(energy: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, steps: int,
-                    step_size: float, reference: str = "laplace", reference_scale: float = 1.0,
+                    step_size: float, reference="laplace", reference_scale: float = 1.0,
                     noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
                     return_energies: bool = False):
-    """Reference backend: grad f from autograd at every step. Returns z_K (and per-step mean f if asked)."""
-    p0 = reference_density(reference, reference_scale)
+    """Reference backend: grad f from autograd at every step. Returns z_K (and per-step mean f if asked).
+
+    ``reference``: a name in FIXED_REFERENCES (with ``reference_scale``) or a density object (``score``)."""
+    p0 = _reference_of(reference, reference_scale)
     z = z0.detach().clone()
     drift = 0.5 * step_size**2
     mean_energies = []
@@ -184,7 +197,7 @@ def _triton_seed(generator: torch.Generator | None, device: torch.device) -> int
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).item())
 
 
-def _resolve(energy, z0: torch.Tensor, backend: str) -> tuple[str, list | None]:
+def _resolve(energy, z0: torch.Tensor, backend: str, reference="laplace") -> tuple[str, list | None]:
     """(backend to run, the energy's weights read once for a fused backend, else None)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown Langevin backend '{backend}'; choose one of {', '.join(BACKENDS)}")
@@ -204,6 +217,9 @@ def _resolve(energy, z0: torch.Tensor, backend: str) -> tuple[str, list | None]:
         weights = energy.weights()
     if chosen == "triton":
         refusal = _triton_refusal(weights, z0, energy.activation)
+        if refusal is None and _learned(reference):
+            refusal = ("the Triton kernel computes the laplace and gaussian references only; a learned "
+                       "reference (model.prior.reference=gmm) runs on backend='torch' (its score in torch)")
         if refusal is not None:
             if backend == "triton":
                 raise ValueError(f"backend='triton': {refusal}")
@@ -211,12 +227,12 @@ def _resolve(energy, z0: torch.Tensor, backend: str) -> tuple[str, list | None]:
     return chosen, weights
 
 
-def resolve_backend(energy, z0: torch.Tensor, backend: str = "auto") -> str:
+def resolve_backend(energy, z0: torch.Tensor, backend: str = "auto", reference="laplace") -> str:
     """The backend ``sample`` runs: ``autograd``, ``torch`` or ``triton``; raises when a forced one cannot."""
-    return _resolve(energy, z0, backend)[0]
+    return _resolve(energy, z0, backend, reference)[0]
 
 
-def sample(energy, z0: torch.Tensor, *, steps: int, step_size: float, reference: str = "laplace",
+def sample(energy, z0: torch.Tensor, *, steps: int, step_size: float, reference="laplace",
            reference_scale: float = 1.0, noise: torch.Tensor | None = None,
            generator: torch.Generator | None = None, backend: str = "auto", return_energies: bool = False):
     """Run K = ``steps`` Langevin steps from ``z0`` [B, d] on exp(f) p0; returns z_K [B, d] (detached).
@@ -224,18 +240,21 @@ def sample(energy, z0: torch.Tensor, *, steps: int, step_size: float, reference:
     ``noise`` [steps, B, d], when given, replaces the fresh N(0, I) draws (makes backends comparable).
     ``return_energies`` also returns the mean f(z_k) before each step k, shape [steps] (chain diagnostics).
     A non-finite chain raises :class:`LangevinDivergenceError` naming the step.
+    ``reference``: a name in FIXED_REFERENCES (with ``reference_scale``) or a learned density object
+    (``score``, ``log_prob``): the autograd and torch backends add its score; triton refuses it (``auto``
+    takes torch).
     """
     _check_inputs(z0, steps, step_size, noise)
     # ZeRO-3: full weights for the fused backends for the chain's duration (no-op otherwise).
     with _gathered(energy) if backend != "autograd" else contextlib.nullcontext():
-        chosen, weights = _resolve(energy, z0, backend)
+        chosen, weights = _resolve(energy, z0, backend, reference)
         if chosen == "autograd":
             return sample_autograd(energy, z0, steps=steps, step_size=step_size, reference=reference,
                                    reference_scale=reference_scale, noise=noise, generator=generator,
                                    return_energies=return_energies)
-        reference_density(reference, reference_scale)  # the same name/scale errors as the autograd backend
-        kwargs = dict(steps=steps, step_size=step_size, activation=energy.activation, reference=reference,
-                      reference_scale=reference_scale, noise=noise, return_energies=return_energies,
+        p0 = _reference_of(reference, reference_scale)  # the same name/scale errors as the autograd backend
+        kwargs = dict(steps=steps, step_size=step_size, activation=energy.activation, reference=p0.name,
+                      reference_scale=getattr(p0, "scale", 1.0), noise=noise, return_energies=return_energies,
                       leaky_slope=LEAKY_SLOPE)
         with torch.no_grad():
             if chosen == "triton":
@@ -243,7 +262,9 @@ def sample(energy, z0: torch.Tensor, *, steps: int, step_size: float, reference:
                 result = _triton_module().langevin_triton(weights, z0, seed=seed, **kwargs)
             else:
                 workers = auto_workers(z0.shape[0]) if z0.device.type == "cpu" else 0
-                result = langevin_torch(weights, z0, generator=generator, workers=workers, **kwargs)
+                score = p0.score if _learned(p0) else None
+                result = langevin_torch(weights, z0, generator=generator, workers=workers,
+                                        reference_score=score, **kwargs)
         if result.diverged_at is not None:
             raise _divergence(result.diverged_at, step_size, f" (backend '{chosen}')")
         return (result.z, result.energies) if return_energies else result.z

@@ -348,8 +348,8 @@ def load_model_weights(model: torch.nn.Module, ckpt_dir: str | Path) -> torch.nn
 
 def load_initial_weights(model: torch.nn.Module, source: str | Path) -> Path:
     """``train.init_from``: load ``source``'s weights (a checkpoint directory, or a run directory's newest
-    complete checkpoint) into a fresh ``model``; only the energy MLP's may be missing. Returns the
-    checkpoint."""
+    complete checkpoint) into a fresh ``model``; only the energy MLP's and a learned reference's (``p0.*``,
+    fitted in this run) may be missing. Returns the checkpoint."""
     src = Path(source)
     ckpt = src if (src / MODEL_FILE).is_file() else latest_checkpoint(src)
     if ckpt is None:
@@ -362,7 +362,7 @@ def load_initial_weights(model: torch.nn.Module, source: str | Path) -> Path:
     except RuntimeError as exc:  # a shape mismatch
         raise ValueError(f"train.init_from='{source}' ({ckpt}) does not fit this model: {exc}; "
                          f"{fix}") from exc
-    missing = [k for k in result.missing_keys if not k.startswith("energy.")]
+    missing = [k for k in result.missing_keys if not k.startswith(("energy.", "p0."))]
     if missing or result.unexpected_keys:
         raise ValueError(f"train.init_from='{source}' ({ckpt}) does not fit this model: missing "
                          f"{missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}; {fix}")

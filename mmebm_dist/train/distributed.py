@@ -73,8 +73,9 @@ def _local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
-    """Build the Accelerator for ``cfg``: mixed precision, gradient accumulation, manual scheduler stepping.
+def make_accelerator(cfg: Config, *, log_with: list | None = None) -> Accelerator:
+    """Build the Accelerator for ``cfg``: mixed precision, gradient accumulation, manual scheduler stepping,
+    and the trackers ``log_with`` (``mmebm_dist.train.metrics.make_trackers``).
 
     ``step_scheduler_with_optimizer=False``: accelerate would otherwise step a prepared scheduler once per
     *process* at every optimizer step, so the lr decay would depend on the world size. The loop steps it once.
@@ -99,6 +100,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.optim.grad_accum,
         step_scheduler_with_optimizer=False,
+        log_with=log_with or None,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
         **_cpu_workarounds(timeout),
     )

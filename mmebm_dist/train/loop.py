@@ -48,7 +48,8 @@ from mmebm_dist.train.checkpoint import (
 )
 from mmebm_dist.train.distributed import describe, make_accelerator, zero_stage
 from mmebm_dist.train.heartbeat import Heartbeat, is_timeout
-from mmebm_dist.train.metrics import MetricsWriter, SampleTrace
+from mmebm_dist.train.metrics import MetricsWriter, SampleTrace, make_trackers
+from mmebm_dist.train.reference_fit import fit_due, fit_reference
 from mmebm_dist.train.resume import apply_optimizer_changes, optimizer_hyperparameters, resume_changes
 from mmebm_dist.train.runlock import RunLock
 from mmebm_dist.train.signals import StopRequest, run_step_hooks
@@ -387,7 +388,7 @@ def setup(
     from mmebm_dist.data.shards import manifest_hash
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, log_with=make_trackers(cfg, resume=resume) if record else None)
     main = accelerator.is_main_process
     logging.getLogger("mmebm_dist").setLevel(logging.INFO if main else logging.WARNING)
     if cfg.train.threads > 0:
@@ -425,7 +426,8 @@ def setup(
         "process 0 of %d: %s, ZeRO stage %d, %d batches/epoch/rank, %d threads",
         world, info["distributed_type"], info["zero_stage"], per_epoch, info["threads"],
     )
-    metrics = MetricsWriter(run_dir, enabled=main and record, start_step=state.step)
+    metrics = MetricsWriter(run_dir, enabled=main and record, start_step=state.step, accelerator=accelerator,
+                            config=cfg)
     trace = None
     if trace_samples:
         trace = SampleTrace(run_dir, rank, start_step=state.step, modalities=list(unwrapped.modalities))
@@ -478,6 +480,9 @@ def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
     step_terms: dict[str, torch.Tensor] = {}
     stage = session.stage_of(step)
     session.unwrapped.set_step(step)
+    if fit_due(session.unwrapped, stage, step, refit=cfg.model.prior.reference_refit):
+        fit_reference(session.unwrapped, data_path=cfg.data.path, tuples=cfg.model.prior.reference_fit_tuples,
+                      batch_size=cfg.data.batch_size, seed=cfg.train.seed)
     if cfg.train.schedule:
         _reset_optimizer_state(session.optimizer, schedule.starting_groups(session.stages, step))
     for _ in range(accum):

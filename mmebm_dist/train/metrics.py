@@ -1,22 +1,92 @@
-"""Run-directory logging: ``metrics.jsonl`` (a JSON record per logged step), TensorBoard scalars and grids.
+"""Run-directory logging: ``metrics.jsonl`` (a JSON record per logged step), mirrored to the trackers.
 
-Only rank 0 writes. On resume, records after the checkpoint's step are dropped so that the log reads as one
-uninterrupted run (``mmebm_dist.rundir.truncate_jsonl``), and TensorBoard purges the same steps
-(``purge_step``).
+Trackers (``train.trackers``) are accelerate's: ``tensorboard`` (RUN/tb), ``mlflow``, ``wandb``, handed to
+``Accelerator(log_with=...)`` by :func:`make_trackers` and started by ``accelerator.init_trackers`` on rank 0;
+they receive every numeric value of a record (``accelerator.log``), the resolved config as parameters (on the
+run's first segment), and sample grids (TensorBoard images, wandb images, MLflow artifacts).
+``accelerator.end_training`` closes them. Only rank 0 writes. On resume, records after the checkpoint's step
+are dropped so that the log reads as one uninterrupted run (``mmebm_dist.rundir.truncate_jsonl``),
+TensorBoard purges the same steps (``purge_step``), and MLflow and wandb continue the run whose id the first
+segment stored in RUN/trackers.json.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.tracking import GeneralTracker, MLflowTracker, TensorBoardTracker, WandBTracker
 from einops import rearrange
 
+from mmebm_dist.config import Config, ConfigError, config_to_dict, flatten_dotted
 from mmebm_dist.data import grid
-from mmebm_dist.rundir import CONFIG_FILE, METRICS_FILE, TB_DIR, TRACE_DIR, JsonlAppender
+from mmebm_dist.rundir import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    TB_DIR,
+    TRACE_DIR,
+    TRACKERS_FILE,
+    JsonlAppender,
+    atomic_write_text,
+)
+
+PROJECT = "mmebm_dist"
+"""MLflow experiment and wandb project of a run unless ``MLFLOW_EXPERIMENT_NAME`` / ``WANDB_PROJECT`` say."""
+
+
+class RunTensorBoardTracker(TensorBoardTracker):
+    """accelerate's TensorBoard tracker writing RUN/tb; a resumed run purges the events that a killed run
+    wrote after its checkpoint (``SummaryWriter(purge_step=...)``), as the loop purges metrics.jsonl."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(TB_DIR, run_dir)
+        self.resume_step = 0
+
+    def start(self) -> None:
+        if self.resume_step:
+            self.init_kwargs["purge_step"] = self.resume_step + 1
+        super().start()
+
+
+def make_trackers(cfg: Config, *, resume: bool) -> list[GeneralTracker]:
+    """The trackers of ``train.trackers`` (not started), for ``Accelerator(log_with=...)``. A resumed run
+    continues the MLflow / wandb runs named in RUN/trackers.json. A tracker whose package is missing is a
+    :class:`ConfigError` naming the extra that installs it."""
+    run_dir = Path(cfg.train.out_dir)
+    ids = stored_tracker_ids(run_dir) if resume else {}
+    trackers: list[GeneralTracker] = []
+    for name in cfg.train.trackers:
+        if name != "tensorboard" and importlib.util.find_spec(name) is None:
+            raise ConfigError(f"train.trackers lists '{name}', which is not installed: pip install "
+                              f"'mmebm_dist[{name}]' (or drop it from train.trackers)")
+        if name == "tensorboard":
+            trackers.append(RunTensorBoardTracker(run_dir))
+        elif name == "mlflow":
+            trackers.append(MLflowTracker(os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT),
+                                          run_id=ids.get("mlflow"), run_name=run_dir.name))
+        elif name == "wandb":
+            trackers.append(WandBTracker(os.environ.get("WANDB_PROJECT", PROJECT), name=run_dir.name,
+                                         id=ids.get("wandb") or uuid.uuid4().hex[:16], resume="allow",
+                                         dir=str(run_dir)))
+    return trackers
+
+
+def stored_tracker_ids(run_dir: Path) -> dict[str, str]:
+    """{tracker: run id} that RUN/trackers.json holds ({} before the first segment started its trackers)."""
+    path = Path(run_dir) / TRACKERS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def tracker_params(cfg: Config) -> dict[str, Any]:
+    """The resolved config as flat tracker parameters: dotted keys; lists, tuples and None as text."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+            for k, v in flatten_dotted(config_to_dict(cfg)).items()}
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
@@ -56,9 +126,12 @@ def text_grid_images(ids: torch.Tensor, vocab: Any) -> torch.Tensor:
 
 
 class MetricsWriter:
-    """Appends metric records to ``metrics.jsonl`` and mirrors scalars and image grids to TensorBoard.
+    """Appends metric records to ``metrics.jsonl`` and mirrors scalars and image grids to the accelerator's
+    trackers (:func:`make_trackers`), which it starts.
 
     Create it on every rank; it writes only when ``enabled`` (rank 0), so call sites need no rank checks.
+    ``config`` (the resolved config) is stored as the trackers' parameters on a fresh run (``start_step`` 0),
+    and on a resume by a tracker added to ``train.trackers`` since (its run starts then).
     Token modalities (integer ids [N, L]) are drawn as caption tiles with ``vocabularies`` (modality name ->
     ``mmebm_dist.data.text.Vocabulary``; default: read from the run's data set when first needed).
     """
@@ -70,33 +143,50 @@ class MetricsWriter:
         enabled: bool,
         start_step: int = 0,
         vocabularies: dict[str, Any] | None = None,
+        accelerator: Any = None,
+        config: Config | None = None,
     ):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.path = run_dir / METRICS_FILE
         self.vocabularies = vocabularies
-        self._tb = None
+        self.accelerator = accelerator
         if not enabled:
             return
         self._jsonl = JsonlAppender(self.path, start_step=start_step)
-        from torch.utils.tensorboard import SummaryWriter  # imported here: costs ~1 s, rank 0 only
+        if accelerator is None or not accelerator.log_with:
+            return
+        for tracker in accelerator.log_with:
+            if isinstance(tracker, RunTensorBoardTracker):
+                tracker.resume_step = start_step
+        params = tracker_params(config) if config is not None else None
+        accelerator.init_trackers(self.run_dir.name, config=params if start_step == 0 else None)
+        stored = stored_tracker_ids(self.run_dir)
+        ids = {t.name: run_id for t in accelerator.trackers if (run_id := _run_id(t))}
+        for tracker in accelerator.trackers:  # a tracker added on --resume starts its run with the config
+            if start_step > 0 and params is not None and tracker.name in ids and tracker.name not in stored:
+                tracker.store_init_configuration(params)
+        if ids:
+            atomic_write_text(self.run_dir / TRACKERS_FILE, json.dumps({**stored, **ids}, indent=2) + "\n")
 
-        # purge_step drops events written after the checkpoint by a run that was then killed.
-        self._tb = SummaryWriter(str(run_dir / TB_DIR), purge_step=start_step + 1 if start_step else None)
+    @property
+    def trackers(self) -> list[GeneralTracker]:
+        return list(self.accelerator.trackers) if self.enabled and self.accelerator is not None else []
 
     def log(self, record: dict[str, Any]) -> None:
-        """Write one record (must hold ``step``); numeric values also go to TensorBoard as scalars."""
+        """Write one record (must hold ``step``); numeric values also go to the trackers as scalars."""
         if not self.enabled:
             return
         self._jsonl.write(record)
-        step = int(record["step"])
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self._tb.add_scalar(key, value, step)
+        scalars = {k: v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.trackers and scalars:
+            self.accelerator.log(scalars, step=int(record["step"]))
 
     def images(self, step: int, samples: dict[str, torch.Tensor], prefix: str = "samples/joint") -> None:
         """One grid per image-shaped modality ([N, C, H, W] or [N, H, W]) and per token modality (integer ids
-        [N, L], drawn as caption tiles); float vector modalities are skipped."""
+        [N, L], drawn as caption tiles); float vector modalities are skipped. Drawn even with no tracker, so
+        that a missing vocabulary fails the same way whatever train.trackers says."""
         if not self.enabled:
             return
         from mmebm_dist.data.text import is_token_modality
@@ -108,7 +198,9 @@ class MetricsWriter:
                 x = x.unsqueeze(1)
             if x.dim() != 4:
                 continue
-            self._tb.add_image(f"{prefix}/{name}", image_grid(x.detach().float().cpu().clamp(0, 1)), step)
+            picture = image_grid(x.detach().float().cpu().clamp(0, 1))  # (C, H, W)
+            for tracker in self.trackers:
+                log_grid(tracker, f"{prefix}/{name}", picture, step)
 
     def _vocabulary(self, name: str) -> Any:
         if self.vocabularies is None:
@@ -121,13 +213,40 @@ class MetricsWriter:
         return self.vocabularies[name]
 
     def flush(self) -> None:
-        if self.enabled:
-            self._tb.flush()
+        for tracker in self.trackers:
+            if isinstance(tracker, TensorBoardTracker):
+                tracker.writer.flush()
 
     def close(self) -> None:
+        """Close metrics.jsonl (``accelerator.end_training`` closes the trackers)."""
         if self.enabled:
             self._jsonl.close()
-            self._tb.close()
+
+
+def _run_id(tracker: GeneralTracker) -> str | None:
+    """The id under which a resumed run finds ``tracker``'s run again (None: TensorBoard needs none)."""
+    if isinstance(tracker, MLflowTracker):
+        return tracker.active_run.info.run_id
+    if isinstance(tracker, WandBTracker):
+        return tracker.run.id
+    return None
+
+
+def log_grid(tracker: GeneralTracker, tag: str, picture: torch.Tensor, step: int) -> None:
+    """A sample grid (C, H, W) in [0, 1] to one tracker: a TensorBoard image, a wandb image, an MLflow
+    artifact ``TAG/step-NNNNNNN.png``."""
+    if isinstance(tracker, TensorBoardTracker):
+        tracker.log_images({tag: picture.unsqueeze(0)}, step=step)  # add_images of a batch of one
+        return
+    pixels = (rearrange(picture, "c h w -> h w c") * 255).round().to(torch.uint8).numpy()
+    if pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    if isinstance(tracker, WandBTracker):
+        tracker.log_images({tag: [pixels]}, step=step)
+    elif isinstance(tracker, MLflowTracker):
+        import mlflow
+
+        mlflow.log_image(pixels, artifact_file=f"{tag}/step-{step:07d}.png")
 
 
 def sample_digests(batch: dict[str, Any], modalities: list[str]) -> list[str]:

@@ -1,0 +1,173 @@
+"""``mmebm questions``: the paper's open questions answered as tables generated from evaluated runs.
+
+(a) Which reference density p0: every EBM prior fitted to one frozen model (``model.prior.fit=posthoc`` with
+    ``train.init_from``, so the encoders and decoders are the same on every row), its figure at its own chain
+    length and its reference's on the same seeded draws (the sweep at K = 0), beside the model's fixed prior,
+    the post-hoc Gaussian mixtures fitted to the same model and the aggregate-posterior ceiling.
+(b) Langevin length: the chain length and step size used in training (rows) against the length used at
+    sampling (columns: the eval's sweep), with the milliseconds per sample of each.
+(c) Posterior refinement (``mmebm eval --refine-steps``): cross coherence and its cost per step size, and the
+    importance-weighted test log p(X) of the EBM prior, its reference alone and the reference's base.
+Every figure is read from the runs' ``eval*/eval.json`` (a run evaluated several times contributes every
+eval directory); nothing is typed in. Hand-written notes (``--notes``) follow the generated header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import shlex
+from pathlib import Path
+
+from mmebm_dist.evaluate.report import fmt, md_table
+from mmebm_dist.evaluate.results import write_text_atomic
+from mmebm_dist.rundir import CONFIG_FILE
+
+
+class QuestionsError(ValueError):
+    """The runs given to ``mmebm questions`` hold nothing to tabulate; the message says what to run."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs", nargs="+", required=True, help="run directories or glob patterns")
+    parser.add_argument("--out-md", default="docs/questions.md", help="markdown (default: %(default)s)")
+    parser.add_argument("--out-json", default="docs/questions.json", help="JSON (default: %(default)s)")
+    parser.add_argument("--notes", default=None, metavar="MD", help="hand-written markdown placed after the "
+                        "generated header, marked as hand-written")
+
+
+def _read_run(run_dir: Path) -> dict | None:
+    """The run's resolved config and every eval directory's eval.json, merged (None: not evaluated)."""
+    config_path = run_dir / CONFIG_FILE
+    evals = sorted(run_dir.glob("eval*/eval.json"))
+    if not config_path.is_file() or not evals:
+        return None
+    config = json.loads(config_path.read_text())
+    prior = config["model"]["prior"]
+    langevin = prior["langevin"]
+    run = {"name": run_dir.name, "prior": prior["kind"], "reference": prior["reference"],
+           "components": prior.get("reference_components"), "train_steps": langevin["steps"],
+           "step_size": langevin["step_size"], "init": langevin.get("init", "p0"),
+           "energy_steps": config["train"]["steps"] if prior["fit"] == "posthoc" else None,
+           "source": Path(config["train"]["init_from"]).name if config["train"].get("init_from") else None,
+           "samplers": {}, "refinement": [], "likelihood": None}
+    for path in evals:
+        ev = json.loads(path.read_text())
+        coh = ev["coherence"]
+        if path.parent.name == "eval" or "joint" not in run:
+            run.update(joint=coh["joint"], cross=coh["cross"], ceiling=coh.get("prior_ceiling"),
+                       sweep=coh.get("langevin_sweep") or [])
+        run["samplers"].update(ev.get("latent_samplers") or {})
+        for entry in ev.get("refinement") or []:
+            run["refinement"].append(entry)
+        if ev.get("likelihood"):
+            run["likelihood"] = ev["likelihood"]
+    return run
+
+
+def _label(run: dict) -> str:
+    if run["prior"] != "ebm":
+        return f"{run['prior']} prior (the model's own)"
+    ref = f"gmm-{run['components']}" if run["reference"] == "gmm" else run["reference"]
+    init = ", SIR start" if run["init"] == "sir" else ""
+    steps = f", {run['energy_steps']:,} energy steps" if run["energy_steps"] else ""
+    return f"EBM on {ref}, trained K {run['train_steps']} x s {run['step_size']:g}{init}{steps}"
+
+
+def _fig(entry: dict | None, key: str = "coherence") -> str:
+    return "" if not entry else f"{fmt(entry[key])} ± {fmt(entry['stderr'])}"
+
+
+def reference_table(model: str, runs: list[dict]) -> list[str]:
+    """(a): every prior and post-hoc sampler on the frozen model ``model``."""
+    source = next((r for r in runs if r["name"] == model), None)
+    ebms = [r for r in runs if r["source"] == model and r["prior"] == "ebm"]
+    rows = []
+    if source is not None:
+        rows.append([_label(source), _fig(source["joint"]), "", "", _fig(source["cross"])])
+        for name, s in sorted(source["samplers"].items(), key=lambda kv: kv[1].get("components", 0)):
+            rows.append([f"{name} fitted after training", _fig(s, "joint"), "", "", ""])
+    for r in ebms:
+        base = next((e for e in r["sweep"] if e["steps"] == 0), None)
+        gain = "" if base is None else f"{r['joint']['coherence'] - base['coherence']:+.3f}"
+        rows.append([_label(r), f"{_fig(r['joint'])} (K {r['joint'].get('langevin_steps', '')})",
+                     _fig(base), gain, _fig(r["cross"])])
+    ceiling = (source or (ebms[0] if ebms else {})).get("ceiling")
+    if ceiling:
+        rows.append(["aggregate-posterior ceiling (draws of q(z | x_m))", _fig(ceiling), "", "", ""])
+    return md_table(["prior / sampler", "joint coherence", "its reference (K = 0, same draws)", "gain",
+                     "cross coherence"], rows)
+
+
+def langevin_table(runs: list[dict]) -> list[str]:
+    """(b): training chain (rows) x sampling chain length (columns), coherence and ms per sample."""
+    ebms = [r for r in runs if r["prior"] == "ebm" and r["sweep"]]
+    lengths = sorted({e["steps"] for r in ebms for e in r["sweep"]})
+    rows = []
+    for r in ebms:
+        by_k = {e["steps"]: e for e in r["sweep"]}
+        rows.append([_label(r)] + [f"{_fig(by_k[k])} ({by_k[k]['ms_per_sample']:.2f} ms)" if k in by_k else ""
+                                   for k in lengths])
+    return md_table(["training chain", *[f"K = {k} at sampling" for k in lengths]], rows)
+
+
+def refinement_table(runs: list[dict]) -> list[str]:
+    """(c): cross coherence after K refinement steps per step size, with the cost; log p(X) per prior."""
+    rows, ll_rows = [], []
+    for r in runs:
+        for e in r["refinement"]:
+            rows.append([_label(r), f"{e['step_size']:g}", str(e["steps"]), f"{fmt(e['cross'])} ± "
+                         f"{fmt(e['cross_stderr'])}", f"{e.get('ms_per_sample', float('nan')):.2f}"])
+        ll = r["likelihood"]
+        if ll:
+            joint = ll["joint"]
+            ll_rows.append([_label(r), f"{fmt(joint['mean'], 2)} ± {fmt(joint['stderr_total'], 2)}",
+                            *[f"{fmt(e['mean'], 2)} ± {fmt(e['stderr'], 2)}"
+                              for e in (ll.get("priors") or {}).values()]])
+    lines = md_table(["run", "step size", "refinement steps", "cross coherence", "ms / sample"], rows)
+    if ll_rows:
+        lines += ["", "Importance-weighted test log p(X) (nats per tuple; the same tuples and particles in a "
+                  "row: the EBM prior with log Z subtracted, its reference alone, the reference's base "
+                  "alone):", ""]
+        lines += md_table(["run", "EBM prior", "reference alone", "base alone"], ll_rows)
+    return lines
+
+
+def build(runs: list[dict], command: str, notes: str | None) -> tuple[str, dict]:
+    models = sorted({r["source"] for r in runs if r["source"]})
+    lines = ["# The paper's open questions, measured", "",
+             f"Generated by `{command}` from the runs' eval.json files; every figure is a joint or cross "
+             "coherence ± its standard error over samples unless named otherwise.", ""]
+    if notes:
+        lines += ["<!-- hand-written notes (--notes) start -->", notes.rstrip(), "<!-- notes end -->", ""]
+    for model in models:
+        lines += ["", f"## (a) Which reference density? Priors on the frozen model `{model}`", ""]
+        lines += reference_table(model, runs)
+    lines += ["", "## (b) Langevin length in training x at sampling (joint coherence, ms per sample)", ""]
+    lines += langevin_table(runs)
+    if any(r["refinement"] or r["likelihood"] for r in runs):
+        lines += ["", "## (c) Posterior refinement and test log-likelihood", ""]
+        lines += refinement_table(runs)
+    return "\n".join(lines) + "\n", {"command": command, "runs": runs}
+
+
+def run(args: argparse.Namespace) -> int:
+    dirs = sorted({Path(p) for pattern in args.runs for p in (glob.glob(pattern) or [pattern])
+                   if Path(p).is_dir()})
+    runs = [r for r in (_read_run(d) for d in dirs) if r is not None]
+    if not runs:
+        raise QuestionsError(f"none of --runs {' '.join(args.runs)} holds an evaluated run (config.json and "
+                             "eval*/eval.json); train and `mmebm eval` them first")
+    notes = None
+    if args.notes:
+        if not Path(args.notes).is_file():
+            raise QuestionsError(f"--notes {args.notes}: no such file")
+        notes = Path(args.notes).read_text()
+    command = shlex.join(["mmebm", "questions", "--runs", *args.runs, "--out-md", args.out_md,
+                          "--out-json", args.out_json, *(["--notes", args.notes] if args.notes else [])])
+    markdown, data = build(runs, command, notes)
+    write_text_atomic(Path(args.out_md), markdown)
+    write_text_atomic(Path(args.out_json), json.dumps(data, indent=2, sort_keys=True) + "\n")
+    print(f"{len(runs)} evaluated runs: wrote {args.out_md} and {args.out_json}")
+    return 0
