@@ -3,10 +3,11 @@
 # Submit from the repository root (the run directory must be on a filesystem all nodes share):
 #   sbatch --nodes=4 launch/slurm_multinode.sh --config configs/polymnist_ebm.yaml train.out_dir=runs/ebm4x8
 #   sbatch --nodes=4 launch/slurm_multinode.sh --resume runs/ebm4x8          # continue by hand
-# Preemption and time limit: SLURM signals the batch shell (USR1) 120 s before the limit and SIGTERM before a
-# preemption; the shell forwards SIGUSR1 to every training process, which finish their step, write one
-# checkpoint and exit 75; the job then requeues itself and the requeued run resumes RUN_DIR (computed from
-# the arguments once, before the first start). CHECKPOINT_GRACE_S (default 110): how long the launcher lets
+# Time limit: SLURM signals the batch shell (USR1) 120 s before the limit; the shell forwards SIGUSR1 to every
+# training process, which finish their step, write one checkpoint and exit 75; the job then requeues itself
+# and the requeued run resumes RUN_DIR (computed from the arguments once, before the first start).
+# SIGTERM (scancel, or a preemption: under PreemptMode=REQUEUE SLURM requeues the job itself) is forwarded the
+# same way but the job does not requeue itself: a cancelled job stays cancelled and leaves a resumable run. CHECKPOINT_GRACE_S (default 110): how long the launcher lets
 # the workers finish before killing them; keep it below the --signal lead time.
 # Environment: GPUS_PER_NODE (default: SLURM_GPUS_ON_NODE or 8), LAUNCH_YAML (default
 # launch/accelerate/multinode_template.yaml; its machine/IP/port/process values are overridden by the flags
@@ -44,11 +45,16 @@ echo "nodes=$SLURM_NNODES gpus/node=$GPUS_PER_NODE main=$MAIN_PROCESS_IP:$MAIN_P
 
 # One task per node; SLURM_NODEID is read inside each task (single quotes), giving machine ranks 0..N-1.
 # srun runs in the background so that the shell can take SLURM's signal and forward it to the tasks.
-stop_requested=0
+stop_requested=""  # the signal that asked for a checkpoint: USR1 (time limit) or TERM (scancel, preemption)
 srun_pid=""
 # A signal that lands before srun_pid is set (between the fork and the assignment) is forwarded just after it.
-trap 'stop_requested=1; echo "signal received: asking every rank to checkpoint"
-      if [ -n "$srun_pid" ]; then kill -USR1 "$srun_pid"; fi' USR1 TERM
+forward() {
+  stop_requested=$1
+  echo "signal received ($1): asking every rank to checkpoint"
+  if [ -n "$srun_pid" ]; then kill -USR1 "$srun_pid"; fi
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
 srun --kill-on-bad-exit=1 bash -c '
   exec "$PYTHON" -m accelerate.commands.launch --config_file "$LAUNCH_YAML" \
     --num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID" \
@@ -56,7 +62,7 @@ srun --kill-on-bad-exit=1 bash -c '
     --num_processes $(( SLURM_NNODES * GPUS_PER_NODE )) \
     -m mmebm_dist.train "$@"' bash "$@" &
 srun_pid=$!
-if [ "$stop_requested" = 1 ]; then kill -USR1 "$srun_pid"; fi
+if [ -n "$stop_requested" ]; then kill -USR1 "$srun_pid"; fi
 while true; do
   wait "$srun_pid" && status=0 || status=$?
   kill -0 "$srun_pid" 2>/dev/null || break  # still running: the wait was cut short by a trapped signal
@@ -66,8 +72,10 @@ done
 final=0
 wait "$srun_pid" 2>/dev/null || final=$?
 if [ "$final" -ne 127 ]; then status=$final; fi
-if [ "$stop_requested" = 1 ]; then
-  echo "stopped for preemption/time limit (status $status); requeueing job $SLURM_JOB_ID to resume $RUN_DIR"
+if [ "$stop_requested" = USR1 ]; then
+  echo "stopped for the time limit (status $status); requeueing job $SLURM_JOB_ID to resume $RUN_DIR"
   scontrol requeue "$SLURM_JOB_ID"
+elif [ "$stop_requested" = TERM ]; then
+  echo "stopped by SIGTERM (status $status), not requeued; continue with: sbatch $0 --resume $RUN_DIR"
 fi
 exit "$status"

@@ -198,6 +198,9 @@ class TrainState:
     """Seconds of training before this checkpoint (summed over resumed segments)."""
     data_skipped: int = 0
     """Samples and shards skipped under ``data.on_error=skip`` by all ranks (summed over resumed segments)."""
+    epoch_segments: list = dataclasses.field(default_factory=list)
+    """Parts of ``epoch`` read under another world size, worker count or batch size, oldest first (an elastic
+    resume; :mod:`mmebm_dist.data.replan`); empty when the epoch so far ran under ``data_order``."""
 
 
 def step_dir_name(step: int) -> str:

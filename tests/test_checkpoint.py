@@ -64,16 +64,23 @@ def test_truncate_jsonl_drops_later_steps_and_a_torn_last_line(tmp_path):
         truncate_jsonl(path, 5)
 
 
-def test_resume_refuses_a_changed_data_order_mid_epoch(tmp_path):
-    from mmebm_dist.train.loop import _check_data_order
+def test_resume_mid_epoch_replans_a_new_split_and_refuses_a_new_order(tmp_path):
+    """Mid-epoch, a new world size / workers / batch size closes the epoch's segment (the rest is re-planned);
+    a new seed, shuffle or data set is refused naming the key; at an epoch boundary anything may change."""
+    from mmebm_dist.train.elastic import continue_epoch
 
-    order = {"manifest_hash": "a", "batch_size": 8, "world_size": 2}
+    order = {"manifest_hash": "a", "batch_size": 8, "num_workers": 0, "seed": 0, "world_size": 2}
     mid = TrainState(step=3, epoch=1, epoch_batch=3, data_order=order, config={})
-    _check_data_order(mid, dict(order), tmp_path)
-    with pytest.raises(ValueError, match=r"world_size: 2 -> 1"):
-        _check_data_order(mid, {**order, "world_size": 1}, tmp_path)
+    continue_epoch(mid, dict(order), tmp_path)
+    assert (mid.epoch_batch, mid.epoch_segments) == (3, [])
+    with pytest.raises(ValueError, match=r"seed: 0 -> 1"):
+        continue_epoch(mid, {**order, "world_size": 1, "seed": 1}, tmp_path)
+    continue_epoch(mid, {**order, "world_size": 1}, tmp_path)
+    assert mid.epoch_batch == 0
+    assert mid.epoch_segments == [{"world_size": 2, "num_workers": 0, "batch_size": 8, "batches": 3}]
     boundary = TrainState(step=4, epoch=2, epoch_batch=0, data_order=order, config={})
-    _check_data_order(boundary, {**order, "world_size": 1}, tmp_path)  # a new epoch may use a new split
+    continue_epoch(boundary, {**order, "world_size": 1, "seed": 1}, tmp_path)  # a new epoch: a new split
+    assert boundary.epoch_segments == []
 
 
 def _samples_by_step(run: Path) -> dict[int, list[tuple[int, list[str]]]]:

@@ -1,4 +1,5 @@
-"""``mmebm bench {langevin,train,data,kernel-tiles}``: benchmarks printing tables or JSON; never assert."""
+"""``mmebm bench {langevin,train,data,kernel-tiles,scaling}``: benchmarks printing tables or JSON; never
+assert."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ BENCHES = {
     "train": ("mmebm_dist.bench.train_step", "training-step throughput, phase times, scaling, EBM overhead"),
     "data": ("mmebm_dist.bench.data", "loader samples/s with 0, 1 and 2 workers"),
     "kernel-tiles": ("mmebm_dist.bench.tiles", "Triton Langevin tiles and warps, timed and checked"),
+    "scaling": ("mmebm_dist.bench.scaling", "a model of 8-512 GPUs under DDP/ZeRO, and a gloo check"),
 }
 
 

@@ -27,7 +27,7 @@ import logging
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import islice
+from itertools import groupby, islice
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -98,6 +98,9 @@ class StreamPlan:
     """Samples each worker drops before decoding (exact resume)."""
     pad: tuple[bool, ...] = ()
     """Whether each worker first emits a placeholder to realign the round-robin after a resume."""
+    select: tuple[tuple[tuple[int, int], ...], ...] | None = None
+    """Per worker, the (shard, sample-in-shard) indices it reads, shard by shard, instead of its shards: the
+    rest of an epoch re-planned over new ranks (:mod:`mmebm_dist.data.replan`); None: the rank's shards."""
 
     @property
     def workers(self) -> int:
@@ -142,6 +145,8 @@ def worker_shards(plan: StreamPlan, worker: int) -> list[int]:
 
 def _worker_batches(plan: StreamPlan, worker: int) -> int | None:
     """Batches a worker yields in one epoch (None: unknown without counts, or infinite when resampled)."""
+    if plan.select is not None:
+        return len(plan.select[worker]) // plan.batch_size  # re-planned blocks are whole batches
     if plan.resampled or plan.counts is None:
         return None
     n = sum(plan.counts[i] for i in worker_shards(plan, worker))
@@ -228,19 +233,42 @@ def _raw_stream(state: _WorkerState) -> Iterator[dict[str, Any]]:
     """This worker's raw samples: its shards (or resampled draws), shuffled if asked, resume skip applied."""
     plan, worker = state.plan, state.worker
     drop = plan.skip[worker] if plan.skip else 0
+    if plan.select is not None:
+        samples = _selected(state, plan.select[worker])
+        if plan.shuffle_buffer > 0:
+            samples = shuffle_samples(plan, worker, samples)
+        yield from islice(samples, drop, None)
+        return
     if plan.resampled:
         rng = _rng(plan, worker, 1)
         shard_ids: Iterator[int] = iter(lambda: rng.randrange(len(plan.urls)), -1)
     else:
         shard_ids = iter(worker_shards(plan, worker))
     if plan.shuffle_buffer > 0:
-        samples = _chain(state, shard_ids, 0)
-        samples = wds.filters.shuffle(
-            plan.shuffle_buffer, initial=plan.shuffle_buffer, rng=_rng(plan, worker, 2)
-        )(samples)
-        yield from islice(samples, drop, None)
+        yield from islice(shuffle_samples(plan, worker, _chain(state, shard_ids, 0)), drop, None)
     else:
         yield from _chain(state, shard_ids, drop)
+
+
+def shuffle_samples(plan: StreamPlan, worker: int, samples: Iterator[Any]) -> Iterator[Any]:
+    """A worker's shuffle buffer (seeded by the plan and worker). Its choices depend on the seeded rng
+    alone, never on the samples, so replaying it over sample indices gives the order of the real stream."""
+    return wds.filters.shuffle(plan.shuffle_buffer, initial=plan.shuffle_buffer, rng=_rng(plan, worker, 2))(
+        samples
+    )
+
+
+def _selected(state: _WorkerState, keys: Sequence[tuple[int, int]]) -> Iterator[dict[str, Any]]:
+    """The samples ``keys`` names ((shard, sample-in-shard), grouped by shard, ascending), each shard read
+    once up to its last wanted sample."""
+    for shard, group in groupby(keys, key=lambda key: key[0]):
+        wanted = {index for _, index in group}
+        last = max(wanted)
+        for n, sample in enumerate(_shard_samples(state, shard, 0)):
+            if n in wanted:
+                yield sample
+            if n == last:
+                break
 
 
 def _chain(state: _WorkerState, shard_ids: Iterator[int], drop: int) -> Iterator[dict[str, Any]]:
@@ -710,6 +738,7 @@ def make_loader(
     pin_memory: bool = False,
     shard_url: str | None = None,
     float_images: bool = True,
+    segments: Sequence[dict] = (),
 ) -> ShardLoader:
     """Batches ``{name: float32 [B, C, H, W] in [0, 1], 'label': int64 [B]}`` streamed from webdataset shards.
 
@@ -724,6 +753,8 @@ def make_loader(
     manifest are always checked, sha256 with ``check_sha256``. ``pin_memory``: batches in page-locked memory.
     ``float_images=False``: images stay uint8 [B, C, H, W]; convert with ``images_to_float(batch,
     loader.images)`` where it is cheapest (on the GPU after the copy).
+    ``segments``: the parts of this epoch already read under other ranks/workers/batch sizes
+    (:func:`mmebm_dist.data.replan.remainder_plan`); the loader then reads this rank's share of the rest.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -755,6 +786,10 @@ def make_loader(
         drop_last=(split == "train") if drop_last is None else drop_last,
         epoch_length=epoch_length,
     )
+    if segments:
+        from mmebm_dist.data.replan import remainder_plan
+
+        plan = remainder_plan(plan, segments)
     if skip_batches:
         batches = [_worker_batches(plan, w) for w in range(plan.workers)]
         if not plan.resampled and plan.counts is None and plan.workers > 1:
@@ -807,7 +842,13 @@ def epoch_batches(
     where = _resolve(path, split)
     if where.counts is None:
         raise ShardError(f"{path}: batch counts need a manifest (a dataset directory), not bare shard URLs")
-    smallest = sorted(where.counts)
+    return batches_every_rank(where.counts, batch_size=batch_size, world_size=world_size,
+                              num_workers=num_workers)
+
+
+def batches_every_rank(counts: Sequence[int], *, batch_size: int, world_size: int, num_workers: int) -> int:
+    """:func:`epoch_batches` from the shards' sample counts."""
+    smallest = sorted(counts)
     workers = max(1, num_workers)
     per_rank = []
     for rank in range(world_size):

@@ -73,9 +73,11 @@ def consolidated_state_dict(accelerator: Accelerator, model: torch.nn.Module, ck
 
 
 def save_checkpoint(
-    accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, state: TrainState, *, keep: int
+    accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, state: TrainState, *, keep: int,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write checkpoint ``step-<state.step>`` atomically, keep the newest ``keep``. Call on every rank.
+    """Write checkpoint ``step-<state.step>`` atomically, keep the newest ``keep``. Call on every rank;
+    ``extra(directory)`` (every rank) adds files before the checkpoint is published.
 
     A failed write (a full disk) removes the partial temp directory and raises naming the checkpoint; the
     previous checkpoints are untouched."""
@@ -92,6 +94,8 @@ def save_checkpoint(
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         weights = consolidated_state_dict(accelerator, model, tmp)
+        if extra is not None:
+            extra(tmp)
         if accelerator.is_main_process:
             torch.save(weights, tmp / MODEL_FILE)
             atomic_write_text(tmp / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=2) + "\n")

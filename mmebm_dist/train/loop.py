@@ -15,7 +15,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,20 @@ from tqdm.auto import tqdm
 from mmebm_dist import schedule
 from mmebm_dist.config import Config, config_to_dict, save_config
 from mmebm_dist.data.stream import SkipTally, prefetch_to_device
-from mmebm_dist.rundir import CHECKPOINTS, CONFIG_FILE, TrainState, append_command, latest_checkpoint
+from mmebm_dist.rundir import (
+    CHECKPOINTS,
+    CONFIG_FILE,
+    TrainState,
+    append_command,
+    complete_checkpoints,
+    latest_checkpoint,
+    read_train_state,
+)
+from mmebm_dist.train import elastic
 from mmebm_dist.train.capture import capture_step
 from mmebm_dist.train.checkpoint import (
     load_initial_weights,
+    load_model_weights,
     load_resumable,
     remove_stale_temps,
     save_checkpoint,
@@ -127,12 +137,16 @@ def micro_batches(
     start: int,
     device: torch.device,
     skips: SkipTally | None = None,
+    segments: Sequence[dict] = (),
+    first_length: int | None = None,
 ) -> Iterator[tuple[int, int, dict]]:
     """Yield ``(epoch, index, batch)`` forever: ``per_epoch`` batches per epoch on every rank, then reshuffle.
 
     Starts at batch ``start`` of ``epoch`` (exact resume through ``make_loader(skip_batches=...)``); ``skips``
-    counts what ``data.on_error=skip`` skipped.
+    counts what ``data.on_error=skip`` skipped. ``segments``: the parts of ``epoch`` read under another
+    layout (an elastic resume), whose rest holds ``first_length`` batches per rank.
     """
+    length = per_epoch if first_length is None else first_length
     while True:
         with isolated_rng(device):
             loader = train_loader(
@@ -142,23 +156,24 @@ def micro_batches(
                 epoch=epoch,
                 on_error=cfg.data.on_error,
                 skip_batches=start,
-                epoch_length=per_epoch,
+                epoch_length=length,
+                segments=segments,
                 check_sha256=cfg.data.check_sha256,
                 pin_memory=device.type == "cuda",
                 shard_url=cfg.data.shard_url or None,
             )
             loader = iter(skips.track(loader) if skips is not None else loader)
-        for index in range(start, per_epoch):
+        for index in range(start, length):
             with isolated_rng(device):
                 batch = next(loader, None)
             if batch is None:
                 raise RuntimeError(
                     f"the loader of '{cfg.data.path}' ended after {index} batches of epoch {epoch} on rank "
-                    f"{rank}, but epoch_batches promised {per_epoch}; check the shards (`mmebm data verify`)"
+                    f"{rank}, but epoch_batches promised {length}; check the shards (`mmebm data verify`)"
                 )
             yield epoch, index, batch
         del loader
-        epoch, start = epoch + 1, 0
+        epoch, start, segments, length = epoch + 1, 0, (), per_epoch
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -229,6 +244,14 @@ class TrainSession:
     """The skips of the run's earlier segments (from the checkpoint this session resumed)."""
     stages: list[schedule.Stage] = dataclasses.field(default_factory=list)
     """``train.schedule`` resolved (:func:`mmebm_dist.schedule.of_config`)."""
+    remainder: tuple[int, int] | None = None
+    """(epoch, batches per rank) of an epoch whose rest was re-planned over this job's ranks."""
+
+    def epoch_length(self, epoch: int) -> int:
+        """Micro-batches per rank in ``epoch`` (fewer in the re-planned rest of an epoch)."""
+        if self.remainder is not None and self.remainder[0] == epoch:
+            return self.remainder[1]
+        return self.per_epoch
 
     def stage_of(self, step: int) -> schedule.Stage:
         """The stage of ``step``; with a ``train.schedule`` the model is switched to it."""
@@ -250,12 +273,16 @@ class TrainSession:
         return self.cfg.data.batch_size * self.cfg.optim.grad_accum * self.world
 
 
-def _build_model(cfg: Config, accelerator: Accelerator, *, from_checkpoint: bool) -> tuple:
-    """Model, optimizer and scheduler built with the run's seed and prepared by ``accelerator``."""
+def _build_model(cfg: Config, accelerator: Accelerator, *, from_checkpoint: bool,
+                 moved: Path | None = None) -> tuple:
+    """Model, optimizer and scheduler built with the run's seed and prepared by ``accelerator``; ``moved``:
+    a checkpoint of another layout whose model.pt the model takes before it is wrapped (elastic resume)."""
     from mmebm_dist.models import build_model
 
     set_seed(cfg.train.seed)  # identical initial parameters on every rank
     model = build_model(cfg.model)
+    if moved is not None:
+        load_model_weights(model, moved)
     if cfg.train.init_from and not from_checkpoint:  # a resumed run takes its weights from its checkpoint
         source = load_initial_weights(model, cfg.train.init_from)
         log.info("initial weights from %s", source)
@@ -302,9 +329,11 @@ def _epoch_batches(cfg: Config, world: int) -> int:
 
 
 def _initial_state(cfg: Config, accelerator: Accelerator, optimizer, scheduler, ckpt: Path | None,
-                   order: dict, resume: bool, record: bool, checkpoint: str | None) -> TrainState:
+                   order: dict, resume: bool, record: bool, checkpoint: str | None,
+                   moved: Path | None = None, unwrapped: torch.nn.Module | None = None) -> TrainState:
     """Step 0, or the state restored from the newest checkpoint that loads (or ``checkpoint``): model,
-    optimizer, scheduler, RNG of every rank, then the optimizer overrides of a resume applied."""
+    optimizer, scheduler, RNG of every rank, then the optimizer overrides of a resume applied. ``moved``: a
+    checkpoint of another layout, resumed elastically (:mod:`mmebm_dist.train.elastic`)."""
     run_dir = Path(cfg.train.out_dir)
     state = TrainState(step=0, epoch=0, epoch_batch=0, data_order=order, config=config_to_dict(cfg))
     if resume and ckpt is None:
@@ -315,9 +344,12 @@ def _initial_state(cfg: Config, accelerator: Accelerator, optimizer, scheduler, 
         def refuse(saved: TrainState, path: Path) -> None:  # before loading: a changed model would not fit
             resume_changes(saved.config, cfg, path)
 
-        ckpt, state, newer = load_resumable(accelerator, run_dir, checkpoint, check=refuse)
+        if moved is not None:
+            ckpt, state, newer = _load_moved(cfg, accelerator, optimizer, scheduler, unwrapped, moved)
+        else:
+            ckpt, state, newer = load_resumable(accelerator, run_dir, checkpoint, check=refuse)
         changes = resume_changes(state.config, cfg, ckpt)
-        _check_data_order(state, order, ckpt)
+        elastic.continue_epoch(state, order, ckpt)
         apply_optimizer_changes(optimizer, scheduler, fresh, changes)
         if record:
             set_aside(accelerator, newer)
@@ -331,6 +363,18 @@ def _initial_state(cfg: Config, accelerator: Accelerator, optimizer, scheduler, 
             " or choose another train.out_dir"
         )
     return state
+
+
+def _load_moved(cfg: Config, accelerator: Accelerator, optimizer, scheduler, unwrapped: torch.nn.Module,
+                ckpt: Path) -> tuple[Path, TrainState, list[Path]]:
+    """Resume from ``ckpt`` written in another layout (its model.pt is already in the model): optimizer and
+    scheduler from optimizer_full.pt, RNG streams re-derived per rank; returns as :func:`load_resumable`."""
+    state = read_train_state(ckpt)
+    elastic.load_full_optimizer_state(optimizer, scheduler, unwrapped, cfg, ckpt)
+    elastic.reseed(cfg.train.seed, state.step, accelerator.process_index, accelerator.num_processes)
+    elastic.log_global_batch(state, cfg, accelerator.num_processes)
+    found = complete_checkpoints(cfg.train.out_dir)
+    return ckpt, state, found[found.index(ckpt) + 1 :]
 
 
 def setup(
@@ -361,14 +405,20 @@ def setup(
     if record:
         remove_stale_temps(accelerator, run_dir)
     ckpt = latest_checkpoint(run_dir) if resume else None
-    model, optimizer, scheduler = _build_model(cfg, accelerator, from_checkpoint=ckpt is not None)
+    moved = elastic.elastic_checkpoint(accelerator, run_dir, checkpoint) if ckpt is not None else None
+    if moved is not None:  # refuse a changed model before its weights are loaded
+        resume_changes(read_train_state(moved).config, cfg, moved)
+    model, optimizer, scheduler = _build_model(cfg, accelerator, from_checkpoint=ckpt is not None,
+                                               moved=moved)
     unwrapped = accelerator.unwrap_model(model)
     set_seed(cfg.train.seed, device_specific=True)  # per-rank Langevin noise and reparameterisation draws
 
     synthetic = batches is not None
     order = data_order(cfg, world, "synthetic" if synthetic else manifest_hash(cfg.data.path))
     per_epoch = 0 if synthetic else _epoch_batches(cfg, world)
-    state = _initial_state(cfg, accelerator, optimizer, scheduler, ckpt, order, resume, record, checkpoint)
+    state = _initial_state(cfg, accelerator, optimizer, scheduler, ckpt, order, resume, record, checkpoint,
+                           moved, unwrapped)
+    remainder = None if synthetic else _remainder(cfg, state, rank, world)
     if record and main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG_FILE)
@@ -394,7 +444,8 @@ def setup(
     if batches is None:
         batches = micro_batches(
             cfg, rank=rank, world_size=world, per_epoch=per_epoch, epoch=state.epoch,
-            start=state.epoch_batch, device=accelerator.device, skips=skips,
+            start=state.epoch_batch, device=accelerator.device, skips=skips, segments=state.epoch_segments,
+            first_length=remainder[1] if remainder else None,
         )
         batches = prefetch_to_device(batches, accelerator.device)  # CUDA: the next copy overlaps this step
     model.train()
@@ -402,8 +453,28 @@ def setup(
         cfg=cfg, accelerator=accelerator, model=model, unwrapped=unwrapped, optimizer=optimizer,
         scheduler=scheduler, state=state, batches=batches, per_epoch=per_epoch, metrics=metrics, trace=trace,
         run_dir=run_dir, info=info, stages=schedule.of_config(cfg), skips=skips,
-        skipped_before=state.data_skipped, data_skipped=state.data_skipped,
+        skipped_before=state.data_skipped, data_skipped=state.data_skipped, remainder=remainder,
     )
+
+
+def _remainder(cfg: Config, state: TrainState, rank: int, world: int) -> tuple[int, int] | None:
+    """(epoch, batches per rank) of the re-planned rest of ``state.epoch`` when earlier parts of it ran in
+    another layout (logging what it holds); None otherwise. An empty rest moves ``state`` to the next
+    epoch."""
+    from mmebm_dist.data.replan import remainder_size
+
+    if not state.epoch_segments:
+        return None
+    segments = state.epoch_segments
+    plan = train_loader(cfg, rank=rank, world_size=world, epoch=state.epoch, segments=segments).plan
+    batches, left, dropped = remainder_size(plan, segments)
+    log.info("the rest of epoch %d: %d samples over %d ranks, %d batches of %d each; %d samples left out "
+             "(they do not fill a batch on every rank)", state.epoch, left, world, batches,
+             cfg.data.batch_size, dropped)
+    if batches == 0:
+        state.epoch, state.epoch_batch, state.epoch_segments = state.epoch + 1, 0, []
+        return None
+    return state.epoch, batches
 
 
 def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
@@ -446,7 +517,10 @@ def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
             _energy_only_step(session, batch, step)
     session.scheduler.step()
     state.step, state.samples_seen = step, state.samples_seen + session.samples_per_step
-    state.epoch, state.epoch_batch = (epoch + 1, 0) if index + 1 == session.per_epoch else (epoch, index + 1)
+    if index + 1 == session.epoch_length(epoch):
+        state.epoch, state.epoch_batch, state.epoch_segments = epoch + 1, 0, []
+    else:
+        state.epoch, state.epoch_batch = epoch, index + 1
     return step_terms
 
 
@@ -552,7 +626,12 @@ def after_step(session: TrainSession, step: int, clock: Clock, evaluate: Evaluat
         session.state.data_skipped = session.data_skipped = run_skips(session)
         session.metrics.flush()
         keep = cfg.train.keep_checkpoints
-        save_checkpoint(accelerator, session.model, session.run_dir, session.state, keep=keep)
+        def full_optimizer_state(directory: Path) -> None:
+            elastic.write_full_optimizer_state(accelerator, session.unwrapped, session.optimizer,
+                                               session.scheduler, cfg, directory)
+
+        save_checkpoint(accelerator, session.model, session.run_dir, session.state, keep=keep,
+                        extra=full_optimizer_state)
 
 
 def finish(session: TrainSession) -> None:
@@ -636,19 +715,6 @@ def _train(cfg: Config, stop: StopRequest, heartbeat: Heartbeat, *, resume: bool
         "is_main_process": session.main,
         "stopped_by": stopped_by,
     }
-
-
-def _check_data_order(state: TrainState, order: dict[str, Any], ckpt: Path) -> None:
-    """A mid-epoch resume is exact only if the per-rank batch order is unchanged; else say what changed."""
-    if state.epoch_batch == 0:
-        return
-    changed = {k: (state.data_order.get(k), v) for k, v in order.items() if state.data_order.get(k) != v}
-    if changed:
-        detail = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
-        raise ValueError(
-            f"{ckpt} stopped mid-epoch ({state.epoch_batch} batches into epoch {state.epoch}) and the data "
-            f"order changed ({detail}); resume with the original processes/data settings"
-        )
 
 
 def _joint_samples(

@@ -26,11 +26,12 @@ OPTIMIZER_KEYS = frozenset(
 RESUMABLE_PREFIXES = (
     "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.eval_every",
     "train.image_every", "train.trackers", "train.threads", "train.compile", "train.dist_timeout_s",
-    "train.out_dir", "optim.grad_clip", "model.beta", "model.prior.energy_l2", "model.prior.langevin.",
-    "model.prior.max_energy_gap", "model.prior.max_posterior_abs", "data.", "eval.",
+    "train.out_dir", "optim.grad_clip", "optim.grad_accum", "model.beta", "model.prior.energy_l2",
+    "model.prior.langevin.", "model.prior.max_energy_gap", "model.prior.max_posterior_abs", "data.", "eval.",
 )
-"""Changes a resumed run simply reads from the config (loss weights, guards, logging, Langevin settings;
-``data.*`` mid-epoch is refused separately, by the data-order check)."""
+"""Changes a resumed run simply reads from the config (loss weights, guards, logging, Langevin settings,
+gradient accumulation: an elastic resume may keep the global batch with it; ``data.*`` mid-epoch is checked
+separately, by :func:`mmebm_dist.train.elastic.continue_epoch`)."""
 
 
 def resume_changes(saved: dict, cfg: Config, source: object) -> dict[str, tuple[Any, Any]]:
