@@ -73,3 +73,63 @@ def test_cuda_graph_step_gives_the_eager_losses_and_parameters():
     torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-4, atol=1e-5)
     for name, value in eager_params.items():
         torch.testing.assert_close(graph_params[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("prior,aggregation,stages", [
+    ("ebm", "moe", ("reference", "energy", "joint")),  # stratified objective, every stage of a schedule
+    ("ebm", "poe", ("joint",)),
+    ("laplace", "moe", ("joint",)),
+])
+def test_the_forward_traces_without_a_graph_break(prior, aggregation, stages):
+    """The forward of every stage (encoders, Langevin chain, decoders, objective, energy loss and its
+    diagnostics) is one dynamo graph with backend ``auto``: what train.compile compiles whole."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    cfg = tiny(aggregation=aggregation, posterior="gaussian", prior=prior)
+    cfg.prior.langevin.backend = "auto"
+    model, batch = build_model(cfg), batch_for(cfg)
+    for stage in stages:
+        model.set_stage(stage)
+        explained = torch._dynamo.explain(model.forward)(batch)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), (
+            stage, [str(r.reason) for r in explained.break_reasons])
+
+
+def test_lr_decay_and_a_stage_boundary_do_not_recompile_the_step(tmp_path, in_process, monkeypatch):
+    """Six loop steps (train_step: stage switch, Adam reset of the starting group, scheduler) with the lr
+    halved at every step and a reference -> joint boundary after step 2: the forward compiles once per stage
+    (it guards on the stage), the optimizer step once plus once more when the boundary resets the energy's
+    Adam state. A float lr would add a graph per lr value (torch's recompile limit is 8)."""
+    from torch._dynamo.testing import CompileCounter
+    from train_helpers import tiny_config
+
+    import mmebm_dist.train.capture as capture
+    from mmebm_dist.config import load_config
+    from mmebm_dist.train.loop import setup, train_step
+
+    counters, real_compile = [], torch.compile
+
+    def counting_compile(fn, *, mode, dynamic):  # dynamo's graphs counted, run eagerly (no inductor)
+        counters.append(CompileCounter())
+        return real_compile(fn, backend=counters[-1], dynamic=dynamic)
+
+    monkeypatch.setattr(capture.torch, "compile", counting_compile)
+    torch._dynamo.reset()
+    path = tiny_config(tmp_path / "c.yaml", tmp_path / "unused",
+                       model={"prior": {"langevin": {"backend": "auto"}}},
+                       optim={"lr_decay": 0.5, "lr_decay_every": 1},
+                       train={"steps": 6, "compile": "default", "out_dir": str(tmp_path / "run"),
+                              "schedule": [{"stage": "reference", "steps": 2},
+                                           {"stage": "joint", "steps": 4}]})
+    cfg = load_config(path)
+    batch = {m.name: torch.rand(8, *m.shape) for m in cfg.model.modalities}
+    session = setup(cfg, record=False, batches=iter([(0, 0, batch)] * 6))
+    lrs = []
+    for step in range(1, 7):
+        train_step(session, step)
+        lrs.append(session.scheduler.get_last_lr()[0])
+    forward, optimizer_step = counters
+    assert len(set(lrs)) == 6 and all(isinstance(lr, float) for lr in lrs)  # the floats stay the record
+    assert forward.frame_count == 2
+    assert optimizer_step.frame_count == 2
