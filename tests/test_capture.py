@@ -26,12 +26,16 @@ def test_compile_mode_names():
 
 
 def _three_steps(mode: str, device: torch.device = CPU) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Three steps of the tiny EBM model (Langevin chain inside) with Adam, from the same initialisation."""
+    """Three steps of the tiny EBM model (Langevin chain inside) with Adam, from the same initialisation.
+
+    The chain runs the torch backend: eagerly the fused loop, compiled the traced chain in the step's one
+    graph; both draw the step's noise as torch.randn would, which inductor's fallback_random reproduces."""
     import torch._inductor.config as inductor_config
 
     torch.manual_seed(0)
-    cfg = Config(model=tiny(aggregation="moe", prior="ebm"), optim=OptimConfig(lr=1e-2),
-                 train=TrainConfig(compile=mode))
+    model_cfg = tiny(aggregation="moe", prior="ebm")
+    model_cfg.prior.langevin.backend = "torch"
+    cfg = Config(model=model_cfg, optim=OptimConfig(lr=1e-2), train=TrainConfig(compile=mode))
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg)
     assert capture_step(model, optimizer, cfg, device) == compile_mode(mode, device)
