@@ -9,13 +9,14 @@ from test_models import batch_for, tiny
 
 from mmebm_dist.config import Config, OptimConfig, TrainConfig
 from mmebm_dist.models import build_model
-from mmebm_dist.train.capture import capture_step, compile_mode
+from mmebm_dist.train.capture import capture_step, compile_mode, mode_name
 from mmebm_dist.train.loop import build_optimizer
 
 CPU = torch.device("cpu")
 
 
 def test_compile_mode_names():
+    assert mode_name(False) == "off" and mode_name("reduce-overhead") == "reduce-overhead"
     assert [compile_mode(v, CPU) for v in ("off", "false", "true", "default", "DEFAULT")] == [
         "off", "off", "default", "default", "default"]
     assert compile_mode("reduce-overhead", torch.device("cuda")) == "reduce-overhead"

@@ -349,6 +349,7 @@ def _measurement(
     roof: float,
 ) -> dict:
     from mmebm_dist.config import config_hash
+    from mmebm_dist.train.capture import mode_name
 
     if len(ranks) != processes or {r["num_processes"] for r in ranks} != {processes}:
         raise RuntimeError(
@@ -365,7 +366,7 @@ def _measurement(
         "config": config_path,
         "config_hash": config_hash(cfg),
         "prior": prior,
-        "compile": cfg.train.compile,
+        "compile": mode_name(cfg.train.compile),
         "processes": processes,
         "threads_per_process": ranks[0]["threads"],
         "batch_size": cfg.data.batch_size,

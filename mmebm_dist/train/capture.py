@@ -29,13 +29,18 @@ COMPILE_MODES = ("off", "default", "reduce-overhead")
 _ALIASES = {"false": "off", "no": "off", "0": "off", "true": "default", "yes": "default", "1": "default"}
 
 
+def mode_name(value: str) -> str:
+    """``train.compile`` with its aliases resolved (a YAML ``off`` loads as false): off, default, ..."""
+    return _ALIASES.get(str(value).lower(), str(value).lower())
+
+
 def compile_mode(value: str, device: torch.device) -> str:
     """``train.compile`` as a torch.compile mode or ``off``; ``true``/``false`` are ``default``/``off``.
 
     ``reduce-overhead`` captures CUDA graphs, which exist only on CUDA: on another device it raises rather
     than silently running something else.
     """
-    mode = _ALIASES.get(str(value).lower(), str(value).lower())
+    mode = mode_name(value)
     if mode not in COMPILE_MODES:
         raise ValueError(f"train.compile must be one of {', '.join(COMPILE_MODES)} (or true/false), "
                          f"got '{value}'")
