@@ -143,3 +143,30 @@ def langevin_reference(weights: Weights, z0: torch.Tensor, *, steps: int, step_s
         z = z.detach() + drift * (grad + score) + step_size * eps
         energies.append(f.detach().float().mean())
     return z, (torch.stack(energies) if energies else z.new_zeros(0, dtype=torch.float32))
+
+
+def _activation_grad(name: str, grad: torch.Tensor, a: torch.Tensor, leaky_slope: float) -> torch.Tensor:
+    """grad * act'(a), elementwise, for the activation called ``name`` (the aten backward of each)."""
+    aten = torch.ops.aten
+    if name == "leaky_relu":
+        return aten.leaky_relu_backward(grad, a, leaky_slope, False)
+    if name == "silu":
+        return aten.silu_backward(grad, a)
+    return aten.gelu_backward(grad, a, approximate="tanh" if name == "gelu_tanh" else "none")
+
+
+def mlp_energy_grad(weights: Weights, z: torch.Tensor, activation: str,
+                    leaky_slope: float = DEFAULT_LEAKY_SLOPE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f(z) [B], grad_z f(z) [B, d]) of the MLP by the chain rule in the module docstring: plain ops, no
+    autograd graph, so torch.compile traces it whole (torch.autograd.grad in a compiled region breaks it)."""
+    act = activation_fn(activation, leaky_slope)
+    pre, h = [], z
+    for w, b in weights[:-1]:
+        pre.append(F.linear(h, w, b))  # a_l  (B, H)
+        h = act(pre[-1])
+    w_out, b_out = weights[-1]
+    f = F.linear(h, w_out, b_out).squeeze(-1)
+    g = _activation_grad(activation, w_out.expand(z.shape[0], -1), pre[-1], leaky_slope)  # g_L  (B, H)
+    for layer in range(len(pre) - 1, 0, -1):
+        g = _activation_grad(activation, g @ weights[layer][0], pre[layer - 1], leaky_slope)
+    return f, g @ weights[0][0]

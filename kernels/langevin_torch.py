@@ -46,9 +46,11 @@ from ._utils import (
     Weights,
     check_chain_args,
     langevin_reference,
+    mlp_energy_grad,
+    score_p0,
 )
 
-__all__ = ["langevin_reference", "langevin_torch"]
+__all__ = ["langevin_reference", "langevin_torch", "langevin_traced"]
 
 _aten = torch.ops.aten
 Op = Callable[[], object]
@@ -105,6 +107,8 @@ def auto_workers(batch: int) -> int:
     1 worker 6.3 ms vs 0 workers 10.8 ms; batch 256, 0 workers 38-42 ms vs 2 row-split workers 45-68 ms;
     batch 1024, 107-132 ms vs 116-165 ms. Row-split workers (N >= 2) stay available through the variable.
     """
+    if torch.compiler.is_compiling():
+        return 0  # langevin_traced runs there (no thread split); get_num_threads would break the graph
     value = os.environ.get(WORKERS_ENV)
     if value is not None:
         if not value.isdigit():
@@ -277,6 +281,11 @@ def langevin_torch(weights: Weights, z0: torch.Tensor, *, steps: int, step_size:
     check_chain_args(weights, z0, steps=steps, step_size=step_size, activation=activation,
                      reference=reference, reference_scale=reference_scale, noise=noise,
                      reference_score=reference_score)
+    if torch.compiler.is_compiling():
+        return langevin_traced(weights, z0, steps=steps, step_size=step_size, activation=activation,
+                               reference=reference, reference_scale=reference_scale, noise=noise,
+                               generator=generator, return_energies=return_energies, leaky_slope=leaky_slope,
+                               reference_score=reference_score)
     batch = z0.shape[0]
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
@@ -324,3 +333,35 @@ def langevin_torch(weights: Weights, z0: torch.Tensor, *, steps: int, step_size:
         energies = sum(c.energies * c.z.shape[0] for c in chains) / batch + chains[0].b_out
         energies = energies.float()
     return ChainResult(z.to(z0.dtype), energies, diverged_at)
+
+
+def langevin_traced(weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
+                    reference: str = "laplace", reference_scale: float = 1.0,
+                    noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                    return_energies: bool = False, leaky_slope: float = DEFAULT_LEAKY_SLOPE,
+                    reference_score: Score | None = None) -> ChainResult:
+    """The chain as plain functional ops (analytic grad f, one torch.randn per step): what ``langevin_torch``
+    runs under torch.compile, which traces it whole and fuses each step's elementwise work.
+
+    The K steps unroll into the graph. No host sync and no branch on values: ``diverged_at`` is always None
+    and a divergent chain returns a non-finite z_K (training's runaway guard then reports the non-finite
+    negatives). Fresh noise: torch.randn(z.shape) per step with ``generator``; under inductor (None: the
+    default generator) the draws come from seeds inductor takes from that generator, so they are
+    reproducible from its state (an exact resume) though not equal to the eager draws.
+    """
+    dtype = _compute_dtype(z0)
+    weights = [(w.detach().to(dtype), b.detach().to(dtype)) for w, b in weights]
+    drift = 0.5 * step_size**2
+    z = z0.detach().to(dtype)
+    energies = []
+    for k in range(steps):
+        f, grad = mlp_energy_grad(weights, z, activation, leaky_slope)
+        eps = noise[k].to(dtype) if noise is not None else torch.randn(
+            z.shape, generator=generator, device=z.device, dtype=dtype)
+        score = reference_score(z) if reference_score is not None else score_p0(z, reference, reference_scale)
+        z = z + drift * (grad + score) + step_size * eps
+        if return_energies:
+            energies.append(f.float().mean())
+    stacked = (torch.stack(energies) if energies else z.new_zeros(0, dtype=torch.float32)) \
+        if return_energies else None
+    return ChainResult(z.to(z0.dtype), stacked, None)

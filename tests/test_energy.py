@@ -50,3 +50,18 @@ def test_spectral_norm_bounds_every_layer_and_weights_are_normalised():
     for w, _ in energy.weights():
         assert abs(torch.linalg.matrix_norm(w, ord=2).item() - 1.0) < 1e-3
     torch.testing.assert_close(energy(torch.ones(3, 8)), _manual_forward(energy, torch.ones(3, 8)))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layers,bound", [(1, 0.0), (3, 0.0), (2, 1.5)])
+def test_analytic_grad_matches_autograd(activation, layers, bound):
+    """grad() is what torch.compile traces instead of torch.autograd.grad (the training diagnostic); a wrong
+    chain-rule term or a missing tanh' factor is off by O(1). fp64: only summation order differs."""
+    torch.manual_seed(0)
+    energy = EnergyMLP(6, hidden=9, layers=layers, activation=activation, bound=bound).double()
+    z = (3 * torch.randn(11, 6, dtype=torch.float64)).requires_grad_(True)
+    (expected,) = torch.autograd.grad(energy(z).sum(), z)
+    with torch.no_grad():
+        got = energy.grad(z.detach())
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert expected.abs().max() > 1e-3  # a gradient that vanished everywhere would prove nothing

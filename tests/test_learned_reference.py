@@ -161,3 +161,20 @@ def test_reference_refit_fits_again_when_a_later_stage_starts(data2, tmp_path, i
     in_process()
     loop.train(load_config(path, [*staged, f"train.out_dir={tmp_path / 'b'}"]))
     assert calls == [False]
+
+
+def test_the_traced_chain_of_a_compiled_step_adds_the_learned_score(gmm):
+    """langevin_traced (what a compiled training step runs) with the mixture's score equals the reference."""
+    from mmebm_dist.kernels._utils import langevin_reference
+    from mmebm_dist.kernels.langevin_torch import langevin_traced
+
+    energy = EnergyMLP(3, 16, 2)
+    weights = [(w.detach(), b.detach()) for w, b in energy.weights()]
+    z0 = gmm.sample((8, 3), generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(6, 8, 3, generator=torch.Generator().manual_seed(3))
+    common = dict(steps=6, step_size=0.2, activation=energy.activation, noise=noise)
+    traced = langevin_traced(weights, z0, reference_score=gmm.score, **common).z
+    ref, _ = langevin_reference(weights, z0, reference_score=gmm.score, **common)
+    torch.testing.assert_close(traced, ref, atol=1e-5, rtol=1e-5)  # fp32 summation order only
+    plain = langevin_traced(weights, z0, **common).z  # the Laplace score instead: another chain
+    assert not torch.allclose(traced, plain, atol=1e-3)

@@ -326,3 +326,30 @@ def test_cli_errors_print_one_line_and_debug_shows_the_traceback(tmp_path):
     for debug in (mmebm(*bad, MMEBM_DEBUG="1"), mmebm(*bad, "--debug")):
         assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
         assert debug.stderr.strip().splitlines()[-1].startswith("mmebm_dist.config.ConfigError: config key")
+
+
+def test_bench_counts_kernels_per_step_and_relates_compiled_rows_to_eager():
+    """kernels_per_step: leaf compute ops eager (a view is none), inductor's fused kernel once compiled; the
+    ratios of a run join each compiled row to the eager row of its prior and process count."""
+    from torch._inductor import config as inductor_config
+
+    from mmebm_dist.bench.train_step import _relate, kernels_per_step
+
+    x = torch.ones(4, 4)
+
+    def three_ops():
+        return (x + 1).view(16).mul(2).sum()
+
+    cpu = torch.device("cpu")
+    assert kernels_per_step(three_ops, cpu) == 3  # add, mul, sum
+    torch._dynamo.reset()
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):
+        fused = torch.compile(three_ops)
+        fused()
+        assert kernels_per_step(fused, cpu) == 1  # one generated C++ kernel
+    rows = [{"compile": c, "prior": p, "processes": 1, "samples_per_s": s, "kernels_per_step": k,
+             "seconds_per_step": 1 / s} for c, p, s, k in
+            [("off", "ebm", 10.0, 300), ("default", "ebm", 25.0, 30), ("off", "laplace", 20.0, 100)]]
+    _relate(rows)
+    assert rows[1]["speedup_vs_eager"] == 2.5 and rows[1]["kernels_fewer_than_eager"] == 10
+    assert "speedup_vs_eager" not in rows[0] and rows[2]["ebm_overhead"] == pytest.approx(1.0)

@@ -11,6 +11,12 @@ the all-reduce with the backward). Then the scaling efficiency of P processes ag
 overhead: the same model with ``model.prior.kind=laplace``. The arithmetic of one step (forward and backward,
 counted over torch's flop registry on a plain copy of the model) gives the achieved GFLOP/s,
 set beside this machine's dense fp32 matmul roof at the same thread count. Nothing here asserts a time.
+
+``--compile off default`` measures the eager and the compiled step (``train.compile``) side by side in one
+run, each with ``graph_breaks`` (dynamo's count while compiling the step; None eager) and ``kernels_per_step``
+(one profiled step: on the CPU the leaf ops that compute, i.e. ATen ops eager and inductor's generated
+kernels plus the ATen calls they keep compiled, views and allocations left out; on CUDA the device kernels):
+the CPU's proxy for a GPU's kernel launches.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="YAML",
         help="launch several processes with this accelerate YAML (e.g. a DeepSpeed one in "
         "launch/accelerate/) instead of plain DDP; --processes overrides its count",
+    )
+    parser.add_argument(
+        "--compile", nargs="+", default=None, metavar="MODE",
+        help="train.compile modes to measure side by side, e.g. off default (default: the config's)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object per measurement")
     parser.add_argument("--out", default=None, help="also write the JSON lines to this file")
@@ -118,12 +129,53 @@ def _synthetic_batches(cfg):
         yield 0, 0, batch
 
 
+# Leaf ops that move no data through arithmetic: views, metadata and allocations (not kernels).
+_NOT_KERNELS = frozenset({
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::_unsafe_view",
+    "aten::as_strided", "aten::reshape", "aten::expand", "aten::t", "aten::transpose", "aten::permute",
+    "aten::squeeze", "aten::unsqueeze", "aten::select", "aten::slice", "aten::alias", "aten::detach",
+    "aten::lift_fresh", "aten::resize_", "aten::set_", "aten::split", "aten::split_with_sizes",
+    "aten::unbind", "aten::chunk", "aten::narrow", "aten::result_type", "aten::is_nonzero", "aten::item",
+    "aten::_local_scalar_dense", "aten::unflatten", "aten::flatten", "aten::broadcast_tensors",
+    "aten::_reshape_alias", "aten::numpy_T", "aten::contiguous", "aten::size", "aten::stride", "detach",
+})
+
+
+_KERNEL_EVENT = re.compile(r"^(\w+::\w|graph_\d+_cpp_)")
+"""A CPU profiler event that can be a kernel: an operator (aten::, mkldnn::, ...) or an inductor C++ kernel
+(``graph_<n>_cpp_fused_...``); the profiler's and dynamo's own markers (cache lookup, wrappers) are not."""
+
+
+def kernels_per_step(run_step: Callable[[], Any], device: torch.device) -> int:
+    """Kernels one call of ``run_step`` launches, from torch.profiler: CUDA kernels on a GPU; on the CPU the
+    leaf CPU events that compute (ATen ops eager; inductor's kernels, recorded when
+    ``torch._inductor.config.cpp.enable_kernel_profile`` was set before compiling, and the ATen calls it
+    keeps compiled), views, metadata and allocations (``_NOT_KERNELS``) left out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run_step()
+        sync(device)
+    events = prof.events()
+    if device.type == "cuda":
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(1 for e in events if not e.cpu_children and _KERNEL_EVENT.match(e.name)
+               and e.name not in _NOT_KERNELS)
+
+
 def worker(cfg, *, steps: int, warmup: int, synthetic: bool) -> dict[str, Any]:
     """Time ``steps`` calls of the loop's ``train_step`` on this rank (after ``warmup``), built by the loop's
     ``setup`` (nothing written to the run directory); returns this rank's figures."""
+    from torch._dynamo.utils import counters
+
     from mmebm_dist.train.capture import compile_mode
     from mmebm_dist.train.loop import setup, train_step
 
+    if compile_mode(cfg.train.compile, torch.device("cuda" if torch.cuda.is_available() else "cpu")) != "off":
+        from torch._inductor import config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True  # kernels_per_step sees inductor's kernels
     session = setup(cfg, record=False, batches=_synthetic_batches(cfg) if synthetic else None)
     accelerator, unwrapped = session.accelerator, session.unwrapped
     world, info = session.world, session.info
@@ -155,10 +207,14 @@ def worker(cfg, *, steps: int, warmup: int, synthetic: bool) -> dict[str, Any]:
             "total": total,
         }
 
+    compile_start = time.perf_counter()
     for _ in range(warmup):
         step()
+    warmup_s = time.perf_counter() - compile_start
+    graph_breaks = sum(counters["graph_break"].values()) if captured else None
     accelerator.wait_for_everyone()
     synced = [step() for _ in range(steps)]
+    kernels = kernels_per_step(step, accelerator.device)
     # DeepSpeed reduces (ZeRO-2/3 refuse no_sync) and steps the optimizer inside its backward: there the
     # backward phase holds communication and the optimizer step, and communication is not separated.
     separable = world > 1 and info["distributed_type"] != "DEEPSPEED"
@@ -187,6 +243,9 @@ def worker(cfg, *, steps: int, warmup: int, synthetic: bool) -> dict[str, Any]:
         "seconds_per_step": mean["total"],
         "phases_s": phases,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "graph_breaks": graph_breaks,
+        "kernels_per_step": kernels,
+        "warmup_s": warmup_s,
         "device": info["device"],
         "distributed_type": info["distributed_type"],
         "threads": info["threads"],
@@ -290,6 +349,7 @@ def _measurement(
     roof: float,
 ) -> dict:
     from mmebm_dist.config import config_hash
+    from mmebm_dist.train.capture import mode_name
 
     if len(ranks) != processes or {r["num_processes"] for r in ranks} != {processes}:
         raise RuntimeError(
@@ -306,6 +366,7 @@ def _measurement(
         "config": config_path,
         "config_hash": config_hash(cfg),
         "prior": prior,
+        "compile": mode_name(cfg.train.compile),
         "processes": processes,
         "threads_per_process": ranks[0]["threads"],
         "batch_size": cfg.data.batch_size,
@@ -318,6 +379,9 @@ def _measurement(
         "roof_threads": processes * ranks[0]["threads"],
         "roof_fraction": processes * flops / seconds / 1e9 / roof,
         "phases_ms": {k: None if v is None else 1e3 * v for k, v in phases.items()},
+        "graph_breaks": ranks[0]["graph_breaks"],
+        "kernels_per_step": ranks[0]["kernels_per_step"],
+        "warmup_s": max(r["warmup_s"] for r in ranks),
         "peak_rss_mb": [round(r["peak_rss_mb"], 1) for r in sorted(ranks, key=lambda r: r["process_index"])],
         "device": ranks[0]["device"],
         "distributed_type": ranks[0]["distributed_type"],
@@ -333,28 +397,35 @@ def _cell(value: float | None) -> str:
 
 def _table(rows: list[dict]) -> str:
     head = (
-        f"{'prior':8} {'mode':>7} {'procs':>5} {'batch':>5} {'samples/s':>10} {'s/step':>8} "
+        f"{'prior':8} {'compile':>15} {'mode':>7} {'procs':>5} {'batch':>5} {'samples/s':>10} {'s/step':>8} "
         + " ".join(f"{p[:8]:>8}" for p in PHASES)
         + f" {'rss MB':>14} {'scaling':>7} {'ebm +%':>7} {'GFLOP/s':>8} {'% roof':>6}"
+        + f" {'breaks':>6} {'kernels':>7} {'x eager':>7} {'kern /':>6}"
     )
-    lines = [head, "-" * len(head), f"{'':47}" + "phase times in ms per step (mean over ranks)"]
+    lines = [head, "-" * len(head), f"{'':63}" + "phase times in ms per step (mean over ranks)"]
     for r in rows:
         scaling = f"{r['scaling_efficiency']:.2f}" if "scaling_efficiency" in r else ""
         overhead = f"{100 * r['ebm_overhead']:.0f}" if "ebm_overhead" in r else ""
         mode = f"ZeRO-{r['zero_stage']}" if r["zero_stage"] else ("DDP" if r["processes"] > 1 else "single")
+        breaks = "-" if r["graph_breaks"] is None else str(r["graph_breaks"])
+        speedup = f"{r['speedup_vs_eager']:.2f}" if "speedup_vs_eager" in r else ""
+        fewer = f"{r['kernels_fewer_than_eager']:.1f}" if "kernels_fewer_than_eager" in r else ""
         lines.append(
-            f"{r['prior']:8} {mode:>7} {r['processes']:>5} {r['batch_size']:>5} {r['samples_per_s']:>10.1f} "
+            f"{r['prior']:8} {r['compile']:>15} {mode:>7} {r['processes']:>5} {r['batch_size']:>5} "
+            f"{r['samples_per_s']:>10.1f} "
             f"{r['seconds_per_step']:>8.4f} "
             + " ".join(_cell(r["phases_ms"][p]) for p in PHASES)
             + f" {'/'.join(f'{m:.0f}' for m in r['peak_rss_mb']):>14} {scaling:>7} {overhead:>7}"
             + f" {r['achieved_gflops']:>8.1f} {100 * r['roof_fraction']:>5.0f}%"
+            + f" {breaks:>6} {r['kernels_per_step']:>7} {speedup:>7} {fewer:>6}"
         )
     roofs = sorted({(r["roof_threads"], r["roof_gflops"]) for r in rows})
     lines.append(
         "GFLOP/s: the step's convolution and matmul FLOPs (forward and backward) per second, all processes; "
         "% roof: against the dense fp32 1024^3 matmul rate at the same total thread count ("
         + ", ".join(f"{gflops:.1f} GFLOP/s at {threads} thread(s)" for threads, gflops in roofs)
-        + ")"
+        + "); breaks: dynamo graph breaks of the compiled step; kernels: per step (CPU: leaf compute ops); "
+        "x eager: samples/s over the eager row's; kern /: eager kernels over these"
     )
     return "\n".join(lines)
 
@@ -387,38 +458,52 @@ def run(args: argparse.Namespace) -> int:
     priors = [cfg.model.prior.kind]
     if cfg.model.prior.kind == "ebm" and not args.no_laplace:
         priors.append("laplace")
+    modes = args.compile or [cfg.train.compile]
     rows = []
     roofs: dict[tuple[str, int], float] = {}
-    for prior in priors:
-        worker_overrides = overrides + [f"model.prior.kind={prior}"]
-        prior_cfg = load_config(args.config, worker_overrides)
-        flops = None
-        for processes in args.processes if prior == priors[0] else [1]:
-            ranks = _launch(processes, base + worker_overrides, args.threads, args.accelerate_config)
-            # After the timed workers, so that neither the count nor the roof shares the cores with them.
-            flops = step_flops(prior_cfg) if flops is None else flops
-            device = torch.device("cuda" if ranks[0]["device"].startswith("cuda") else "cpu")
-            key = (device.type, processes * args.threads)
-            if key not in roofs:
-                with num_threads(key[1]):
-                    roofs[key] = matmul_roof_gflops(device)
-            rows.append(
-                _measurement(prior_cfg, prior, processes, ranks, args.steps, args.config, flops, roofs[key])
-            )
-            if not args.json:
-                print(f"measured {prior} x {processes} process(es)", file=sys.stderr)
-    first = {(r["prior"], r["processes"]): r for r in rows}
-    for r in rows:
-        one = first.get((r["prior"], 1))
-        if r["processes"] > 1 and one is not None:
-            r["scaling_efficiency"] = r["samples_per_s"] / (r["processes"] * one["samples_per_s"])
-        if r["prior"] == "laplace" and ("ebm", 1) in first:
-            r["ebm_overhead"] = first[("ebm", 1)]["seconds_per_step"] / r["seconds_per_step"] - 1
+    flops: dict[str, float] = {}
+    for mode in modes:
+        for prior in priors:
+            worker_overrides = overrides + [f"model.prior.kind={prior}", f"train.compile={mode}"]
+            prior_cfg = load_config(args.config, worker_overrides)
+            for processes in args.processes if prior == priors[0] else [1]:
+                ranks = _launch(processes, base + worker_overrides, args.threads, args.accelerate_config)
+                # After the timed workers, so that neither the count nor the roof shares the cores with them.
+                if prior not in flops:
+                    flops[prior] = step_flops(prior_cfg)
+                device = torch.device("cuda" if ranks[0]["device"].startswith("cuda") else "cpu")
+                key = (device.type, processes * args.threads)
+                if key not in roofs:
+                    with num_threads(key[1]):
+                        roofs[key] = matmul_roof_gflops(device)
+                rows.append(_measurement(prior_cfg, prior, processes, ranks, args.steps, args.config,
+                                         flops[prior], roofs[key]))
+                if not args.json:
+                    print(f"measured {prior} x {processes} process(es), train.compile={mode}",
+                          file=sys.stderr)
+    _relate(rows)
     lines = [json.dumps(r) for r in rows]
     print("\n".join(lines) if args.json else _table(rows))
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
     return 0
+
+
+def _relate(rows: list[dict]) -> None:
+    """Add the ratios between rows of one run: scaling over processes and the EBM's overhead (same compile
+    mode), and a compiled row's speed-up and kernel reduction against the eager row of its prior and size."""
+    by_key = {(r["compile"], r["prior"], r["processes"]): r for r in rows}
+    for r in rows:
+        one = by_key.get((r["compile"], r["prior"], 1))
+        if r["processes"] > 1 and one is not None:
+            r["scaling_efficiency"] = r["samples_per_s"] / (r["processes"] * one["samples_per_s"])
+        ebm = by_key.get((r["compile"], "ebm", 1))
+        if r["prior"] == "laplace" and ebm is not None:
+            r["ebm_overhead"] = ebm["seconds_per_step"] / r["seconds_per_step"] - 1
+        eager = by_key.get(("off", r["prior"], r["processes"]))
+        if r["compile"] != "off" and eager is not None:
+            r["speedup_vs_eager"] = r["samples_per_s"] / eager["samples_per_s"]
+            r["kernels_fewer_than_eager"] = eager["kernels_per_step"] / max(r["kernels_per_step"], 1)
 
 
 def _worker_main(argv: list[str]) -> int:

@@ -90,8 +90,9 @@ class MultimodalVAE(nn.Module):
             self.requires_grad_(False)
             self.energy.requires_grad_(True)
         self.stage = "energy" if self.posthoc else "joint"
-        self.coupling = 1.0
-        """Weight of f in the encoders'/decoders' log p(z) (``model.prior.coupling_ramp_steps``)."""
+        # Weight of f in the encoders'/decoders' log p(z) (``model.prior.coupling_ramp_steps``): a buffer, so
+        # a compiled step reads its value instead of recompiling at each change (not saved: set_step sets it).
+        self.register_buffer("coupling", torch.ones(()), persistent=False)
 
     @property
     def learned_reference(self) -> GaussianMixtureReference | None:
@@ -114,7 +115,7 @@ class MultimodalVAE(nn.Module):
     def set_step(self, step: int) -> None:
         """Set what depends on the optimizer step ``step`` (1-based): the energy's coupling weight."""
         ramp = self.cfg.prior.coupling_ramp_steps
-        self.coupling = min(1.0, step / ramp) if ramp > 0 else 1.0
+        self.coupling.fill_(min(1.0, step / ramp) if ramp > 0 else 1.0)
 
     def set_stage(self, stage: str) -> None:
         """Train ``stage`` (one of STAGES) from the next step on; a fixed prior has only the joint stage."""
@@ -206,7 +207,7 @@ class MultimodalVAE(nn.Module):
             cache["f_pos"], cache["z_pos"] = f_pos, flat.detach()
             # Value f(z), gradient in z through f, gradient in the energy's parameters cancelled (module doc).
             f_elbo = f - f_pos + f_pos.detach()
-            if self.coupling != 1.0:  # the ramp scales the value and the z-gradient; alpha's stays 0
+            if cfg.prior.coupling_ramp_steps > 0:  # the ramp scales the value and the z-gradient; alpha's: 0
                 f_elbo = self.coupling * f_elbo
             return f_elbo.reshape(z.shape[:-1]) + self.p0.log_prob(z)
 
@@ -251,7 +252,7 @@ class MultimodalVAE(nn.Module):
             loss = loss + ebm_loss
             terms.update(ebm_terms)
             if cfg.prior.coupling_ramp_steps > 0:
-                terms["coupling"] = torch.tensor(self.coupling)
+                terms["coupling"] = self.coupling.clone()
             out["_z_pos"], out["_z_neg"] = cache["z_pos"], z_neg
         out["loss"] = loss
         out.update(terms)
@@ -289,9 +290,8 @@ class MultimodalVAE(nn.Module):
         f_neg = self.energy(z_neg).float()
         penalty = prior.energy_l2 * (f_pos.pow(2).mean() + f_neg.pow(2).mean())
         loss = f_neg.mean() - f_pos.mean() + penalty
-        with torch.enable_grad():  # one cheap autograd call at the chain end, for the diagnostics only
-            z_leaf = z_neg.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.energy(z_leaf).sum(), z_leaf)
+        with torch.no_grad():  # the drift's size at the chain end, for the diagnostics only (analytic grad)
+            grad = self.energy.grad(z_neg)
         energy_pos, energy_neg = f_pos.detach().mean(), f_neg.detach().mean()
         terms = {"energy_pos": energy_pos, "energy_neg": energy_neg, "energy_gap": energy_pos - energy_neg,
                  "energy_l2": penalty.detach(), "langevin_grad_norm": grad.norm(dim=-1).mean()}

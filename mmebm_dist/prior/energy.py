@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmebm_dist.kernels._utils import mlp_energy_grad
+
 ACTIVATIONS = ("gelu", "gelu_tanh", "leaky_relu", "silu")
 LEAKY_SLOPE = 0.2
 
@@ -57,6 +59,14 @@ class EnergyMLP(nn.Module):
             h = self.act(lin(h))
         f = self.linears[-1](h).squeeze(-1)
         return self.bound * torch.tanh(f / self.bound) if self.bound > 0 else f
+
+    def grad(self, z: torch.Tensor) -> torch.Tensor:
+        """grad_z f(z) [B, d] by the chain rule, no autograd graph (so torch.compile traces it); with a bound,
+        times tanh'(f_mlp / B) = 1 - tanh^2. Reads :meth:`weights` once, as one call of forward would."""
+        f, grad = mlp_energy_grad(self.weights(), z, self.activation, LEAKY_SLOPE)
+        if self.bound > 0:
+            grad = grad * (1 - torch.tanh(f / self.bound).pow(2)).unsqueeze(-1)
+        return grad
 
     def weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The (weight [out, in], bias [out]) of every linear layer, hidden layers first, output last.

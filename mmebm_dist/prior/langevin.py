@@ -24,7 +24,9 @@ Divergence: every backend raises :class:`LangevinDivergenceError` naming the fir
 non-finite value in z. autograd checks each step. torch checks z_K only (a non-finite value never leaves z,
 so a finite z_K proves a finite chain) and, when it is not finite, replays the chain from z0 with the same
 noise (saved generator state), checking every step. triton tracks the first bad step per program in the
-kernel. The fused backends finish the chain first (no per-step host sync) and then raise.
+kernel. The fused backends finish the chain first (no per-step host sync) and then raise. Under
+torch.compile (``train.compile``) ``auto`` runs the torch backend as one traced graph (no triton launch, no
+host sync): a divergent chain there returns non-finite negatives, which training's runaway guard reports.
 
 Weights: the fused backends read ``energy.weights()`` once per chain (a spectral-normalised MLP in train mode
 thus keeps one normalised weight for the whole chain; autograd re-normalises at every call of energy(z)).
@@ -209,7 +211,9 @@ def _resolve(energy, z0: torch.Tensor, backend: str, reference="laplace") -> tup
         if refusal is not None:
             return "autograd", None
         small = triton_preferred(energy.latent_dim, energy.hidden, energy.num_layers)
-        chosen = "triton" if z0.device.type == "cuda" and small else "torch"
+        # Under torch.compile the chain is traced (langevin_torch -> langevin_traced), in the step's graph.
+        compiling = torch.compiler.is_compiling()
+        chosen = "triton" if z0.device.type == "cuda" and small and not compiling else "torch"
     elif refusal is not None:
         raise ValueError(refusal)
     # Read once: a spectral-normalised weight is recomputed (power iteration in train mode) on every read.
