@@ -35,6 +35,10 @@ for s in $SEEDS; do
       train.steps=3000 model.prior.lr=1e-3 data.path="$DATA" train.threads=1 train.image_every=0 \
       train.checkpoint_every=500
     evaluate "$OUT/${1}_s$s"
+    # log p(X) under the prior, its reference alone and the base alone (the notes' likelihood figures)
+    [ -f "$OUT/${1}_s$s/eval_ll/eval.json" ] || OMP_NUM_THREADS=1 "$MMEBM" eval --run "$OUT/${1}_s$s" \
+      --classifiers "$DATA/classifiers" --num-samples 1000 --no-frechet --no-elbo --probe-fit 0 --subset-sizes \
+      --device cpu --langevin-sweep --likelihood-particles 100 --likelihood-tuples 200 --out "$OUT/${1}_s$s/eval_ll"
   done
   evaluate "$control" --gmm-components 10 50
 done
