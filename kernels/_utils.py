@@ -90,6 +90,14 @@ def score_p0(z: torch.Tensor, reference: str, scale: float) -> torch.Tensor:
     return -torch.sign(z) / scale if reference == "laplace" else -z / scale**2
 
 
+def chain_score(reference: str, scale: float, reference_score: Score | None = None) -> Score:
+    """grad log p0 as the function a chain calls each step: ``reference_score`` when given (a learned
+    reference), else the named reference's :func:`score_p0`."""
+    if reference_score is not None:
+        return reference_score
+    return lambda z: score_p0(z, reference, scale)
+
+
 def activation_fn(name: str, leaky_slope: float = DEFAULT_LEAKY_SLOPE):
     """The elementwise activation called ``name`` as a function of one tensor."""
     if name == "gelu":
@@ -129,6 +137,7 @@ def langevin_reference(weights: Weights, z0: torch.Tensor, *, steps: int, step_s
                      reference_score=reference_score)
     weights = [(w.detach().to(z0.dtype), b.detach().to(z0.dtype)) for w, b in weights]
     drift = 0.5 * step_size**2
+    score = chain_score(reference, reference_scale, reference_score)
     z = z0.detach().clone()
     energies = []
     for k in range(steps):
@@ -138,9 +147,7 @@ def langevin_reference(weights: Weights, z0: torch.Tensor, *, steps: int, step_s
             (grad,) = torch.autograd.grad(f.sum(), zg)
         eps = noise[k].to(z.dtype) if noise is not None else torch.randn(
             z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        score = (reference_score(z.detach()) if reference_score is not None
-                 else score_p0(z.detach(), reference, reference_scale))
-        z = z.detach() + drift * (grad + score) + step_size * eps
+        z = z.detach() + drift * (grad + score(z.detach())) + step_size * eps
         energies.append(f.detach().float().mean())
     return z, (torch.stack(energies) if energies else z.new_zeros(0, dtype=torch.float32))
 

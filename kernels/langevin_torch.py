@@ -44,10 +44,10 @@ from ._utils import (
     ChainResult,
     Score,
     Weights,
+    chain_score,
     check_chain_args,
     langevin_reference,
     mlp_energy_grad,
-    score_p0,
 )
 
 __all__ = ["langevin_reference", "langevin_torch", "langevin_traced"]
@@ -352,14 +352,14 @@ def langevin_traced(weights: Weights, z0: torch.Tensor, *, steps: int, step_size
     dtype = _compute_dtype(z0)
     weights = [(w.detach().to(dtype), b.detach().to(dtype)) for w, b in weights]
     drift = 0.5 * step_size**2
+    score = chain_score(reference, reference_scale, reference_score)
     z = z0.detach().to(dtype)
     energies = []
     for k in range(steps):
         f, grad = mlp_energy_grad(weights, z, activation, leaky_slope)
         eps = noise[k].to(dtype) if noise is not None else torch.randn(
             z.shape, generator=generator, device=z.device, dtype=dtype)
-        score = reference_score(z) if reference_score is not None else score_p0(z, reference, reference_scale)
-        z = z + drift * (grad + score) + step_size * eps
+        z = z + drift * (grad + score(z)) + step_size * eps
         if return_energies:
             energies.append(f.float().mean())
     stacked = (torch.stack(energies) if energies else z.new_zeros(0, dtype=torch.float32)) \

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 from mmebm_dist import schedule
 
 log = logging.getLogger("mmebm_dist.train")
@@ -41,8 +43,6 @@ def fit_reference(model, *, data_path: str, tuples: int, batch_size: int, seed: 
     was_training = model.training
     model.eval()
     try:
-        import torch
-
         z = torch.from_numpy(aggregate_posterior_samples(model, chunks, seed=seed))
         stats = model.fit_reference(z, seed=seed)
     finally:
