@@ -5,12 +5,18 @@ which the tests read what every rank believed (world size, rank) and which sampl
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import ACCELERATE, REPO, build_tiny_polymnist, env, free_port, run_train, tiny_config
+from train_helpers import (
+    REPO,
+    build_tiny_polymnist,
+    free_port,
+    run_train,
+    run_two_agents,
+    tiny_config,
+)
 
 from mmebm_dist.rundir import read_jsonl
 
@@ -163,43 +169,7 @@ def test_two_nodes_on_loopback(config, tmp_path):
     """Two `accelerate launch --num_machines 2 --machine_rank 0/1` on 127.0.0.1 form a job of world size 2."""
     run = tmp_path / "run"
     port = free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                *ACCELERATE,
-                "--multi_gpu",
-                "--num_machines",
-                "2",
-                "--machine_rank",
-                str(rank),
-                "--main_process_ip",
-                "127.0.0.1",
-                "--main_process_port",
-                str(port),
-                "--num_processes",
-                "2",
-                "--mixed_precision",
-                "no",
-                "--dynamo_backend",
-                "no",
-                "-m",
-                "mmebm_dist.train",
-                "--config",
-                str(config),
-                f"train.out_dir={run}",
-                "--trace-samples",
-            ],
-            cwd=REPO,
-            env=env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-4000:]
+    run_two_agents(["--config", str(config), f"train.out_dir={run}", "--trace-samples"], port)
     ranks = _check_world(run, distributed_type="MULTI_CPU")
     assert [r["start"][0]["local_process_index"] for r in ranks] == [0, 0]  # one process per "node"
     assert len({r["end"]["param_digest"] for r in ranks}) == 1

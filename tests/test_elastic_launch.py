@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import REPO, build_tiny_polymnist, env, free_port, run_train, tiny_config
+from train_helpers import REPO, build_tiny_polymnist, env, free_port, run_train, run_two_agents, tiny_config
 
 from mmebm_dist.rundir import read_jsonl
 
@@ -150,60 +148,16 @@ def test_older_checkpoint_of_another_layout_is_named_not_corrupt(ddp_to_one, tmp
     assert "does not load" not in proc.stderr and "start a fresh run" not in proc.stderr
 
 
-def _wait_all(agents: list[subprocess.Popen], timeout: float) -> list[str]:
-    """Wait for every agent within one deadline; on a hang kill them all and fail with every agent's output
-    (the one that hangs is often not the one whose output explains why)."""
-    outputs = []
-    try:
-        for agent in agents:
-            outputs.append(agent.communicate(timeout=timeout)[0])
-    except subprocess.TimeoutExpired:
-        for agent in agents:
-            agent.kill()
-        tails = [f"--- agent {i} (rc {a.poll()}):\n{a.communicate()[0][-3000:]}"
-                 for i, a in enumerate(agents)]
-        pytest.fail("agents still running after the deadline\n" + "\n".join(tails))
-    return outputs
-
-
-def _wait_for_store(agent: subprocess.Popen, port: int, timeout: float) -> None:
-    """Until something accepts connections on ``port`` (the agent's rendezvous store); fail with the agent's
-    output if it exits first or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and agent.poll() is None:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    if agent.poll() is None:
-        agent.kill()
-    pytest.fail(f"agent 0 did not host the rendezvous store on port {port} (rc {agent.wait()}):\n"
-                f"{agent.communicate()[0][-3000:]}")
-
-
 def test_two_machines_c10d_rendezvous_checkpoint_then_resume_on_one(config, tmp_path):
     """Two `accelerate launch --num_machines 2 --machine_rank i` agents meet through a c10d rendezvous on
     localhost, train 6 steps together and checkpoint (every rank's RNG state, engine.json world size 2); the
     run then continues on one machine with one process (an elastic resume).
 
-    Agent 0 starts first and agent 1 only once agent 0 hosts the rendezvous store on the port: both agents
-    are on this host, so either may bind it, and accelerate refuses to start machine rank 0 when the port is
-    already taken; agent 1 then waits for a second node that never comes (seen in CI on a slower machine)."""
+    Agent 1 starts once agent 0 hosts the store (`run_two_agents`; the other order hung once in CI)."""
     run = tmp_path / "run"
     port = free_port()
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2"]
-    command = ["--rdzv_backend", "c10d", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-               "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
-               "mmebm_dist.train", "--config", str(config), f"train.out_dir={run}", "--trace-samples"]
-    agents = []
-    for rank in (0, 1):
-        agents.append(subprocess.Popen(launch + ["--machine_rank", str(rank)] + command, cwd=REPO, env=env(),
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        if rank == 0:
-            _wait_for_store(agents[0], port, timeout=120)
-    outputs = _wait_all(agents, timeout=300)
-    for agent, out in zip(agents, outputs, strict=True):
-        assert agent.returncode == 0, out[-4000:]
+    run_two_agents(["--config", str(config), f"train.out_dir={run}", "--trace-samples"], port,
+                   rendezvous=("--rdzv_backend", "c10d"))
     ckpt = run / f"checkpoints/step-{FIRST:07d}"
     layout = json.loads((ckpt / "engine.json").read_text())
     assert layout == {"engine": "ddp", "zero_stage": 0, "world_size": 2}

@@ -7,9 +7,11 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,3 +145,47 @@ def run_train(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def run_two_agents(train_args: list[str], port: int, rendezvous: tuple[str, ...] = (), timeout: float = 300
+                   ) -> list[str]:
+    """Two `accelerate launch --num_machines 2 --machine_rank 0/1 [RENDEZVOUS] -m mmebm_dist.train TRAIN_ARGS`
+    agents of one process each on this host, meeting on 127.0.0.1:``port``; their outputs once both exit 0.
+    Agent 1 starts only once agent 0 accepts connections on the port: both are on this host, so under c10d
+    either may bind the store, and accelerate refuses to start machine rank 0 on a taken port (agent 1 then
+    waits for a node that never comes). A hang or a failure
+    kills both and shows both outputs (the agent that hangs is rarely the one whose output says why)."""
+    agents: list[subprocess.Popen] = []
+
+    def fail(why: str) -> None:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+        tails = [f"--- agent {i} (rc {a.wait()}):\n{a.communicate()[0][-3000:]}"
+                 for i, a in enumerate(agents)]
+        pytest.fail(why + "\n" + "\n".join(tails))
+
+    for rank in (0, 1):
+        command = [*ACCELERATE, "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank),
+                   *rendezvous, "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                   "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "-m", "mmebm_dist.train", *train_args]
+        agents.append(subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True))
+        deadline = time.monotonic() + 120
+        while rank == 0 and agents[0].poll() is None and time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        else:
+            if rank == 0:
+                fail(f"agent 0 did not open the rendezvous port {port}")
+    outputs = []
+    try:
+        outputs = [agent.communicate(timeout=timeout)[0] for agent in agents]
+    except subprocess.TimeoutExpired:
+        fail(f"agents still running after {timeout} s")
+    if any(agent.returncode for agent in agents):
+        fail("an agent failed")
+    return outputs
