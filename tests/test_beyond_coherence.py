@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 from train_helpers import trained_tiny_run
@@ -55,3 +56,26 @@ def test_report_and_results_show_them(evaluated, tmp_path):
     assert f"K=2: {fmt(res['refinement'][1]['cross'])}" in text
     run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
     assert run["beyond"]["log_px"] == pytest.approx(res["likelihood"]["joint"]["mean"])
+
+
+def test_results_read_the_likelihood_from_a_separate_eval_with_its_paired_priors(evaluated, tmp_path):
+    """--likelihood-eval NAME: an eval without log p(X) (the 5,000-sample coherence eval) takes it from the
+    run's NAME/eval.json (the smaller likelihood eval), with each reference density's paired difference."""
+    run_dir, res, _ = evaluated
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    main_eval = {k: v for k, v in res.items() if k != "likelihood"}
+    (run / "coherence_only").mkdir()
+    (run / "coherence_only" / "eval.json").write_text(json.dumps(main_eval))
+    figures = {}
+    for extra in ([], ["--likelihood-eval", "eval"]):
+        out = tmp_path / f"r{len(extra)}"
+        assert main(["results", "--runs", str(run), "--eval-name", "coherence_only", *extra, "--out-md",
+                     str(out / "r.md"), "--out-json", str(out / "r.json"), "--img-dir", str(out / "i")]) == 0
+        figures[bool(extra)] = json.loads((out / "r.json").read_text())["runs"][0]["beyond"]
+    assert figures[False]["log_px"] is None  # nan in results.json is null
+    got = figures[True]
+    assert got["log_px"] == pytest.approx(res["likelihood"]["joint"]["mean"])
+    (name, entry), = res["likelihood"]["priors"].items()
+    assert got["log_px_priors"][name]["minus_prior"] == pytest.approx(entry["minus_prior"]["mean"])
+    assert got["log_px_priors"][name]["minus_prior"] == pytest.approx(entry["mean"] - got["log_px"])

@@ -108,3 +108,26 @@ def test_a_replaced_prior_scores_the_same_tuples_and_particles_under_that_densit
     unnormalised = measure_likelihood(ebm, chunks, particles=20, seed=0)
     reference = measure_likelihood(ebm, chunks, particles=20, seed=0, log_prior_z=ebm.p0.log_prob)
     assert reference["joint"]["mean"] - unnormalised["joint"]["mean"] == pytest.approx(2.5, abs=1e-5)
+
+
+def test_replacing_priors_are_scored_on_the_same_draws_with_their_paired_difference():
+    """priors=: each density scores the joint log p(X) exactly as a separate log_prior_z run would (same
+    tuples and draws), and its paired difference to the model's figure is the difference of the two means
+    with log Z added back; scoring the model's own fixed prior as a replacement gives 0 +- 0."""
+    ebm = tiny_model(prior="ebm")
+    with torch.no_grad():
+        ebm.energy.linears[-1].weight.normal_(0, 0.3)
+    chunks = [tiny_batch(ebm, 4, seed=i) for i in range(3)]
+    log_z = {"log_z": 0.7, "stderr": 0.2}
+    got = measure_likelihood(ebm, chunks, particles=20, seed=0, log_z=log_z, priors={"p0": ebm.p0.log_prob})
+    alone = measure_likelihood(ebm, chunks, particles=20, seed=0, log_prior_z=ebm.p0.log_prob, unimodal=False)
+    p0 = got["priors"]["p0"]
+    assert p0["mean"] == pytest.approx(alone["joint"]["mean"], abs=1e-9)
+    assert p0["minus_prior"]["mean"] == pytest.approx(p0["mean"] - got["joint"]["mean"], abs=1e-6)
+    # the per-tuple difference varies less than either figure (the tuples' spread cancels), log Z's error adds
+    assert 0 < p0["minus_prior"]["stderr"] < min(p0["stderr"], got["joint"]["stderr"])
+    assert p0["minus_prior"]["stderr_total"] == pytest.approx(math.hypot(p0["minus_prior"]["stderr"], 0.2))
+    laplace = tiny_model(prior="laplace")
+    same = measure_likelihood(laplace, chunks, particles=20, seed=0, priors={"own": laplace.p0.log_prob})
+    assert same["priors"]["own"]["minus_prior"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert same["priors"]["own"]["minus_prior"]["stderr"] == pytest.approx(0.0, abs=1e-6)

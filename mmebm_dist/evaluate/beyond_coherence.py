@@ -109,12 +109,11 @@ def measure(args: argparse.Namespace, *, model, classifiers, chunks: Sequence, n
         tuples = _first_tuples(chunks, args.likelihood_tuples, args.batch_size)
         common_ll = dict(particles=args.likelihood_particles, seed=args.seed, rank=rank,
                          world_size=world_size)
-        out["likelihood"] = likelihood.measure_likelihood(model, tuples, log_z=log_z, **common_ll)
-        if model.energy is not None:  # the same tuples and particles under the EBM's reference alone
-            out["likelihood"]["priors"] = {
-                name: likelihood.measure_likelihood(model, tuples, log_prior_z=density.log_prob,
-                                                    unimodal=False, **common_ll)["joint"]
-                for name, density in _reference_densities(model).items()}
+        # an EBM's reference alone (and the base it replaced) on the same tuples and draws, paired
+        priors = ({name: d.log_prob for name, d in _reference_densities(model).items()}
+                  if model.energy is not None else None)
+        out["likelihood"] = likelihood.measure_likelihood(model, tuples, log_z=log_z, priors=priors,
+                                                          **common_ll)
     if args.refine_steps:
         fd = None
         if judge is not None:
@@ -164,8 +163,13 @@ def report_lines(results: dict) -> list[str]:
                  fmt(ll["joint"]["stderr_total"], 2)]]
         rows += [[f"log p({m})", fmt(e["mean"], 2), fmt(e["stderr"], 2), fmt(e["stderr_total"], 2)]
                  for m, e in (ll.get("unimodal") or {}).items()]
-        rows += [[f"log p(X), prior = {name} alone", fmt(e["mean"], 2), fmt(e["stderr"], 2),
-                  fmt(e["stderr"], 2)] for name, e in (ll.get("priors") or {}).items()]
+        for name, e in (ll.get("priors") or {}).items():
+            rows.append([f"log p(X), prior = {name} alone", fmt(e["mean"], 2), fmt(e["stderr"], 2),
+                         fmt(e["stderr"], 2)])
+            if e.get("minus_prior"):  # paired over the same tuples and draws
+                d = e["minus_prior"]
+                rows.append([f"{name} alone minus the prior (paired)", fmt(d["mean"], 2), fmt(d["stderr"], 2),
+                             fmt(d["stderr_total"], 2)])
         lines += md_table(["figure", "mean", "std. error (tuples)", "std. error (with log Z)"], rows)
     if results.get("refinement"):
         entries = results["refinement"]
@@ -193,6 +197,10 @@ def run_figures(ev: dict) -> dict:
            "frechet_judge": (fd.get("judge") or {}).get("sha256", "")[:12],
            "log_px": _get(ll, "joint", "mean"), "log_px_stderr": _get(ll, "joint", "stderr_total"),
            "log_z_method": (ll.get("log_z") or {}).get("method", ""),
+           "log_px_priors": {name: {"mean": _num(e.get("mean")), "stderr": _num(e.get("stderr")),
+                                    "minus_prior": _get(e, "minus_prior", "mean"),
+                                    "minus_prior_stderr": _get(e, "minus_prior", "stderr_total")}
+                             for name, e in (ll.get("priors") or {}).items()},
            "refinement": {str(e["steps"]): _num(e["cross"]) for e in ev.get("refinement") or []}}
     return out
 
@@ -217,15 +225,21 @@ def results_lines(runs: Sequence[dict]) -> list[str]:
             continue
         refined = ", ".join(f"K={k}: {fmt(v)}" for k, v in b["refinement"].items())
         log_px = "n/a" if math.isnan(b["log_px"]) else f"{fmt(b['log_px'], 2)} ± {fmt(b['log_px_stderr'], 2)}"
+        alone = "; ".join(f"{name}: {fmt(e['minus_prior'], 2)} ± {fmt(e['minus_prior_stderr'], 2)}"
+                          for name, e in (b.get("log_px_priors") or {}).items()
+                          if not math.isnan(e["minus_prior"]))
         rows.append([r["name"], r["prior"], fmt(b["frechet_joint"], 3), fmt(b["frechet_cross"], 3),
                      f"`{b['frechet_judge']}`" if b["frechet_judge"] else "", log_px, b["log_z_method"],
-                     refined])
+                     alone, refined])
     if not rows:
         return []
     lines = ["", "## Beyond coherence", "",
              "FD: Frechet distance to the test tuples in the classifiers' penultimate features, mean over "
              "modalities (comparable only between runs with the same judge hash). log p(X): "
              "importance-weighted test log-likelihood in nats per tuple (EBM: log Z subtracted, its error "
-             "included). Refined cross: cross coherence after K posterior Langevin steps.", ""]
+             "included). Density alone minus prior: log p(X) with the EBM's reference (or the base it "
+             "replaced) as the whole prior minus the EBM prior's, paired over the same tuples and draws "
+             "(negative: the energy adds likelihood). Refined cross: cross coherence after K posterior "
+             "Langevin steps.", ""]
     return lines + md_table(["run", "prior", "FD joint", "FD cross", "judge", "log p(X)", "log Z by",
-                             "refined cross"], rows)
+                             "density alone minus prior", "refined cross"], rows)

@@ -11,7 +11,7 @@ that error is too large. Both are slightly biased low in log (Jensen); log p(X) 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -151,37 +151,60 @@ def importance_log_likelihood(model, batch: Batch, names: Sequence[str], *, part
 def measure_likelihood(model, chunks: Sequence[Batch | None], *, particles: int, seed: int,
                        particle_batch: int = 100, log_z: dict | None = None, unimodal: bool = True,
                        rank: int = 0, world_size: int = 1, all_reduce: AllReduce = distributed_sum,
-                       log_prior_z: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+                       log_prior_z: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       priors: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+                       ) -> dict:
     """Mean test log p(X) and (``unimodal``) log p(x_m) per modality in nats per tuple, with standard errors
     over tuples; ``log_z`` (EBM) is subtracted and its error added in quadrature ("stderr_total").
-    ``log_prior_z`` replaces the model's prior (same tuples, particles and seeds: a paired comparison)."""
+    ``log_prior_z`` replaces the model's prior. ``priors`` (name -> a normalised log density of z) score the
+    joint log p(X) under each in place of the model's prior on the same tuples and draws ("priors"), each
+    with its paired difference to the prior's figure ("minus_prior": the mean over tuples of the per-tuple
+    difference and its standard error, log Z's error added): far tighter than the two figures' own errors,
+    which the spread of log p(X) between tuples dominates."""
     device = next(model.parameters()).device
     sets = [("joint", list(model.modalities))]
     sets += [(m, [m]) for m in model.modalities] if unimodal else []
-    sums = torch.zeros(len(sets), 2, dtype=torch.float64)
+    priors = dict(priors or {})
+    # rows: each set's log p, then per replacing prior its log p and its difference to the model's joint log p
+    sums = torch.zeros(len(sets) + 2 * len(priors), 2, dtype=torch.float64)
     count = 0
     for i in my_chunks(len(chunks), rank, world_size):
         batch = {k: v.to(device) for k, v in chunks[i].items()}
         for j, (key, names) in enumerate(sets):
-            with seeded(chunk_seed(seed, f"likelihood/{key}", i), device) as gen:
-                ll = importance_log_likelihood(model, batch, names, particles=particles,
-                                               particle_batch=particle_batch, generator=gen,
-                                               log_prior_z=log_prior_z).cpu()
-            sums[j] += torch.stack([ll.sum(), (ll**2).sum()])
+            lls = []
+            for prior in [log_prior_z, *priors.values()] if j == 0 else [log_prior_z]:
+                with seeded(chunk_seed(seed, f"likelihood/{key}", i), device) as gen:  # the same draws
+                    lls.append(importance_log_likelihood(model, batch, names, particles=particles,
+                                                         particle_batch=particle_batch, generator=gen,
+                                                         log_prior_z=prior).cpu())
+            sums[j] += _moments(lls[0])
+            for a, ll in enumerate(lls[1:]):
+                sums[len(sets) + 2 * a] += _moments(ll)
+                sums[len(sets) + 2 * a + 1] += _moments(ll - lls[0])
         count += int(batch["label"].numel())
     flat = all_reduce(torch.cat([torch.tensor([float(count)], dtype=torch.float64), sums.flatten()]))
-    n, sums = flat[0].item(), flat[1:].reshape(len(sets), 2)
+    n, sums = flat[0].item(), flat[1:].reshape(-1, 2)
     if n == 0:
         raise ValueError("no test tuples to estimate the log-likelihood on; is the test split empty?")
     offset, offset_se = (log_z["log_z"], log_z["stderr"]) if log_z else (0.0, 0.0)
 
-    def entry(j: int) -> dict:
-        se = mean_stderr(sums[j, 0].item(), sums[j, 1].item(), n)
-        return {"mean": sums[j, 0].item() / n - offset, "stderr": se,
-                "stderr_total": math.sqrt(se**2 + offset_se**2)}
+    def entry(r: int, shift: float, shift_se: float) -> dict:
+        se = mean_stderr(sums[r, 0].item(), sums[r, 1].item(), n)
+        return {"mean": sums[r, 0].item() / n + shift, "stderr": se,
+                "stderr_total": math.sqrt(se**2 + shift_se**2)}
 
-    out = {"particles": particles, "n": int(n), "units": "nats per tuple", "joint": entry(0),
-           "log_z": log_z}
+    out = {"particles": particles, "n": int(n), "units": "nats per tuple",
+           "joint": entry(0, -offset, offset_se), "log_z": log_z}
     if unimodal:
-        out["unimodal"] = {key: entry(j) for j, (key, _) in enumerate(sets) if j > 0}
+        out["unimodal"] = {key: entry(j, -offset, offset_se) for j, (key, _) in enumerate(sets) if j > 0}
+    if priors:  # the model's figure is unnormalised minus log Z: the difference gains + log Z
+        out["priors"] = {
+            name: {**entry(len(sets) + 2 * a, 0.0, 0.0),
+                   "minus_prior": entry(len(sets) + 2 * a + 1, offset, offset_se)}
+            for a, name in enumerate(priors)}
     return out
+
+
+def _moments(x: torch.Tensor) -> torch.Tensor:
+    """[sum, sum of squares] of x (float64): what a mean and its standard error need, summable over ranks."""
+    return torch.stack([x.sum(), (x**2).sum()])

@@ -72,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run directories or glob patterns (e.g. runs/results/*); files are ignored")
     parser.add_argument("--eval-name", default="eval",
                         help="eval directory inside each run, as written by `mmebm eval --out RUN/NAME`")
+    parser.add_argument("--likelihood-eval", default=None, metavar="NAME",
+                        help="eval directory inside each run whose test log-likelihood (`mmebm eval "
+                             "--likelihood-particles`) fills the log p(X) figures where --eval-name's has "
+                             "none")
     parser.add_argument("--out-md", default="docs/results.md", help="markdown report (default: %(default)s)")
     parser.add_argument("--out-json", default="docs/results.json",
                         help="JSON of every figure (default: %(default)s)")
@@ -84,15 +88,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def command_line(args: argparse.Namespace) -> str:
     """The ``mmebm results`` command equivalent to ``args`` (globs expanded as the shell gave them)."""
     notes = ["--notes", args.notes] if getattr(args, "notes", None) else []
+    ll = ["--likelihood-eval", args.likelihood_eval] if getattr(args, "likelihood_eval", None) else []
     return shlex.join(portable_argv(["mmebm", "results", "--runs", *args.runs, "--eval-name", args.eval_name,
-                                     "--out-md", args.out_md, "--out-json", args.out_json, "--img-dir",
+                                     *ll, "--out-md", args.out_md, "--out-json", args.out_json, "--img-dir",
                                      args.img_dir, *notes]))
 
 
 def run(args: argparse.Namespace) -> int:
     runs = []
     for run_dir in find_run_dirs(args.runs):
-        record, missing = load_run_checked(run_dir, args.eval_name)
+        record, missing = load_run_checked(run_dir, args.eval_name, getattr(args, "likelihood_eval", None))
         if record is None:
             print(f"warning: skipping {run_dir}: {missing}", file=sys.stderr)
             continue
@@ -224,11 +229,12 @@ def find_run_dirs(patterns: Sequence[str]) -> list[Path]:
     return sorted(found.values(), key=str)
 
 
-def load_run_checked(run_dir: Path, eval_name: str = "eval") -> tuple[Run | None, str]:
+def load_run_checked(run_dir: Path, eval_name: str = "eval", likelihood_eval: str | None = None
+                     ) -> tuple[Run | None, str]:
     """:func:`load_run`, turning a file of the wrong shape (a list where a mapping belongs, text where a
     number does) into a ResultsError naming the run's files, not a traceback from deep inside."""
     try:
-        return load_run(run_dir, eval_name)
+        return load_run(run_dir, eval_name, likelihood_eval)
     except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
         if isinstance(exc, ResultsError):
             raise
@@ -237,8 +243,10 @@ def load_run_checked(run_dir: Path, eval_name: str = "eval") -> tuple[Run | None
                            f"{clip(exc, 120)}); rewrite it or leave the run out of --runs") from exc
 
 
-def load_run(run_dir: Path, eval_name: str = "eval") -> tuple[Run | None, str]:
-    """The :class:`Run` of ``run_dir``, or (None, what is missing) when the run has no complete eval."""
+def load_run(run_dir: Path, eval_name: str = "eval", likelihood_eval: str | None = None
+             ) -> tuple[Run | None, str]:
+    """The :class:`Run` of ``run_dir``, or (None, what is missing) when the run has no complete eval; the
+    test log-likelihood comes from ``likelihood_eval``'s eval.json where ``eval_name``'s has none."""
     config_path, metrics_path = run_dir / CONFIG_FILE, run_dir / METRICS_FILE
     eval_dir = run_dir / eval_name
     eval_path = eval_dir / EVAL_JSON
@@ -251,6 +259,9 @@ def load_run(run_dir: Path, eval_name: str = "eval") -> tuple[Run | None, str]:
     if not any("wall_time_s" in r for r in records):
         return None, f"{metrics_path} holds no training record (no logged step yet)"
     ev = read_json(eval_path)
+    ll_path = run_dir / likelihood_eval / EVAL_JSON if likelihood_eval else None
+    if ll_path is not None and "likelihood" not in ev and ll_path.exists():
+        ev = {**ev, "likelihood": read_json(ll_path).get("likelihood")}
     coherence = ev.get("coherence", {})
     for part in ("joint", "cross"):
         lacking = [k for k in ("coherence", "stderr", "n") if k not in coherence.get(part, {})]
