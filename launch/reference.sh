@@ -56,5 +56,5 @@ for s in $SEEDS; do
   evaluate "$control" --gmm-components 10 50
 done
 notes=(); [ -f "docs/${doc}_notes.md" ] && notes=(--notes "docs/${doc}_notes.md")
-"$MMEBM" results --runs "$OUT/${prefix}_*" --likelihood-eval eval_ll --out-md "docs/$doc.md" --out-json "docs/$doc.json" \
-  --img-dir "docs/img/$doc" "${notes[@]}"
+"$MMEBM" results --runs "$OUT/${prefix}_*" --likelihood-eval eval_ll --out-md "docs/$doc.md" \
+  --out-json "docs/$doc.json" --img-dir "docs/img/$doc" "${notes[@]}"
