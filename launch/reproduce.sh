@@ -15,6 +15,9 @@
 #     the post-hoc baselines fitted to its frozen aggregate posterior (Gaussian mixtures of 10 and 50
 #     components and a masked autoregressive flow: --gmm-components 10 50 --flow) but the fitted runs that
 #     have a control, whose encoders and decoders are that control's.
+#   SUITE=reference -> docs/results_reference{,_fashion,_mnist_svhn}.{md,json}: the EBM prior over a learned
+#     GMM-50 reference against the post-hoc GMM-50 and the Laplace-reference EBM on the same frozen Laplace
+#     control, per data set (launch/reference.sh with DATASET=polymnist, fashion, mnist_svhn; seeds $SEEDS).
 #   SUITE=archive -> docs/results_archive.{md,json}: the earlier study (sessions 1-4), the paper's cold joint
 #     training (configs/polymnist_ebm_joint.yaml, 1,500 steps) vs the Laplace prior over seeds $SEEDS;
 #     Fashion-MNIST (5 modalities, Debian dataset-fashion-mnist): the same pair, seeds $FASHION_SEEDS, and the
@@ -42,6 +45,9 @@ POSTHOC_LONG_STEPS=${POSTHOC_LONG_STEPS:-3000}
 JOINT_FT_STEPS=${JOINT_FT_STEPS:-500}
 PARALLEL=${PARALLEL:-2}
 case "$SUITE" in
+  reference)
+    for dataset in polymnist fashion mnist_svhn; do DATASET=$dataset SEEDS=$SEEDS bash launch/reference.sh; done
+    exit 0 ;;
   headline)
     FASHION_SEEDS=${FASHION_SEEDS-"0 1 2"}; MNIST_SVHN_SEEDS=${MNIST_SVHN_SEEDS-"0 1 2"}
     MNIST_SVHN_CONTROL_SEEDS=${MNIST_SVHN_CONTROL_SEEDS-$MNIST_SVHN_SEEDS}; BIRDS_SEEDS=${BIRDS_SEEDS-"0"}
@@ -51,7 +57,7 @@ case "$SUITE" in
     FASHION_SEEDS=${FASHION_SEEDS-"0"}; MNIST_SVHN_SEEDS=""; BIRDS_SEEDS=""; OUT=${OUT:-runs/results_archive}
     DOC=docs/results_archive
     IMG=docs/img/results_archive; EVAL_ARGS="" ;;
-  *) echo "launch/reproduce.sh: unknown SUITE '$SUITE'; choose headline or archive" >&2; exit 2 ;;
+  *) echo "launch/reproduce.sh: unknown SUITE '$SUITE'; choose headline, reference or archive" >&2; exit 2 ;;
 esac
 mkdir -p "$OUT"
 
