@@ -3,7 +3,7 @@
 A judge reads what each generated modality says (``read``) and what each modality of a real test tuple fixes
 (``known``); :func:`mmebm_dist.evaluate.coherence.measure_coherence` compares the two. The data set's
 manifest chooses the judge (:func:`judge_module`): each kind's module exposes ``load_judge``,
-``read_test_chunks`` and ``train_from_args`` (``mmebm classifiers train``).
+``read_test_chunks`` and ``train(options: judges.options.TrainOptions)`` (``mmebm classifiers train``).
 """
 
 from __future__ import annotations
