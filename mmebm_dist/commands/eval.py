@@ -196,7 +196,6 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
     from mmebm_dist.evaluate import generate, latent, latent_samplers, report
     from mmebm_dist.evaluate.coherence import measure_coherence
     from mmebm_dist.evaluate.judges import judge_module
-    from mmebm_dist.evaluate.judges.digits import DigitJudge
 
     start = time.perf_counter()
     out_dir = export.output_dir(args.run, args.out, "eval")
@@ -232,7 +231,7 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
     beyond_options = beyond_coherence.BeyondOptions(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(beyond_coherence.BeyondOptions)})
     beyond = beyond_coherence.measure(
-        beyond_options, model=model, classifiers=judge.classifiers if isinstance(judge, DigitJudge) else None,
+        beyond_options, model=model, classifiers=judge.classifiers,
         chunks=chunks, num_samples=num, joint_langevin_steps=joint_steps, subset_sizes=subset_sizes,
         device=device, rank=rank, world_size=world)
     sampler_options = latent_samplers.SamplerOptions(

@@ -9,7 +9,6 @@ import shlex
 import sys
 from pathlib import Path
 
-from mmebm_dist.evaluate.report import json_safe
 from mmebm_dist.evaluate.results import (
     ResultsError,
     build_results,
@@ -19,6 +18,7 @@ from mmebm_dist.evaluate.results import (
     write_images,
     write_text_atomic,
 )
+from mmebm_dist.reporting.tables import json_safe
 from mmebm_dist.rundir import EVAL_JSON, portable_argv
 
 

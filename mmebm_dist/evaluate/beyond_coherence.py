@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from mmebm_dist.config import OptionError
-from mmebm_dist.evaluate.report import fmt, md_table
+from mmebm_dist.reporting.tables import fmt, md_table
 
 
 @dataclass(kw_only=True)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mmebm_dist.evaluate.coherence import Batch, chunk_seed, measure_joint, seeded
-from mmebm_dist.evaluate.report import fmt, md_table
+from mmebm_dist.reporting.tables import fmt, md_table
 
 DEFAULT_FIT_TUPLES = 10_000
 FLOW_NAME = "flow_maf"

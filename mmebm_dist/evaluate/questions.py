@@ -18,7 +18,7 @@ import glob
 import json
 from pathlib import Path
 
-from mmebm_dist.evaluate.report import fmt, md_table
+from mmebm_dist.reporting.tables import fmt, md_table
 from mmebm_dist.rundir import CONFIG_FILE
 
 

@@ -24,7 +24,8 @@ from typing import Any
 from mmebm_dist import schedule
 from mmebm_dist.config import config_from_dict, config_to_dict, flatten_dotted
 from mmebm_dist.evaluate import beyond_coherence, latent_samplers
-from mmebm_dist.evaluate.report import fmt, md_table, save_figure
+from mmebm_dist.evaluate.report import save_figure
+from mmebm_dist.reporting.tables import fmt, md_table
 from mmebm_dist.rundir import (
     COMMANDS_LOG,
     CONFIG_FILE,

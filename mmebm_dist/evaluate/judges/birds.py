@@ -226,6 +226,8 @@ class BirdsJudge:
     states. Values are indices into ATTRIBUTES; UNMENTIONED (-1) where a caption says nothing."""
 
     attributes = ATTRIBUTE_NAMES
+    classifiers = None
+    """No per-modality class predictors: the Frechet distance in their features and refinement are skipped."""
 
     def __init__(self, classifier: AttributeClassifier, vocab: Vocabulary, *, path: str | os.PathLike = ""):
         self.classifier = classifier

@@ -10,24 +10,16 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
 from mmebm_dist.config import OptionError
+from mmebm_dist.evaluate.interfaces import Predictor
 from mmebm_dist.evaluate.judges.options import TrainOptions
 
 TARGET_ACCURACY = 0.95
 DEFAULTS = {"batch_size": 128, "lr": 3e-3, "width": 2}
 """``mmebm classifiers train`` settings left unset on the command line."""
-
-
-class Predictor(Protocol):
-    """Anything that labels a batch of one modality: the trained classifier bundle or a test stand-in."""
-
-    def predict(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Class labels int64 [B] for the batch x [B, *shape] of modality ``name``."""
-        ...
 
 
 class DigitJudge:
