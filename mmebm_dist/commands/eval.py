@@ -57,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_beyond_coherence_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the figures beyond coherence (``evaluate.beyond_coherence.BeyondOptions``)."""
     group = parser.add_argument_group("beyond coherence (sample quality, likelihood, posterior refinement)")
     group.add_argument("--no-frechet", action="store_true",
                        help="skip the Frechet distance in the classifiers' penultimate features (digit "
@@ -86,6 +87,9 @@ def add_beyond_coherence_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """The post-hoc latent sampler flags (``evaluate.latent_samplers.SamplerOptions``)."""
+    from mmebm_dist.evaluate.latent_samplers import DEFAULT_FIT_TUPLES, FlowOptions
+
     group = parser.add_argument_group("post-hoc latent samplers (baselines for the EBM prior)")
     group.add_argument("--gmm-components", type=int, nargs="+", default=None, metavar="K",
                        help="fit a K-component Gaussian mixture (full covariances) to the aggregate "
@@ -95,8 +99,6 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
                        help="fit a masked autoregressive flow (zuko MAF) to the same aggregate-posterior "
                             "draws by maximum likelihood and measure the joint coherence of its decoded "
                             "draws")
-    from mmebm_dist.evaluate.latent_samplers import DEFAULT_FIT_TUPLES, FlowOptions
-
     defaults = FlowOptions()
     for name, kind, text in (
             ("transforms", int, "autoregressive transforms"), ("hidden", int, "width of the 2 hidden layers"),
@@ -112,9 +114,9 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def flow_options(args: argparse.Namespace) -> FlowOptions | None:
+    """The ``--flow-*`` options (None without ``--flow``); a bad or orphaned one is a one-line SystemExit."""
     from mmebm_dist.evaluate.latent_samplers import FlowOptions
 
-    """The ``--flow-*`` options (None without ``--flow``); a bad or orphaned one is a one-line SystemExit."""
     given = {name: getattr(args, f"flow_{name}") for name in FlowOptions.__dataclass_fields__
              if getattr(args, f"flow_{name}", None) is not None}
     if not args.flow:
