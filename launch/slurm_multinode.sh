@@ -36,7 +36,7 @@ export PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || ec
 export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${CHECKPOINT_GRACE_S:-110}
 # A requeued job continues its run directory instead of starting over.
-RUN_DIR=$("$PYTHON" -c 'import sys; from mmebm_dist.train_cli import run_dir_of; print(run_dir_of(sys.argv[1:]))' "$@")
+RUN_DIR=$("$PYTHON" -c 'import sys; from mmebm_dist.commands.train import run_dir_of; print(run_dir_of(sys.argv[1:]))' "$@")
 if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && [ -f "$RUN_DIR/config.json" ]; then
   set -- --resume "$RUN_DIR"
 fi

@@ -1,36 +1,23 @@
 """The ``mmebm`` command: data, train, sample, export, eval, classifiers, bench.
 
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``; they are
-imported only when used, so ``mmebm data`` does not pay for importing deepspeed. Every error prints one line
-and exits 1: an expected one (a bad config, a missing file, a refused setting, raised by this package or
-re-raised from a DataLoader worker) as its message, which names the file, key or value; anything else as
-"unexpected", the sign of a bug to report. Ctrl-C outside training (which stops with a checkpoint, exit 75)
-exits 130. ``--debug`` or ``MMEBM_DEBUG=1`` shows the traceback instead.
+Each subcommand lives in its own module of ``mmebm_dist.commands`` exposing ``add_arguments(parser)`` and
+``run(args) -> int``; they are imported only when used, so ``mmebm data`` does not pay for importing
+deepspeed. Every error prints one line and exits 1: an expected one (a bad config, a missing file, a refused
+setting, raised by this package or re-raised from a DataLoader worker) as its message, which names the file,
+key or value; anything else as "unexpected", the sign of a bug to report. Ctrl-C outside training (which
+stops with a checkpoint, exit 75) exits 130. ``--debug`` or ``MMEBM_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import re
 import sys
 from pathlib import Path
 
-# name -> (module, one-line help)
-COMMANDS = {
-    "data": ("mmebm_dist.datasets.cli", "build, verify and inspect webdataset shards"),
-    "config": ("mmebm_dist.datasets.starter", "write a starter config from a data set's manifest"),
-    "train": ("mmebm_dist.train_cli", "train a model from a config (single process, DDP or DeepSpeed)"),
-    "sample": ("mmebm_dist.evaluate.sample_cli", "write joint and cross-generation sample grids of a run"),
-    "export": ("mmebm_dist.export_cli", "a run's model as safetensors, config and model card (Hub push)"),
-    "eval": ("mmebm_dist.evaluate.cli", "coherence, ELBO and report of a trained run"),
-    "results": ("mmebm_dist.evaluate.results", "aggregate evaluated runs into docs/results.{md,json}"),
-    "questions": ("mmebm_dist.evaluate.questions", "tabulate the paper's open questions from evaluated runs"),
-    "classifiers": ("mmebm_dist.evaluate.classifiers_cli", "train the per-modality digit classifiers"),
-    "bench": ("mmebm_dist.bench.cli", "throughput benchmarks: langevin, train, data"),
-}
-
+from mmebm_dist import commands
+from mmebm_dist.commands import COMMANDS
 
 DEBUG_HELP = "show the traceback of an error (also: environment MMEBM_DEBUG=1)"
 EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, FloatingPointError)
@@ -43,11 +30,11 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = next((a for a in argv if not a.startswith("-")), None)
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         if name == wanted:  # import only the module of the command being run
-            importlib.import_module(module).add_arguments(p)
+            commands.add_arguments(name, p)
     return parser
 
 
@@ -95,8 +82,7 @@ def main(argv: list[str] | None = None, *, one_line_errors: bool | None = None) 
     args = build_parser(argv).parse_args(argv)
     debug = args.debug or os.environ.get("MMEBM_DEBUG", "") not in ("", "0") or not one_line_errors
     try:
-        module = importlib.import_module(COMMANDS[args.command][0])
-        return int(module.run(args) or 0)
+        return commands.run(args.command, args)
     except KeyboardInterrupt:
         if debug:
             raise

@@ -23,6 +23,11 @@ class ConfigError(ValueError):
     """A config file or override that cannot be applied; the message names the key and the fix."""
 
 
+class OptionError(ValueError):
+    """A command option that cannot be applied (the message names the flag and the fix). Library code raises
+    it; ``mmebm_dist.commands`` prints the message alone and exits 1, as a refused option always did."""
+
+
 # Choice fields. Each name set equals the registry of the code that implements it (tests/test_config.py).
 FAMILY_NAMES: set[str] = {"conv", "mlp", "mmvaeplus", "text"}
 """Encoder/decoder families a modality may name: the built-in ones plus any added by

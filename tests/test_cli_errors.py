@@ -92,7 +92,7 @@ def test_worker_errors_reach_the_main_process_by_name(tmp_path, data):
 
 
 def test_ctrl_c_outside_training_exits_130(capsys, monkeypatch):
-    import mmebm_dist.datasets.cli as data_cli
+    import mmebm_dist.commands.data as data_cli
 
     def interrupted(args):
         raise KeyboardInterrupt

@@ -187,12 +187,12 @@ def test_both_generated_builders_share_the_common_flags():
     helper, with their own defaults, types and help; the mnist-svhn default factor is the modest one."""
     import argparse
 
-    from mmebm_dist.datasets import birds
+    from mmebm_dist.commands.data import BUILDERS
 
     parsers = {}
-    for name, module in (("mnist-svhn", mnist_svhn), ("birds", birds)):
+    for name in ("mnist-svhn", "birds"):
         parsers[name] = argparse.ArgumentParser(prog=name)
-        module.add_build_arguments(parsers[name])
+        BUILDERS[name][0](parsers[name])
     ms = parsers["mnist-svhn"].parse_args(["--out", "x"])
     assert (ms.num_train, ms.num_test, ms.shard_size, ms.seed, ms.workers) == (73257, 26032, 1000, 0, 0)
     assert ms.factor == 2 and ms.max_per_class == 10000 and ms.source == "mnist" and ms.grid is None

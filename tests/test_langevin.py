@@ -262,13 +262,14 @@ def test_bench_langevin_rows(capsys):
     import json
 
     from mmebm_dist.bench import sampler
+    from mmebm_dist.commands import bench
 
     parser = argparse.ArgumentParser()
-    sampler.add_arguments(parser)
+    bench.add_langevin_arguments(parser)
     args = parser.parse_args(["--batch", "4", "8", "--latent", "3", "--hidden", "8", "--steps", "2",
                               "--long-steps", "6", "--repeats", "1", "--threads", "1", "--device", "cpu",
                               "--no-memory", "--json"])
-    assert sampler.run(args) == 0
+    assert sampler.run(bench.options_of("langevin", args)) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["backend"], r["batch"], r["steps"]) for r in rows] == [
         ("autograd", 4, 2), ("torch", 4, 2), ("autograd", 8, 2), ("torch", 8, 2), ("autograd", 8, 6),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from beyond_helpers import tiny_batch, tiny_model
 
+from mmebm_dist.commands import eval as eval_command
 from mmebm_dist.evaluate import latent_samplers as ls
 from mmebm_dist.evaluate.coherence import measure_coherence, measure_joint
 from mmebm_dist.evaluate.judges.digits import DigitJudge
@@ -214,13 +215,14 @@ def test_measure_reports_the_flow_beside_the_mixtures():
 
 def _flags(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    ls.add_arguments(parser)
+    eval_command.add_sampler_arguments(parser)
     return parser.parse_args(list(argv))
 
 
 def test_sampler_flags():
-    assert ls.check_arguments(_flags("--gmm-components", "10")) is None
-    options = ls.check_arguments(_flags("--flow", "--flow-steps", "50", "--flow-lr", "0.01"))
+    assert eval_command.check_sampler_arguments(_flags("--gmm-components", "10")) is None
+    flags = _flags("--flow", "--flow-steps", "50", "--flow-lr", "0.01")
+    options = eval_command.check_sampler_arguments(flags)
     assert options == ls.FlowOptions(steps=50, lr=0.01)
     assert _flags("--gmm-fit", "30").sampler_fit == 30  # the older name still works
     for argv, message in ((["--flow-steps", "50"], "--flow-steps given without --flow"),
@@ -229,4 +231,4 @@ def test_sampler_flags():
                           (["--gmm-components", "0"], "--gmm-components \\[0\\]"),
                           (["--flow", "--sampler-fit", "0"], "--sampler-fit 0: must be >= 1")):
         with pytest.raises(SystemExit, match=message):
-            ls.check_arguments(_flags(*argv))
+            eval_command.check_sampler_arguments(_flags(*argv))

@@ -131,7 +131,7 @@ def test_second_writer_is_refused_naming_the_holder(data2, tmp_path, in_process)
 def test_resume_applies_optimizer_overrides_and_refuses_model_ones(data2, tmp_path, in_process):  # noqa: F811
     """``--resume RUN model.prior.lr=...`` reaches the optimizer (metrics log the new lr on the old
     schedule); a change of the model's shape is refused naming the key, before anything is written."""
-    from mmebm_dist.train_cli import resolve_config
+    from mmebm_dist.commands.train import resolve_config
 
     optim = {"lr_decay": 0.5, "lr_decay_every": 2}
     _train(_config(tmp_path, data2, "train.steps=4", optim=optim))

@@ -175,8 +175,8 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(data2, tmp_path, in_proc
 
 
 def test_resume_cli_errors(tmp_path):
+    from mmebm_dist.commands.train import resolve_config
     from mmebm_dist.config import ConfigError
-    from mmebm_dist.train_cli import resolve_config
 
     with pytest.raises(ConfigError, match="config.json does not exist"):
         resolve_config(types.SimpleNamespace(config=None, resume=str(tmp_path), overrides=[]))

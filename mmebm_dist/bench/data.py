@@ -10,7 +10,6 @@ Pass several data sets (``--data a,b``) for a scale table or a png/raw compariso
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -18,22 +17,9 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="data/polymnist",
-                        help="comma-separated data set directories (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=128, help="samples per batch (default: 128)")
-    parser.add_argument("--batches", type=int, default=100, help="timed batches per setting (default: 100)")
-    parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts (default: 0,1,2)")
-    parser.add_argument("--shuffle-buffer", type=int, default=0, help="shuffle buffer (default: 0)")
-    parser.add_argument("--split", default="train", help="split to stream (default: train)")
-    parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
-    parser.add_argument("--out", default=None, help="also write the JSON lines to this file")
-    parser.add_argument("--markdown", default=None, metavar="MD",
-                        help="also write the table, the command line and the CPU model to this file")
 
 
 def measure(
@@ -146,7 +132,31 @@ def measure_isolated(**kwargs) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass(kw_only=True)
+class DataBenchOptions:
+    """What ``mmebm bench data`` measures (its flags; the defaults are the command's)."""
+
+    data: str = "data/polymnist"
+    """Comma-separated data set directories."""
+    batch_size: int = 128
+    """Samples per batch."""
+    batches: int = 100
+    """Timed batches per setting."""
+    workers: str = "0,1,2"
+    """Comma-separated worker counts."""
+    shuffle_buffer: int = 0
+    """Shuffle buffer."""
+    split: str = "train"
+    """Split to stream."""
+    json: bool = False
+    """Print JSON lines instead of a table."""
+    out: str | None = None
+    """Also write the JSON lines to this file."""
+    markdown: str | None = None
+    """Also write the table, the command line and the CPU model to this file."""
+
+
+def run(args: DataBenchOptions) -> int:
     rows = []
     for data in args.data.split(","):
         for w in (int(x) for x in args.workers.split(",")):
@@ -188,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def markdown_table(rows: list[dict], args: argparse.Namespace) -> str:
+def markdown_table(rows: list[dict], args: DataBenchOptions) -> str:
     """The rows as a Markdown table headed by the command that made them, the CPU and the machine's load."""
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     out = [

@@ -11,44 +11,62 @@ One extra row per backend at K = ``--long-steps`` shows whether memory grows wit
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from mmebm_dist.bench.common import format_table, matmul_roof_gflops, num_threads, time_runs
+from mmebm_dist.config import OptionError
 from mmebm_dist.kernels._utils import langevin_flops_per_step
 from mmebm_dist.kernels.langevin_torch import NOISE_CHUNK, WORKERS_ENV, auto_workers
-from mmebm_dist.prior.energy import ACTIVATIONS, EnergyMLP
+from mmebm_dist.prior.energy import EnergyMLP
 from mmebm_dist.prior.langevin import resolve_backend, sample
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=int, nargs="+", default=[16, 256, 1024], help="batch sizes B")
-    parser.add_argument("--latent", type=int, default=32, help="latent width d")
-    parser.add_argument("--hidden", type=int, default=200, help="hidden width H of the energy MLP")
-    parser.add_argument("--layers", type=int, default=2, help="hidden layers L of the energy MLP (1-4)")
-    parser.add_argument("--steps", type=int, default=60, help="Langevin steps K per chain")
-    parser.add_argument("--long-steps", type=int, default=240,
-                        help="K of the extra memory-vs-K row per backend (at the middle batch); 0 skips it")
-    parser.add_argument("--step-size", type=float, default=0.4, help="Langevin step size s")
-    parser.add_argument("--activation", default="leaky_relu", choices=ACTIVATIONS)
-    parser.add_argument("--reference", default="laplace", choices=("laplace", "gaussian"))
-    parser.add_argument("--backends", nargs="+", default=None, choices=("autograd", "torch", "triton"),
-                        help="backends to time (default: autograd torch, plus triton on CUDA)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed chains per row (median reported)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="torch backend on CPU (sets $MMEBM_LANGEVIN_WORKERS): 0 = torch's intra-op "
-                             "threads per op, N = N single-threaded row-split chains; default auto")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+@dataclass(kw_only=True)
+class LangevinBenchOptions:
+    """What ``mmebm bench langevin`` times (its flags; the defaults are the command's)."""
+
+    batch: Sequence[int] = (16, 256, 1024)
+    """Batch sizes B."""
+    latent: int = 32
+    """Latent width d."""
+    hidden: int = 200
+    """Hidden width H of the energy MLP."""
+    layers: int = 2
+    """Hidden layers L of the energy MLP (1-4)."""
+    steps: int = 60
+    """Langevin steps K per chain."""
+    long_steps: int = 240
+    """K of the extra memory-vs-K row per backend (at the middle batch); 0 skips it."""
+    step_size: float = 0.4
+    """Langevin step size s."""
+    activation: str = "leaky_relu"
+    """Activation of the energy MLP (one of ``ACTIVATIONS``)."""
+    reference: str = "laplace"
+    """Reference density p0: laplace or gaussian."""
+    backends: Sequence[str] | None = None
+    """Backends to time (None: autograd and torch, plus triton on CUDA)."""
+    repeats: int = 5
+    """Timed chains per row (the median is reported)."""
+    threads: int = 2
+    """torch intra-op threads (CPU)."""
+    device: str = "cpu"
+    """Device to time on."""
+    workers: int | None = None
+    """torch backend on CPU ($MMEBM_LANGEVIN_WORKERS): 0 = intra-op threads, N = N row-split chains; None:
+    auto."""
+    no_memory: bool = False
+    """Skip the peak-memory measurement."""
+    json: bool = False
+    """One JSON object per row instead of a table."""
 
 
 def shape_matmul_ms(args, batch: int, steps: int, device: torch.device, repeats: int = 5) -> float:
@@ -133,7 +151,7 @@ def _rss_kib(field: str) -> int:
 def memory_probe(arg_json: str) -> None:
     """Subprocess body: peak-RSS growth (KiB) of one chain after set-up and a warm-up, printed as JSON."""
     spec = json.loads(arg_json)
-    args = argparse.Namespace(**spec["args"])
+    args = LangevinBenchOptions(**spec["args"])
     torch.set_num_threads(args.threads)
     # Warm up the libraries (thread pools, BLAS buffers) on one row and one step so they are not counted.
     energy, z0 = _setup(args, 1, torch.device("cpu"))
@@ -180,7 +198,7 @@ def _format_table(rows: list[dict]) -> str:
     ])
 
 
-def run(args) -> int:
+def run(args: LangevinBenchOptions) -> int:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if args.workers is not None:
@@ -190,7 +208,7 @@ def run(args) -> int:
     for backend in backends:  # fail before timing anything if a backend cannot run here
         chosen = resolve_backend(energy, z0, backend)
         if chosen != backend:
-            raise SystemExit(f"mmebm bench langevin: backend '{backend}' would run as '{chosen}' here")
+            raise OptionError(f"mmebm bench langevin: backend '{backend}' would run as '{chosen}' here")
     roof = matmul_roof_gflops(device)
     plan = [(b, batch, args.steps) for batch in args.batch for b in backends]
     if args.long_steps:

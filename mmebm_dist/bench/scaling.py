@@ -18,7 +18,6 @@ the same bytes; ZeRO-3 all-gathers the parameters again in the backward: 1.5 x.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -259,21 +258,6 @@ def check_table(check: dict) -> str:
 # ----------------------------------------------------------------------------------------------------- CLI
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="configs/polymnist_ebm.yaml", help="the model to scale")
-    parser.add_argument("--step-log", default="docs/bench/h200_run1_train.log",
-                        help="`mmebm bench train` output on the GPU (the step time)")
-    parser.add_argument("--data-log", default="docs/bench/h200_check1_data.log",
-                        help="`mmebm bench data` output (loader samples/s per worker)")
-    parser.add_argument("--check-processes", type=int, default=4,
-                        help="gloo processes for the communication check (0: skip it)")
-    parser.add_argument("--check-config", default="configs/tiny.yaml", help="the model of the gloo check")
-    parser.add_argument("--json", default=None, help="also write every figure to this JSON file")
-    parser.add_argument("--figures", default=None, metavar="JSON",
-                        help="render the document from figures an earlier --json wrote (measures nothing)")
-
-
-
 def document(step: dict, size: dict, loader: dict, ckpt: dict, net: Interconnect, check: dict | None) -> str:
     """docs/scaling.md: the inputs, the three tables and the gloo check."""
     assumed = ", ".join(f"{f.name} {getattr(net, f.name)}" for f in dataclasses.fields(net))
@@ -340,7 +324,27 @@ def breaking_points(step: dict, size: dict, loader: dict, net: Interconnect) -> 
     )
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclasses.dataclass(kw_only=True)
+class ScalingBenchOptions:
+    """What ``mmebm bench scaling`` models and checks (its flags; the defaults are the command's)."""
+
+    config: str = "configs/polymnist_ebm.yaml"
+    """The model to scale."""
+    step_log: str = "docs/bench/h200_run1_train.log"
+    """``mmebm bench train`` output on the GPU (the step time)."""
+    data_log: str = "docs/bench/h200_check1_data.log"
+    """``mmebm bench data`` output (loader samples/s per worker)."""
+    check_processes: int = 4
+    """gloo processes for the communication check (0: skip it)."""
+    check_config: str = "configs/tiny.yaml"
+    """The model of the gloo check."""
+    json: str | None = None
+    """Also write every figure to this JSON file."""
+    figures: str | None = None
+    """Render the document from figures an earlier ``json`` wrote (measures nothing)."""
+
+
+def run(args: ScalingBenchOptions) -> int:
     if args.figures:
         f = json.loads(Path(args.figures).read_text())
         net = Interconnect(**f["interconnect"])
@@ -359,8 +363,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["--allreduce-worker"]:
-        _allreduce_worker(sys.argv[2])
-    else:
-        raise SystemExit("run `mmebm bench scaling`")
+if __name__ == "__main__":  # the gloo check's worker (gloo_check launches it); not a command
+    if sys.argv[1:2] != ["--allreduce-worker"]:
+        sys.exit("run `mmebm bench scaling`")
+    _allreduce_worker(sys.argv[2])

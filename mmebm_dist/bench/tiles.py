@@ -11,62 +11,66 @@ asserted.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from mmebm_dist.bench.common import format_table, time_runs
+from mmebm_dist.config import OptionError
 from mmebm_dist.kernels._utils import langevin_flops_per_step, langevin_reference
-from mmebm_dist.prior.energy import ACTIVATIONS, EnergyMLP
+from mmebm_dist.prior.energy import EnergyMLP
 
 
-def _tile(text: str) -> tuple[int, int, int]:
-    try:
-        b, h, d = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"tile {text!r}: expected BxHxD, e.g. 16x32x32") from None
-    return b, h, d
+@dataclass(kw_only=True)
+class TilesBenchOptions:
+    """What ``mmebm bench kernel-tiles`` times (its flags; the defaults are the command's)."""
+
+    batch: Sequence[int] = (16, 256, 1024, 4096)
+    """Batch sizes B."""
+    latent: int = 32
+    """Latent width d."""
+    hidden: int = 200
+    """Hidden width H."""
+    layers: int = 2
+    """Hidden layers L (1-4)."""
+    steps: int = 60
+    """Langevin steps K."""
+    step_size: float = 0.4
+    """Langevin step size s."""
+    activation: str = "gelu"
+    """Activation of the energy MLP (one of ``ACTIVATIONS``)."""
+    reference: str = "laplace"
+    """p0: laplace or gaussian."""
+    kernels: Sequence[str] = ("resident", "streaming")
+    """Which Triton kernels to time."""
+    tiles: Sequence[tuple[int, int, int]] = ((16, 32, 32), (16, 64, 32), (16, 128, 32), (32, 64, 64))
+    """Streaming kernel: BLOCK_B x BLOCK_H x BLOCK_D (powers of two >= 16)."""
+    rows: Sequence[int] = (16, 32, 64)
+    """Resident kernel: rows per program BLOCK_B (powers of two >= 16)."""
+    warps: Sequence[int] = (4, 8)
+    """num_warps values."""
+    precisions: Sequence[str] = ("ieee", "tf32", "bf16")
+    """Dot operands (fp32 accumulation, fp32 chain state in every case)."""
+    repeats: int = 10
+    """Timed chains per row (median)."""
+    device: str = "cpu"
+    """Device to time on."""
+    json: bool = False
+    """One JSON object per row instead of a table."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=int, nargs="+", default=[16, 256, 1024, 4096], help="batch sizes B")
-    parser.add_argument("--latent", type=int, default=32, help="latent width d")
-    parser.add_argument("--hidden", type=int, default=200, help="hidden width H")
-    parser.add_argument("--layers", type=int, default=2, help="hidden layers L (1-4)")
-    parser.add_argument("--steps", type=int, default=60, help="Langevin steps K")
-    parser.add_argument("--step-size", type=float, default=0.4)
-    parser.add_argument("--activation", default="gelu", choices=ACTIVATIONS)
-    parser.add_argument("--reference", default="laplace", choices=("laplace", "gaussian"),
-                        help="p0; under laplace the error includes rare sign flips of -sign(z) at z = 0 "
-                             "(a jump of s^2), so gaussian shows the arithmetic error alone")
-    parser.add_argument("--kernels", nargs="+", default=["resident", "streaming"],
-                        choices=("resident", "streaming"), help="which Triton kernels to time")
-    parser.add_argument("--tiles", type=_tile, nargs="+",
-                        default=[(16, 32, 32), (16, 64, 32), (16, 128, 32), (32, 64, 64)],
-                        metavar="BxHxD",
-                        help="streaming kernel: BLOCK_B x BLOCK_H x BLOCK_D (powers of two >= 16)")
-    parser.add_argument("--rows", type=int, nargs="+", default=[16, 32, 64],
-                        help="resident kernel: rows per program BLOCK_B (powers of two >= 16)")
-    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8], help="num_warps values")
-    parser.add_argument("--precisions", nargs="+", default=["ieee", "tf32", "bf16"],
-                        choices=("ieee", "tf32", "bf16"),
-                        help="dot operands (fp32 accumulation, fp32 chain state in every case)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed chains per row (median)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
-
-
-def run(args) -> int:
+def run(args: TilesBenchOptions) -> int:
     from mmebm_dist.kernels import langevin_triton as lt
 
     device = torch.device(args.device)
     reason = lt.triton_can_launch(device)
     if reason is not None:
-        raise SystemExit(f"mmebm bench kernel-tiles: {reason}")
+        raise OptionError(f"mmebm bench kernel-tiles: {reason}")
     torch.manual_seed(0)
     energy = EnergyMLP(args.latent, args.hidden, args.layers, args.activation).to(device)
     energy.requires_grad_(False)

@@ -21,7 +21,6 @@ the CPU's proxy for a GPU's kernel launches.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -32,7 +31,8 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,43 +43,6 @@ from torch.utils.flop_counter import flop_registry
 from mmebm_dist.bench.common import matmul_roof_gflops, num_threads, sync
 
 PHASES = ("data", "encode", "langevin", "decode", "objective", "backward", "communication", "optimizer")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="experiment YAML (configs/...)")
-    parser.add_argument(
-        "--batch-size", type=int, default=None, help="per-process batch (default: data.batch_size)"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=20, help="timed steps per measurement (default: %(default)s)"
-    )
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
-    parser.add_argument(
-        "--processes", type=int, nargs="+", default=[1, 2], help="process counts to measure (default: 1 2)"
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
-    parser.add_argument(
-        "--no-laplace", action="store_true", help="skip the Laplace-prior baseline (EBM overhead)"
-    )
-    parser.add_argument(
-        "--synthetic",
-        action="store_true",
-        help="random batches of the modalities' shapes instead of the shards at data.path",
-    )
-    parser.add_argument(
-        "--accelerate-config",
-        default=None,
-        metavar="YAML",
-        help="launch several processes with this accelerate YAML (e.g. a DeepSpeed one in "
-        "launch/accelerate/) instead of plain DDP; --processes overrides its count",
-    )
-    parser.add_argument(
-        "--compile", nargs="+", default=None, metavar="MODE",
-        help="train.compile modes to measure side by side, e.g. off default (default: the config's)",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object per measurement")
-    parser.add_argument("--out", default=None, help="also write the JSON lines to this file")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
 
 # ------------------------------------------------------------------------------------------------ one rank
@@ -304,14 +267,15 @@ def _worker_error(stderr: str, keep: int = 4000) -> str:
 
 
 def _launch(
-    processes: int, worker_args: list[str], threads: int, accelerate_config: str | None
+    processes: int, worker_spec: dict[str, Any], threads: int, accelerate_config: str | None
 ) -> list[dict]:
-    """Run the worker in ``processes`` fresh processes (accelerate launch when > 1: DDP or the given YAML)."""
+    """Run the worker in ``processes`` fresh processes (accelerate launch when > 1: DDP or the given YAML);
+    ``worker_spec``: config, steps, warmup, synthetic, overrides (see :func:`_worker_main`)."""
     from mmebm_dist.train.distributed import free_port
 
     with tempfile.TemporaryDirectory(prefix="mmebm-bench-") as tmp:
         out = Path(tmp) / "rank"
-        module = ["-m", "mmebm_dist.bench.train_step", "--worker-out", str(out), *worker_args]
+        module = ["-m", "mmebm_dist.bench.train_step", json.dumps({**worker_spec, "out": str(out)})]
         launch = [
             sys.executable,
             "-m",
@@ -446,15 +410,47 @@ def timed_config(path: str, overrides: list[str]):
     return cfg, overrides
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass(kw_only=True)
+class TrainBenchOptions:
+    """What ``mmebm bench train`` measures (its flags; the defaults are the command's)."""
+
+    config: str
+    """Experiment YAML (configs/...)."""
+    batch_size: int | None = None
+    """Per-process batch (None: data.batch_size)."""
+    steps: int = 20
+    """Timed steps per measurement."""
+    warmup: int = 3
+    """Untimed steps first."""
+    processes: Sequence[int] = (1, 2)
+    """Process counts to measure."""
+    threads: int = 1
+    """torch threads per process."""
+    no_laplace: bool = False
+    """Skip the Laplace-prior baseline (EBM overhead)."""
+    synthetic: bool = False
+    """Random batches of the modalities' shapes instead of the shards at data.path."""
+    accelerate_config: str | None = None
+    """Launch several processes with this accelerate YAML instead of plain DDP (``processes`` overrides its
+    count)."""
+    compile: Sequence[str] | None = None
+    """train.compile modes to measure side by side (None: the config's)."""
+    json: bool = False
+    """Print one JSON object per measurement."""
+    out: str | None = None
+    """Also write the JSON lines to this file."""
+    overrides: Sequence[str] = ()
+    """Dotted config overrides."""
+
+
+def run(args: TrainBenchOptions) -> int:
     from mmebm_dist.config import load_config
 
     overrides = list(args.overrides) + [f"train.threads={args.threads}"]
     if args.batch_size is not None:
         overrides.append(f"data.batch_size={args.batch_size}")
     cfg, overrides = timed_config(args.config, overrides)
-    base = ["--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    base += ["--synthetic"] if args.synthetic else []
+    base = {"config": args.config, "steps": args.steps, "warmup": args.warmup, "synthetic": args.synthetic}
     priors = [cfg.model.prior.kind]
     if cfg.model.prior.kind == "ebm" and not args.no_laplace:
         priors.append("laplace")
@@ -467,7 +463,8 @@ def run(args: argparse.Namespace) -> int:
             worker_overrides = overrides + [f"model.prior.kind={prior}", f"train.compile={mode}"]
             prior_cfg = load_config(args.config, worker_overrides)
             for processes in args.processes if prior == priors[0] else [1]:
-                ranks = _launch(processes, base + worker_overrides, args.threads, args.accelerate_config)
+                ranks = _launch(processes, {**base, "overrides": worker_overrides}, args.threads,
+                                args.accelerate_config)
                 # After the timed workers, so that neither the count nor the roof shares the cores with them.
                 if prior not in flops:
                     flops[prior] = step_flops(prior_cfg)
@@ -506,22 +503,17 @@ def _relate(rows: list[dict]) -> None:
             r["kernels_fewer_than_eager"] = eager["kernels_per_step"] / max(r["kernels_per_step"], 1)
 
 
-def _worker_main(argv: list[str]) -> int:
+def _worker_main(spec_json: str) -> int:
+    """Worker process body (``python -m mmebm_dist.bench.train_step SPEC``): SPEC is the JSON object
+    :func:`_launch` writes (out, config, steps, warmup, synthetic, overrides)."""
     from mmebm_dist.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m mmebm_dist.bench.train_step")
-    parser.add_argument("--worker-out", required=True)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--warmup", type=int, required=True)
-    parser.add_argument("--synthetic", action="store_true")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    result = worker(cfg, steps=args.steps, warmup=args.warmup, synthetic=args.synthetic)
-    Path(f"{args.worker_out}-{result['process_index']}.json").write_text(json.dumps(result))
+    spec = json.loads(spec_json)
+    cfg = load_config(spec["config"], spec["overrides"])
+    result = worker(cfg, steps=spec["steps"], warmup=spec["warmup"], synthetic=spec["synthetic"])
+    Path(f"{spec['out']}-{result['process_index']}.json").write_text(json.dumps(result))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1:]))
+    sys.exit(_worker_main(sys.argv[1]))

@@ -9,7 +9,6 @@ coherence is exact: :func:`read_caption_attributes` parses a caption back into a
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
@@ -592,38 +591,7 @@ def build_birds(spec: BirdsSpec, *, progress: bool = True) -> dict[str, Any]:
         return manifest
 
 
-# ------------------------------------------------------------------------------------------------ CLI / grid
-
-
-def add_build_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``mmebm data birds``."""
-    from mmebm_dist.datasets.cli import add_generated_build_arguments
-
-    add_generated_build_arguments(
-        parser,
-        BirdsSpec(),
-        seed_help="seed of attributes, drawings, captions",
-        num_train_help="train images (default: 8855, MMVAE's CUB split)",
-        num_test_help="test images (default: 2933)",
-    )
-
-
-def build_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the builder from parsed ``mmebm data birds`` flags."""
-    spec = BirdsSpec(
-        out=args.out,
-        seed=args.seed,
-        num_train=args.num_train,
-        num_test=args.num_test,
-        shard_size=args.shard_size,
-        encoding=args.encoding,
-        workers=args.workers,
-        overwrite=args.overwrite,
-    )
-    manifest = build_birds(spec)
-    if args.grid:
-        write_grid(args.out, args.grid)
-    return manifest
+# ------------------------------------------------------------------------------------------------ grid
 
 
 def write_grid(

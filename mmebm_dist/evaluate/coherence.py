@@ -22,33 +22,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
-from mmebm_dist.evaluate.judges import UNSTATED, Judge
-
-NUM_CLASSES = 10
-Batch = dict[str, torch.Tensor]
-
-
-class GenerativeModel(Protocol):
-    """The part of the model API (docs/architecture.md) that coherence needs."""
-
-    modalities: list[str]
-
-    def generate_joint(self, n: int, *, langevin_steps: int | None = None,
-                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]: ...
-
-    def generate_conditional(self, batch: dict[str, torch.Tensor], sources: Sequence[str], *,
-                             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]: ...
-
-    def aggregate_posterior_z(self, batch: dict[str, torch.Tensor], *,
-                              generator: torch.Generator | None = None) -> torch.Tensor: ...
-
-    def decode(self, z: torch.Tensor,
-               private: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]: ...
-
+from mmebm_dist.evaluate.interfaces import (  # noqa: F401  (NUM_CLASSES, Batch: also read from here)
+    NUM_CLASSES,
+    UNSTATED,
+    Batch,
+    GenerativeModel,
+    Judge,
+)
 
 # ------------------------------------------------------------------------------------------------ pure math
 

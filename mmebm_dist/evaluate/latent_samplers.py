@@ -15,7 +15,6 @@ judge, sample count, batch size and seeded chunks of the run's own joint figure.
 from __future__ import annotations
 
 import abc
-import argparse
 import copy
 import math
 import time
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from mmebm_dist.evaluate.coherence import Batch, chunk_seed, measure_joint, seeded
-from mmebm_dist.evaluate.report import fmt, md_table
+from mmebm_dist.reporting.tables import fmt, md_table
 
 DEFAULT_FIT_TUPLES = 10_000
 FLOW_NAME = "flow_maf"
@@ -48,53 +47,20 @@ class FlowOptions:
     """Steps between two held-out evaluations."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("post-hoc latent samplers (baselines for the EBM prior)")
-    group.add_argument("--gmm-components", type=int, nargs="+", default=None, metavar="K",
-                       help="fit a K-component Gaussian mixture (full covariances) to the aggregate "
-                            "posterior of the train split and measure the joint coherence of its decoded "
-                            "draws, per K (e.g. 10 50; default: skip)")
-    group.add_argument("--flow", action="store_true",
-                       help="fit a masked autoregressive flow (zuko MAF) to the same aggregate-posterior "
-                            "draws by maximum likelihood and measure the joint coherence of its decoded "
-                            "draws")
-    defaults = FlowOptions()
-    for name, kind, text in (
-            ("transforms", int, "autoregressive transforms"), ("hidden", int, "width of the 2 hidden layers"),
-            ("steps", int, "Adam steps (the best held-out likelihood's parameters are kept)"),
-            ("lr", float, "Adam learning rate"), ("batch_size", int, "minibatch size"),
-            ("eval_every", int, "steps between held-out evaluations")):
-        group.add_argument(f"--flow-{name.replace('_', '-')}", type=kind, default=None,
-                           help=f"with --flow: {text} (default: {getattr(defaults, name)})")
-    group.add_argument("--sampler-fit", "--gmm-fit", dest="sampler_fit", type=int, default=DEFAULT_FIT_TUPLES,
-                       metavar="N",
-                       help="train tuples the samplers are fitted to (default: %(default)s, or the whole "
-                            "split when smaller; the flow holds out a tenth of them)")
+@dataclass(kw_only=True)
+class SamplerOptions:
+    """Which post-hoc latent samplers ``mmebm eval`` fits and measures (``--gmm-components``, ``--flow``)."""
 
-
-def flow_options(args: argparse.Namespace) -> FlowOptions | None:
-    """The ``--flow-*`` options (None without ``--flow``); a bad or orphaned one is a one-line SystemExit."""
-    given = {name: getattr(args, f"flow_{name}") for name in FlowOptions.__dataclass_fields__
-             if getattr(args, f"flow_{name}", None) is not None}
-    if not args.flow:
-        if given:
-            flags = ", ".join(f"--flow-{k.replace('_', '-')}" for k in given)
-            raise SystemExit(f"{flags} given without --flow: add --flow to fit the flow, or drop them")
-        return None
-    bad = {k: v for k, v in given.items() if not v > 0}
-    if bad:
-        k, v = next(iter(bad.items()))
-        raise SystemExit(f"--flow-{k.replace('_', '-')} {v}: must be > 0")
-    return FlowOptions(**given)
-
-
-def check_arguments(args: argparse.Namespace) -> FlowOptions | None:
-    """Check the sampler flags before any work (one-line SystemExit naming the flag); the flow's options."""
-    if args.gmm_components and min(args.gmm_components) < 1:
-        raise SystemExit(f"--gmm-components {args.gmm_components}: every K must be >= 1")
-    if args.sampler_fit < 1:
-        raise SystemExit(f"--sampler-fit {args.sampler_fit}: must be >= 1")
-    return flow_options(args)
+    batch_size: int
+    """Generation / fit batch size."""
+    seed: int
+    """Seed of the fits and of every sample drawn."""
+    gmm_components: Sequence[int] | None = None
+    """Component counts K of the Gaussian mixtures to fit (None or empty: none)."""
+    flow: FlowOptions | None = None
+    """The masked autoregressive flow to fit (None: none)."""
+    sampler_fit: int = DEFAULT_FIT_TUPLES
+    """Train tuples the samplers are fitted to (the whole split when smaller)."""
 
 
 def _device_of(model) -> torch.device:
@@ -300,17 +266,19 @@ def measure(model, judge, fit_chunks: Sequence[Batch], *, components: Sequence[i
     return out
 
 
-def measure_requested(args: argparse.Namespace, flow: FlowOptions | None, model, judge, data_path, *,
+def measure_requested(options: SamplerOptions, model, judge, data_path, *,
                       num_samples: int, rank: int, world_size: int) -> dict | None:
-    """:func:`measure` on ``--sampler-fit`` train tuples for the samplers the flags ask for (None: none)."""
+    """:func:`measure` of the samplers ``options`` asks for, on ``options.sampler_fit`` train tuples (None:
+    none asked)."""
     from mmebm_dist.evaluate import generate
 
-    if not args.gmm_components and flow is None:
+    flow = options.flow
+    if not options.gmm_components and flow is None:
         return None
-    fit_chunks = generate.read_chunks(data_path, num=args.sampler_fit, batch_size=args.batch_size,
+    fit_chunks = generate.read_chunks(data_path, num=options.sampler_fit, batch_size=options.batch_size,
                                       split="train")
-    return measure(model, judge, fit_chunks, components=args.gmm_components or (), flow=flow,
-                   num_samples=num_samples, batch_size=args.batch_size, seed=args.seed, rank=rank,
+    return measure(model, judge, fit_chunks, components=options.gmm_components or (), flow=flow,
+                   num_samples=num_samples, batch_size=options.batch_size, seed=options.seed, rank=rank,
                    world_size=world_size, show_progress=rank == 0)
 
 

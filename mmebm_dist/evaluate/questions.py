@@ -1,4 +1,4 @@
-"""``mmebm questions``: the paper's open questions answered as tables generated from evaluated runs.
+"""The paper's open questions answered as tables generated from evaluated runs (``mmebm questions``).
 
 (a) Which reference density p0: every EBM prior fitted to one frozen model (``model.prior.fit=posthoc`` with
     ``train.init_from``, so the encoders and decoders are the same on every row), its figure at its own chain
@@ -14,27 +14,16 @@ eval directory); nothing is typed in. Hand-written notes (``--notes``) follow th
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
-import shlex
 from pathlib import Path
 
-from mmebm_dist.evaluate.report import fmt, md_table
-from mmebm_dist.evaluate.results import write_text_atomic
+from mmebm_dist.reporting.tables import fmt, md_table
 from mmebm_dist.rundir import CONFIG_FILE
 
 
 class QuestionsError(ValueError):
     """The runs given to ``mmebm questions`` hold nothing to tabulate; the message says what to run."""
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runs", nargs="+", required=True, help="run directories or glob patterns")
-    parser.add_argument("--out-md", default="docs/questions.md", help="markdown (default: %(default)s)")
-    parser.add_argument("--out-json", default="docs/questions.json", help="JSON (default: %(default)s)")
-    parser.add_argument("--notes", default=None, metavar="MD", help="hand-written markdown placed after the "
-                        "generated header, marked as hand-written")
 
 
 def _read_run(run_dir: Path) -> dict | None:
@@ -171,22 +160,12 @@ def build(runs: list[dict], command: str, notes: str | None) -> tuple[str, dict]
     return "\n".join(lines) + "\n", {"command": command, "runs": runs}
 
 
-def run(args: argparse.Namespace) -> int:
-    dirs = sorted({Path(p) for pattern in args.runs for p in (glob.glob(pattern) or [pattern])
+def read_runs(patterns: list[str]) -> list[dict]:
+    """The evaluated runs among the directories ``patterns`` name (globs expanded); QuestionsError if none."""
+    dirs = sorted({Path(p) for pattern in patterns for p in (glob.glob(pattern) or [pattern])
                    if Path(p).is_dir()})
     runs = [r for r in (_read_run(d) for d in dirs) if r is not None]
     if not runs:
-        raise QuestionsError(f"none of --runs {' '.join(args.runs)} holds an evaluated run (config.json and "
+        raise QuestionsError(f"none of --runs {' '.join(patterns)} holds an evaluated run (config.json and "
                              "eval*/eval.json); train and `mmebm eval` them first")
-    notes = None
-    if args.notes:
-        if not Path(args.notes).is_file():
-            raise QuestionsError(f"--notes {args.notes}: no such file")
-        notes = Path(args.notes).read_text()
-    command = shlex.join(["mmebm", "questions", "--runs", *args.runs, "--out-md", args.out_md,
-                          "--out-json", args.out_json, *(["--notes", args.notes] if args.notes else [])])
-    markdown, data = build(runs, command, notes)
-    write_text_atomic(Path(args.out_md), markdown)
-    write_text_atomic(Path(args.out_json), json.dumps(data, indent=2, sort_keys=True) + "\n")
-    print(f"{len(runs)} evaluated runs: wrote {args.out_md} and {args.out_json}")
-    return 0
+    return runs

@@ -21,30 +21,13 @@ import torch  # noqa: E402
 
 from mmebm_dist.data.grid import image_grid  # noqa: E402
 from mmebm_dist.data.text import is_token_modality  # noqa: E402
+from mmebm_dist.reporting.tables import fmt, json_safe, md_table  # noqa: E402,F401  (also read from here)
 from mmebm_dist.rundir import EVAL_JSON, JOINT_PNG, atomic_write_text  # noqa: E402
 
 REPORT_MD = "report.md"
 CROSS_PNG = "cross_generation.png"
 HEATMAP_PNG = "coherence_matrix.png"
 SWEEP_PNG = "coherence_vs_langevin.png"
-
-
-def fmt(x: float | None, digits: int = 4) -> str:
-    """How report.md (and results.md) write a figure: ``digits`` decimals, or ``n/a`` for missing / nan."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:.{digits}f}"
-
-
-def json_safe(obj):
-    """nan/inf become None (strict JSON), tuples become lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def write_eval_json(path: str | Path, results: dict) -> Path:
@@ -233,16 +216,6 @@ def save_figure(fig, path: str | Path) -> Path:
 # ------------------------------------------------------------------------------------------------ report.md
 
 
-def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Markdown table lines; a ``|`` or newline inside a cell is escaped so it cannot break the row."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 def render_report(results: dict, images: dict[str, str]) -> str:
     """report.md text from the eval.json dict; ``images`` maps a caption to a PNG file name beside it."""
     run = results.get("run", {})
@@ -314,10 +287,10 @@ def render_report(results: dict, images: dict[str, str]) -> str:
                         [[f"{probe['n_fit']} {probe['fit_split']} tuples",
                           f"{probe['n_eval']} held-out {probe['eval_split']} tuples",
                           fmt(probe["accuracy"])]])
-    from mmebm_dist.evaluate.beyond_coherence import report_lines  # it imports this module
+    from mmebm_dist.evaluate.beyond_coherence import report_lines
 
     lines += report_lines(results)
-    from mmebm_dist.evaluate import latent_samplers  # it imports this module
+    from mmebm_dist.evaluate import latent_samplers
 
     lines += latent_samplers.report_lines(results)
     if images:

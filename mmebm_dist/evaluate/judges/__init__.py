@@ -3,21 +3,16 @@
 A judge reads what each generated modality says (``read``) and what each modality of a real test tuple fixes
 (``known``); :func:`mmebm_dist.evaluate.coherence.measure_coherence` compares the two. The data set's
 manifest chooses the judge (:func:`judge_module`): each kind's module exposes ``load_judge``,
-``read_test_chunks`` and ``train_from_args`` (``mmebm classifiers train``).
+``read_test_chunks`` and ``train(options: judges.options.TrainOptions)`` (``mmebm classifiers train``).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Sequence
 from types import ModuleType
-from typing import Protocol
 
-import torch
-
-UNSTATED = -1
-"""Value of an attribute a reading says nothing about (a caption that does not mention it)."""
+from mmebm_dist.evaluate.interfaces import UNSTATED, Judge  # noqa: F401  (read from here too)
 
 JUDGE_MODULES = {
     "digits": "mmebm_dist.evaluate.judges.digits",
@@ -26,27 +21,6 @@ JUDGE_MODULES = {
 """Kind of data -> the module of its judge."""
 KIND_OF_BUILDER = {"birds": "birds"}
 """``mmebm data`` builder (the manifest's ``builder.command``) -> kind of data; any other builder: digits."""
-
-
-class Judge(Protocol):
-    """Reads attribute values off modalities; for class-labelled data the one value is the class label."""
-
-    attributes: Sequence[str] | None
-    """Names of the values read, reported one by one in eval.json; None: a single class label."""
-    test_accuracy: dict[str, float]
-    """Test accuracy of the judge's learned readers (per modality or attribute); it bounds the figures."""
-
-    def read(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """int64 [B, A]: the values modality ``name`` states in batch x (UNSTATED where it says nothing)."""
-        ...
-
-    def known(self, name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """int64 [B, A]: what modality ``name`` of the test tuples fixes (its true or stated values)."""
-        ...
-
-    def describe(self) -> dict:
-        """The ``classifiers`` entry of eval.json: where the judge came from and its test accuracy."""
-        ...
 
 
 def data_kind(data_dir: str | os.PathLike) -> str:

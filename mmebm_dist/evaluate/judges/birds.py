@@ -4,13 +4,12 @@ The captions are read back by the rule-based :func:`mmebm_dist.datasets.birds.re
 are read by :class:`AttributeClassifier` (one head per attribute, trained on the real training images; its
 test accuracy bounds every image-side figure, report it beside them). ``mmebm eval`` uses :class:`BirdsJudge`
 with :func:`read_test_chunks`; the classifier is trained by ``mmebm classifiers train --data DIR``
-(:func:`train_from_args`) and cached as ``DIR/classifiers/attribute_classifier.pt``. The figures are
+(:func:`train`) and cached as ``DIR/classifiers/attribute_classifier.pt``. The figures are
 :func:`mmebm_dist.evaluate.coherence.measure_coherence`'s, as for every judge.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -33,6 +32,7 @@ from mmebm_dist.datasets.birds import (
     TEXT_MODALITY,
     read_caption_attributes,
 )
+from mmebm_dist.evaluate.judges.options import TrainOptions
 
 CLASSIFIER_FILE = "attribute_classifier.pt"
 SUMMARY_FILE = "attribute_classifier.json"
@@ -226,6 +226,8 @@ class BirdsJudge:
     states. Values are indices into ATTRIBUTES; UNMENTIONED (-1) where a caption says nothing."""
 
     attributes = ATTRIBUTE_NAMES
+    classifiers = None
+    """No per-modality class predictors: the Frechet distance in their features and refinement are skipped."""
 
     def __init__(self, classifier: AttributeClassifier, vocab: Vocabulary, *, path: str | os.PathLike = ""):
         self.classifier = classifier
@@ -325,27 +327,27 @@ def read_test_chunks(
     return chunks
 
 
-def train_from_args(args: argparse.Namespace) -> int:
+def train(options: TrainOptions) -> int:
     """``mmebm classifiers train`` on a birds data set: the image attribute classifier, cached as
     OUT/attribute_classifier.pt (captions are read exactly, so they need none)."""
     from mmebm_dist.evaluate.generate import resolve_device
 
     start = time.perf_counter()
-    data = Path(args.data)
+    data = Path(options.data)
     Vocabulary.load(data / VOCAB_FILE)  # fail early on a damaged data set
-    out = Path(args.out) if args.out else data / CLASSIFIER_DIR
-    settings = {name: DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)
+    out = Path(options.out) if options.out else data / CLASSIFIER_DIR
+    settings = {name: DEFAULTS[name] if getattr(options, name) is None else getattr(options, name)
                 for name in ("steps", "batch_size", "lr", "width")}
     model, accuracy = train_attribute_classifier(
         data, steps=int(settings["steps"]), batch_size=int(settings["batch_size"]), lr=float(settings["lr"]),
-        width=int(settings["width"]), seed=args.seed, device=resolve_device(args.device))
+        width=int(settings["width"]), seed=options.seed, device=resolve_device(options.device))
     data_hash = shards.manifest_hash(data)
     out.mkdir(parents=True, exist_ok=True)
     path = classifier_path(out)
     save_classifier(model.cpu(), accuracy, path, data_hash)
     seconds = time.perf_counter() - start
     save_summary(out / SUMMARY_FILE, {"data_path": str(data), "manifest_hash": data_hash,
-                                      "test_accuracy": accuracy, "seed": args.seed, "seconds": seconds,
+                                      "test_accuracy": accuracy, "seed": options.seed, "seconds": seconds,
                                       **settings})
     print(f"attribute classifier for birds data {data} (manifest hash {data_hash[:12]}...), "
           f"{settings['steps']} steps, {seconds:.0f} s; captions are read exactly (no classifier):")

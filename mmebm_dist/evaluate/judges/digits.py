@@ -6,26 +6,20 @@ tuple's label. The classifiers are :class:`mmebm_dist.evaluate.classifiers.Class
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch
+
+from mmebm_dist.config import OptionError
+from mmebm_dist.evaluate.interfaces import Predictor
+from mmebm_dist.evaluate.judges.options import TrainOptions
 
 TARGET_ACCURACY = 0.95
 DEFAULTS = {"batch_size": 128, "lr": 3e-3, "width": 2}
 """``mmebm classifiers train`` settings left unset on the command line."""
-
-
-class Predictor(Protocol):
-    """Anything that labels a batch of one modality: the trained classifier bundle or a test stand-in."""
-
-    def predict(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Class labels int64 [B] for the batch x [B, *shape] of modality ``name``."""
-        ...
 
 
 class DigitJudge:
@@ -72,12 +66,12 @@ def read_test_chunks(data_dir: str | os.PathLike, *, num: int, batch_size: int, 
     return read_chunks(data_dir, num=num, batch_size=batch_size, rank=rank, world_size=world_size)
 
 
-def _setting(args: argparse.Namespace, name: str) -> float:
-    value = getattr(args, name)
+def _setting(options: TrainOptions, name: str) -> float:
+    value = getattr(options, name)
     return DEFAULTS[name] if value is None else value
 
 
-def train_from_args(args: argparse.Namespace) -> int:
+def train(options: TrainOptions) -> int:
     """``mmebm classifiers train`` on a digit data set: one classifier per modality (the CNN takes each
     modality's own shape), saved with the data's manifest hash."""
     from mmebm_dist.data.shards import manifest_hash, read_manifest
@@ -90,40 +84,41 @@ def train_from_args(args: argparse.Namespace) -> int:
     )
     from mmebm_dist.evaluate.generate import resolve_device
 
-    if args.steps is not None:
-        raise SystemExit(f"--steps applies to the birds attribute classifier; '{args.data}' is not a birds "
-                         "data set: use --epochs")
+    if options.steps is not None:
+        raise OptionError(f"--steps applies to the birds attribute classifier; '{options.data}' is not a "
+                          "birds data set: use --epochs")
     start = time.perf_counter()
-    data = Path(args.data)
+    data = Path(options.data)
     manifest = read_manifest(data)
     data_hash = manifest_hash(data)
     specs = [ModalitySpec(m["name"], tuple(m["shape"])) for m in manifest["modalities"]]
-    device = resolve_device(args.device)
-    out = Path(args.out) if args.out else data / "classifiers"
-    batch_size = int(_setting(args, "batch_size"))
-    lr = float(_setting(args, "lr"))
-    width = int(_setting(args, "width"))
+    device = resolve_device(options.device)
+    out = Path(options.out) if options.out else data / "classifiers"
+    batch_size = int(_setting(options, "batch_size"))
+    lr = float(_setting(options, "lr"))
+    width = int(_setting(options, "width"))
     bundle = ClassifierBundle(specs, manifest_hash=data_hash, width=width,
-                              conv_dropout=args.conv_dropout, fc_dropout=args.fc_dropout)
-    per_epoch = epoch_batches(data, batch_size=batch_size, world_size=1, num_workers=args.num_workers)
+                              conv_dropout=options.conv_dropout, fc_dropout=options.fc_dropout)
+    per_epoch = epoch_batches(data, batch_size=batch_size, world_size=1, num_workers=options.num_workers)
 
     def train_batches(epoch: int):
-        return make_loader(data, batch_size=batch_size, split="train", seed=args.seed, epoch=epoch,
-                           shuffle_buffer=args.shuffle_buffer, rank=0, world_size=1,
-                           num_workers=args.num_workers)
+        return make_loader(data, batch_size=batch_size, split="train", seed=options.seed, epoch=epoch,
+                           shuffle_buffer=options.shuffle_buffer, rank=0, world_size=1,
+                           num_workers=options.num_workers)
 
-    losses = train_classifiers(bundle, train_batches, epochs=args.epochs, lr=lr, seed=args.seed,
+    losses = train_classifiers(bundle, train_batches, epochs=options.epochs, lr=lr, seed=options.seed,
                                batches_per_epoch=per_epoch, device=device)
-    test = make_loader(data, batch_size=512, split="test", rank=0, world_size=1, num_workers=args.num_workers)
+    test = make_loader(data, batch_size=512, split="test", rank=0, world_size=1,
+                       num_workers=options.num_workers)
     bundle.test_accuracy = evaluate_accuracy(bundle, test, show_progress=True)
     seconds = time.perf_counter() - start
-    bundle.save(out, extra={"data_path": str(data), "epochs": args.epochs, "batch_size": batch_size,
-                            "lr": lr, "seed": args.seed, "train_loss_per_epoch": losses,
+    bundle.save(out, extra={"data_path": str(data), "epochs": options.epochs, "batch_size": batch_size,
+                            "lr": lr, "seed": options.seed, "train_loss_per_epoch": losses,
                             "seconds": seconds})
-    print(f"classifiers for data {data} (manifest hash {data_hash[:12]}...), {args.epochs} epoch(s), "
+    print(f"classifiers for data {data} (manifest hash {data_hash[:12]}...), {options.epochs} epoch(s), "
           f"{seconds:.0f} s:")
     for name, acc in bundle.test_accuracy.items():
-        note = (f"  (below {TARGET_ACCURACY}: train longer, e.g. --epochs {2 * args.epochs})"
+        note = (f"  (below {TARGET_ACCURACY}: train longer, e.g. --epochs {2 * options.epochs})"
                 if acc < TARGET_ACCURACY else "")
         print(f"  {name}: test accuracy {acc:.4f}{note}")
     print(f"saved to {out}")

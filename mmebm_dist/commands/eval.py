@@ -13,11 +13,16 @@ processes and the counts summed with one all_reduce; rank 0 writes the files. Ex
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from mmebm_dist.evaluate.latent_samplers import FlowOptions
 
 DEFAULT_BATCH = 250
 PICTURE_JOINT = 64
@@ -47,10 +52,94 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of every sample drawn")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", default=None, help="output directory (default: RUN/eval)")
-    from mmebm_dist.evaluate import beyond_coherence, latent_samplers
+    add_beyond_coherence_arguments(parser)
+    add_sampler_arguments(parser)
 
-    beyond_coherence.add_arguments(parser)
-    latent_samplers.add_arguments(parser)
+
+def add_beyond_coherence_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the figures beyond coherence (``evaluate.beyond_coherence.BeyondOptions``)."""
+    group = parser.add_argument_group("beyond coherence (sample quality, likelihood, posterior refinement)")
+    group.add_argument("--no-frechet", action="store_true",
+                       help="skip the Frechet distance in the classifiers' penultimate features (digit "
+                            "data sets; the birds have none)")
+    group.add_argument("--inception-weights", default=None, metavar="PTH",
+                       help="local InceptionV3 weights file (torch-fidelity's): also compute the standard "
+                            "FID of image modalities; nothing is downloaded")
+    group.add_argument("--likelihood-particles", type=int, default=0, metavar="K",
+                       help="importance-weighted test log p(X) and log p(x_m) with K particles (e.g. 1000; "
+                            "default 0: skip)")
+    group.add_argument("--likelihood-tuples", type=int, default=100, metavar="N",
+                       help="test tuples the log-likelihood is averaged over (default: %(default)s)")
+    group.add_argument("--log-z-samples", type=int, default=100_000,
+                       help="reference draws of the Monte Carlo log Z of an EBM prior (default: %(default)s)")
+    group.add_argument("--log-z-max-stderr", type=float, default=0.05,
+                       help="above this Monte Carlo standard error, log Z comes from AIS "
+                            "(default: %(default)s)")
+    group.add_argument("--ais-chains", type=int, default=1000, help="AIS chains (default: %(default)s)")
+    group.add_argument("--ais-temperatures", type=int, default=300,
+                       help="AIS temperatures, one MALA step each (default: %(default)s)")
+    group.add_argument("--ais-step-size", type=float, default=0.2,
+                       help="AIS MALA step (default: %(default)s)")
+    group.add_argument("--refine-steps", type=int, nargs="*", default=None, metavar="K",
+                       help="posterior-refinement Langevin steps to measure, e.g. 0 10 30 (default: skip)")
+    group.add_argument("--refine-step-size", type=float, default=0.02,
+                       help="posterior-refinement Langevin step size s (drift s^2/2; default: %(default)s)")
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """The post-hoc latent sampler flags (``evaluate.latent_samplers.SamplerOptions``)."""
+    from mmebm_dist.evaluate.latent_samplers import DEFAULT_FIT_TUPLES, FlowOptions
+
+    group = parser.add_argument_group("post-hoc latent samplers (baselines for the EBM prior)")
+    group.add_argument("--gmm-components", type=int, nargs="+", default=None, metavar="K",
+                       help="fit a K-component Gaussian mixture (full covariances) to the aggregate "
+                            "posterior of the train split and measure the joint coherence of its decoded "
+                            "draws, per K (e.g. 10 50; default: skip)")
+    group.add_argument("--flow", action="store_true",
+                       help="fit a masked autoregressive flow (zuko MAF) to the same aggregate-posterior "
+                            "draws by maximum likelihood and measure the joint coherence of its decoded "
+                            "draws")
+    defaults = FlowOptions()
+    for name, kind, text in (
+            ("transforms", int, "autoregressive transforms"), ("hidden", int, "width of the 2 hidden layers"),
+            ("steps", int, "Adam steps (the best held-out likelihood's parameters are kept)"),
+            ("lr", float, "Adam learning rate"), ("batch_size", int, "minibatch size"),
+            ("eval_every", int, "steps between held-out evaluations")):
+        group.add_argument(f"--flow-{name.replace('_', '-')}", type=kind, default=None,
+                           help=f"with --flow: {text} (default: {getattr(defaults, name)})")
+    group.add_argument("--sampler-fit", "--gmm-fit", dest="sampler_fit", type=int, default=DEFAULT_FIT_TUPLES,
+                       metavar="N",
+                       help="train tuples the samplers are fitted to (default: %(default)s, or the whole "
+                            "split when smaller; the flow holds out a tenth of them)")
+
+
+def flow_options(args: argparse.Namespace) -> FlowOptions | None:
+    """The ``--flow-*`` options (None without ``--flow``); a bad or orphaned one is a one-line SystemExit."""
+    from mmebm_dist.evaluate.latent_samplers import FlowOptions
+
+    given = {name: getattr(args, f"flow_{name}") for name in FlowOptions.__dataclass_fields__
+             if getattr(args, f"flow_{name}", None) is not None}
+    if not args.flow:
+        if given:
+            flags = ", ".join(f"--flow-{k.replace('_', '-')}" for k in given)
+            raise SystemExit(f"{flags} given without --flow: add --flow to fit the flow, or drop them")
+        return None
+    bad = {k: v for k, v in given.items() if not v > 0}
+    if bad:
+        k, v = next(iter(bad.items()))
+        raise SystemExit(f"--flow-{k.replace('_', '-')} {v}: must be > 0")
+    return FlowOptions(**given)
+
+
+def check_sampler_arguments(args: argparse.Namespace) -> FlowOptions | None:
+    """Check the sampler flags before any work (one-line SystemExit naming the flag); the flow's options."""
+    if args.gmm_components and min(args.gmm_components) < 1:
+        raise SystemExit(f"--gmm-components {args.gmm_components}: every K must be >= 1")
+    if args.sampler_fit < 1:
+        raise SystemExit(f"--sampler-fit {args.sampler_fit}: must be >= 1")
+    return flow_options(args)
+
+
 
 
 def _print_summary(results: dict, out_dir: Path) -> None:
@@ -109,7 +198,6 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
     from mmebm_dist.evaluate import generate, latent, latent_samplers, report
     from mmebm_dist.evaluate.coherence import measure_coherence
     from mmebm_dist.evaluate.judges import judge_module
-    from mmebm_dist.evaluate.judges.digits import DigitJudge
 
     start = time.perf_counter()
     out_dir = export.output_dir(args.run, args.out, "eval")
@@ -133,7 +221,7 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
     bad = [k for k in subset_sizes if not 2 <= k < m]
     if bad:
         raise SystemExit(f"--subset-sizes {bad}: with {m} modalities a subset size k must be in 2..{m - 1}")
-    flow = latent_samplers.check_arguments(args)
+    flow = check_sampler_arguments(args)
     kind = judge_module(data_path)
     judge = kind.load_judge(clf_dir, data_path, manifest_hash=data_hash, modalities=model.modalities,
                             device=device)
@@ -142,11 +230,16 @@ def evaluate(args: argparse.Namespace, rank: int, world: int) -> int:
     coherence = measure_coherence(model, judge, chunks, subset_sizes=subset_sizes, **common)
     from mmebm_dist.evaluate import beyond_coherence
 
+    beyond_options = beyond_coherence.BeyondOptions(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(beyond_coherence.BeyondOptions)})
     beyond = beyond_coherence.measure(
-        args, model=model, classifiers=judge.classifiers if isinstance(judge, DigitJudge) else None,
+        beyond_options, model=model, classifiers=judge.classifiers,
         chunks=chunks, num_samples=num, joint_langevin_steps=joint_steps, subset_sizes=subset_sizes,
         device=device, rank=rank, world_size=world)
-    samplers = latent_samplers.measure_requested(args, flow, model, judge, data_path, num_samples=num,
+    sampler_options = latent_samplers.SamplerOptions(
+        batch_size=args.batch_size, seed=args.seed, gmm_components=args.gmm_components, flow=flow,
+        sampler_fit=args.sampler_fit)
+    samplers = latent_samplers.measure_requested(sampler_options, model, judge, data_path, num_samples=num,
                                                  rank=rank, world_size=world)
     elbo = None if args.no_elbo else latent.objective_terms(model, chunks, rank=rank, world_size=world,
                                                             seed=args.seed)

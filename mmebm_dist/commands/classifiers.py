@@ -9,6 +9,7 @@ manifest hash (evaluation refuses classifiers trained on other data).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from mmebm_dist.evaluate.judges.birds import DEFAULTS as BIRDS_DEFAULTS
 from mmebm_dist.evaluate.judges.digits import DEFAULTS as DIGIT_DEFAULTS
@@ -42,5 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mmebm_dist.evaluate.judges import judge_module
+    from mmebm_dist.evaluate.judges.options import TrainOptions
 
-    return judge_module(args.data).train_from_args(args)
+    options = TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})
+    return judge_module(options.data).train(options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mmebm_dist.datasets.importers.common import parse_size
+from mmebm_dist.commands.argtypes import image_size, modality_kind, positive_int
 
 FORMATS = {
     "polymnist-folders": "PolyMNIST as its authors distribute it: SRC/{train,test}/m{k}/{i}.{label}.png",
@@ -14,22 +14,6 @@ FORMATS = {
     "table": "a JSONL or CSV table, one row per tuple (--modality NAME=image|npy|text)",
     "webdataset": "existing tar shards: scan, verify, write manifest.json beside them (no rewrite)",
 }
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def _modality(text: str) -> tuple[str, str]:
-    from mmebm_dist.datasets.importers.table import parse_modality
-
-    try:
-        return parse_modality(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 ALLOW_MISSING = {  # the formats whose tuples can lack a modality, and what that looks like in each
@@ -45,8 +29,6 @@ ALLOW_MISSING = {  # the formats whose tuples can lack a modality, and what that
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One sub-parser per format, each with SRC, --out, --workers, --shard-size, --overwrite."""
-    from mmebm_dist.datasets.cli import positive_int
-
     sub = parser.add_subparsers(dest="import_format", metavar="FORMAT", required=True)
     for name, help_text in FORMATS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -71,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if name in ("polymnist-folders", "table"):
             p.add_argument(
                 "--resize",
-                type=_size,
+                type=image_size,
                 default=None,
                 metavar="HxW",
                 help="resize every image to HxW (default: sizes must agree)",
@@ -84,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the pairing")
     p = sub.choices["cub-captions"]
-    p.add_argument("--resize", type=_size, default=(64, 64), metavar="HxW", help="image size (MMVAE: 64x64)")
+    p.add_argument("--resize", type=image_size, default=(64, 64), metavar="HxW",
+                   help="image size (MMVAE: 64x64)")
     p.add_argument(
         "--max-tokens", type=positive_int, default=32, help="caption length with <eos> (MMVAE: 32)"
     )
@@ -97,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.choices["table"]
     p.add_argument(
         "--modality",
-        type=_modality,
+        type=modality_kind,
         action="append",
         required=True,
         metavar="NAME=KIND",
