@@ -37,7 +37,7 @@ from mmebm_dist.rundir import (
     latest_checkpoint,
     read_train_state,
 )
-from mmebm_dist.train import elastic
+from mmebm_dist.train import elastic, reference_fit
 from mmebm_dist.train.capture import capture_step
 from mmebm_dist.train.checkpoint import (
     load_initial_weights,
@@ -50,7 +50,6 @@ from mmebm_dist.train.checkpoint import (
 from mmebm_dist.train.distributed import describe, make_accelerator, zero_stage
 from mmebm_dist.train.heartbeat import Heartbeat, is_timeout
 from mmebm_dist.train.metrics import MetricsWriter, SampleTrace, make_trackers
-from mmebm_dist.train.reference_fit import fit_due, fit_reference
 from mmebm_dist.train.resume import apply_optimizer_changes, optimizer_hyperparameters, resume_changes
 from mmebm_dist.train.runlock import RunLock
 from mmebm_dist.train.signals import StopRequest, run_step_hooks
@@ -160,7 +159,6 @@ def micro_batches(
                 segments=segments,
                 check_sha256=cfg.data.check_sha256,
                 pin_memory=device.type == "cuda",
-                shard_url=cfg.data.shard_url or None,
             )
             loader = iter(skips.track(loader) if skips is not None else loader)
         for index in range(start, length):
@@ -253,13 +251,6 @@ class TrainSession:
             return self.remainder[1]
         return self.per_epoch
 
-    def stage_of(self, step: int) -> schedule.Stage:
-        """The stage of ``step``; with a ``train.schedule`` the model is switched to it."""
-        stage = schedule.stage_at(self.stages, step)
-        if self.cfg.train.schedule:
-            self.unwrapped.set_stage(stage.name)
-        return stage
-
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
@@ -286,6 +277,7 @@ def _build_model(cfg: Config, accelerator: Accelerator, *, from_checkpoint: bool
     if cfg.train.init_from and not from_checkpoint:  # a resumed run takes its weights from its checkpoint
         source = load_initial_weights(model, cfg.train.init_from)
         log.info("initial weights from %s", source)
+    reference_fit.attach(model, cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     capture_step(model, optimizer, cfg, accelerator.device)
@@ -426,10 +418,12 @@ def setup(
     accelerator.wait_for_everyone()
 
     info = describe(accelerator)
-    if cfg.model.prior.energy_updates > 1 and info["distributed_type"] == "DEEPSPEED":
-        raise ValueError(f"model.prior.energy_updates={cfg.model.prior.energy_updates} drops the other "
-                         "parameters' gradients before an extra optimizer step, which DeepSpeed does not "
-                         "allow; set model.prior.energy_updates=1 or train without DeepSpeed")
+    stages = schedule.of_config(cfg)
+    extra = next((update for stage in stages for update in stage.extra_updates), None)
+    if extra is not None and info["distributed_type"] == "DEEPSPEED":
+        raise ValueError(f"{extra.setting} runs {extra.what} that drops the other parameters' gradients "
+                         "before its optimizer step, which DeepSpeed does not allow; set it back to its "
+                         "default or train without DeepSpeed")
     log.info(
         "process 0 of %d: %s, ZeRO stage %d, %d batches/epoch/rank, %d threads",
         world, info["distributed_type"], info["zero_stage"], per_epoch, info["threads"],
@@ -452,7 +446,7 @@ def setup(
     return TrainSession(
         cfg=cfg, accelerator=accelerator, model=model, unwrapped=unwrapped, optimizer=optimizer,
         scheduler=scheduler, state=state, batches=batches, per_epoch=per_epoch, metrics=metrics, trace=trace,
-        run_dir=run_dir, info=info, stages=schedule.of_config(cfg), skips=skips,
+        run_dir=run_dir, info=info, stages=stages, skips=skips,
         skipped_before=state.data_skipped, data_skipped=state.data_skipped, remainder=remainder,
     )
 
@@ -478,21 +472,19 @@ def _remainder(cfg: Config, state: TrainState, rank: int, world: int) -> tuple[i
 
 
 def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
-    """Optimizer step ``step``: ``optim.grad_accum`` micro-batches (forward, backward, clipping at the sync,
-    optimizer update), the runaway check on every micro-batch, the scheduler step and the state's position.
+    """Optimizer step ``step``: the model's ``on_step`` hook with the step's stage (:mod:`mmebm_dist.schedule`
+    says what a stage changes), the optimizer state of groups that start training reset, ``optim.grad_accum``
+    micro-batches (forward, backward, clipping at the sync, optimizer update), the stage's extra updates, the
+    runaway check on every forward, the scheduler step and the state's position.
 
     Returns this rank's loss terms averaged over the micro-batches (detached float scalars).
     """
     cfg, accelerator, model, state = session.cfg, session.accelerator, session.model, session.state
     accum = cfg.optim.grad_accum
     step_terms: dict[str, torch.Tensor] = {}
-    stage = session.stage_of(step)
-    session.unwrapped.set_step(step)
-    if fit_due(session.unwrapped, stage, step, refit=cfg.model.prior.reference_refit):
-        fit_reference(session.unwrapped, data_path=cfg.data.path, tuples=cfg.model.prior.reference_fit_tuples,
-                      batch_size=cfg.data.batch_size, seed=cfg.train.seed)
-    if cfg.train.schedule:
-        _reset_optimizer_state(session.optimizer, schedule.starting_groups(session.stages, step))
+    stage = schedule.stage_at(session.stages, step)
+    session.unwrapped.on_step(step, stage)
+    _reset_optimizer_state(session.optimizer, schedule.starting_groups(session.stages, step))
     for _ in range(accum):
         t0 = time.perf_counter()
         epoch, index, batch = next(session.batches)
@@ -512,9 +504,8 @@ def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
                                f"stage '{stage.name}' ({stage.index + 1} of {len(session.stages)}), ")
         for key, value in terms.items():
             step_terms[key] = step_terms.get(key, 0.0) + value / accum
-    if stage.name == "joint" and session.unwrapped.energy is not None:
-        for _ in range(cfg.model.prior.energy_updates - 1):
-            _energy_only_step(session, batch, step)
+    for update in stage.extra_updates:
+        _extra_update(session, batch, step, update)
     session.scheduler.step()
     state.step, state.samples_seen = step, state.samples_seen + session.samples_per_step
     if index + 1 == session.epoch_length(epoch):
@@ -524,26 +515,21 @@ def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
     return step_terms
 
 
-def _energy_only_step(session: TrainSession, batch: dict, step: int) -> None:
-    """One extra energy update (``model.prior.energy_updates``) on ``batch``: the energy stage's loss (fresh
-    posterior samples of the current encoders, fresh negatives); every other parameter's gradient is dropped
-    before the optimizer step, so Adam leaves those parameters and their moments untouched."""
-    model, unwrapped, optimizer = session.model, session.unwrapped, session.optimizer
-    stage = unwrapped.stage
-    unwrapped.set_stage("energy")
-    try:
-        with session.accelerator.accumulate(model):
-            out = model(batch)
-            session.accelerator.backward(out["loss"])
-            for group in optimizer.param_groups:
-                if group.get("name") != "energy":
-                    for p in group["params"]:
-                        p.grad = None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    finally:
-        unwrapped.set_stage(stage)
-    _checked_terms(session, out, step, "an extra energy update (model.prior.energy_updates), ")
+def _extra_update(session: TrainSession, batch: dict, step: int, update: schedule.Update) -> None:
+    """One of the stage's extra updates on ``batch``: the loss of ``update.objective`` (fresh random draws);
+    the gradients of the groups outside ``update.groups`` are dropped before the optimizer step, so Adam
+    leaves those parameters and their moments untouched."""
+    model, optimizer = session.model, session.optimizer
+    with session.unwrapped.objective(update.objective), session.accelerator.accumulate(model):
+        out = model(batch)
+        session.accelerator.backward(out["loss"])
+        for group in optimizer.param_groups:
+            if group.get("name") not in update.groups:
+                for p in group["params"]:
+                    p.grad = None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    _checked_terms(session, out, step, f"{update.what} ({update.setting}), ")
 
 
 def _checked_terms(session: TrainSession, out: dict, step: int, where: str) -> dict[str, torch.Tensor]:
