@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from mmebm_dist import schedule
 from mmebm_dist.config import Config, config_to_dict, save_config
-from mmebm_dist.data.stream import SkipTally, prefetch_to_device
+from mmebm_dist.data.stream import DataSource, SkipTally, prefetch_to_device
 from mmebm_dist.rundir import (
     CHECKPOINTS,
     CONFIG_FILE,
@@ -108,13 +108,14 @@ def data_order(cfg: Config, world_size: int, manifest: str) -> dict[str, Any]:
     }
 
 
-def train_loader(cfg: Config, *, rank: int, world_size: int, **options: Any):
-    """``make_loader`` over the train split of ``data.path`` with the run's batch size, workers, shuffle
-    buffer and seed (the fields of :func:`data_order`); ``options``: the other ``make_loader`` arguments."""
+def train_loader(cfg: Config, source: DataSource, *, rank: int, world_size: int, **options: Any):
+    """``make_loader`` over ``source`` (the train split of ``data.path``, resolved once by :func:`setup`)
+    with the run's batch size, workers, shuffle buffer and seed (the fields of :func:`data_order`);
+    ``options``: the other ``make_loader`` arguments."""
     from mmebm_dist.data.stream import make_loader
 
     return make_loader(
-        cfg.data.path,
+        source,
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer,
@@ -128,6 +129,7 @@ def train_loader(cfg: Config, *, rank: int, world_size: int, **options: Any):
 
 def micro_batches(
     cfg: Config,
+    source: DataSource,
     *,
     rank: int,
     world_size: int,
@@ -141,15 +143,17 @@ def micro_batches(
 ) -> Iterator[tuple[int, int, dict]]:
     """Yield ``(epoch, index, batch)`` forever: ``per_epoch`` batches per epoch on every rank, then reshuffle.
 
-    Starts at batch ``start`` of ``epoch`` (exact resume through ``make_loader(skip_batches=...)``); ``skips``
-    counts what ``data.on_error=skip`` skipped. ``segments``: the parts of ``epoch`` read under another
-    layout (an elastic resume), whose rest holds ``first_length`` batches per rank.
+    Reads ``source`` (resolved once: no manifest read per epoch). Starts at batch ``start`` of ``epoch``
+    (exact resume through ``make_loader(skip_batches=...)``); ``skips`` counts what ``data.on_error=skip``
+    skipped. ``segments``: the parts of ``epoch`` read under another layout (an elastic resume), whose rest
+    holds ``first_length`` batches per rank.
     """
     length = per_epoch if first_length is None else first_length
     while True:
         with isolated_rng(device):
             loader = train_loader(
                 cfg,
+                source,
                 rank=rank,
                 world_size=world_size,
                 epoch=epoch,
@@ -284,12 +288,12 @@ def _build_model(cfg: Config, accelerator: Accelerator, *, from_checkpoint: bool
     return accelerator.prepare(model, optimizer, scheduler)
 
 
-def _check_presence_order(cfg: Config) -> None:
-    """Every modality of the model is in the data; an incomplete set's ``present`` mask is in the manifest's
-    modality order and the model reads it in model.modalities order: they must be the same list."""
-    from mmebm_dist.data.shards import is_incomplete, modality_names, read_manifest
+def _check_presence_order(cfg: Config, manifest: dict[str, Any]) -> None:
+    """Every modality of the model is in the data (``manifest``: that of ``data.path``); an incomplete set's
+    ``present`` mask is in the manifest's modality order and the model reads it in model.modalities order:
+    they must be the same list."""
+    from mmebm_dist.data.shards import is_incomplete, modality_names
 
-    manifest = read_manifest(cfg.data.path)
     names = [m.name for m in cfg.model.modalities]
     absent = [n for n in names if n not in modality_names(manifest)]
     if absent:  # else a KeyError at the first batch
@@ -301,11 +305,11 @@ def _check_presence_order(cfg: Config) -> None:
                          f"{modality_names(manifest)}); list model.modalities in that order, got {names}")
 
 
-def _epoch_batches(cfg: Config, world: int) -> int:
+def _epoch_batches(cfg: Config, world: int, source: DataSource) -> int:
     from mmebm_dist.data.stream import epoch_batches
 
     per_epoch = epoch_batches(
-        cfg.data.path,
+        source,
         batch_size=cfg.data.batch_size,
         world_size=world,
         num_workers=cfg.data.num_workers,
@@ -316,7 +320,7 @@ def _epoch_batches(cfg: Config, world: int) -> int:
             f"'{cfg.data.path}' gives no full batch of {cfg.data.batch_size} per rank with {world} "
             "processes; lower data.batch_size or build more samples"
         )
-    _check_presence_order(cfg)
+    _check_presence_order(cfg, source.manifest)
     return per_epoch
 
 
@@ -383,7 +387,7 @@ def setup(
     ``record=False`` writes nothing to the run directory (``--dry-run``, benchmarks); ``batches`` replaces
     the stream of ``data.path`` (benchmarks on synthetic data; the epoch position is then not tracked).
     """
-    from mmebm_dist.data.shards import manifest_hash
+    from mmebm_dist.data.stream import resolve_source
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     accelerator = make_accelerator(cfg, log_with=make_trackers(cfg, resume=resume) if record else None)
@@ -406,11 +410,13 @@ def setup(
     set_seed(cfg.train.seed, device_specific=True)  # per-rank Langevin noise and reparameterisation draws
 
     synthetic = batches is not None
-    order = data_order(cfg, world, "synthetic" if synthetic else manifest_hash(cfg.data.path))
-    per_epoch = 0 if synthetic else _epoch_batches(cfg, world)
+    # The data set resolved once (over HTTP: one manifest fetch), handed to the planning and the loaders.
+    source = None if synthetic else resolve_source(cfg.data.path, "train", cfg.data.shard_url or None)
+    order = data_order(cfg, world, "synthetic" if synthetic else source.manifest_hash)
+    per_epoch = 0 if synthetic else _epoch_batches(cfg, world, source)
     state = _initial_state(cfg, accelerator, optimizer, scheduler, ckpt, order, resume, record, checkpoint,
                            moved, unwrapped)
-    remainder = None if synthetic else _remainder(cfg, state, rank, world)
+    remainder = None if synthetic else _remainder(cfg, source, state, rank, world)
     if record and main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG_FILE)
@@ -437,7 +443,7 @@ def setup(
     skips = SkipTally()  # data.on_error=skip: samples/shards this process skipped (logged as data_skipped)
     if batches is None:
         batches = micro_batches(
-            cfg, rank=rank, world_size=world, per_epoch=per_epoch, epoch=state.epoch,
+            cfg, source, rank=rank, world_size=world, per_epoch=per_epoch, epoch=state.epoch,
             start=state.epoch_batch, device=accelerator.device, skips=skips, segments=state.epoch_segments,
             first_length=remainder[1] if remainder else None,
         )
@@ -451,7 +457,8 @@ def setup(
     )
 
 
-def _remainder(cfg: Config, state: TrainState, rank: int, world: int) -> tuple[int, int] | None:
+def _remainder(cfg: Config, source: DataSource, state: TrainState, rank: int,
+               world: int) -> tuple[int, int] | None:
     """(epoch, batches per rank) of the re-planned rest of ``state.epoch`` when earlier parts of it ran in
     another layout (logging what it holds); None otherwise. An empty rest moves ``state`` to the next
     epoch."""
@@ -460,7 +467,7 @@ def _remainder(cfg: Config, state: TrainState, rank: int, world: int) -> tuple[i
     if not state.epoch_segments:
         return None
     segments = state.epoch_segments
-    plan = train_loader(cfg, rank=rank, world_size=world, epoch=state.epoch, segments=segments).plan
+    plan = train_loader(cfg, source, rank=rank, world_size=world, epoch=state.epoch, segments=segments).plan
     batches, left, dropped = remainder_size(plan, segments)
     log.info("the rest of epoch %d: %d samples over %d ranks, %d batches of %d each; %d samples left out "
              "(they do not fill a batch on every rank)", state.epoch, left, world, batches,
