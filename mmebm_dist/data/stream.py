@@ -49,6 +49,7 @@ from mmebm_dist.data.shards import (
     is_incomplete,
     manifest_dict_hash,
     manifest_path,
+    manifest_url,
     modality_specs,
     parse_label,
     read_manifest,
@@ -689,8 +690,9 @@ class DataSource:
     def manifest_hash(self) -> str:
         """:func:`mmebm_dist.data.shards.manifest_hash` of the manifest (ShardError for bare URLs)."""
         if self.manifest is None:
-            raise ShardError(f"{self.path}: shard URLs without a manifest; a run needs the data set "
-                             "directory, manifest file or manifest URL written by `mmebm data`")
+            where = manifest_url(self.path) if is_http(self.path) else manifest_path(self.path)
+            raise ShardError(f"no manifest at {where}: a run reads a data set written by `mmebm data` (its "
+                             "directory, manifest file or manifest URL), not bare shard URLs")
         return manifest_dict_hash(self.manifest)
 
 
