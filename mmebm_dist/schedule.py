@@ -4,7 +4,13 @@ A schedule is a list of stages run in order, each ``{stage: reference|energy|joi
 ``lr`` (encoders/decoders) and ``prior_lr`` (the energy). The stage of a step is a pure function of the step,
 so a run resumed at any step (a stage boundary included) continues exactly where it would have been; the
 per-group lr factors are LambdaLR lambdas, so the scheduler's saved state is all a resume needs.
-An empty schedule is the plain run: one joint stage of ``train.steps`` at ``optim.lr`` / ``prior.lr``.
+An empty schedule is the plain run: one joint stage of ``train.steps`` at ``optim.lr`` / ``prior.lr`` (one
+energy stage for a post-hoc fit, ``model.prior.fit=posthoc``).
+
+This module is the one place that says what a stage changes: the optimizer groups it trains
+(:data:`STAGE_GROUPS`, whose lr is 0 in the other stages), the objective the model computes (the stage's name,
+set through the model's ``on_step`` hook), and the extra updates after a step's own (:class:`Update`). The
+training loop applies a :class:`Stage` without looking at its name.
 """
 
 from __future__ import annotations
@@ -12,39 +18,79 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+GROUPS = ("model", "energy")
+"""The model's optimizer groups: encoders/decoders/private priors, and the energy (``param_groups``)."""
 STAGE_GROUPS = {"reference": ("model",), "energy": ("energy",), "joint": ("model", "energy")}
-"""The optimizer groups each stage trains; the other groups run at lr 0."""
+"""The optimizer groups each stage trains; the other groups run at lr 0 and get zero gradients."""
+
+
+@dataclass(frozen=True)
+class Update:
+    """An optimizer update after a step's own, on the step's last micro-batch: the model computes the loss
+    of stage ``objective``, and only ``groups`` move (the other groups' gradients are dropped before the
+    optimizer step, so Adam leaves their parameters and moments untouched)."""
+
+    objective: str
+    groups: tuple[str, ...]
+    what: str
+    """What the update is, for messages (``an extra energy update``)."""
+    setting: str
+    """The config setting that asks for it, for messages (``model.prior.energy_updates=3``)."""
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage resolved: its name, index, first and last step (1-based, inclusive) and per-group lrs."""
+    """One stage resolved: its name (the objective the model computes), index, first and last step (1-based,
+    inclusive), per-group lrs and the updates each of its steps runs after its own."""
 
     name: str
     index: int
     first: int
     last: int
     lrs: dict[str, float]
+    extra_updates: tuple[Update, ...] = ()
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The optimizer groups this stage trains."""
+        return STAGE_GROUPS[self.name]
 
 
-def resolve(schedule: Sequence, *, steps: int, model_lr: float, prior_lr: float) -> list[Stage]:
-    """Stages with absolute step ranges; an empty schedule is one joint stage over ``steps``."""
+def _energy_updates(count: int) -> tuple[Update, ...]:
+    """``count - 1`` energy-only updates (``model.prior.energy_updates``)."""
+    update = Update(objective="energy", groups=STAGE_GROUPS["energy"], what="an extra energy update",
+                    setting=f"model.prior.energy_updates={count}")
+    return (update,) * (count - 1)
+
+
+def resolve(schedule: Sequence, *, steps: int, model_lr: float, prior_lr: float, energy_updates: int = 1,
+            posthoc: bool = False) -> list[Stage]:
+    """Stages with absolute step ranges; an empty schedule is one joint stage over ``steps`` (one energy
+    stage when ``posthoc``). ``energy_updates``: energy optimizer steps per model step, so a joint stage (and
+    the post-hoc fit's stage) runs ``energy_updates - 1`` energy-only updates after each of its steps."""
+    extra = _energy_updates(energy_updates)
     if not schedule:
-        return [Stage("joint", 0, 1, max(steps, 1), {"model": model_lr, "energy": prior_lr})]
+        name = "energy" if posthoc else "joint"
+        lrs = {"model": model_lr, "energy": prior_lr}
+        lrs = {g: (lr if g in STAGE_GROUPS[name] else 0.0) for g, lr in lrs.items()}
+        return [Stage(name, 0, 1, max(steps, 1), lrs, extra)]
     stages, first = [], 1
     for i, s in enumerate(schedule):
         lrs = {"model": s.lr if s.lr is not None else model_lr,
                "energy": s.prior_lr if s.prior_lr is not None else prior_lr}
         lrs = {g: (lr if g in STAGE_GROUPS[s.stage] else 0.0) for g, lr in lrs.items()}
-        stages.append(Stage(s.stage, i, first, first + s.steps - 1, lrs))
+        stages.append(Stage(s.stage, i, first, first + s.steps - 1, lrs, extra if s.stage == "joint" else ()))
         first += s.steps
     return stages
 
 
 def of_config(cfg) -> list[Stage]:
-    """The stages of a :class:`mmebm_dist.config.Config` (``train.schedule``, ``optim.lr``, ``prior.lr``)."""
-    return resolve(cfg.train.schedule, steps=cfg.train.steps, model_lr=cfg.optim.lr,
-                   prior_lr=cfg.model.prior.lr)
+    """The stages of a :class:`mmebm_dist.config.Config` (``train.schedule``, ``optim.lr``, ``prior.lr``,
+    ``prior.energy_updates`` of an EBM prior, ``prior.fit``)."""
+    prior = cfg.model.prior
+    return resolve(cfg.train.schedule, steps=cfg.train.steps, model_lr=cfg.optim.lr, prior_lr=prior.lr,
+                   energy_updates=prior.energy_updates if prior.kind == "ebm" else 1,
+                   posthoc=prior.fit == "posthoc")
 
 
 def stage_at(stages: Sequence[Stage], step: int) -> Stage:

@@ -143,3 +143,35 @@ def test_training_streams_over_http(served, tmp_path):
     assert summary["step"] == 3 and summary["data_skipped"] == 0
     records = [r for r in read_jsonl(Path(summary["run_dir"]) / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["data_skipped"] == 0 for r in records)
+
+
+def test_a_run_over_http_fetches_its_manifest_once(served, tmp_path, monkeypatch):
+    """Setup resolves the data set once and hands it to the epoch planning and every epoch's loader: over
+    setup and two epochs and a bit (8 batches per epoch, 17 steps) the manifest is fetched once."""
+    from accelerate.state import AcceleratorState
+
+    from mmebm_dist.config import load_config
+    from mmebm_dist.train.loop import train
+
+    fetched = []
+    fetch = shards.fetch_url
+
+    def counting(url, **kwargs):
+        fetched.append(url)
+        return fetch(url, **kwargs)
+
+    monkeypatch.setattr(shards, "fetch_url", counting)
+    root, url = served
+    cfg = load_config(tiny_config(tmp_path / "c.yaml", root / "polymnist"),
+                      [f"data.path={url}/polymnist", f"train.out_dir={tmp_path / 'run'}", "train.steps=17",
+                       "train.checkpoint_every=0", "train.log_every=17"])
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    AcceleratorState._reset_state(True)
+    try:
+        summary = train(cfg)
+    finally:
+        AcceleratorState._reset_state(True)
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
+    assert summary["step"] == 17
+    assert fetched == [f"{url}/polymnist/manifest.json"]

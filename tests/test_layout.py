@@ -227,3 +227,24 @@ def test_shared_types_and_tables_are_leaves():
     for leaf in leaves:
         assert not {t for t in imports[leaf] if t.startswith(("mmebm_dist.evaluate", "mmebm_dist.reporting"))}
     assert package_graph()["reporting"] == set()  # the table helpers need nothing of the package
+
+
+def test_the_training_loop_names_no_stage():
+    """train/loop.py applies a stage of the schedule without knowing which: no stage name as a string, no
+    call that switches the model's stage, no energy-update or reference-fit setting (mmebm_dist.schedule says
+    what each stage trains and adds; the model's ``on_step`` / ``objective`` hooks do the rest)."""
+    import typing
+
+    from mmebm_dist.config import StageName
+
+    path = PACKAGE / "train" / "loop.py"
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set(typing.get_args(StageName))
+    assert names == {"reference", "energy", "joint"}  # the rule reads the real list
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    words = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    words |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    assert not names & strings, f"{path} names the stages {sorted(names & strings)}"
+    banned = {"set_stage", "energy_updates", "reference_refit", "fit_reference", "learned_reference",
+              "energy"}
+    assert not banned & words, f"{path} uses {sorted(banned & words)}, which belong to the model or schedule"

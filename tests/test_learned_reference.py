@@ -141,15 +141,16 @@ def test_reference_refit_fits_again_when_a_later_stage_starts(data2, tmp_path, i
     """With reference_refit the mixture is fitted when the energy stage starts and again when the joint
     stage starts (the encoders move from there on); without it, once."""
     import mmebm_dist.train.loop as loop
+    from mmebm_dist.train import reference_fit
 
     calls = []
-    original = loop.fit_reference
+    original = reference_fit.fit_reference
 
     def counting(model, **kwargs):
         calls.append(model.learned_reference.fitted)
         return original(model, **kwargs)
 
-    monkeypatch.setattr(loop, "fit_reference", counting)
+    monkeypatch.setattr(reference_fit, "fit_reference", counting)
     path = tiny_config(tmp_path / "c.yaml", data2)
     staged = [*GMM_STAGED[:3], *GMM_STAGED[4:], "train.steps=8",
               "train.schedule=[{stage: reference, steps: 2}, {stage: energy, steps: 3, prior_lr: 0.01}, "

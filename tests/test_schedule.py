@@ -3,6 +3,8 @@ their logging, exact resume across a stage boundary, and the config errors of a 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -150,3 +152,41 @@ def test_the_reference_stage_trains_the_laplace_runs_model_step_for_step(data2, 
     b = torch.load(latest_checkpoint(lap) / "model.pt", weights_only=True)
     shared = [k for k in b if not k.startswith("energy.")]
     assert shared and set(shared) <= set(a) and all(torch.equal(a[k], b[k]) for k in shared)
+
+
+def test_the_schedule_says_what_each_stage_trains_and_adds():
+    """Groups per stage, the energy_updates - 1 energy-only updates of a joint stage (none elsewhere), and a
+    post-hoc fit as one energy stage that keeps them."""
+    staged = schedule.resolve(
+        [StageConfig(stage="reference", steps=2), StageConfig(stage="energy", steps=3),
+         StageConfig(stage="joint", steps=1)], steps=6, model_lr=0.1, prior_lr=0.2, energy_updates=3)
+    assert [s.groups for s in staged] == [("model",), ("energy",), ("model", "energy")]
+    extra = schedule.Update(objective="energy", groups=("energy",), what="an extra energy update",
+                            setting="model.prior.energy_updates=3")
+    assert [s.extra_updates for s in staged] == [(), (), (extra, extra)]
+    (posthoc,) = schedule.resolve([], steps=4, model_lr=0.1, prior_lr=0.2, energy_updates=2, posthoc=True)
+    once = dataclasses.replace(extra, setting="model.prior.energy_updates=2")
+    assert (posthoc.name, posthoc.lrs, posthoc.extra_updates) == ("energy", {"model": 0.0, "energy": 0.2},
+                                                                   (once,))
+    (plain,) = schedule.resolve([], steps=4, model_lr=0.1, prior_lr=0.2)
+    assert plain.extra_updates == ()
+
+
+def test_the_model_hook_switches_the_stage_and_refuses_a_due_fit_without_a_fitter(data2, tmp_path):
+    from mmebm_dist.models import build_model
+
+    cfg = load_config(tiny_config(tmp_path / "c.yaml", data2),
+                      [*STAGED, "model.prior.reference=gmm", "model.prior.reference_components=2",
+                       "model.prior.reference_fit_tuples=8", "model.prior.coupling_ramp_steps=4"])
+    model, stages = build_model(cfg.model), schedule.of_config(cfg)
+    model.on_step(2, schedule.stage_at(stages, 2))
+    assert model.stage == "reference" and float(model.coupling) == 0.5
+    with model.objective("joint"):
+        assert model.stage == "joint"
+    assert model.stage == "reference"
+    with pytest.raises(RuntimeError, match="step 4 fits the learned reference.*no reference_fitter"):
+        model.on_step(4, schedule.stage_at(stages, 4))
+    fitted = []
+    model.reference_fitter = fitted.append
+    model.on_step(4, schedule.stage_at(stages, 4))
+    assert model.stage == "energy" and fitted == [model]

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import groupby, islice
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +47,9 @@ from mmebm_dist.data.shards import (
     check_raw,
     decode_entry,
     is_incomplete,
+    manifest_dict_hash,
     manifest_path,
+    manifest_url,
     modality_specs,
     parse_label,
     read_manifest,
@@ -660,25 +662,56 @@ def _default_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-class Resolved(NamedTuple):
-    """Where a split's shards are and what the manifest says of them (None fields: bare URLs)."""
+@dataclass(frozen=True, kw_only=True)
+class DataSource:
+    """A data set resolved once: where a split's shards are and what the manifest says of them (None fields:
+    bare URLs). Built by :func:`resolve_source`; :func:`make_loader`, :func:`epoch_batches` and
+    :func:`rank_batches` take it in place of a path, so a run reads (over HTTP: fetches) its manifest once."""
 
+    path: str
+    """The data set as given (for messages)."""
+    split: str
     urls: tuple[str, ...]
+    """Shard URLs of the split, in manifest (or given) order (``shard_url`` applied)."""
     counts: tuple[int, ...] | None
+    """Samples per shard."""
     specs: tuple[ModalitySpec, ...] | None
+    """The manifest's modalities."""
     sizes: tuple[int | None, ...] | None
+    """Bytes per shard."""
     sha256s: tuple[str, ...] | None
+    """sha256 per shard."""
     incomplete: bool = False
+    """The manifest says tuples may lack modalities."""
+    manifest: dict[str, Any] | None = None
+    """The checked manifest (:func:`mmebm_dist.data.shards.read_manifest`)."""
+
+    @property
+    def manifest_hash(self) -> str:
+        """:func:`mmebm_dist.data.shards.manifest_hash` of the manifest (ShardError for bare URLs)."""
+        if self.manifest is None:
+            where = manifest_url(self.path) if is_http(self.path) else manifest_path(self.path)
+            raise ShardError(f"no manifest at {where}: a run reads a data set written by `mmebm data` (its "
+                             "directory, manifest file or manifest URL), not bare shard URLs")
+        return manifest_dict_hash(self.manifest)
 
 
-def _resolve(path: str | Path | Sequence[str], split: str, shard_url: str | None = None) -> Resolved:
-    """Shards of ``split`` from a data set directory / manifest file / http(s) manifest URL, or bare URLs.
+def resolve_source(path: str | Path | Sequence[str] | DataSource, split: str = "train",
+                   shard_url: str | None = None) -> DataSource:
+    """Shards of ``split`` from a data set directory / manifest file / http(s) manifest URL, or bare URLs
+    (a :class:`DataSource` is returned as it is, after checking its split).
 
     An http(s) ``path`` not ending in a shard suffix and without braces is a data set URL (its manifest is
     ``path/manifest.json`` or ``path`` itself when it ends in ``.json``). Shard names from a manifest are
     plain relative paths (``read_manifest`` checks), placed under the manifest's directory or URL; only URLs
     the user passes directly (``pipe:``, brace patterns, a list, or ``shard_url``: a template in which
     ``{name}`` stands for each manifest shard's name) are opened as given."""
+    if isinstance(path, DataSource):
+        if path.split != split or shard_url is not None:
+            raise ValueError(f"the data source of {path.path} holds split {path.split!r}, asked for {split!r}"
+                             f"{' with shard_url ' + repr(shard_url) if shard_url is not None else ''}: "
+                             "resolve_source the split (and shard_url) it is read with")
+        return path
     remote = isinstance(path, str) and is_http(path) and "{" not in path and not path.endswith(SHARD_SUFFIXES)
     if remote or (isinstance(path, (str, Path)) and manifest_path(path).is_file()):
         manifest = read_manifest(path)
@@ -692,7 +725,9 @@ def _resolve(path: str | Path | Sequence[str], split: str, shard_url: str | None
             raise ShardError(f"{path}: split {split!r} has no shards")
         if shard_url is not None and "{name}" not in shard_url:
             raise ValueError(f"shard_url {shard_url!r} lacks '{{name}}' (where each shard's name goes)")
-        return Resolved(
+        return DataSource(
+            path=str(path),
+            split=split,
             urls=tuple(
                 shard_url.replace("{name}", e["name"])
                 if shard_url is not None
@@ -704,6 +739,7 @@ def _resolve(path: str | Path | Sequence[str], split: str, shard_url: str | None
             sizes=tuple(e.get("bytes") for e in entries),
             sha256s=tuple(e["sha256"] for e in entries),
             incomplete=is_incomplete(manifest),
+            manifest=manifest,
         )
     if shard_url is not None:
         raise ShardError(f"shard_url needs a manifest, and {path} has none")
@@ -715,11 +751,12 @@ def _resolve(path: str | Path | Sequence[str], split: str, shard_url: str | None
     urls = tuple(wds.shardlists.expand_urls(path)) if isinstance(path, str) else tuple(str(u) for u in path)
     if not urls:
         raise ShardError(f"no shard URLs in {path!r}")
-    return Resolved(urls=urls, counts=None, specs=None, sizes=None, sha256s=None)
+    return DataSource(path=str(path), split=split, urls=urls, counts=None, specs=None, sizes=None,
+                      sha256s=None)
 
 
 def make_loader(
-    path: str | Path | Sequence[str],
+    path: str | Path | Sequence[str] | DataSource,
     *,
     batch_size: int,
     num_workers: int = 1,
@@ -743,7 +780,8 @@ def make_loader(
     """Batches ``{name: float32 [B, C, H, W] in [0, 1], 'label': int64 [B]}`` streamed from webdataset shards.
 
     ``path``: a directory (or manifest.json, or the http(s) URL of one) written by ``mmebm data``, or shard
-    URLs given explicitly (brace patterns, ``pipe:`` commands, a list). ``drop_last`` (default: True for the
+    URLs given explicitly (brace patterns, ``pipe:`` commands, a list), or a :class:`DataSource` of ``split``
+    (then read as resolved: no manifest read). ``drop_last`` (default: True for the
     train split only) drops each worker's final partial batch. ``skip_batches=k`` yields exactly what the
     loader yields after its first k batches. ``resampled`` draws shards with replacement forever.
     ``on_error='skip'`` logs and counts bad shards/samples (``loader.skipped``) instead of raising.
@@ -766,7 +804,7 @@ def make_loader(
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error={on_error!r}: choose one of {ON_ERROR}")
     rank, world_size = _default_rank(rank, world_size)
-    where = _resolve(path, split, shard_url)
+    where = resolve_source(path, split, shard_url)
     plan = StreamPlan(
         urls=where.urls,
         counts=where.counts,
@@ -805,12 +843,13 @@ def make_loader(
 
 
 def rank_batches(
-    path: str | Path, *, batch_size: int, world_size: int, num_workers: int, split: str = "train"
+    path: str | Path | DataSource, *, batch_size: int, world_size: int, num_workers: int, split: str = "train"
 ) -> list[int]:
     """Full batches each rank yields in an epoch read in manifest order (drop_last), from the manifest."""
-    where = _resolve(path, split)
+    where = resolve_source(path, split)
     if where.counts is None:
-        raise ShardError(f"{path}: batch counts need a manifest (a dataset directory), not bare shard URLs")
+        raise ShardError(f"{where.path}: batch counts need a manifest (a dataset directory), not bare shard "
+                         "URLs")
     out = []
     for rank in range(world_size):
         plan = StreamPlan(
@@ -833,15 +872,16 @@ def rank_batches(
 
 
 def epoch_batches(
-    path: str | Path, *, batch_size: int, world_size: int, num_workers: int, split: str = "train"
+    path: str | Path | DataSource, *, batch_size: int, world_size: int, num_workers: int, split: str = "train"
 ) -> int:
     """Full batches EVERY rank can produce in ANY epoch, so DDP ranks stay in step.
 
     Shards move between ranks from epoch to epoch (``epoch_shards``), so this is a bound over every shard
     order: each worker is assumed to draw the smallest shards (exact for equal-size shards)."""
-    where = _resolve(path, split)
+    where = resolve_source(path, split)
     if where.counts is None:
-        raise ShardError(f"{path}: batch counts need a manifest (a dataset directory), not bare shard URLs")
+        raise ShardError(f"{where.path}: batch counts need a manifest (a dataset directory), not bare shard "
+                         "URLs")
     return batches_every_rank(where.counts, batch_size=batch_size, world_size=world_size,
                               num_workers=num_workers)
 

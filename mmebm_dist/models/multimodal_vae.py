@@ -20,9 +20,11 @@ whose tuples are all complete, takes the plain path (the same loss, bit for bit)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import typing
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -40,6 +42,7 @@ from mmebm_dist.models.objectives import (
 from mmebm_dist.prior import langevin
 from mmebm_dist.prior.densities import GaussianMixtureReference, posterior_family, reference_density
 from mmebm_dist.prior.energy import EnergyMLP
+from mmebm_dist.schedule import GROUPS, STAGE_GROUPS, Stage
 
 STAGES = typing.get_args(StageName)
 """What trains in a step (``train.schedule``): encoders/decoders under the reference prior p0 alone; only the
@@ -93,6 +96,9 @@ class MultimodalVAE(nn.Module):
         # Weight of f in the encoders'/decoders' log p(z) (``model.prior.coupling_ramp_steps``): a buffer, so
         # a compiled step reads its value instead of recompiling at each change (not saved: set_step sets it).
         self.register_buffer("coupling", torch.ones(()), persistent=False)
+        self.reference_fitter: Callable[[MultimodalVAE], object] | None = None
+        """Fits the learned reference to this model's aggregate posterior when :meth:`on_step` says it is
+        due; the trainer attaches it (:func:`mmebm_dist.train.reference_fit.attach`): it reads the data."""
 
     @property
     def learned_reference(self) -> GaussianMixtureReference | None:
@@ -117,6 +123,41 @@ class MultimodalVAE(nn.Module):
         ramp = self.cfg.prior.coupling_ramp_steps
         self.coupling.fill_(min(1.0, step / ramp) if ramp > 0 else 1.0)
 
+    # ------------------------------------------------------------------------------- the training hooks
+    def on_step(self, step: int, stage: Stage) -> None:
+        """The training loop's hook before optimizer step ``step`` (1-based), which belongs to ``stage``
+        (:mod:`mmebm_dist.schedule`): compute that stage's objective, set the step's coupling weight, and fit
+        the learned reference when the step is due to (``reference_fitter``)."""
+        self.set_stage(stage.name)
+        self.set_step(step)
+        if self._reference_fit_due(stage, step):
+            if self.reference_fitter is None:
+                raise RuntimeError(f"step {step} fits the learned reference (model.prior.reference=gmm), but "
+                                   "no reference_fitter is attached: train through mmebm_dist.train.loop, "
+                                   "which attaches one")
+            self.reference_fitter(self)
+
+    @contextlib.contextmanager
+    def objective(self, stage: str) -> Iterator[None]:
+        """Compute stage ``stage``'s loss inside the block (an extra update of the schedule), the current
+        stage's again after it."""
+        current = self.stage
+        self.set_stage(stage)
+        try:
+            yield
+        finally:
+            self.stage = current
+
+    def _reference_fit_due(self, stage: Stage, step: int) -> bool:
+        """Whether step ``step`` starts by fitting the learned reference: at the first step that trains the
+        energy (any step of a post-hoc fit) while it is unfitted, and with ``reference_refit`` again at the
+        first step of every later stage that trains it."""
+        reference = self.learned_reference
+        if reference is None or not (stage.lrs.get("energy", 0.0) > 0 or self.posthoc):
+            return False
+        return not reference.fitted or (self.cfg.prior.reference_refit and stage.index > 0
+                                        and step == stage.first)
+
     def set_stage(self, stage: str) -> None:
         """Train ``stage`` (one of STAGES) from the next step on; a fixed prior has only the joint stage."""
         if stage not in STAGES:
@@ -126,13 +167,21 @@ class MultimodalVAE(nn.Module):
         self.stage = stage
 
     def _untrained(self, stage: str) -> list[nn.Parameter]:
-        """Parameters that ``stage`` does not train (they get zero gradients, so DDP sees every one)."""
-        energy_ids = {id(p) for p in self.energy.parameters()} if self.energy is not None else set()
-        if stage == "reference":
-            return list(self.energy.parameters())
-        if stage == "energy":
+        """Parameters of the groups ``stage`` does not train (:data:`mmebm_dist.schedule.STAGE_GROUPS`); they
+        get zero gradients, so DDP sees every one."""
+        return [p for group in GROUPS if group not in STAGE_GROUPS[stage]
+                for p in self.group_parameters(group)]
+
+    def group_parameters(self, group: str) -> list[nn.Parameter]:
+        """The parameters of optimizer group ``group``: ``energy`` the energy's (none for a fixed prior),
+        ``model`` every other parameter that trains."""
+        energy = list(self.energy.parameters()) if self.energy is not None else []
+        if group == "energy":
+            return energy
+        if group == "model":
+            energy_ids = {id(p) for p in energy}
             return [p for p in self.parameters() if id(p) not in energy_ids and p.requires_grad]
-        return []
+        raise ValueError(f"parameter group '{group}' is unknown; choose one of {', '.join(GROUPS)}")
 
     # ------------------------------------------------------------------------------------------ helpers
     @property
@@ -303,14 +352,13 @@ class MultimodalVAE(nn.Module):
 
     def param_groups(self, optim_cfg: OptimConfig) -> list[dict]:
         """Encoder/decoder/private-prior parameters at optim.lr; the energy's at prior.lr with prior.betas."""
-        energy_ids = {id(p) for p in self.energy.parameters()} if self.energy is not None else set()
-        main = [p for p in self.parameters() if id(p) not in energy_ids and p.requires_grad]
+        main = self.group_parameters("model")
         groups = []
         if main:  # empty when only the energy trains (model.prior.fit=posthoc)
             groups.append({"params": main, "lr": optim_cfg.lr, "betas": tuple(optim_cfg.betas),
                            "name": "model"})
         if self.energy is not None:
-            groups.append({"params": list(self.energy.parameters()), "lr": self.cfg.prior.lr,
+            groups.append({"params": self.group_parameters("energy"), "lr": self.cfg.prior.lr,
                            "betas": tuple(self.cfg.prior.betas), "name": "energy"})
         return groups
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from mmebm_dist import schedule
 from mmebm_dist.config import Config, config_to_dict, save_config
-from mmebm_dist.data.stream import SkipTally, prefetch_to_device
+from mmebm_dist.data.stream import DataSource, SkipTally, prefetch_to_device
 from mmebm_dist.rundir import (
     CHECKPOINTS,
     CONFIG_FILE,
@@ -37,7 +37,7 @@ from mmebm_dist.rundir import (
     latest_checkpoint,
     read_train_state,
 )
-from mmebm_dist.train import elastic
+from mmebm_dist.train import elastic, reference_fit
 from mmebm_dist.train.capture import capture_step
 from mmebm_dist.train.checkpoint import (
     load_initial_weights,
@@ -50,7 +50,6 @@ from mmebm_dist.train.checkpoint import (
 from mmebm_dist.train.distributed import describe, make_accelerator, zero_stage
 from mmebm_dist.train.heartbeat import Heartbeat, is_timeout
 from mmebm_dist.train.metrics import MetricsWriter, SampleTrace, make_trackers
-from mmebm_dist.train.reference_fit import fit_due, fit_reference
 from mmebm_dist.train.resume import apply_optimizer_changes, optimizer_hyperparameters, resume_changes
 from mmebm_dist.train.runlock import RunLock
 from mmebm_dist.train.signals import StopRequest, run_step_hooks
@@ -109,13 +108,14 @@ def data_order(cfg: Config, world_size: int, manifest: str) -> dict[str, Any]:
     }
 
 
-def train_loader(cfg: Config, *, rank: int, world_size: int, **options: Any):
-    """``make_loader`` over the train split of ``data.path`` with the run's batch size, workers, shuffle
-    buffer and seed (the fields of :func:`data_order`); ``options``: the other ``make_loader`` arguments."""
+def train_loader(cfg: Config, source: DataSource, *, rank: int, world_size: int, **options: Any):
+    """``make_loader`` over ``source`` (the train split of ``data.path``, resolved once by :func:`setup`)
+    with the run's batch size, workers, shuffle buffer and seed (the fields of :func:`data_order`);
+    ``options``: the other ``make_loader`` arguments."""
     from mmebm_dist.data.stream import make_loader
 
     return make_loader(
-        cfg.data.path,
+        source,
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer,
@@ -129,6 +129,7 @@ def train_loader(cfg: Config, *, rank: int, world_size: int, **options: Any):
 
 def micro_batches(
     cfg: Config,
+    source: DataSource,
     *,
     rank: int,
     world_size: int,
@@ -142,15 +143,17 @@ def micro_batches(
 ) -> Iterator[tuple[int, int, dict]]:
     """Yield ``(epoch, index, batch)`` forever: ``per_epoch`` batches per epoch on every rank, then reshuffle.
 
-    Starts at batch ``start`` of ``epoch`` (exact resume through ``make_loader(skip_batches=...)``); ``skips``
-    counts what ``data.on_error=skip`` skipped. ``segments``: the parts of ``epoch`` read under another
-    layout (an elastic resume), whose rest holds ``first_length`` batches per rank.
+    Reads ``source`` (resolved once: no manifest read per epoch). Starts at batch ``start`` of ``epoch``
+    (exact resume through ``make_loader(skip_batches=...)``); ``skips`` counts what ``data.on_error=skip``
+    skipped. ``segments``: the parts of ``epoch`` read under another layout (an elastic resume), whose rest
+    holds ``first_length`` batches per rank.
     """
     length = per_epoch if first_length is None else first_length
     while True:
         with isolated_rng(device):
             loader = train_loader(
                 cfg,
+                source,
                 rank=rank,
                 world_size=world_size,
                 epoch=epoch,
@@ -160,7 +163,6 @@ def micro_batches(
                 segments=segments,
                 check_sha256=cfg.data.check_sha256,
                 pin_memory=device.type == "cuda",
-                shard_url=cfg.data.shard_url or None,
             )
             loader = iter(skips.track(loader) if skips is not None else loader)
         for index in range(start, length):
@@ -253,13 +255,6 @@ class TrainSession:
             return self.remainder[1]
         return self.per_epoch
 
-    def stage_of(self, step: int) -> schedule.Stage:
-        """The stage of ``step``; with a ``train.schedule`` the model is switched to it."""
-        stage = schedule.stage_at(self.stages, step)
-        if self.cfg.train.schedule:
-            self.unwrapped.set_stage(stage.name)
-        return stage
-
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
@@ -286,18 +281,19 @@ def _build_model(cfg: Config, accelerator: Accelerator, *, from_checkpoint: bool
     if cfg.train.init_from and not from_checkpoint:  # a resumed run takes its weights from its checkpoint
         source = load_initial_weights(model, cfg.train.init_from)
         log.info("initial weights from %s", source)
+    reference_fit.attach(model, cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     capture_step(model, optimizer, cfg, accelerator.device)
     return accelerator.prepare(model, optimizer, scheduler)
 
 
-def _check_presence_order(cfg: Config) -> None:
-    """Every modality of the model is in the data; an incomplete set's ``present`` mask is in the manifest's
-    modality order and the model reads it in model.modalities order: they must be the same list."""
-    from mmebm_dist.data.shards import is_incomplete, modality_names, read_manifest
+def _check_presence_order(cfg: Config, manifest: dict[str, Any]) -> None:
+    """Every modality of the model is in the data (``manifest``: that of ``data.path``); an incomplete set's
+    ``present`` mask is in the manifest's modality order and the model reads it in model.modalities order:
+    they must be the same list."""
+    from mmebm_dist.data.shards import is_incomplete, modality_names
 
-    manifest = read_manifest(cfg.data.path)
     names = [m.name for m in cfg.model.modalities]
     absent = [n for n in names if n not in modality_names(manifest)]
     if absent:  # else a KeyError at the first batch
@@ -309,11 +305,11 @@ def _check_presence_order(cfg: Config) -> None:
                          f"{modality_names(manifest)}); list model.modalities in that order, got {names}")
 
 
-def _epoch_batches(cfg: Config, world: int) -> int:
+def _epoch_batches(cfg: Config, world: int, source: DataSource) -> int:
     from mmebm_dist.data.stream import epoch_batches
 
     per_epoch = epoch_batches(
-        cfg.data.path,
+        source,
         batch_size=cfg.data.batch_size,
         world_size=world,
         num_workers=cfg.data.num_workers,
@@ -324,7 +320,7 @@ def _epoch_batches(cfg: Config, world: int) -> int:
             f"'{cfg.data.path}' gives no full batch of {cfg.data.batch_size} per rank with {world} "
             "processes; lower data.batch_size or build more samples"
         )
-    _check_presence_order(cfg)
+    _check_presence_order(cfg, source.manifest)
     return per_epoch
 
 
@@ -391,7 +387,7 @@ def setup(
     ``record=False`` writes nothing to the run directory (``--dry-run``, benchmarks); ``batches`` replaces
     the stream of ``data.path`` (benchmarks on synthetic data; the epoch position is then not tracked).
     """
-    from mmebm_dist.data.shards import manifest_hash
+    from mmebm_dist.data.stream import resolve_source
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     accelerator = make_accelerator(cfg, log_with=make_trackers(cfg, resume=resume) if record else None)
@@ -414,11 +410,13 @@ def setup(
     set_seed(cfg.train.seed, device_specific=True)  # per-rank Langevin noise and reparameterisation draws
 
     synthetic = batches is not None
-    order = data_order(cfg, world, "synthetic" if synthetic else manifest_hash(cfg.data.path))
-    per_epoch = 0 if synthetic else _epoch_batches(cfg, world)
+    # The data set resolved once (over HTTP: one manifest fetch), handed to the planning and the loaders.
+    source = None if synthetic else resolve_source(cfg.data.path, "train", cfg.data.shard_url or None)
+    order = data_order(cfg, world, "synthetic" if synthetic else source.manifest_hash)
+    per_epoch = 0 if synthetic else _epoch_batches(cfg, world, source)
     state = _initial_state(cfg, accelerator, optimizer, scheduler, ckpt, order, resume, record, checkpoint,
                            moved, unwrapped)
-    remainder = None if synthetic else _remainder(cfg, state, rank, world)
+    remainder = None if synthetic else _remainder(cfg, source, state, rank, world)
     if record and main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG_FILE)
@@ -426,10 +424,12 @@ def setup(
     accelerator.wait_for_everyone()
 
     info = describe(accelerator)
-    if cfg.model.prior.energy_updates > 1 and info["distributed_type"] == "DEEPSPEED":
-        raise ValueError(f"model.prior.energy_updates={cfg.model.prior.energy_updates} drops the other "
-                         "parameters' gradients before an extra optimizer step, which DeepSpeed does not "
-                         "allow; set model.prior.energy_updates=1 or train without DeepSpeed")
+    stages = schedule.of_config(cfg)
+    extra = next((update for stage in stages for update in stage.extra_updates), None)
+    if extra is not None and info["distributed_type"] == "DEEPSPEED":
+        raise ValueError(f"{extra.setting} runs {extra.what} that drops the other parameters' gradients "
+                         "before its optimizer step, which DeepSpeed does not allow; set it back to its "
+                         "default or train without DeepSpeed")
     log.info(
         "process 0 of %d: %s, ZeRO stage %d, %d batches/epoch/rank, %d threads",
         world, info["distributed_type"], info["zero_stage"], per_epoch, info["threads"],
@@ -443,7 +443,7 @@ def setup(
     skips = SkipTally()  # data.on_error=skip: samples/shards this process skipped (logged as data_skipped)
     if batches is None:
         batches = micro_batches(
-            cfg, rank=rank, world_size=world, per_epoch=per_epoch, epoch=state.epoch,
+            cfg, source, rank=rank, world_size=world, per_epoch=per_epoch, epoch=state.epoch,
             start=state.epoch_batch, device=accelerator.device, skips=skips, segments=state.epoch_segments,
             first_length=remainder[1] if remainder else None,
         )
@@ -452,12 +452,13 @@ def setup(
     return TrainSession(
         cfg=cfg, accelerator=accelerator, model=model, unwrapped=unwrapped, optimizer=optimizer,
         scheduler=scheduler, state=state, batches=batches, per_epoch=per_epoch, metrics=metrics, trace=trace,
-        run_dir=run_dir, info=info, stages=schedule.of_config(cfg), skips=skips,
+        run_dir=run_dir, info=info, stages=stages, skips=skips,
         skipped_before=state.data_skipped, data_skipped=state.data_skipped, remainder=remainder,
     )
 
 
-def _remainder(cfg: Config, state: TrainState, rank: int, world: int) -> tuple[int, int] | None:
+def _remainder(cfg: Config, source: DataSource, state: TrainState, rank: int,
+               world: int) -> tuple[int, int] | None:
     """(epoch, batches per rank) of the re-planned rest of ``state.epoch`` when earlier parts of it ran in
     another layout (logging what it holds); None otherwise. An empty rest moves ``state`` to the next
     epoch."""
@@ -466,7 +467,7 @@ def _remainder(cfg: Config, state: TrainState, rank: int, world: int) -> tuple[i
     if not state.epoch_segments:
         return None
     segments = state.epoch_segments
-    plan = train_loader(cfg, rank=rank, world_size=world, epoch=state.epoch, segments=segments).plan
+    plan = train_loader(cfg, source, rank=rank, world_size=world, epoch=state.epoch, segments=segments).plan
     batches, left, dropped = remainder_size(plan, segments)
     log.info("the rest of epoch %d: %d samples over %d ranks, %d batches of %d each; %d samples left out "
              "(they do not fill a batch on every rank)", state.epoch, left, world, batches,
@@ -478,21 +479,19 @@ def _remainder(cfg: Config, state: TrainState, rank: int, world: int) -> tuple[i
 
 
 def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
-    """Optimizer step ``step``: ``optim.grad_accum`` micro-batches (forward, backward, clipping at the sync,
-    optimizer update), the runaway check on every micro-batch, the scheduler step and the state's position.
+    """Optimizer step ``step``: the model's ``on_step`` hook with the step's stage (:mod:`mmebm_dist.schedule`
+    says what a stage changes), the optimizer state of groups that start training reset, ``optim.grad_accum``
+    micro-batches (forward, backward, clipping at the sync, optimizer update), the stage's extra updates, the
+    runaway check on every forward, the scheduler step and the state's position.
 
     Returns this rank's loss terms averaged over the micro-batches (detached float scalars).
     """
     cfg, accelerator, model, state = session.cfg, session.accelerator, session.model, session.state
     accum = cfg.optim.grad_accum
     step_terms: dict[str, torch.Tensor] = {}
-    stage = session.stage_of(step)
-    session.unwrapped.set_step(step)
-    if fit_due(session.unwrapped, stage, step, refit=cfg.model.prior.reference_refit):
-        fit_reference(session.unwrapped, data_path=cfg.data.path, tuples=cfg.model.prior.reference_fit_tuples,
-                      batch_size=cfg.data.batch_size, seed=cfg.train.seed)
-    if cfg.train.schedule:
-        _reset_optimizer_state(session.optimizer, schedule.starting_groups(session.stages, step))
+    stage = schedule.stage_at(session.stages, step)
+    session.unwrapped.on_step(step, stage)
+    _reset_optimizer_state(session.optimizer, schedule.starting_groups(session.stages, step))
     for _ in range(accum):
         t0 = time.perf_counter()
         epoch, index, batch = next(session.batches)
@@ -512,9 +511,8 @@ def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
                                f"stage '{stage.name}' ({stage.index + 1} of {len(session.stages)}), ")
         for key, value in terms.items():
             step_terms[key] = step_terms.get(key, 0.0) + value / accum
-    if stage.name == "joint" and session.unwrapped.energy is not None:
-        for _ in range(cfg.model.prior.energy_updates - 1):
-            _energy_only_step(session, batch, step)
+    for update in stage.extra_updates:
+        _extra_update(session, batch, step, update)
     session.scheduler.step()
     state.step, state.samples_seen = step, state.samples_seen + session.samples_per_step
     if index + 1 == session.epoch_length(epoch):
@@ -524,26 +522,21 @@ def train_step(session: TrainSession, step: int) -> dict[str, torch.Tensor]:
     return step_terms
 
 
-def _energy_only_step(session: TrainSession, batch: dict, step: int) -> None:
-    """One extra energy update (``model.prior.energy_updates``) on ``batch``: the energy stage's loss (fresh
-    posterior samples of the current encoders, fresh negatives); every other parameter's gradient is dropped
-    before the optimizer step, so Adam leaves those parameters and their moments untouched."""
-    model, unwrapped, optimizer = session.model, session.unwrapped, session.optimizer
-    stage = unwrapped.stage
-    unwrapped.set_stage("energy")
-    try:
-        with session.accelerator.accumulate(model):
-            out = model(batch)
-            session.accelerator.backward(out["loss"])
-            for group in optimizer.param_groups:
-                if group.get("name") != "energy":
-                    for p in group["params"]:
-                        p.grad = None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    finally:
-        unwrapped.set_stage(stage)
-    _checked_terms(session, out, step, "an extra energy update (model.prior.energy_updates), ")
+def _extra_update(session: TrainSession, batch: dict, step: int, update: schedule.Update) -> None:
+    """One of the stage's extra updates on ``batch``: the loss of ``update.objective`` (fresh random draws);
+    the gradients of the groups outside ``update.groups`` are dropped before the optimizer step, so Adam
+    leaves those parameters and their moments untouched."""
+    model, optimizer = session.model, session.optimizer
+    with session.unwrapped.objective(update.objective), session.accelerator.accumulate(model):
+        out = model(batch)
+        session.accelerator.backward(out["loss"])
+        for group in optimizer.param_groups:
+            if group.get("name") not in update.groups:
+                for p in group["params"]:
+                    p.grad = None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    _checked_terms(session, out, step, f"{update.what} ({update.setting}), ")
 
 
 def _checked_terms(session: TrainSession, out: dict, step: int, where: str) -> dict[str, torch.Tensor]:

@@ -1,12 +1,13 @@
 """The learned reference p0 (``model.prior.reference=gmm``) fitted inside a run, when the energy starts.
 
-At the first step of the first stage that trains the energy (or step 1 of a post-hoc fit), the reference is
-fitted to aggregate-posterior draws of the frozen-so-far encoders: one z ~ q(z | x_m), m uniform, for each of
-the first ``model.prior.reference_fit_tuples`` train tuples, seeded per chunk: the procedure of the post-hoc
-GMM baseline of ``mmebm eval --gmm-components`` (full covariances, k-means start), run inside the training.
-With ``reference_refit`` it is fitted again at every later stage boundary. Every rank reads the same tuples
-and fits the same mixture (deterministic), so no collective is needed; the fit is saved in the checkpoints,
-and a run resumed after it loads it instead of fitting again.
+At the first step of the first stage that trains the energy (or step 1 of a post-hoc fit; the model's
+``on_step`` hook decides, and calls the fitter :func:`attach` gave it), the reference is fitted to
+aggregate-posterior draws of the frozen-so-far encoders: one z ~ q(z | x_m), m uniform, for each of the
+first ``model.prior.reference_fit_tuples`` train tuples, seeded per chunk: the procedure of the post-hoc GMM
+baseline of ``mmebm eval --gmm-components`` (full covariances, k-means start), run inside the training. With
+``reference_refit`` it is fitted again at every later stage boundary. Every rank reads the same tuples and
+fits the same mixture (deterministic), so no collective is needed; the fit is saved in the checkpoints, and a
+run resumed after it loads it instead of fitting again.
 """
 
 from __future__ import annotations
@@ -16,20 +17,18 @@ import time
 
 import torch
 
-from mmebm_dist import schedule
-
 log = logging.getLogger("mmebm_dist.train")
 
 
-def fit_due(model, stage: schedule.Stage, step: int, *, refit: bool) -> bool:
-    """Whether step ``step`` (1-based) starts by fitting the model's learned reference."""
-    reference = getattr(model, "learned_reference", None)
-    if reference is None:
-        return False
-    trains_energy = stage.lrs.get("energy", 0.0) > 0 or getattr(model, "posthoc", False)
-    if not trains_energy:
-        return False
-    return not reference.fitted or (refit and stage.index > 0 and step == stage.first)
+def attach(model, cfg) -> None:
+    """Give ``model`` (a model with a learned reference) the ``reference_fitter`` its ``on_step`` hook calls
+    when a fit is due: :func:`fit_reference` over the first ``model.prior.reference_fit_tuples`` train tuples
+    of ``data.path`` in chunks of ``data.batch_size``, seeded by ``train.seed``."""
+    if getattr(model, "learned_reference", None) is None:
+        return
+    options = dict(data_path=cfg.data.path, tuples=cfg.model.prior.reference_fit_tuples,
+                   batch_size=cfg.data.batch_size, seed=cfg.train.seed)
+    model.reference_fitter = lambda m: fit_reference(m, **options)  # looked up per call (tests count calls)
 
 
 def fit_reference(model, *, data_path: str, tuples: int, batch_size: int, seed: int) -> dict[str, float]:
