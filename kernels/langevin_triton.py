@@ -39,7 +39,7 @@ from triton.runtime.errors import OutOfResources
 
 from ._utils import (
     ACTIVATIONS,
-    DEFAULT_LEAKY_SLOPE,
+    LEAKY_SLOPE,
     ChainResult,
     Weights,
     check_chain_args,
@@ -113,6 +113,25 @@ def _dot(a, b, DOT: tl.constexpr):
     else:
         out = tl.dot(a, b, input_precision="ieee")
     return out
+
+
+@triton.jit
+def _update(z, grad_f, eps, drift, score_scale, noise_std, LAPLACE: tl.constexpr):
+    """The Langevin update of one tile, both kernels: z + drift grad f + score_scale score(z) + noise_std eps,
+    with score(z) = -sign(z) (laplace; 0 at exactly 0, like torch.sign) or -z (gaussian); the reference's
+    scale b is folded into score_scale by the launcher."""
+    if LAPLACE:
+        score = tl.where(z > 0, -1.0, tl.where(z < 0, 1.0, 0.0))
+    else:
+        score = -z
+    return z + drift * grad_f + score_scale * score + noise_std * eps
+
+
+@triton.jit
+def _fresh_noise(seed, idx, k):
+    """N(0, 1) for the elements ``idx`` (row * d + col) of step k: Philox counter (lo, hi) = (idx, k), a
+    64-bit offset whose high word is the step, so both kernels draw the same eps for the same seed."""
+    return tl.randn(seed, ((tl.zeros_like(idx) + k) << 32) + idx)
 
 
 @triton.jit
@@ -213,17 +232,12 @@ def _langevin_chain_kernel(
                             mask=(n < HIDDEN)[:, None] & (c < LATENT)[None, :], other=0.0)
                 acc += _dot(g, w, DOT)
             zt = tl.load(z_rows + c[None, :], mask=mask, other=0.0)
-            if LAPLACE:
-                score = tl.where(zt > 0, -1.0, tl.where(zt < 0, 1.0, 0.0))  # -sign(z), 0 at exactly 0
-            else:
-                score = -zt
             idx = rows64 * LATENT + c[None, :]
             if NOISE_FROM_TENSOR:
                 eps = tl.load(noise_step_ptr + idx, mask=mask, other=0.0)
             else:
-                # Philox counter (lo, hi) = (row * d + col, step): a 64-bit offset, high word = step.
-                eps = tl.randn(seed, ((tl.zeros_like(idx) + k) << 32) + idx)
-            z_new = zt + drift * acc + score_scale * score + noise_std * eps
+                eps = _fresh_noise(seed, idx, k)
+            z_new = _update(zt, acc, eps, drift, score_scale, noise_std, LAPLACE)
             tl.store(z_rows + c[None, :], z_new, mask=mask)
             bad += tl.sum(tl.where(mask & ((z_new != z_new) | (tl.abs(z_new) == float("inf"))), 1, 0))
         first_bad = tl.minimum(first_bad, tl.where(bad > 0, k, steps))
@@ -284,16 +298,12 @@ def _langevin_resident_kernel(
         if NUM_LAYERS == 2:
             g = _dot(g, w2, DOT) * _act_grad(a1, ACTIVATION, LEAKY_SLOPE)  # g_1
         grad_f = _dot(g, w1, DOT)  # [BLOCK_B, D_PAD]
-        if LAPLACE:
-            score = tl.where(z > 0, -1.0, tl.where(z < 0, 1.0, 0.0))  # -sign(z), 0 at exactly 0
-        else:
-            score = -z
         if NOISE_FROM_TENSOR:
             eps = tl.load(noise_step_ptr + idx, mask=z_mask, other=0.0)
             noise_step_ptr += batch * LATENT
         else:
-            eps = tl.randn(seed, ((tl.zeros_like(idx) + k) << 32) + idx)  # the streaming kernel's counters
-        z = tl.where(z_mask, z + drift * grad_f + score_scale * score + noise_std * eps, 0.0)
+            eps = _fresh_noise(seed, idx, k)
+        z = tl.where(z_mask, _update(z, grad_f, eps, drift, score_scale, noise_std, LAPLACE), 0.0)
         bad = tl.sum(tl.where((z != z) | (tl.abs(z) == float("inf")), 1, 0))
         first_bad = tl.minimum(first_bad, tl.where(bad > 0, k, steps))
     tl.store(z_ptr + idx, z, mask=z_mask)
@@ -388,7 +398,7 @@ def _block_sizes(hidden: int, latent: int, dtype: torch.dtype = torch.float32) -
 def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
                     reference: str = "laplace", reference_scale: float = 1.0,
                     noise: torch.Tensor | None = None, seed: int = 0, return_energies: bool = False,
-                    leaky_slope: float = DEFAULT_LEAKY_SLOPE, precision: str | None = None,
+                    leaky_slope: float = LEAKY_SLOPE, precision: str | None = None,
                     kernel: str = "auto", block_sizes: tuple[int, int, int] | None = None,
                     rows: int | None = None, num_warps: int | None = None) -> ChainResult:
     """Run the K-step chain in one kernel launch, noise from ``noise`` [K, B, d] or Philox keyed by ``seed``.
