@@ -65,7 +65,8 @@ class EnergyMLP(nn.Module):
 
         They compute the plain MLP of :class:`FusedSpec` and never call :meth:`forward`, so anything else is
         refused: a subclass that overrides forward or grad, a module added beside the linears, a linear that
-        is not ``nn.Linear``, a forward hook, a bound, or weights DeepSpeed ZeRO-3 left partitioned here.
+        is not ``nn.Linear``, a bound, or weights DeepSpeed ZeRO-3 left partitioned here. Forward hooks are not
+        refused: DeepSpeed ZeRO-3 puts its parameter-fetching hooks on every module.
         """
         name = type(self).__name__
         if type(self).forward is not EnergyMLP.forward or type(self).grad is not EnergyMLP.grad:
@@ -75,8 +76,6 @@ class EnergyMLP(nn.Module):
             return f"{name} has a linear layer whose forward is not nn.Linear's (the fused ones compute that)"
         if extra:
             return f"{name} holds modules the fused backends do not compute: {', '.join(extra)}"
-        if self._forward_hooks or self._forward_pre_hooks:
-            return f"{name} has forward hooks, which the fused backends would not run"
         if self.bound > 0:
             return (f"the fused backends compute the plain MLP, but this energy is soft-clipped "
                     f"(model.prior.energy_bound={self.bound:g}); set model.prior.energy_bound=0 to fuse it")
