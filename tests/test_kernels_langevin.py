@@ -304,6 +304,55 @@ def test_resident_and_streaming_kernels_agree(layers, batch, latent, hidden, row
         torch.testing.assert_close(out.energies, f_ref, **FP32_TOL, msg=kernel)
 
 
+def test_resident_shared_memory_arithmetic_and_plan():
+    """The bytes that decide resident vs streaming (kernels/langevin_triton.py:resident_shared_bytes): the
+    shipped 32-200x2 energy needs 311,296 B in fp32 (what Triton reported on the H200, over its 232,448 B) and
+    163,840 B with bf16 weights, so ``auto`` plans the resident kernel in bf16 on an H100/H200."""
+    lt, budget = triton_kernels, triton_kernels.SHARED_MEMORY_PER_BLOCK
+    assert budget == 232_448
+    assert lt.resident_shared_bytes(200, 32, 2, 16, 4) == 311_296
+    assert lt.resident_shared_bytes(200, 32, 2, 16, 2) == 163_840
+    assert lt.resident_shared_bytes(200, 32, 2, 64, 2) == 212_992  # 64-row programs (large batches) fit too
+    shape = dict(hidden=200, latent=32, layers=2, rows=16, budget=budget)
+    fp32, bf16 = torch.float32, torch.bfloat16
+    assert lt.plan_kernel("auto", None, fp32, **shape) == ("resident", "bf16")
+    assert lt.plan_kernel("auto", "ieee", fp32, **shape) == ("streaming", "ieee")  # asked for fp32 dots
+    assert lt.plan_kernel("auto", None, bf16, **shape) == ("resident", "bf16")
+    assert lt.plan_kernel("auto", None, fp32, **shape, tiles_given=True) == ("streaming", "ieee")
+    assert lt.plan_kernel("resident", None, fp32, **shape) == ("resident", "ieee")  # forced: as asked
+    assert lt.plan_kernel("auto", None, fp32, **{**shape, "hidden": 40}) == ("resident", "ieee")  # fp32 fits
+    assert lt.plan_kernel("auto", None, fp32, **{**shape, "budget": 100_000}) == ("streaming", "ieee")
+    assert lt.plan_kernel("auto", None, fp32, **{**shape, "layers": 3}) == ("streaming", "ieee")
+
+
+@needs_triton
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_auto_runs_the_resident_kernel_with_bf16_weights_at_the_shipped_size(activation):
+    """fp32 32-200x2 weights, kernel auto: the resident kernel with its weights (and dot operands) in bf16,
+    fp32 accumulation, against the fp32 reference with the fp32 weights (the error a user sees).
+
+    Tolerance: bf16 keeps 8 mantissa bits (relative rounding 2^-9 per operand); grad f goes through three
+    rounded dots, so it is off by ~1% of |grad f| (~3 here), and z by drift (0.045) times that per step:
+    measured 2.8e-4 to 3.5e-4 after 3 steps (gelu, silu, gelu_tanh), so atol 2e-3; energies measured
+    <= 1.3e-3, atol 1e-2. Smooth activations and the Gaussian reference only: at leaky_relu's kink or
+    Laplace's sign a rounded value may take the other branch (measured 2.4e-3 and a 0.13 jump), a
+    discontinuity, not an error.
+    """
+    weights = make_weights(32, 200, 2)
+    z0, noise = chain_inputs(37, 32, 3)
+    kwargs = dict(steps=3, step_size=STEP_SIZE, activation=activation, reference="gaussian",
+                  reference_scale=SCALE, noise=noise)
+    z_ref, f_ref = reference_chain(weights, z0, **kwargs)
+    out = run_triton(weights, z0, return_energies=True, **kwargs)
+    forced = run_triton(weights, z0, return_energies=True, kernel="resident", precision="bf16", **kwargs)
+    torch.testing.assert_close(out.z, forced.z, rtol=0, atol=0)  # auto took the resident bf16 path
+    torch.testing.assert_close(out.z, z_ref, rtol=0, atol=2e-3)
+    torch.testing.assert_close(out.energies, f_ref, rtol=0, atol=1e-2)
+    assert not torch.equal(out.z, z_ref)  # it did round (else this would not be testing bf16)
+    exact = run_triton(weights, z0, kernel="streaming", **kwargs)  # the fp32 default of the streaming kernel
+    torch.testing.assert_close(exact.z, z_ref, **FP32_TOL)
+
+
 @needs_triton
 def test_triton_tf32_and_bf16_precisions():
     """``precision``: TF32 and bf16 dot operands of fp32 weights, fp32 accumulation, against the exact chain.

@@ -65,8 +65,8 @@ class EnergyMLP(nn.Module):
 
         They compute the plain MLP of :class:`FusedSpec` and never call :meth:`forward`, so anything else is
         refused: a subclass that overrides forward or grad, a module added beside the linears, a linear that
-        is not ``nn.Linear``, a bound, or weights DeepSpeed ZeRO-3 left partitioned here. Forward hooks are not
-        refused: DeepSpeed ZeRO-3 puts its parameter-fetching hooks on every module.
+        is not ``nn.Linear``, a bound, or weights DeepSpeed ZeRO-3 left partitioned here. Forward hooks are
+        not refused: DeepSpeed ZeRO-3 puts its parameter-fetching hooks on every module.
         """
         name = type(self).__name__
         if type(self).forward is not EnergyMLP.forward or type(self).grad is not EnergyMLP.grad:
