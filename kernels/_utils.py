@@ -1,4 +1,5 @@
-"""Shared pieces of the fused Langevin kernels: input checks, the FLOP count and the plain-torch reference.
+"""The Langevin contract every backend shares: the names, the argument check, the MLP spec the fused kernels
+take, the FLOP count, and the one autograd reference (any energy callable) every backend is tested against.
 
 The chain, for an MLP energy f with L hidden layers (pre-activations a_l, activations h_l = act(a_l)):
 
@@ -10,19 +11,32 @@ The chain, for an MLP energy f with L hidden layers (pre-activations a_l, activa
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "leaky_relu", "silu")
-REFERENCES = ("laplace", "gaussian")
-DEFAULT_LEAKY_SLOPE = 0.2
+from .names import ACTIVATIONS, FIXED_REFERENCES, LEAKY_SLOPE
 
 Weights = list[tuple[torch.Tensor, torch.Tensor]]
+Energy = Callable[[torch.Tensor], torch.Tensor]
+"""An energy f as a function z [B, d] -> f(z) [B] (differentiable: the reference takes its gradient)."""
 Score = Callable[[torch.Tensor], torch.Tensor]
 """A reference's grad log p0 as a function [B, d] -> [B, d] (a learned reference, e.g. a Gaussian mixture);
 given to a chain, it replaces the named ``reference`` / ``reference_scale``."""
+
+
+class FusedSpec(NamedTuple):
+    """What the fused backends (torch, triton) need to reproduce an energy: the plain MLP
+    f(z) = w_out . act(W_L ... act(W_1 z + b_1) ... + b_L) + b_out and nothing else."""
+
+    weights: Weights
+    """(W [out, in], b [out]) of every linear layer, hidden layers first, the output layer (out = 1) last."""
+    activation: str
+    """The hidden layers' activation, a name in :data:`ACTIVATIONS`."""
+    leaky_slope: float = LEAKY_SLOPE
+    """The negative slope of ``leaky_relu`` (unused by the other activations)."""
 
 
 class ChainResult(NamedTuple):
@@ -50,15 +64,14 @@ def mlp_shape(weights: Weights) -> tuple[int, int, int]:
     return d, hidden, layers
 
 
-def check_chain_args(weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
-                     reference: str, reference_scale: float,
-                     noise: torch.Tensor | None,
-                     reference_score: Score | None = None) -> tuple[int, int, int]:
-    """Validate the arguments every backend shares; returns (d, H, L)."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation '{activation}'; choose one of {', '.join(ACTIVATIONS)}")
-    if reference_score is None and reference not in REFERENCES:
-        raise ValueError(f"unknown reference density '{reference}'; choose one of {', '.join(REFERENCES)}")
+def check_chain_inputs(z0: torch.Tensor, *, steps: int, step_size: float, noise: torch.Tensor | None,
+                       reference: str = "laplace", reference_scale: float = 1.0,
+                       reference_score: Score | None = None) -> None:
+    """Validate what every chain takes, whatever computes its energy (the one check: every backend and the
+    sampler call it)."""
+    if reference_score is None and reference not in FIXED_REFERENCES:
+        raise ValueError(f"unknown reference density '{reference}'; choose one of "
+                         f"{', '.join(FIXED_REFERENCES)}")
     if not reference_scale > 0:
         raise ValueError(f"reference_scale must be positive, got {reference_scale}")
     if not step_size > 0:
@@ -69,11 +82,22 @@ def check_chain_args(weights: Weights, z0: torch.Tensor, *, steps: int, step_siz
         raise ValueError(f"z0 must be [B, d], got shape {tuple(z0.shape)}")
     if z0.requires_grad:
         raise ValueError("z0 requires grad: the Langevin sampler is forward-only; pass z0.detach()")
+    if noise is not None and tuple(noise.shape) != (steps, *z0.shape):
+        raise ValueError(f"noise must be [steps, B, d] = {(steps, *z0.shape)}, got {tuple(noise.shape)}")
+
+
+def check_chain_args(weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
+                     reference: str, reference_scale: float,
+                     noise: torch.Tensor | None,
+                     reference_score: Score | None = None) -> tuple[int, int, int]:
+    """:func:`check_chain_inputs` plus what a fused backend's MLP must satisfy; returns (d, H, L)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation '{activation}'; choose one of {', '.join(ACTIVATIONS)}")
+    check_chain_inputs(z0, steps=steps, step_size=step_size, noise=noise, reference=reference,
+                       reference_scale=reference_scale, reference_score=reference_score)
     d, hidden, layers = mlp_shape(weights)
     if z0.shape[1] != d:
         raise ValueError(f"z0 has latent width {z0.shape[1]} but the energy MLP takes {d}")
-    if noise is not None and tuple(noise.shape) != (steps, *z0.shape):
-        raise ValueError(f"noise must be [steps, B, d] = {(steps, *z0.shape)}, got {tuple(noise.shape)}")
     for w, b in weights:
         if w.device != z0.device or b.device != z0.device:
             raise ValueError(f"energy weights are on {w.device} but z0 is on {z0.device}; move one of them")
@@ -98,21 +122,22 @@ def chain_score(reference: str, scale: float, reference_score: Score | None = No
     return lambda z: score_p0(z, reference, scale)
 
 
-def activation_fn(name: str, leaky_slope: float = DEFAULT_LEAKY_SLOPE):
-    """The elementwise activation called ``name`` as a function of one tensor."""
+def activation_fn(name: str, leaky_slope: float = LEAKY_SLOPE) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The elementwise activation called ``name`` as a function of one tensor (the one factory: EnergyMLP,
+    the reference and the traced chain take it from here; partials, so a model holding one pickles)."""
     if name == "gelu":
         return F.gelu
     if name == "gelu_tanh":
-        return lambda x: F.gelu(x, approximate="tanh")
+        return partial(F.gelu, approximate="tanh")
     if name == "leaky_relu":
-        return lambda x: F.leaky_relu(x, leaky_slope)
+        return partial(F.leaky_relu, negative_slope=leaky_slope)
     if name == "silu":
         return F.silu
-    raise ValueError(f"unknown activation '{name}'; choose one of {', '.join(ACTIVATIONS)}")
+    raise ValueError(f"unknown energy activation '{name}'; choose one of {', '.join(ACTIVATIONS)}")
 
 
 def mlp_energy(weights: Weights, z: torch.Tensor, activation: str,
-               leaky_slope: float = DEFAULT_LEAKY_SLOPE) -> torch.Tensor:
+               leaky_slope: float = LEAKY_SLOPE) -> torch.Tensor:
     """f(z) [B] of the MLP given by ``weights`` (plain torch, differentiable)."""
     act = activation_fn(activation, leaky_slope)
     h = z
@@ -122,34 +147,43 @@ def mlp_energy(weights: Weights, z: torch.Tensor, activation: str,
     return F.linear(h, w, b).squeeze(-1)
 
 
-def langevin_reference(weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
-                       reference: str = "laplace", reference_scale: float = 1.0,
-                       noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                       leaky_slope: float = DEFAULT_LEAKY_SLOPE,
-                       reference_score: Score | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chain in plain torch with autograd's grad f, in z0's dtype; returns (z_K, mean f before each step).
+def spec_energy(spec: FusedSpec, dtype: torch.dtype | None = None) -> Energy:
+    """The energy a :class:`FusedSpec` describes as a callable for :func:`langevin_reference`, its weights
+    detached and cast to ``dtype`` when given (a bf16 MLP is compared in fp32 with bf16-valued weights)."""
+    weights = [(w.detach().to(dtype or w.dtype), b.detach().to(dtype or b.dtype)) for w, b in spec.weights]
+    return partial(mlp_energy, weights, activation=spec.activation, leaky_slope=spec.leaky_slope)
 
-    Weights are cast to z0's dtype (a bf16 MLP is compared in fp32 with bf16-valued weights).
-    ``reference_score`` (grad log p0 as a function) replaces the named reference when given.
+
+def langevin_reference(energy: Energy, z0: torch.Tensor, *, steps: int, step_size: float,
+                       reference: str = "laplace", reference_scale: float = 1.0,
+                       reference_score: Score | None = None, noise: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None) -> ChainResult:
+    """The chain with autograd's grad f of any energy callable: the reference every backend is tested
+    against, and the sampler's ``autograd`` backend (the only place the update is taken by autograd).
+
+    In z0's dtype; fresh noise is torch.randn(z.shape) per step with ``generator``. Stops at the first step
+    whose update leaves z non-finite (``diverged_at``; z is then that step's result). ``energies``: mean f
+    before each step, fp32 [steps]. ``reference_score`` (grad log p0 as a function) replaces the named one.
     """
-    check_chain_args(weights, z0, steps=steps, step_size=step_size, activation=activation,
-                     reference=reference, reference_scale=reference_scale, noise=noise,
-                     reference_score=reference_score)
-    weights = [(w.detach().to(z0.dtype), b.detach().to(z0.dtype)) for w, b in weights]
+    check_chain_inputs(z0, steps=steps, step_size=step_size, noise=noise, reference=reference,
+                       reference_scale=reference_scale, reference_score=reference_score)
     drift = 0.5 * step_size**2
     score = chain_score(reference, reference_scale, reference_score)
     z = z0.detach().clone()
     energies = []
     for k in range(steps):
         with torch.enable_grad():
-            zg = z.requires_grad_(True)
-            f = mlp_energy(weights, zg, activation, leaky_slope)
-            (grad,) = torch.autograd.grad(f.sum(), zg)
-        eps = noise[k].to(z.dtype) if noise is not None else torch.randn(
-            z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        z = z.detach() + drift * (grad + score(z.detach())) + step_size * eps
+            z.requires_grad_(True)
+            f = energy(z)
+            (grad,) = torch.autograd.grad(f.sum(), z)
+        with torch.no_grad():
+            eps = noise[k].to(z.dtype) if noise is not None else torch.randn(
+                z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            z = z.detach() + drift * (grad + score(z)) + step_size * eps
         energies.append(f.detach().float().mean())
-    return z, (torch.stack(energies) if energies else z.new_zeros(0, dtype=torch.float32))
+        if not torch.isfinite(z).all():
+            return ChainResult(z, torch.stack(energies), k)
+    return ChainResult(z, torch.stack(energies) if energies else z.new_zeros(0, dtype=torch.float32), None)
 
 
 def _activation_grad(name: str, grad: torch.Tensor, a: torch.Tensor, leaky_slope: float) -> torch.Tensor:
@@ -163,7 +197,7 @@ def _activation_grad(name: str, grad: torch.Tensor, a: torch.Tensor, leaky_slope
 
 
 def mlp_energy_grad(weights: Weights, z: torch.Tensor, activation: str,
-                    leaky_slope: float = DEFAULT_LEAKY_SLOPE) -> tuple[torch.Tensor, torch.Tensor]:
+                    leaky_slope: float = LEAKY_SLOPE) -> tuple[torch.Tensor, torch.Tensor]:
     """(f(z) [B], grad_z f(z) [B, d]) of the MLP by the chain rule in the module docstring: plain ops, no
     autograd graph, so torch.compile traces it whole (torch.autograd.grad in a compiled region breaks it)."""
     act = activation_fn(activation, leaky_slope)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ._utils import (
-    DEFAULT_LEAKY_SLOPE,
+    LEAKY_SLOPE,
     ChainResult,
     Score,
     Weights,
@@ -258,7 +258,7 @@ def _run_split(chains: list[_RowChain], blocks: list[slice], steps: int, noise: 
 def langevin_torch(weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
                    reference: str = "laplace", reference_scale: float = 1.0,
                    noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                   return_energies: bool = False, leaky_slope: float = DEFAULT_LEAKY_SLOPE,
+                   return_energies: bool = False, leaky_slope: float = LEAKY_SLOPE,
                    workers: int = 0, reference_score: Score | None = None) -> ChainResult:
     """Run K = ``steps`` Langevin steps from z0 [B, d] on exp(f) p0 with the MLP ``weights`` (no autograd).
 
@@ -338,7 +338,7 @@ def langevin_torch(weights: Weights, z0: torch.Tensor, *, steps: int, step_size:
 def langevin_traced(weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
                     reference: str = "laplace", reference_scale: float = 1.0,
                     noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                    return_energies: bool = False, leaky_slope: float = DEFAULT_LEAKY_SLOPE,
+                    return_energies: bool = False, leaky_slope: float = LEAKY_SLOPE,
                     reference_score: Score | None = None) -> ChainResult:
     """The chain as plain functional ops (analytic grad f, one torch.randn per step): what ``langevin_torch``
     runs under torch.compile, which traces it whole and fuses each step's elementwise work.

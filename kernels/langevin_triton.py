@@ -7,8 +7,9 @@
 Two kernels, one launch per chain. The resident kernel (MLPs of <= 2 hidden layers of <= 256, d <= 64) loads
 W_1, W_2, the biases and its rows of z once and keeps them, and every a_l and g_l, on chip for the K steps:
 per step it reads only the given noise (4 BLOCK_B d bytes) and writes nothing but the energies ("on chip":
-register tiles the compiler stages through shared memory for the dots; where they exceed the GPU, launch
-raises OutOfResources and ``kernel='auto'`` falls back, with a warning). The streaming
+register tiles the compiler stages through shared memory for the dots; ``kernel='auto'`` plans it by
+:func:`resident_shared_bytes` against the device's shared memory, in bf16 weights when only that fits, and
+where the compiler still refuses (OutOfResources) falls back to streaming, with a warning). The streaming
 kernel (any supported MLP) tiles the layers as described next. Each program owns BLOCK_B rows of z for the
 whole chain; per step it runs the MLP forward, the analytic backward, the score and the update, with eps
 read from a [K, B, d] tensor or drawn in-kernel by Philox
@@ -39,7 +40,7 @@ from triton.runtime.errors import OutOfResources
 
 from ._utils import (
     ACTIVATIONS,
-    DEFAULT_LEAKY_SLOPE,
+    LEAKY_SLOPE,
     ChainResult,
     Weights,
     check_chain_args,
@@ -113,6 +114,25 @@ def _dot(a, b, DOT: tl.constexpr):
     else:
         out = tl.dot(a, b, input_precision="ieee")
     return out
+
+
+@triton.jit
+def _update(z, grad_f, eps, drift, score_scale, noise_std, LAPLACE: tl.constexpr):
+    """The Langevin update of one tile, both kernels: z + drift grad f + score_scale score(z) + noise_std eps,
+    with score(z) = -sign(z) (laplace; 0 at exactly 0, like torch.sign) or -z (gaussian); the reference's
+    scale b is folded into score_scale by the launcher."""
+    if LAPLACE:
+        score = tl.where(z > 0, -1.0, tl.where(z < 0, 1.0, 0.0))
+    else:
+        score = -z
+    return z + drift * grad_f + score_scale * score + noise_std * eps
+
+
+@triton.jit
+def _fresh_noise(seed, idx, k):
+    """N(0, 1) for the elements ``idx`` (row * d + col) of step k: Philox counter (lo, hi) = (idx, k), a
+    64-bit offset whose high word is the step, so both kernels draw the same eps for the same seed."""
+    return tl.randn(seed, ((tl.zeros_like(idx) + k) << 32) + idx)
 
 
 @triton.jit
@@ -213,17 +233,12 @@ def _langevin_chain_kernel(
                             mask=(n < HIDDEN)[:, None] & (c < LATENT)[None, :], other=0.0)
                 acc += _dot(g, w, DOT)
             zt = tl.load(z_rows + c[None, :], mask=mask, other=0.0)
-            if LAPLACE:
-                score = tl.where(zt > 0, -1.0, tl.where(zt < 0, 1.0, 0.0))  # -sign(z), 0 at exactly 0
-            else:
-                score = -zt
             idx = rows64 * LATENT + c[None, :]
             if NOISE_FROM_TENSOR:
                 eps = tl.load(noise_step_ptr + idx, mask=mask, other=0.0)
             else:
-                # Philox counter (lo, hi) = (row * d + col, step): a 64-bit offset, high word = step.
-                eps = tl.randn(seed, ((tl.zeros_like(idx) + k) << 32) + idx)
-            z_new = zt + drift * acc + score_scale * score + noise_std * eps
+                eps = _fresh_noise(seed, idx, k)
+            z_new = _update(zt, acc, eps, drift, score_scale, noise_std, LAPLACE)
             tl.store(z_rows + c[None, :], z_new, mask=mask)
             bad += tl.sum(tl.where(mask & ((z_new != z_new) | (tl.abs(z_new) == float("inf"))), 1, 0))
         first_bad = tl.minimum(first_bad, tl.where(bad > 0, k, steps))
@@ -284,16 +299,12 @@ def _langevin_resident_kernel(
         if NUM_LAYERS == 2:
             g = _dot(g, w2, DOT) * _act_grad(a1, ACTIVATION, LEAKY_SLOPE)  # g_1
         grad_f = _dot(g, w1, DOT)  # [BLOCK_B, D_PAD]
-        if LAPLACE:
-            score = tl.where(z > 0, -1.0, tl.where(z < 0, 1.0, 0.0))  # -sign(z), 0 at exactly 0
-        else:
-            score = -z
         if NOISE_FROM_TENSOR:
             eps = tl.load(noise_step_ptr + idx, mask=z_mask, other=0.0)
             noise_step_ptr += batch * LATENT
         else:
-            eps = tl.randn(seed, ((tl.zeros_like(idx) + k) << 32) + idx)  # the streaming kernel's counters
-        z = tl.where(z_mask, z + drift * grad_f + score_scale * score + noise_std * eps, 0.0)
+            eps = _fresh_noise(seed, idx, k)
+        z = tl.where(z_mask, _update(z, grad_f, eps, drift, score_scale, noise_std, LAPLACE), 0.0)
         bad = tl.sum(tl.where((z != z) | (tl.abs(z) == float("inf")), 1, 0))
         first_bad = tl.minimum(first_bad, tl.where(bad > 0, k, steps))
     tl.store(z_ptr + idx, z, mask=z_mask)
@@ -358,6 +369,67 @@ def resident_unsupported_reason(hidden: int, latent: int, layers: int) -> str | 
     return None
 
 
+SHARED_MEMORY_PER_BLOCK = 232_448
+"""Opt-in shared memory per block of an H100 and an H200 (227 KiB, bytes): the budget the resident kernel is
+planned against where the device cannot be asked (the interpreter); on CUDA the device's figure is used."""
+
+
+def resident_shared_bytes(hidden: int, latent: int, layers: int, rows: int, weight_bytes: int) -> int:
+    """Shared memory (bytes) the resident kernel needs: its weight tiles in their storage dtype, W_1
+    (H_PAD x D_PAD) and W_2 (H_PAD x H_PAD, with 2 hidden layers), plus one fp32 [rows, H_PAD] activation tile
+    staged for a dot. Widths pad to powers of two >= 16.
+
+    The shipped 32-200x2 energy, 16 rows: fp32 (256*32 + 256*256) * 4 + 16*256*4 = 311,296 B, the figure
+    Triton reported when it refused the kernel on the H200 (232,448 B); bf16 weights: 147,456 + 16,384 =
+    163,840 B, which fits (64 rows: 212,992 B). Unpadded, the bf16 weights are (200*32 + 200*200) * 2 =
+    92,800 B.
+    """
+    h_pad, d_pad = max(16, triton.next_power_of_2(hidden)), max(16, triton.next_power_of_2(latent))
+    weight_elements = h_pad * d_pad + (layers - 1) * h_pad * h_pad
+    return weight_elements * weight_bytes + rows * h_pad * 4
+
+
+def shared_memory_per_block(device: torch.device) -> int:
+    """The opt-in shared memory per block of ``device`` (CUDA), else :data:`SHARED_MEMORY_PER_BLOCK`."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    return SHARED_MEMORY_PER_BLOCK
+
+
+def plan_kernel(kernel: str, precision: str | None, weight_dtype: torch.dtype, *, hidden: int, latent: int,
+                layers: int, rows: int, budget: int, tiles_given: bool = False) -> tuple[str, str]:
+    """(kernel, precision) to run. ``precision`` None: bf16 for bf16 weights, else ieee. ``kernel='auto'``:
+    resident where its widths are supported, no streaming tiles were given and :func:`resident_shared_bytes`
+    fits ``budget``; with fp32 weights and no precision asked for, the resident kernel with its weights in
+    bf16 (fp32 accumulation) when only that fits (the 32-200x2 energy on an H100/H200); else streaming."""
+    default = "bf16" if weight_dtype == torch.bfloat16 else "ieee"
+    chosen = precision or default
+    if kernel != "auto":
+        return kernel, chosen
+    if tiles_given or resident_unsupported_reason(hidden, latent, layers) is not None:
+        return "streaming", chosen
+
+    def fits(p: str) -> bool:
+        return resident_shared_bytes(hidden, latent, layers, rows, 2 if p == "bf16" else 4) <= budget
+
+    if fits(chosen):
+        return "resident", chosen
+    if precision is None and fits("bf16"):
+        return "resident", "bf16"
+    return "streaming", chosen
+
+
+def _dot_weights(weights: Weights, precision: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_in [H, d], w_hid [max(L-1, 1), H, H]) in the precision's storage: bf16 for bf16 dots, else fp32."""
+    mat_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    w_in = weights[0][0].detach().to(mat_dtype).contiguous()
+    if len(weights) > 2:
+        w_hid = torch.stack([w.detach().to(mat_dtype) for w, _ in weights[1:-1]]).contiguous()  # (L-1, H, H)
+    else:
+        w_hid = torch.zeros(1, 1, 1, device=device, dtype=mat_dtype)  # never read when L = 1
+    return w_in, w_hid
+
+
 def rows_per_program(batch: int, sms: int) -> int:
     """BLOCK_B of the resident kernel: 16 rows (tl.dot's minimum) until the batch gives every SM a program,
     then more rows per program so that there is about one program per SM (at most 64 rows).
@@ -388,7 +460,7 @@ def _block_sizes(hidden: int, latent: int, dtype: torch.dtype = torch.float32) -
 def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size: float, activation: str,
                     reference: str = "laplace", reference_scale: float = 1.0,
                     noise: torch.Tensor | None = None, seed: int = 0, return_energies: bool = False,
-                    leaky_slope: float = DEFAULT_LEAKY_SLOPE, precision: str | None = None,
+                    leaky_slope: float = LEAKY_SLOPE, precision: str | None = None,
                     kernel: str = "auto", block_sizes: tuple[int, int, int] | None = None,
                     rows: int | None = None, num_warps: int | None = None) -> ChainResult:
     """Run the K-step chain in one kernel launch, noise from ``noise`` [K, B, d] or Philox keyed by ``seed``.
@@ -396,10 +468,11 @@ def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size
     ``precision`` (PRECISIONS) sets the dot operands; None: bf16 for bf16 weights, else ieee (exact fp32).
     ``kernel``: ``resident`` (weights on chip, see _langevin_resident_kernel; <= 2 hidden layers of
     <= 256, d <= 64), ``streaming`` (any supported MLP, tiled, weights re-read from L2 every step) or
-    ``auto`` (resident where it fits and no ``block_sizes`` were given). ``block_sizes`` (BLOCK_B, BLOCK_H,
-    BLOCK_D), powers of two >= 16, override the streaming kernel's tiles and ``rows`` the resident kernel's
-    rows per program (default:
-    :func:`rows_per_program`); ``num_warps`` the warps per program (default 4). Raises ValueError when the
+    ``auto`` (:func:`plan_kernel`: resident where its shared memory fits and no ``block_sizes`` were given,
+    with bf16 weights when only that fits and no ``precision`` was asked for). ``block_sizes`` (BLOCK_B,
+    BLOCK_H, BLOCK_D), powers of two >= 16, override the streaming kernel's tiles and ``rows`` the resident
+    kernel's rows per program (default: :func:`rows_per_program`); ``num_warps`` the warps per program
+    (default 4). Raises ValueError when the
     configuration is unsupported or the kernel cannot launch on z0's device.
     """
     d, hidden, layers = check_chain_args(weights, z0, steps=steps, step_size=step_size, activation=activation,
@@ -412,33 +485,29 @@ def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size
         raise ValueError(f"the Triton Langevin kernel does not support {reason}; use backend='torch'")
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2^63), got {seed}")
-    if precision is None:
-        precision = "bf16" if weights[0][0].dtype == torch.bfloat16 else "ieee"
-    if precision not in PRECISIONS:
+    if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got '{kernel}'")
+    device, batch = z0.device, z0.shape[0]
     too_big = resident_unsupported_reason(hidden, d, layers)
     auto = kernel == "auto"
-    if auto:
-        kernel = "resident" if too_big is None and block_sizes is None else "streaming"
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    block_b = rows or rows_per_program(batch, sms)
+    asked_precision = precision
+    kernel, precision = plan_kernel(kernel, precision, weights[0][0].dtype, hidden=hidden, latent=d,
+                                    layers=layers, rows=block_b, budget=shared_memory_per_block(device),
+                                    tiles_given=block_sizes is not None)
     if kernel == "resident" and too_big is not None:
         raise ValueError(f"kernel='resident' does not fit {too_big}; use kernel='streaming' or 'auto'")
     if num_warps is None:
         num_warps = 4
     if num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps}")
-    device, batch = z0.device, z0.shape[0]
     if steps == 0:
         energies = z0.new_zeros(0, dtype=torch.float32) if return_energies else None
         return ChainResult(z0.detach().clone(), energies, None)
-    # Dot operands in the precision's storage: bf16 weights for bf16 dots, fp32 (exact bf16 values) otherwise.
-    mat_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    w_in = weights[0][0].detach().to(mat_dtype).contiguous()
-    if layers > 1:
-        w_hid = torch.stack([w.detach().to(mat_dtype) for w, _ in weights[1:-1]]).contiguous()  # (L-1, H, H)
-    else:
-        w_hid = torch.zeros(1, 1, 1, device=device, dtype=mat_dtype)  # never read when L = 1
+    w_in, w_hid = _dot_weights(weights, precision, device)
     b_hid = torch.stack([b.detach().float() for _, b in weights[:-1]]).contiguous()  # (L, H)
     w_out = weights[-1][0].detach().float().reshape(hidden).contiguous()
     b_out = float(weights[-1][1].detach().float().item())
@@ -448,12 +517,9 @@ def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size
     score_scale = drift / reference_scale if reference == "laplace" else drift / reference_scale**2
     common = dict(LATENT=d, HIDDEN=hidden, NUM_LAYERS=layers, ACTIVATION=_ACTIVATION_IDS[activation],
                   LEAKY_SLOPE=float(leaky_slope), LAPLACE=reference == "laplace",
-                  NOISE_FROM_TENSOR=noise is not None, RETURN_ENERGIES=return_energies,
-                  DOT=_DOT_CODES[(precision, INTERPRETED)], num_warps=num_warps)
+                  NOISE_FROM_TENSOR=noise is not None, RETURN_ENERGIES=return_energies, num_warps=num_warps)
 
     if kernel == "resident":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        block_b = rows or rows_per_program(batch, sms)
         if block_b < 16 or block_b & (block_b - 1):
             raise ValueError(f"rows must be a power of two >= 16, got {block_b}")
         programs = triton.cdiv(batch, block_b)
@@ -464,7 +530,7 @@ def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size
                 z, w_in, w_hid, b_hid, w_out, noise_arg, energy, first_bad,
                 batch, steps, seed, b_out, drift, step_size, score_scale,
                 BLOCK_B=block_b, H_PAD=max(16, triton.next_power_of_2(hidden)),
-                D_PAD=max(16, triton.next_power_of_2(d)), **common,
+                D_PAD=max(16, triton.next_power_of_2(d)), DOT=_DOT_CODES[(precision, INTERPRETED)], **common,
             )
         except OutOfResources as exc:  # the layers' tiles exceed this GPU's shared memory / registers
             if not auto:
@@ -473,7 +539,11 @@ def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size
             _warn_once(f"the resident Langevin kernel does not fit this GPU for {d}-{hidden}x{layers} "
                        f"{precision} ({exc}); running the streaming kernel")
             kernel = "streaming"
+            # bf16 may have been planned for the resident kernel only: back to what was asked (or default).
+            precision = asked_precision or ("bf16" if weights[0][0].dtype == torch.bfloat16 else "ieee")
+            w_in, w_hid = _dot_weights(weights, precision, device)
     if kernel == "streaming":
+        mat_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         block_b, block_h, block_d = block_sizes or _block_sizes(hidden, d, mat_dtype)
         if any(b < 16 or b & (b - 1) for b in (block_b, block_h, block_d)):
             raise ValueError(f"block sizes must be powers of two >= 16, got {(block_b, block_h, block_d)}")
@@ -485,7 +555,8 @@ def langevin_triton(weights: Weights, z0: torch.Tensor, *, steps: int, step_size
         _langevin_chain_kernel[(programs,)](
             z, w_in, w_hid, b_hid, w_out, noise_arg, pre, grad, energy, first_bad,
             batch, steps, seed, b_out, drift, step_size, score_scale,
-            BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_D=block_d, **common,
+            BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_D=block_d, DOT=_DOT_CODES[(precision, INTERPRETED)],
+            **common,
         )
     energies = energy[:steps].sum(1) / batch if return_energies else None
     bad = int(first_bad.min())

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mmebm_dist.kernels.names import Activation, Reference
+from mmebm_dist.kernels.names import Backend as LangevinBackend
 from mmebm_dist.userfiles import UserFileError, clip, load_yaml, read_text
 
 
@@ -34,11 +36,8 @@ FAMILY_NAMES: set[str] = {"conv", "mlp", "mmvaeplus", "text"}
 ``mmebm_dist.models.modality.register_family`` (the registry keeps this set in step with itself)."""
 Likelihood = Literal["laplace", "gaussian", "bernoulli", "categorical"]
 OnError = Literal["raise", "skip"]
-LangevinBackend = Literal["auto", "autograd", "torch", "triton"]
 PriorKind = Literal["laplace", "gaussian", "ebm"]
-Reference = Literal["laplace", "gaussian", "gmm"]
 LangevinInit = Literal["p0", "sir"]
-Activation = Literal["gelu", "gelu_tanh", "leaky_relu", "silu"]
 PriorFit = Literal["joint", "posthoc"]
 Aggregation = Literal["moe", "poe", "mopoe"]
 Posterior = Literal["laplace", "gaussian"]

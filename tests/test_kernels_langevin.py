@@ -14,8 +14,10 @@ import textwrap
 
 import pytest
 import torch
-from mmebm_dist.kernels._utils import ACTIVATIONS, REFERENCES, langevin_flops_per_step
-from mmebm_dist.kernels.langevin_torch import langevin_reference, langevin_torch
+from mmebm_dist.kernels._utils import FusedSpec, langevin_flops_per_step, langevin_reference, spec_energy
+from mmebm_dist.kernels.langevin_torch import langevin_torch
+from mmebm_dist.kernels.names import ACTIVATIONS, LEAKY_SLOPE
+from mmebm_dist.kernels.names import FIXED_REFERENCES as REFERENCES
 
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)
 STEP_SIZE, SCALE = 0.3, 0.7
@@ -33,6 +35,13 @@ def make_weights(latent: int, hidden: int, layers: int, *, seed: int = 0, dtype=
             w, b = torch.zeros_like(w), torch.zeros_like(b)
         weights.append((w.to(dtype), b.to(dtype)))
     return weights
+
+
+def reference_chain(weights, z0, *, activation: str, leaky_slope: float = LEAKY_SLOPE, **kwargs):
+    """(z_K, mean f per step) of the one autograd reference on the MLP ``weights``, cast to z0's dtype."""
+    energy = spec_energy(FusedSpec(weights, activation, leaky_slope), z0.dtype)
+    result = langevin_reference(energy, z0, **kwargs)
+    return result.z, result.energies
 
 
 def chain_inputs(batch: int, latent: int, steps: int, *, seed: int = 1):
@@ -58,7 +67,7 @@ def test_torch_matches_reference(activation, reference, layers, batch, latent, h
     z0, noise = chain_inputs(batch, latent, steps)
     kwargs = dict(steps=steps, step_size=STEP_SIZE, activation=activation, reference=reference,
                   reference_scale=SCALE, noise=noise)
-    z_ref, f_ref = langevin_reference(weights, z0, **kwargs)
+    z_ref, f_ref = reference_chain(weights, z0, **kwargs)
     out = langevin_torch(weights, z0, return_energies=True, **kwargs)
     torch.testing.assert_close(out.z, z_ref, **FP32_TOL)
     torch.testing.assert_close(out.energies, f_ref, **FP32_TOL)
@@ -73,12 +82,12 @@ def test_torch_float64_and_bf16_weights():
     kwargs = dict(steps=4, step_size=STEP_SIZE, activation="gelu", noise=noise)
     out = langevin_torch(weights, z0.double(), return_energies=True, **kwargs)
     assert out.z.dtype == torch.float64 and out.energies.dtype == torch.float32
-    z64_ref, f64_ref = langevin_reference(weights, z0.double(), **kwargs)
+    z64_ref, f64_ref = reference_chain(weights, z0.double(), **kwargs)
     torch.testing.assert_close(out.z, z64_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out.energies, f64_ref, rtol=1e-6, atol=1e-6)  # both rounded to fp32
     # bf16 weights are upcast once: exactly the fp32 chain of the bf16-valued weights.
     w16 = [(w.bfloat16(), b.bfloat16()) for w, b in weights]
-    torch.testing.assert_close(langevin_torch(w16, z0, **kwargs).z, langevin_reference(w16, z0, **kwargs)[0],
+    torch.testing.assert_close(langevin_torch(w16, z0, **kwargs).z, reference_chain(w16, z0, **kwargs)[0],
                                **FP32_TOL)
 
 
@@ -91,7 +100,7 @@ def test_laplace_sign_at_zero(activation):
     out = langevin_torch(weights, z0, steps=1, step_size=STEP_SIZE, activation=activation, noise=noise)
     drift = 0.5 * STEP_SIZE**2
     torch.testing.assert_close(out.z, z0 - drift * torch.sign(z0), rtol=0, atol=0)
-    ref, _ = langevin_reference(weights, z0, steps=1, step_size=STEP_SIZE, activation=activation, noise=noise)
+    ref, _ = reference_chain(weights, z0, steps=1, step_size=STEP_SIZE, activation=activation, noise=noise)
     torch.testing.assert_close(out.z, ref, rtol=0, atol=0)
 
 
@@ -112,7 +121,7 @@ def test_torch_generator_noise_has_unit_moments_and_is_seeded():
     torch.testing.assert_close(run(0), run(0), rtol=0, atol=0)
     assert not torch.equal(run(0), run(1))
     # The same draws, in the same order, as the autograd reference with the same generator state.
-    ref, _ = langevin_reference(weights, z0, generator=torch.Generator().manual_seed(0), **kwargs)
+    ref, _ = reference_chain(weights, z0, generator=torch.Generator().manual_seed(0), **kwargs)
     torch.testing.assert_close(run(0), ref, **FP32_TOL)
 
 
@@ -252,7 +261,7 @@ def test_triton_matches_reference(activation, reference, layers, batch, latent, 
     z0, noise = chain_inputs(batch, latent, steps)
     kwargs = dict(steps=steps, step_size=STEP_SIZE, activation=activation, reference=reference,
                   reference_scale=SCALE, noise=noise)
-    z_ref, f_ref = langevin_reference(weights, z0, **kwargs)
+    z_ref, f_ref = reference_chain(weights, z0, **kwargs)
     out = run_triton(weights, z0, return_energies=True, block_sizes=block_sizes, **kwargs)
     torch.testing.assert_close(out.z, z_ref, **FP32_TOL)
     torch.testing.assert_close(out.energies, f_ref, **FP32_TOL)
@@ -270,7 +279,7 @@ def test_triton_bf16_weights():
     weights = make_weights(20, 40, 2, dtype=torch.bfloat16)
     z0, noise = chain_inputs(37, 20, 2)
     kwargs = dict(steps=2, step_size=STEP_SIZE, activation="gelu_tanh", noise=noise)
-    z_ref, f_ref = langevin_reference(weights, z0, **kwargs)
+    z_ref, f_ref = reference_chain(weights, z0, **kwargs)
     out = run_triton(weights, z0, return_energies=True, **kwargs)
     torch.testing.assert_close(out.z, z_ref, rtol=0, atol=2e-3)
     torch.testing.assert_close(out.energies, f_ref, rtol=0, atol=1e-2)
@@ -288,12 +297,60 @@ def test_resident_and_streaming_kernels_agree(layers, batch, latent, hidden, row
     z0, noise = chain_inputs(batch, latent, 3)
     kwargs = dict(steps=3, step_size=STEP_SIZE, activation="gelu_tanh", reference="gaussian",
                   reference_scale=SCALE, noise=noise, return_energies=True)
-    z_ref, f_ref = langevin_reference(weights, z0, **{k: v for k, v in kwargs.items()
-                                                      if k != "return_energies"})
+    z_ref, f_ref = reference_chain(weights, z0, **{k: v for k, v in kwargs.items() if k != "return_energies"})
     for kernel in ("resident", "streaming"):
         out = run_triton(weights, z0, kernel=kernel, rows=rows if kernel == "resident" else None, **kwargs)
         torch.testing.assert_close(out.z, z_ref, **FP32_TOL, msg=kernel)
         torch.testing.assert_close(out.energies, f_ref, **FP32_TOL, msg=kernel)
+
+
+def test_resident_shared_memory_arithmetic_and_plan():
+    """The bytes that decide resident vs streaming (kernels/langevin_triton.py:resident_shared_bytes): the
+    shipped 32-200x2 energy needs 311,296 B in fp32 (what Triton reported on the H200, over its 232,448 B) and
+    163,840 B with bf16 weights, so ``auto`` plans the resident kernel in bf16 on an H100/H200."""
+    lt, budget = triton_kernels, triton_kernels.SHARED_MEMORY_PER_BLOCK
+    assert budget == 232_448
+    assert lt.resident_shared_bytes(200, 32, 2, 16, 4) == 311_296
+    assert lt.resident_shared_bytes(200, 32, 2, 16, 2) == 163_840
+    assert lt.resident_shared_bytes(200, 32, 2, 64, 2) == 212_992  # 64-row programs (large batches) fit too
+    shape = dict(hidden=200, latent=32, layers=2, rows=16, budget=budget)
+    fp32, bf16 = torch.float32, torch.bfloat16
+    assert lt.plan_kernel("auto", None, fp32, **shape) == ("resident", "bf16")
+    assert lt.plan_kernel("auto", "ieee", fp32, **shape) == ("streaming", "ieee")  # asked for fp32 dots
+    assert lt.plan_kernel("auto", None, bf16, **shape) == ("resident", "bf16")
+    assert lt.plan_kernel("auto", None, fp32, **shape, tiles_given=True) == ("streaming", "ieee")
+    assert lt.plan_kernel("resident", None, fp32, **shape) == ("resident", "ieee")  # forced: as asked
+    assert lt.plan_kernel("auto", None, fp32, **{**shape, "hidden": 40}) == ("resident", "ieee")  # fp32 fits
+    assert lt.plan_kernel("auto", None, fp32, **{**shape, "budget": 100_000}) == ("streaming", "ieee")
+    assert lt.plan_kernel("auto", None, fp32, **{**shape, "layers": 3}) == ("streaming", "ieee")
+
+
+@needs_triton
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_auto_runs_the_resident_kernel_with_bf16_weights_at_the_shipped_size(activation):
+    """fp32 32-200x2 weights, kernel auto: the resident kernel with its weights (and dot operands) in bf16,
+    fp32 accumulation, against the fp32 reference with the fp32 weights (the error a user sees).
+
+    Tolerance: bf16 keeps 8 mantissa bits (relative rounding 2^-9 per operand); grad f goes through three
+    rounded dots, so it is off by ~1% of |grad f| (~3 here), and z by drift (0.045) times that per step:
+    measured 2.8e-4 to 3.5e-4 after 3 steps (gelu, silu, gelu_tanh), so atol 2e-3; energies measured
+    <= 1.3e-3, atol 1e-2. Smooth activations and the Gaussian reference only: at leaky_relu's kink or
+    Laplace's sign a rounded value may take the other branch (measured 2.4e-3 and a 0.13 jump), a
+    discontinuity, not an error.
+    """
+    weights = make_weights(32, 200, 2)
+    z0, noise = chain_inputs(37, 32, 3)
+    kwargs = dict(steps=3, step_size=STEP_SIZE, activation=activation, reference="gaussian",
+                  reference_scale=SCALE, noise=noise)
+    z_ref, f_ref = reference_chain(weights, z0, **kwargs)
+    out = run_triton(weights, z0, return_energies=True, **kwargs)
+    forced = run_triton(weights, z0, return_energies=True, kernel="resident", precision="bf16", **kwargs)
+    torch.testing.assert_close(out.z, forced.z, rtol=0, atol=0)  # auto took the resident bf16 path
+    torch.testing.assert_close(out.z, z_ref, rtol=0, atol=2e-3)
+    torch.testing.assert_close(out.energies, f_ref, rtol=0, atol=1e-2)
+    assert not torch.equal(out.z, z_ref)  # it did round (else this would not be testing bf16)
+    exact = run_triton(weights, z0, kernel="streaming", **kwargs)  # the fp32 default of the streaming kernel
+    torch.testing.assert_close(exact.z, z_ref, **FP32_TOL)
 
 
 @needs_triton
@@ -421,7 +478,7 @@ def test_triton_full_size_on_gpu(activation, latent, hidden, layers, batch, refe
         weights = make_weights(latent, hidden, layers, dtype=dtype)
         z0, noise = chain_inputs(batch, latent, 10)
         kwargs = dict(steps=10, step_size=STEP_SIZE, activation=activation, reference=reference, noise=noise)
-        z_ref, f_ref = langevin_reference([(w.float(), b.float()) for w, b in weights], z0, **kwargs)
+        z_ref, f_ref = reference_chain([(w.float(), b.float()) for w, b in weights], z0, **kwargs)
         out = run_triton(weights, z0, return_energies=True, **kwargs)
         assert out.diverged_at is None
         torch.testing.assert_close(out.energies, f_ref, rtol=tol["rtol"], atol=10 * tol["atol"])

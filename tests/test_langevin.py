@@ -66,25 +66,111 @@ def test_auto_on_cuda_follows_the_size_rule():
     assert resolve_backend(make_energy(32, 512, 4).cuda(), z0) == "torch"
 
 
-def test_weights_not_readable_here_route_auto_to_autograd(monkeypatch):
-    """A weight left partitioned (ZeRO-3, no gather): auto calls energy(z); forced fused backends say why."""
+def test_weights_not_readable_here_route_auto_to_autograd():
+    """A weight left partitioned (ZeRO-3 outside a gather): no fused spec, so auto calls energy(z) (here a
+    stand-in refusal, since an empty weight cannot run any chain); forced fused backends say why."""
     energy = make_energy()
     z0, noise = chain_inputs(4, 6, 2)
-    monkeypatch.setattr(langevin, "_partitioned", lambda e: True)
+    partitioned = make_energy()
+    partitioned.linears[0].weight.data = torch.empty(0)  # what ZeRO-3 leaves outside a gather
+    assert "ZeRO-3" in partitioned.fused_refusal() and partitioned.fused_spec() is None
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        sample(partitioned, z0, steps=2, step_size=0.3, backend="torch")
+    energy.fused_refusal = lambda: "partitioned"  # the same routing on an energy whose forward still runs
     assert resolve_backend(energy, z0) == "autograd"
     out = sample(energy, z0, steps=2, step_size=0.3, noise=noise)
     ref = sample(energy, z0, steps=2, step_size=0.3, noise=noise, backend="autograd")
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="ZeRO-3"):
-        sample(energy, z0, steps=2, step_size=0.3, backend="torch")
 
 
-def test_partitioned_means_an_empty_weight_and_plain_modules_need_no_gather():
+def test_a_handed_gather_lets_the_fused_chain_read_partitioned_weights():
+    """``gather`` (what train/zero3.py hands the model under ZeRO-3) is entered around the fused chain: inside
+    it the weights are whole, so backend='torch' runs and matches autograd on the whole energy."""
+    whole = make_energy()
+    z0, noise = chain_inputs(4, 6, 3)
+    ref = sample(whole, z0, steps=3, step_size=0.3, noise=noise, backend="autograd")
     energy = make_energy()
-    assert not langevin._partitioned(energy)
-    assert isinstance(langevin._gathered(energy), contextlib.nullcontext)  # no ds_id: no DeepSpeed import
-    energy.linears[0].weight.data = torch.empty(0)  # what ZeRO-3 leaves outside a gather
-    assert langevin._partitioned(energy)
+    full = energy.linears[0].weight.data
+    energy.linears[0].weight.data = torch.empty(0)
+    entered = []
+
+    @contextlib.contextmanager
+    def gather():
+        entered.append(True)
+        energy.linears[0].weight.data = full
+        try:
+            yield
+        finally:
+            energy.linears[0].weight.data = torch.empty(0)
+
+    out = sample(energy, z0, steps=3, step_size=0.3, noise=noise, backend="torch", gather=gather)
+    assert entered == [True] and energy.linears[0].weight.numel() == 0  # released after the chain
+    torch.testing.assert_close(out, ref, **FP32_TOL)
+
+
+def test_train_hands_no_gather_without_zero3():
+    """Plain parameters (no ds_id): no gather and no DeepSpeed import (train/zero3.py)."""
+    from mmebm_dist.train.zero3 import energy_gather, hand_energy_gather
+
+    assert energy_gather(make_energy()) is None
+    model = torch.nn.Module()
+    model.energy = make_energy()
+    model.energy_gather = "unset"
+    hand_energy_gather(model)
+    assert model.energy_gather is None
+
+
+class NormedEnergy(EnergyMLP):
+    """A variant the fused backends do not compute: a LayerNorm on z before the MLP."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.norm = torch.nn.LayerNorm(self.latent_dim)
+
+    def forward(self, z):
+        return super().forward(self.norm(z))
+
+
+class ExtraLayerEnergy(EnergyMLP):
+    """A variant with an extra layer: a linear skip from z added to the MLP's output."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extra = torch.nn.Linear(self.latent_dim, 1)
+
+    def forward(self, z):
+        return super().forward(z) + self.extra(z).squeeze(-1)
+
+
+@pytest.mark.parametrize("variant", [NormedEnergy, ExtraLayerEnergy])
+def test_an_energy_the_fused_backends_do_not_reproduce_samples_through_autograd(variant):
+    """fused_spec() is None for an EnergyMLP variant, so auto samples it with autograd: exactly the one
+    reference on that energy, and not the plain MLP the fused backends would have computed."""
+    from mmebm_dist.kernels._utils import langevin_reference
+
+    torch.manual_seed(0)
+    energy = variant(6, 12, 2, "gelu")
+    z0, noise = chain_inputs(5, 6, 4)
+    assert energy.fused_spec() is None and "fused backends" in energy.fused_refusal()
+    assert resolve_backend(energy, z0) == "autograd"
+    with pytest.raises(ValueError, match="fused backends"):
+        sample(energy, z0, steps=4, step_size=0.3, noise=noise, backend="torch")
+    out = sample(energy, z0, steps=4, step_size=0.3, noise=noise)
+    ref = langevin_reference(energy, z0, steps=4, step_size=0.3, noise=noise).z
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    plain = make_energy()
+    plain.load_state_dict({k: v for k, v in energy.state_dict().items() if k.startswith("linears.")})
+    assert plain.fused_spec() is not None
+    assert not torch.allclose(sample(plain, z0, steps=4, step_size=0.3, noise=noise), out, atol=1e-3)
+
+
+def test_fused_spec_refuses_added_modules_and_bounds():
+    """Beyond overridden methods: a module added beside the linears, a bound."""
+    energy = make_energy()
+    assert energy.fused_spec() is not None
+    energy.extra = torch.nn.Linear(1, 1)
+    assert "extra" in energy.fused_refusal()
+    assert "energy_bound=0.5" in EnergyMLP(6, 12, 2, bound=0.5).fused_refusal()
 
 
 def test_spectral_norm_energy_reads_normalised_weights():

@@ -248,3 +248,43 @@ def test_the_training_loop_names_no_stage():
     banned = {"set_stage", "energy_updates", "reference_refit", "fit_reference", "learned_reference",
               "energy"}
     assert not banned & words, f"{path} uses {sorted(banned & words)}, which belong to the model or schedule"
+
+
+def _external_imports(path: Path) -> set[str]:
+    """Top-level names of every package ``path`` imports anywhere in its body (absolute imports only)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_deepspeed_is_imported_only_by_training():
+    """Parallelism stays in train/ (torchtitan: applied to a plain model): the prior and the model never
+    know how they are sharded; train/zero3.py hands the sampler its ZeRO-3 gather."""
+    importers = {name for name, path in _modules().items() if "deepspeed" in _external_imports(path)}
+    assert importers, "the scan found no deepspeed import at all: it is broken"
+    assert all(_node(name) == "train" for name in importers), sorted(importers)
+
+
+def _functions_calling(path: Path, dotted: str) -> set[str]:
+    """Names of the functions in ``path`` whose body calls ``dotted`` (e.g. torch.autograd.grad)."""
+    found = set()
+    for fn in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            calls = (ast.unparse(node.func) for node in ast.walk(fn) if isinstance(node, ast.Call))
+            if dotted in calls:
+                found.add(fn.name)
+    return found
+
+
+def test_one_langevin_autograd_reference():
+    """The Langevin update by autograd is written once: kernels._utils.langevin_reference (any energy
+    callable; the prior's autograd backend and every kernel test use it). The only other autograd.grad is
+    the AIS estimator's MALA target (evaluate/likelihood.py: a Metropolis-adjusted float64 chain)."""
+    callers = {(name, fn) for name, path in _modules().items()
+               for fn in _functions_calling(path, "torch.autograd.grad")}
+    assert callers == {("mmebm_dist.kernels._utils", "langevin_reference"),
+                       ("mmebm_dist.evaluate.likelihood", "_log_target_and_grad")}

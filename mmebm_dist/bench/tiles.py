@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from mmebm_dist.bench.common import format_table, time_runs
 from mmebm_dist.config import OptionError
-from mmebm_dist.kernels._utils import langevin_flops_per_step, langevin_reference
+from mmebm_dist.kernels._utils import FusedSpec, langevin_flops_per_step, langevin_reference, spec_energy
 from mmebm_dist.prior.energy import EnergyMLP
 
 
@@ -92,9 +92,9 @@ def run(args: TilesBenchOptions) -> int:
         else:
             kwargs["block_sizes"] = tile
         if batch not in references:
-            references[batch] = langevin_reference(weights, z0, noise=noise, steps=args.steps,
-                                                   step_size=args.step_size, activation=args.activation,
-                                                   reference=args.reference)[0]
+            references[batch] = langevin_reference(spec_energy(FusedSpec(weights, args.activation)), z0,
+                                                   noise=noise, steps=args.steps, step_size=args.step_size,
+                                                   reference=args.reference).z
         try:
             out = lt.langevin_triton(weights, z0, noise=noise, **kwargs)
             error = (out.z - references[batch]).abs().max().item()

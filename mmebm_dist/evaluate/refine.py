@@ -2,10 +2,10 @@
 log p(x_S | z, w_S) + log p(z) before the other modalities are decoded (the MCMC-inference idea of the
 same authors, arXiv 2408.10467, applied to the amortised posterior).
 
-The chain is the project's autograd Langevin reference (``langevin.sample_autograd``) with the reference
-density p0 of the prior and "energy" log p(x_S | z, w_S) + f(z) (f = 0 for fixed priors, whose p0 is the
-prior itself). The source modalities' private latents w_S are held at their posterior locations. With K = 0
-it draws exactly what ``generate_conditional`` draws.
+The chain is the project's autograd Langevin reference (``langevin.sample``, ``backend='autograd'``) with
+the reference density p0 of the prior and "energy" log p(x_S | z, w_S) + f(z) (f = 0 for fixed priors, whose
+p0 is the prior itself). The source modalities' private latents w_S are held at their posterior locations.
+With K = 0 it draws exactly what ``generate_conditional`` draws.
 """
 
 from __future__ import annotations
@@ -49,9 +49,8 @@ def refine_posterior(model, batch: Batch, sources: Sequence[str], z0: torch.Tens
         return total
 
     with torch.autocast(device_type=z0.device.type, enabled=False):
-        return langevin.sample_autograd(log_likelihood_plus_f, z0, steps=steps, step_size=step_size,
-                                        reference=model.p0,
-                                        generator=generator)
+        return langevin.sample(log_likelihood_plus_f, z0, steps=steps, step_size=step_size,
+                               reference=model.p0, generator=generator, backend="autograd")
 
 
 class RefinedPosterior:

@@ -77,6 +77,9 @@ class MultimodalVAE(nn.Module):
         else:
             self.p0 = reference_density(p0_name, cfg.prior.reference_scale)
         self.energy: EnergyMLP | None = None
+        self.energy_gather: langevin.Gather | None = None
+        """Set by training under DeepSpeed ZeRO-3 (mmebm_dist.train.zero3): the fused chains gather the
+        energy's weights under it; the model itself never knows how it is sharded."""
         if self.prior_kind == "ebm":
             self.energy = EnergyMLP(cfg.latent_dim, cfg.prior.hidden, cfg.prior.layers, cfg.prior.activation,
                                     spectral_norm=cfg.prior.spectral_norm, bound=cfg.prior.energy_bound)
@@ -416,7 +419,8 @@ class MultimodalVAE(nn.Module):
             return z0
         with torch.autocast(device_type=z0.device.type, enabled=False):
             return langevin.sample(self.energy, z0, steps=steps, step_size=lcfg.step_size, reference=self.p0,
-                                   backend=lcfg.backend, generator=generator).detach()
+                                   backend=lcfg.backend, generator=generator,
+                                   gather=self.energy_gather).detach()
 
     def _negatives(self, n: int) -> torch.Tensor:
         """The energy's n training negatives: chains from p0, or (``langevin.persistent``) continued from the

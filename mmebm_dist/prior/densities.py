@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from mmebm_dist.kernels.names import FIXED_REFERENCES as FIXED_REFERENCES  # re-exported: the one list
+from mmebm_dist.kernels.names import REFERENCES as REFERENCES
+
 
 @dataclass(frozen=True)
 class ReferenceDensity:
@@ -45,11 +48,8 @@ class ReferenceDensity:
         return self.scale * torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
-FIXED_REFERENCES = ("laplace", "gaussian")
-"""The references given by a name and a scale (:func:`reference_density`; the fused kernels compute them)."""
-REFERENCES = (*FIXED_REFERENCES, "gmm")
-"""Every ``model.prior.reference``: the fixed ones and ``gmm`` (:class:`GaussianMixtureReference`, fitted in
-the run)."""
+# FIXED_REFERENCES (given by a name and a scale: reference_density; the fused kernels compute them) and
+# REFERENCES (those and gmm: GaussianMixtureReference, fitted in the run) are imported from kernels.names.
 
 
 class GaussianMixtureReference(torch.nn.Module):

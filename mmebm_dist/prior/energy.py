@@ -9,23 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmebm_dist.kernels._utils import mlp_energy_grad
-
-ACTIVATIONS = ("gelu", "gelu_tanh", "leaky_relu", "silu")
-LEAKY_SLOPE = 0.2
-
-
-def activation_module(name: str) -> nn.Module:
-    """The nn.Module for an activation name in :data:`ACTIVATIONS`."""
-    if name == "gelu":
-        return nn.GELU()
-    if name == "gelu_tanh":
-        return nn.GELU(approximate="tanh")
-    if name == "leaky_relu":
-        return nn.LeakyReLU(LEAKY_SLOPE)
-    if name == "silu":
-        return nn.SiLU()
-    raise ValueError(f"unknown energy activation '{name}'; choose one of {', '.join(ACTIVATIONS)}")
+from mmebm_dist.kernels._utils import FusedSpec, activation_fn, mlp_energy_grad
+from mmebm_dist.kernels.names import ACTIVATIONS as ACTIVATIONS  # re-exported: the one list
+from mmebm_dist.kernels.names import LEAKY_SLOPE
 
 
 class EnergyMLP(nn.Module):
@@ -45,7 +31,7 @@ class EnergyMLP(nn.Module):
         self.bound = float(bound)
         self.latent_dim, self.hidden, self.num_layers = latent_dim, hidden, layers
         self.activation = activation
-        self.act = activation_module(activation)
+        self.act = activation_fn(activation, LEAKY_SLOPE)
         dims = [latent_dim] + [hidden] * layers
         linears = [nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)] + [nn.Linear(hidden, 1)]
         if spectral_norm:
@@ -70,8 +56,39 @@ class EnergyMLP(nn.Module):
 
     def weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The (weight [out, in], bias [out]) of every linear layer, hidden layers first, output last.
-
-        Spectral-normalised weights are returned already normalised. This is what the fused samplers take
-        (they compute the plain MLP, so ``mmebm_dist.prior.langevin`` refuses them a bounded energy).
-        """
+        Spectral-normalised weights are returned already normalised (one power iteration per read in train
+        mode)."""
         return [(lin.weight, lin.bias) for lin in self.linears]
+
+    def fused_refusal(self) -> str | None:
+        """Why the fused backends cannot reproduce this energy (None when :meth:`fused_spec` describes it).
+
+        They compute the plain MLP of :class:`FusedSpec` and never call :meth:`forward`, so anything else is
+        refused: a subclass that overrides forward or grad, a module added beside the linears, a linear that
+        is not ``nn.Linear``, a bound, or weights DeepSpeed ZeRO-3 left partitioned here. Forward hooks are
+        not refused: DeepSpeed ZeRO-3 puts its parameter-fetching hooks on every module.
+        """
+        name = type(self).__name__
+        if type(self).forward is not EnergyMLP.forward or type(self).grad is not EnergyMLP.grad:
+            return f"{name} overrides EnergyMLP.forward or grad, which the fused backends do not compute"
+        extra = sorted(set(self._modules) - {"linears"})
+        if not all(type(lin).forward is nn.Linear.forward for lin in self.linears):
+            return f"{name} has a linear layer whose forward is not nn.Linear's (the fused ones compute that)"
+        if extra:
+            return f"{name} holds modules the fused backends do not compute: {', '.join(extra)}"
+        if self.bound > 0:
+            return (f"the fused backends compute the plain MLP, but this energy is soft-clipped "
+                    f"(model.prior.energy_bound={self.bound:g}); set model.prior.energy_bound=0 to fuse it")
+        if any(p.numel() == 0 for p in self.parameters()):
+            return ("the energy's weights are not readable here: DeepSpeed ZeRO-3 partitions them "
+                    "(param.numel() == 0); training hands the sampler a gather (train/zero3.py)")
+        return None
+
+    def fused_spec(self) -> FusedSpec | None:
+        """What the fused Langevin backends need to reproduce this energy, or None when they cannot (then
+        ``backend='auto'`` samples through autograd, which calls :meth:`forward`). Weights are read once:
+        a spectral-normalised weight is recomputed on every read."""
+        if self.fused_refusal() is not None:
+            return None
+        with torch.no_grad():
+            return FusedSpec(self.weights(), self.activation, LEAKY_SLOPE)

@@ -53,6 +53,7 @@ from mmebm_dist.train.metrics import MetricsWriter, SampleTrace, make_trackers
 from mmebm_dist.train.resume import apply_optimizer_changes, optimizer_hyperparameters, resume_changes
 from mmebm_dist.train.runlock import RunLock
 from mmebm_dist.train.signals import StopRequest, run_step_hooks
+from mmebm_dist.train.zero3 import hand_energy_gather
 
 log = logging.getLogger("mmebm_dist.train")
 
@@ -285,7 +286,9 @@ def _build_model(cfg: Config, accelerator: Accelerator, *, from_checkpoint: bool
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     capture_step(model, optimizer, cfg, accelerator.device)
-    return accelerator.prepare(model, optimizer, scheduler)
+    prepared = accelerator.prepare(model, optimizer, scheduler)
+    hand_energy_gather(model)  # ZeRO-3: the prior's fused chains gather the energy (train/zero3.py)
+    return prepared
 
 
 def _check_presence_order(cfg: Config, manifest: dict[str, Any]) -> None:
