@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -89,26 +90,18 @@ def add_polymnist_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def spec_from_args(spec_class: type, args: argparse.Namespace, **renamed: Any) -> Any:
+    """A builder's Spec dataclass from its parsed flags: each field a flag of the same name sets, plus
+    ``renamed`` (fields whose flag is spelt otherwise); the rest keep their defaults."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(spec_class) if hasattr(args, f.name)}
+    return spec_class(**values, **renamed)
+
+
 def build_polymnist(args: argparse.Namespace) -> dict[str, Any]:
     """Run the builder from parsed ``mmebm data polymnist`` flags."""
     from mmebm_dist.datasets import polymnist
 
-    spec = polymnist.BuildSpec(
-        source=args.source,
-        modalities=args.modalities,
-        out=args.out,
-        num_samples=args.num_samples,
-        test_samples=args.test_samples,
-        shard_size=args.shard_size,
-        seed=args.seed,
-        workers=args.workers,
-        format=args.format,
-        encoding=args.encoding,
-        idx_dir=args.idx_dir,
-        cache_dir=args.cache,
-        overwrite=args.overwrite,
-        drop_rate=args.drop_rate,
-    )
+    spec = spec_from_args(polymnist.BuildSpec, args, cache_dir=args.cache)
     return polymnist.build_polymnist(spec)
 
 
@@ -164,22 +157,8 @@ def build_mnist_svhn(args: argparse.Namespace) -> dict[str, Any]:
     """Run the builder from parsed ``mmebm data mnist-svhn`` flags."""
     from mmebm_dist.datasets import mnist_svhn
 
-    spec = mnist_svhn.MnistSvhnSpec(
-        out=args.out,
-        source=args.source,
-        idx_dir=args.idx_dir,
-        seed=args.seed,
-        factor=args.factor,
-        max_per_class=args.max_per_class,
-        num_train=args.num_train,
-        num_test=args.num_test,
-        shard_size=args.shard_size,
-        encoding=args.encoding,
-        workers=args.workers,
-        extra_fonts=tuple(args.extra_font),
-        cache_dir=args.cache,
-        overwrite=args.overwrite,
-    )
+    spec = spec_from_args(mnist_svhn.MnistSvhnSpec, args, extra_fonts=tuple(args.extra_font),
+                          cache_dir=args.cache)
     manifest = mnist_svhn.build_mnist_svhn(spec)
     if args.grid:
         mnist_svhn.write_grid(args.out, args.grid)
@@ -203,16 +182,7 @@ def build_birds(args: argparse.Namespace) -> dict[str, Any]:
     """Run the builder from parsed ``mmebm data birds`` flags."""
     from mmebm_dist.datasets import birds
 
-    spec = birds.BirdsSpec(
-        out=args.out,
-        seed=args.seed,
-        num_train=args.num_train,
-        num_test=args.num_test,
-        shard_size=args.shard_size,
-        encoding=args.encoding,
-        workers=args.workers,
-        overwrite=args.overwrite,
-    )
+    spec = spec_from_args(birds.BirdsSpec, args)
     manifest = birds.build_birds(spec)
     if args.grid:
         birds.write_grid(args.out, args.grid)
